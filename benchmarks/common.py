@@ -1,0 +1,101 @@
+"""Shared helpers of the benchmark modules: timing, peak memory, and writing result tables.
+
+Every benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> list[dict]``; the rows it returns are
+printed as a table and written as JSON and Markdown under ``args.out`` by :func:`report`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def sync(device: str | torch.device = "cpu") -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], Any], *, device: str = "cpu") -> float:
+    """Peak extra memory of one ``fn()`` call in MiB: CUDA max allocated on a GPU, else the growth of the
+    process's peak RSS (ru_maxrss; only grows, so run the biggest consumers last or in a fresh process)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) / 1024.0
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of ``rows`` (columns in first-seen order)."""
+    if not rows:
+        return "(no rows)"
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def report(name: str, rows: Sequence[dict[str, Any]], out_dir: str, *, title: str = "") -> str:
+    """Print ``rows`` as a table and write ``<out_dir>/<name>.json`` and ``<out_dir>/<name>.md``."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = format_table(rows)
+    header = f"## {title or name} — {machine_description()}, torch {torch.__version__}"
+    print(f"\n{header}\n\n{table}\n", flush=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"name": name, "machine": machine_description(), "rows": list(rows)}, f, indent=2)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(f"{header}\n\n{table}\n")
+    return table
+
+
+def progress(iterable, **kwargs):
+    """tqdm progress bar when tqdm is installed and stderr is a terminal, else the iterable itself."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)

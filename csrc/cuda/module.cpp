@@ -1,0 +1,35 @@
+// The optional CUDA extension `st_fast._C_cuda`: pybind11 bindings over the extern "C" launchers of the
+// .cu files (compiled by nvcc, linked with the static CUDA runtime). Imports on a machine without a GPU.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+extern "C" int st_fast_cuda_row_logsumexp(int dtype_code, const void* scores, int64_t rows, int64_t cols,
+                                          int64_t row_stride, float* out, uintptr_t stream_handle);
+extern "C" int st_fast_cuda_device_count();
+extern "C" const char* st_fast_cuda_error_string(int code);
+
+namespace py = pybind11;
+
+namespace {
+void check(int code, const char* what) {
+  if (code != 0) throw std::runtime_error(std::string(what) + ": " + st_fast_cuda_error_string(code));
+}
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "st_fast CUDA kernels (raw device pointers; call through st_fast._native, which validates)";
+  m.def("device_count", &st_fast_cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
+  m.def(
+      "row_logsumexp",
+      [](int dtype_code, uintptr_t scores, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
+         uintptr_t stream) {
+        check(st_fast_cuda_row_logsumexp(dtype_code, reinterpret_cast<const void*>(scores), rows, cols, row_stride,
+                                         reinterpret_cast<float*>(out), stream),
+              "row_logsumexp");
+      },
+      py::arg("dtype_code"), py::arg("scores_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
+      py::arg("out_ptr"), py::arg("stream"));
+}

@@ -1,0 +1,27 @@
+// CUDA side of the portability layer: a row owned by one warp of 32 lanes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "st_fast/portability.h"
+
+namespace st_fast {
+
+struct WarpLanes {
+  __device__ __forceinline__ int64_t id() const { return threadIdx.x & 31; }
+  __device__ __forceinline__ int64_t count() const { return 32; }
+  __device__ __forceinline__ float max(float v) const {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+  }
+  __device__ __forceinline__ float sum(float v) const {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+  }
+};
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+}  // namespace st_fast

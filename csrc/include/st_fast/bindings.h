@@ -1,0 +1,9 @@
+// Each csrc/*.cpp unit of the `st_fast._C` extension registers its functions through one bind_* hook.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace st_fast {
+void bind_hashing(pybind11::module_& m);
+void bind_row_ops(pybind11::module_& m);
+}  // namespace st_fast

@@ -1,0 +1,19 @@
+// The always-built CPU extension `st_fast._C`.
+#include "st_fast/bindings.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "st_fast CPU kernels (C++17, OpenMP where available)";
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+#else
+  m.attr("openmp") = false;
+  m.def("openmp_max_threads", []() { return 1; });
+#endif
+  st_fast::bind_hashing(m);
+  st_fast::bind_row_ops(m);
+}

@@ -1,0 +1,13 @@
+"""st_fast: fused kernels and a fast duplicate-free sampler for sentence-transformers training.
+
+Adopt it by changing one import (``from st_fast import SentenceTransformerTrainer``) or by using the drop-in losses
+in :mod:`st_fast.losses`. ``st_fast.native_info()`` tells which compiled parts this installation has.
+"""
+
+from __future__ import annotations
+
+from st_fast._native import native_info
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "native_info"]

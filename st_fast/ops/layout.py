@@ -1,0 +1,58 @@
+"""Score-segment layout shared by every backend of the fused contrastive op.
+
+Notation (sentence-transformers 6.2, MultipleNegativesRankingLoss): B local rows, W = B·world columns per candidate
+block, k candidate columns (positive + hard negatives), row i of this rank has global index g = offset + i.
+
+A row's logits are the concatenation of the segments of the selected directions; each segment is the raw similarity
+of one row vector (the query q_g or the positive document d_g) to one column matrix:
+
+=========  ==========  ==============  ======================================================================
+kind       row vector  columns         rule for column c of the segment
+=========  ==========  ==============  ======================================================================
+Q2D        q_g         docs (k·W)      positive at c == g; hardness penalty on the entries given below
+Q2Q        q_g         queries (W)     c == g masked to -inf (the query itself)
+D2Q        d_g         queries (W)     nothing masked
+D2D        d_g         docs (k·W)      c % W == g masked to -inf (the document itself and its own negatives)
+=========  ==========  ==============  ======================================================================
+
+Hardness (Q2D only, strength α > 0): logit = scale·s + α·stopgrad(s) on the penalized entries:
+IN_BATCH penalizes c % W != g (other rows' positives and negatives), HARD penalizes c % W == g with c >= W (the
+row's own hard negatives), ALL penalizes c != g. The positive entry c == g is never penalized.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class SegmentKind(IntEnum):
+    Q2D = 0
+    Q2Q = 1
+    D2Q = 2
+    D2D = 3
+
+
+class HardnessKind(IntEnum):
+    NONE = 0
+    IN_BATCH = 1
+    HARD = 2
+    ALL = 3
+
+
+DIRECTION_TO_KIND = {
+    "query_to_doc": SegmentKind.Q2D,
+    "query_to_query": SegmentKind.Q2Q,
+    "doc_to_query": SegmentKind.D2Q,
+    "doc_to_doc": SegmentKind.D2D,
+}
+
+HARDNESS_TO_KIND = {
+    None: HardnessKind.NONE,
+    "in_batch_negatives": HardnessKind.IN_BATCH,
+    "hard_negatives": HardnessKind.HARD,
+    "all_negatives": HardnessKind.ALL,
+}
+
+# Which row vector and which column matrix each kind uses.
+ROWS_ARE_QUERIES = {SegmentKind.Q2D: True, SegmentKind.Q2Q: True, SegmentKind.D2Q: False, SegmentKind.D2D: False}
+COLUMNS_ARE_DOCS = {SegmentKind.Q2D: True, SegmentKind.Q2Q: False, SegmentKind.D2Q: False, SegmentKind.D2D: True}

