@@ -65,7 +65,7 @@ def make_tiny_model(minilm_path: str, *, hidden_size: int = 32, seed: int = 0):
         vocab_size=transformer.tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=64,
     )  # fmt: skip
-    transformer.auto_model = BertModel(config)
+    transformer.model = BertModel(config)  # sentence-transformers 6.x keeps the HF model in `.model`
     pooling = Pooling(hidden_size, pooling_mode="mean")
     return SentenceTransformer(modules=[transformer, pooling], device="cpu")
 

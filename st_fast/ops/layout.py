@@ -53,6 +53,11 @@ HARDNESS_TO_KIND = {
     "all_negatives": HardnessKind.ALL,
 }
 
-# Which row vector and which column matrix each kind uses.
-ROWS_ARE_QUERIES = {SegmentKind.Q2D: True, SegmentKind.Q2Q: True, SegmentKind.D2Q: False, SegmentKind.D2D: False}
-COLUMNS_ARE_DOCS = {SegmentKind.Q2D: True, SegmentKind.Q2Q: False, SegmentKind.D2Q: False, SegmentKind.D2D: True}
+# Which operand ("queries" or "docs") gives each kind its row vectors and its columns.
+ROW_SOURCE = {SegmentKind.Q2D: "queries", SegmentKind.Q2Q: "queries", SegmentKind.D2Q: "docs", SegmentKind.D2D: "docs"}
+COLUMN_SOURCE = {
+    SegmentKind.Q2D: "docs",
+    SegmentKind.Q2Q: "queries",
+    SegmentKind.D2Q: "queries",
+    SegmentKind.D2D: "docs",
+}

@@ -1,0 +1,8 @@
+"""Drop-in replacements of sentence-transformers' in-batch-negative losses, computed by st_fast's fused ops."""
+
+from st_fast.losses.multiple_negatives_ranking import (
+    MultipleNegativesRankingLoss,
+    MultipleNegativesSymmetricRankingLoss,
+)
+
+__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"]

@@ -1,0 +1,95 @@
+"""The fused in-batch contrastive op: MultipleNegativesRankingLoss without a B x N score matrix.
+
+    loss = mean_i [ log Z_i - scale · sim(q_g, d_g) ],   g = row_offset + i,  i < batch_size
+
+where log Z_i is the joint (or per-direction mean) log-partition over the selected directions; see
+:mod:`st_fast.ops.layout` for the segments and masks and :mod:`st_fast.ops.backends` for how it is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from st_fast.ops.backends import Backend, resolve_backend
+from st_fast.ops.spec import SIMILARITIES, ContrastiveSpec, check_embeddings
+
+
+class FusedContrastiveLoss(torch.autograd.Function):
+    """queries (W, D), docs (k·W, D) -> 0-dim loss; the backend computes loss and gradients."""
+
+    @staticmethod
+    def forward(ctx, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, backend: Backend):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(queries.device.type, enabled=False):  # fp32 math whatever the autocast context
+            loss, state = backend.forward(queries, docs, spec, row_offset, batch_size, need_grad)
+        ctx.backend, ctx.state = backend, state
+        ctx.input_dtypes = (queries.dtype, docs.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.state is None:
+            raise RuntimeError("st_fast fused loss: backward called twice on the same graph")
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            grad_queries, grad_docs = ctx.backend.backward(ctx.state, grad_loss)
+        ctx.state = None  # a second backward through the same graph is an error, as for stock autograd
+        return grad_queries.to(ctx.input_dtypes[0]), grad_docs.to(ctx.input_dtypes[1]), None, None, None, None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Stock cos_sim / dot_score upcast floating dtypes narrower than 32 bits to float32 and keep float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare_operand(x: torch.Tensor, similarity: str, operand_dtype: torch.dtype) -> torch.Tensor:
+    """Upcast (as stock does), normalize once for cosine (eps 1e-12, as F.normalize in cos_sim), cast to the dtype
+    the backend consumes. Differentiable: autograd takes the gradient back through the normalization."""
+    x = x.to(compute_dtype(x.dtype))
+    if similarity == "cos":
+        x = F.normalize(x, p=2, dim=-1)
+    return x.to(operand_dtype).contiguous()
+
+
+def fused_mnrl_loss(
+    queries: torch.Tensor,
+    docs: Sequence[torch.Tensor],
+    *,
+    row_offset: int = 0,
+    batch_size: int | None = None,
+    scale: float = 20.0,
+    similarity: str = "cos",
+    directions: Sequence[str] = ("query_to_doc",),
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MultipleNegativesRankingLoss of the local rows ``row_offset .. row_offset + batch_size`` of ``queries``.
+
+    Args:
+        queries: (W, D) query (anchor) embeddings of every rank (W = B without gathering).
+        docs: k tensors (W, D): the positives, then the hard-negative columns, of every rank.
+        row_offset, batch_size: the local rows (default: all W rows).
+        similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
+    Returns:
+        0-dim loss, float32 (float64 for float64 embeddings).
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    check_embeddings(queries, list(docs))
+    width = queries.shape[0]
+    batch_size = width if batch_size is None else batch_size
+    if not (0 < batch_size and 0 <= row_offset and row_offset + batch_size <= width):
+        raise ValueError(f"local rows [{row_offset}, {row_offset + batch_size}) are outside the {width} query rows")
+    spec = ContrastiveSpec.from_loss_config(
+        scale=scale, directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+        hardness_strength=hardness_strength,
+    )  # fmt: skip
+    chosen = resolve_backend(backend, queries.device, queries.dtype)
+    operand_dtype = queries.dtype if chosen.name == "triton" else compute_dtype(queries.dtype)
+    query_operand = prepare_operand(queries, similarity, operand_dtype)
+    doc_operand = prepare_operand(torch.cat(list(docs), dim=0), similarity, operand_dtype)
+    return FusedContrastiveLoss.apply(query_operand, doc_operand, spec, row_offset, batch_size, chosen)

@@ -1,0 +1,86 @@
+"""What the fused contrastive op computes: the loss configuration and the checks on its inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from st_fast.ops.layout import DIRECTION_TO_KIND, HARDNESS_TO_KIND, HardnessKind, SegmentKind
+
+SIMILARITIES = ("cos", "dot")
+
+
+@dataclass(frozen=True)
+class ContrastiveSpec:
+    """Configuration of the MultipleNegativesRankingLoss family (sentence-transformers 6.2 §2.1).
+
+    kinds: the selected directions as segment kinds, in the canonical order Q2D, Q2Q, D2Q, D2D.
+    joint: one softmax over all segments (``partition_mode="joint"``) or the mean of one LSE per segment.
+    scale: logit = scale · similarity (+ hardness penalty alpha · stopgrad(similarity) on Q2D, see layout.py).
+    """
+
+    kinds: tuple[SegmentKind, ...]
+    joint: bool
+    scale: float
+    hardness: HardnessKind
+    alpha: float
+
+    @classmethod
+    def from_loss_config(
+        cls,
+        *,
+        scale: float,
+        directions: Sequence[str] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> ContrastiveSpec:
+        unknown = set(directions) - set(DIRECTION_TO_KIND)
+        if unknown or "query_to_doc" not in directions:
+            raise ValueError(f"directions must include 'query_to_doc' and be among {list(DIRECTION_TO_KIND)}")
+        if partition_mode not in ("joint", "per_direction"):
+            raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}")
+        if hardness_mode not in HARDNESS_TO_KIND:
+            raise ValueError(f"unknown hardness_mode {hardness_mode!r}")
+        if not scale > 0:
+            raise ValueError("Scale must be a positive value.")
+        kinds = tuple(sorted({DIRECTION_TO_KIND[d] for d in directions}))
+        active = hardness_mode is not None and hardness_strength > 0.0
+        return cls(
+            kinds=kinds,
+            joint=partition_mode == "joint",
+            scale=float(scale),
+            hardness=HARDNESS_TO_KIND[hardness_mode] if active else HardnessKind.NONE,
+            alpha=float(hardness_strength) if active else 0.0,
+        )
+
+    @property
+    def needs_query_columns(self) -> bool:
+        return SegmentKind.Q2Q in self.kinds or SegmentKind.D2Q in self.kinds
+
+
+def check_embeddings(queries: torch.Tensor, docs: Sequence[torch.Tensor]) -> None:
+    """Clear errors for inputs the op cannot take: queries (B, D) and k >= 1 candidate columns, each (B, D),
+    one floating dtype and one device, B >= 1."""
+    if not isinstance(queries, torch.Tensor) or any(not isinstance(d, torch.Tensor) for d in docs):
+        raise TypeError("embeddings must be torch.Tensor objects")
+    if len(docs) < 1:
+        raise ValueError(f"Expected at least 2 embeddings, got {1 + len(docs)}")
+    if queries.dim() != 2:
+        raise ValueError(f"anchor embeddings must be 2-D (batch, dim), got shape {tuple(queries.shape)}")
+    if queries.shape[0] == 0:
+        raise ValueError("empty batch: the anchor embeddings have 0 rows")
+    for column, doc in enumerate(docs, start=1):
+        if doc.shape != queries.shape:
+            raise ValueError(
+                f"embedding column {column} has shape {tuple(doc.shape)}, expected {tuple(queries.shape)} "
+                "(every column must have the anchors' batch size and dimension)"
+            )
+        if doc.dtype != queries.dtype:
+            raise TypeError(f"embedding column {column} has dtype {doc.dtype}, the anchors have {queries.dtype}")
+        if doc.device != queries.device:
+            raise ValueError(f"embedding column {column} is on {doc.device}, the anchors are on {queries.device}")
+    if not queries.is_floating_point():
+        raise TypeError(f"embeddings must be floating point, got {queries.dtype}")

@@ -1,0 +1,188 @@
+"""st_fast.losses.MultipleNegativesRankingLoss (+ the symmetric alias) against the stock classes.
+
+Reference: the stock class on float64 copies of the same fresh random embeddings; st_fast runs on float32 (or
+float16 in the interpreter) inputs. Errors are norm-wise relative errors of the loss and of every gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import warnings
+
+import pytest
+import torch
+from parity import (
+    HARDNESS_MODES,
+    assert_parity,
+    direction_partition_grid,
+    float64_copies,
+    loss_and_grads,
+    random_columns,
+    relative_error,
+)
+from sentence_transformers import util
+from sentence_transformers.sentence_transformer import losses as stock_losses
+
+from st_fast import losses as fast_losses
+from st_fast.ops.backends import native_available
+
+FP32_RTOL = 1e-5
+CONFIGS = [
+    (directions, partition, hardness)
+    for (directions, partition), hardness in itertools.product(direction_partition_grid(), HARDNESS_MODES)
+]
+SHAPES = [(batch, dim) for batch in (1, 7, 33) for dim in (16, 48)]
+
+
+def _pair(directions, partition, hardness, similarity_fct, backend, scale=None):
+    if scale is None:  # the stock docs' advice: scale 20 for cosine, 1 for dot products (logits of order 10)
+        scale = 1.0 if similarity_fct is util.dot_score else 20.0
+    kwargs = dict(
+        scale=scale, similarity_fct=similarity_fct, directions=directions, partition_mode=partition,
+        hardness_mode=hardness, hardness_strength=0.0 if hardness is None else 2.5,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hardness_mode with strength 0 warns in stock; tested separately
+        stock = stock_losses.MultipleNegativesRankingLoss(None, **kwargs)
+        fast = fast_losses.MultipleNegativesRankingLoss(None, backend=backend, **kwargs)
+    return stock, fast
+
+
+def _check(stock, fast, embeddings, rtol):
+    expected = loss_and_grads(lambda e: stock.compute_loss_from_embeddings(e, None), float64_copies(embeddings))
+    baseline = loss_and_grads(lambda e: stock.compute_loss_from_embeddings(e, None), embeddings)
+    actual = loss_and_grads(lambda e: fast.compute_loss_from_embeddings(e, None), embeddings)
+    assert_parity(actual, expected, baseline, rtol=rtol)
+
+
+@pytest.mark.parametrize("directions, partition, hardness", CONFIGS)
+@pytest.mark.parametrize("negatives", [0, 1, 3])
+@pytest.mark.parametrize("similarity_fct", [util.cos_sim, util.dot_score], ids=["cos", "dot"])
+@pytest.mark.parametrize("batch, dim", SHAPES)
+def test_torch_backend_matches_stock(directions, partition, hardness, negatives, similarity_fct, batch, dim):
+    stock, fast = _pair(directions, partition, hardness, similarity_fct, "torch")
+    _check(stock, fast, random_columns(batch, dim, 2 + negatives, seed=batch * 100 + dim), FP32_RTOL)
+
+
+@pytest.mark.skipif(not native_available(torch.device("cpu")), reason="native CPU row kernel not built")
+@pytest.mark.parametrize("directions, partition, hardness", CONFIGS)
+@pytest.mark.parametrize("negatives", [0, 1, 3])
+@pytest.mark.parametrize("similarity_fct", [util.cos_sim, util.dot_score], ids=["cos", "dot"])
+@pytest.mark.parametrize("batch, dim", [(1, 16), (7, 48), (33, 16)])
+def test_native_backend_matches_stock(directions, partition, hardness, negatives, similarity_fct, batch, dim):
+    stock, fast = _pair(directions, partition, hardness, similarity_fct, "native")
+    _check(stock, fast, random_columns(batch, dim, 2 + negatives, seed=batch * 100 + dim), FP32_RTOL)
+
+
+def test_float64_embeddings_match_stock_to_float64_precision():
+    stock, fast = _pair(("query_to_doc", "doc_to_query"), "joint", "all_negatives", util.cos_sim, "auto")
+    embeddings = random_columns(9, 24, 3, dtype=torch.float64)
+    _check(stock, fast, embeddings, 1e-12)
+
+
+def test_symmetric_alias_matches_stock():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        stock = stock_losses.MultipleNegativesSymmetricRankingLoss(None, scale=13.0)
+        fast = fast_losses.MultipleNegativesSymmetricRankingLoss(None, scale=13.0, backend="torch")
+    assert fast.get_config_dict() == stock.get_config_dict()
+    _check(stock, fast, random_columns(11, 16, 3), FP32_RTOL)
+
+
+def test_config_dict_citation_and_class_relationship():
+    stock, fast = _pair(("query_to_doc", "doc_to_query"), "per_direction", "hard_negatives", util.cos_sim, "torch")
+    assert isinstance(fast, stock_losses.MultipleNegativesRankingLoss)
+    assert fast.get_config_dict() == stock.get_config_dict()
+    assert fast.citation == stock.citation
+    assert fast.temperature == stock.temperature
+
+
+def test_extreme_scale_stays_finite():
+    stock, fast = _pair(("query_to_doc",), "joint", None, util.cos_sim, "torch", scale=100.0)
+    embeddings = random_columns(7, 48, 2)
+    _check(stock, fast, embeddings, FP32_RTOL)
+
+
+def test_non_contiguous_inputs():
+    stock, fast = _pair(("query_to_doc", "doc_to_doc"), "joint", None, util.cos_sim, "torch")
+    base = torch.randn(3, 48, 7, dtype=torch.float64)
+    embeddings = [base[i].T.float().requires_grad_() for i in range(3)]  # (7, 48) leaves
+    embeddings = [e.T.contiguous().T for e in embeddings]  # noqa: same values, transposed strides
+    embeddings = [x.detach().requires_grad_() for x in embeddings]
+    assert not embeddings[0].is_contiguous()
+    _check(stock, fast, embeddings, FP32_RTOL)
+
+
+def test_unsupported_similarity_falls_back_to_stock_with_one_warning(caplog):
+    def my_similarity(a, b):
+        return util.cos_sim(a, b) * 0.5
+
+    stock, fast = _pair(("query_to_doc",), "joint", None, my_similarity, "torch")
+    embeddings = random_columns(5, 16, 2)
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        _check(stock, fast, embeddings, FP32_RTOL)
+        _check(stock, fast, embeddings, FP32_RTOL)
+    warnings_seen = [r for r in caplog.records if "no fused kernel" in r.getMessage()]
+    assert len(warnings_seen) == 1
+
+
+def test_argument_free_partial_of_cos_sim_is_fused():
+    from st_fast.losses.similarity import fused_similarity_name
+
+    assert fused_similarity_name(functools.partial(util.cos_sim)) == "cos"
+    assert fused_similarity_name(util.dot_score) == "dot"
+    assert fused_similarity_name(util.euclidean_sim) is None
+
+
+@pytest.mark.parametrize(
+    "embeddings, error, match",
+    [
+        ([torch.randn(4, 8)], ValueError, "at least 2"),
+        ([torch.randn(4, 8), torch.randn(5, 8)], ValueError, "shape"),
+        ([torch.randn(4, 8), torch.randn(4, 9)], ValueError, "shape"),
+        ([torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64)], TypeError, "dtype"),
+        ([torch.randn(0, 8), torch.randn(0, 8)], ValueError, "empty"),
+        ([torch.randn(8), torch.randn(8)], ValueError, "2-D"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(embeddings, error, match):
+    fast = fast_losses.MultipleNegativesRankingLoss(None, backend="torch")
+    with pytest.raises(error, match=match):
+        fast.compute_loss_from_embeddings(embeddings, None)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        fast_losses.MultipleNegativesRankingLoss(None, backend="cuda")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_give_a_non_finite_loss_as_stock(bad):
+    stock, fast = _pair(("query_to_doc",), "joint", None, util.cos_sim, "torch")
+    embeddings = random_columns(5, 16, 2)
+    with torch.no_grad():
+        embeddings[1][2, 3] = bad
+    assert not torch.isfinite(stock.compute_loss_from_embeddings(float64_copies(embeddings), None))
+    assert not torch.isfinite(fast.compute_loss_from_embeddings(embeddings, None))
+
+
+def test_forward_with_a_real_model_matches_stock(tiny_model):
+    stock, fast = _pair(("query_to_doc",), "joint", None, util.cos_sim, "torch")
+    stock.model = fast.model = tiny_model
+    tiny_model.eval()  # no dropout: both forwards see identical embeddings
+    texts = [["a cat sat", "dogs bark loudly", "rain today", "tea is hot"], ["a kitten sits", "a dog barks", "it is raining", "hot drinks"]]
+    features = [tiny_model.preprocess(column) for column in texts]
+    ref = stock(features, None)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
+    tiny_model.zero_grad()
+    out = fast(features, None)
+    out.backward()
+    grads = [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
+    assert relative_error(out, ref) < FP32_RTOL
+    assert len(grads) == len(ref_grads) > 0
+    # One norm over all parameters: some (attention key biases) have a gradient that is exactly 0 in exact math
+    # (softmax shift invariance), so per-tensor ratios would only compare rounding noise.
+    assert relative_error(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < 1e-5
