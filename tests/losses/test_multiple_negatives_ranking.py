@@ -108,9 +108,7 @@ def test_extreme_scale_stays_finite():
 def test_non_contiguous_inputs():
     stock, fast = _pair(("query_to_doc", "doc_to_doc"), "joint", None, util.cos_sim, "torch")
     base = torch.randn(3, 48, 7, dtype=torch.float64)
-    embeddings = [base[i].T.float().requires_grad_() for i in range(3)]  # (7, 48) leaves
-    embeddings = [e.T.contiguous().T for e in embeddings]  # noqa: same values, transposed strides
-    embeddings = [x.detach().requires_grad_() for x in embeddings]
+    embeddings = [base[i].T.float().requires_grad_() for i in range(3)]  # (7, 48) views with transposed strides
     assert not embeddings[0].is_contiguous()
     _check(stock, fast, embeddings, FP32_RTOL)
 
@@ -172,7 +170,10 @@ def test_forward_with_a_real_model_matches_stock(tiny_model):
     stock, fast = _pair(("query_to_doc",), "joint", None, util.cos_sim, "torch")
     stock.model = fast.model = tiny_model
     tiny_model.eval()  # no dropout: both forwards see identical embeddings
-    texts = [["a cat sat", "dogs bark loudly", "rain today", "tea is hot"], ["a kitten sits", "a dog barks", "it is raining", "hot drinks"]]
+    texts = [
+        ["a cat sat", "dogs bark loudly", "rain today", "tea is hot"],
+        ["a kitten sits", "a dog barks", "it is raining", "hot drinks"],
+    ]
     features = [tiny_model.preprocess(column) for column in texts]
     ref = stock(features, None)
     ref.backward()
