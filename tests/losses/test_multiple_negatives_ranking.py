@@ -187,3 +187,100 @@ def test_forward_with_a_real_model_matches_stock(tiny_model):
     # One norm over all parameters: some (attention key biases) have a gradient that is exactly 0 in exact math
     # (softmax shift invariance), so per-tensor ratios would only compare rounding noise.
     assert relative_error(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < 1e-5
+
+
+# --- triton backend, in the Triton CPU interpreter (fp32 / fp16 only: the interpreter computes bf16 wrongly) ---
+TRITON_CASES = [
+    (directions, partition, hardness, negatives, similarity_fct)
+    for index, ((directions, partition, hardness), negatives, similarity_fct) in enumerate(
+        itertools.product(CONFIGS, (0, 1, 3), (util.cos_sim, util.dot_score))
+    )
+    if index % 2 == 0  # every config, negatives count and similarity appears; halves the interpreter time
+]
+
+
+@pytest.mark.parametrize("directions, partition, hardness, negatives, similarity_fct", TRITON_CASES)
+def test_triton_backend_matches_stock(directions, partition, hardness, negatives, similarity_fct):
+    stock, fast = _pair(directions, partition, hardness, similarity_fct, "triton")
+    _check(stock, fast, random_columns(7, 16, 2 + negatives, seed=negatives), FP32_RTOL)
+
+
+@pytest.mark.parametrize(
+    "directions, partition, hardness, batch, dim",
+    [
+        (("query_to_doc",), "joint", None, 1, 16),
+        (ALL := ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", "in_batch_negatives", 1, 48),
+        (ALL, "joint", "all_negatives", 33, 48),
+        (("query_to_doc", "doc_to_query"), "per_direction", "hard_negatives", 33, 16),
+    ],
+)
+def test_triton_backend_matches_stock_at_other_shapes(directions, partition, hardness, batch, dim):
+    stock, fast = _pair(directions, partition, hardness, util.cos_sim, "triton")
+    _check(stock, fast, random_columns(batch, dim, 3, seed=batch), FP32_RTOL)
+
+
+# fp16 operands: st_fast normalizes in fp32 and hands the kernel fp16 unit vectors, so each element carries one more
+# rounding (relative <= 2^-11) than stock, which computes in fp32 from the same fp16 inputs. A similarity then moves
+# by <= 2·2^-11 ≈ 1e-3, a logit by <= scale·1e-3 = 0.02 at scale 20: that bounds the loss error (relative to a loss
+# of ~2) by ~1e-2 and the softmax/gradient error by ~2e-2; random rounding makes typical errors ~10x smaller.
+FP16_RTOL = 2e-2
+
+
+@pytest.mark.parametrize(
+    "directions, partition, hardness",
+    [
+        (("query_to_doc",), "joint", None),
+        (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", "all_negatives"),
+        (("query_to_doc", "doc_to_query"), "per_direction", "in_batch_negatives"),
+    ],
+)
+def test_triton_backend_fp16_inputs_against_fp32_reference(directions, partition, hardness):
+    stock, fast = _pair(directions, partition, hardness, util.cos_sim, "triton")
+    embeddings = random_columns(9, 48, 3, dtype=torch.float16)
+    fp32 = [x.detach().float().requires_grad_() for x in embeddings]  # the same fp16 values, as stock sees them
+    expected = loss_and_grads(lambda e: stock.compute_loss_from_embeddings(e, None), float64_copies(fp32))
+    baseline = loss_and_grads(lambda e: stock.compute_loss_from_embeddings(e, None), fp32)
+    loss, grads = loss_and_grads(lambda e: fast.compute_loss_from_embeddings(e, None), embeddings)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float16 for g in grads)
+    assert_parity((loss, grads), expected, baseline, rtol=FP16_RTOL)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_batch_by_candidates_allocation(backend, monkeypatch):
+    """The largest tensor allocated during forward + backward is smaller than half a B x N fp32 score matrix
+    (torch backend: with a chunk budget below B x N, as it is for large batches by default)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from st_fast.ops import chunked
+
+    batch, dim, columns = 64, 16, 9  # N = 8·B candidates: B x N fp32 = 128 KiB; the docs operand is 32 KiB
+    score_matrix_bytes = batch * batch * (columns - 1) * 4
+    monkeypatch.setitem(chunked.DEFAULT_CHUNK_BYTES, "cpu", score_matrix_bytes // 8)
+    embeddings = random_columns(batch, dim, columns)
+    fast = fast_losses.MultipleNegativesRankingLoss(None, directions=("query_to_doc", "doc_to_doc"), backend=backend)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fast.compute_loss_from_embeddings(embeddings, None).backward()
+    # an op's cpu_memory_usage includes its children's: count the ops that allocate themselves
+    allocations = sorted(
+        e.cpu_memory_usage
+        for e in prof.events()
+        if e.cpu_memory_usage > 0 and not any(child.cpu_memory_usage > 0 for child in e.cpu_children)
+    )
+    assert allocations and allocations[-1] < score_matrix_bytes // 2, allocations[-5:]
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from st_fast.ops import fused_mnrl_loss\n"
+        "try:\n"
+        "    fused_mnrl_loss(torch.randn(3, 8), [torch.randn(3, 8)], backend='triton')\n"
+        "except RuntimeError as exc:\n"
+        "    print('ERROR:', exc)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "ERROR:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
