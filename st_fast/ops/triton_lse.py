@@ -18,7 +18,7 @@ Tiling
   ``torch.get_float32_matmul_precision()`` allows TF32; fp16/bf16 inputs go to the tensor cores as they are.
   On CPU (``TRITON_INTERPRET=1``) bf16 tiles are upcast to fp32 after the load, because the interpreter computes
   bf16 arithmetic wrongly without an error.
-* Forward: grid (row tiles, column splits). Program (m, s) runs an online max / sum-exp (base 2) over the column
+* Forward: grid (row tiles, column splits). Program (m, s) runs an online max / sum-exp over the column
   tiles of split s and writes the partial log-sum-exp of its rows to an (M, n_split) fp32 buffer; torch merges the
   splits with ``logsumexp`` (deterministic). n_split is chosen so that about two programs per SM run even when M
   is small; it is 1 on CPU. Cost: 2·M·N·D FLOPs and M·N exp2.
@@ -28,12 +28,15 @@ Tiling
   over row tiles accumulating dC = scale·Pᵀ @ R, computing the transposed tile Sᵀ = C @ Rᵀ directly. A third grid
   axis splits the loop (columns, resp. rows) when the first two do not fill the GPU; the (n_split, ·, D) fp32
   partials are summed by torch. Cost: (n_dtiles + 1)·2·M·N·D FLOPs per kernel with n_dtiles = ceil(D / BLOCK_DO),
-  i.e. 8·M·N·D for D <= 128. The D-output tile keeps the fp32 accumulator in registers for any D.
+  i.e. 8·M·N·D in all for D <= 128 (16·M·N·D at D = 384). The D-output tile keeps the fp32 accumulator in
+  registers for any D. Chosen over one kernel with fp32 atomics for dR (6·M·N·D, but nondeterministic, and all
+  column-tile programs would hit the same row tiles at once) for determinism and simplicity; not measured.
 * Before the P·C products, P is normalized by max_i |w_i| (so that P ∈ [-1, 1] does not underflow in fp16) and cast
   to the input dtype; the accumulator is multiplied back by scale·max|w| at the end.
 
-All statistics are fp32; exponentials use exp2 with log2(e) folded into scale and alpha. A row whose entries are
-all masked gets lse = -inf (never NaN); rows with w = 0 or lse_ref = -inf contribute exactly zero gradient.
+All statistics are fp32 and in natural units (the running max is a logit itself, so a single-entry row gets
+lse = L exactly); exponentials are exp2((L - max)·log2(e)). A row whose entries are all masked gets lse = -inf
+(never NaN); rows with w = 0 or lse_ref = -inf contribute exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -75,7 +78,6 @@ _IN_BATCH = tl.constexpr(int(HardnessKind.IN_BATCH))
 _HARD = tl.constexpr(int(HardnessKind.HARD))
 _ALL = tl.constexpr(int(HardnessKind.ALL))
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,30 +121,30 @@ def _score_tile(
 
 
 @triton.jit
-def _segment_logits_log2(
+def _segment_logits(
     s,
     g,
     c,
     N,
     width,
-    scale_log2,
-    alpha_log2,
+    scale,
+    alpha,
     KIND: tl.constexpr,
     HARDNESS: tl.constexpr,
 ):
-    """log2(e)·L for a score tile s; g (row global index) and c (column index) broadcast against s.
+    """Logits L for a score tile s; g (row global index) and c (column index) broadcast against s.
 
     L = scale·s, plus alpha·s on the entries the hardness penalizes (Q2D only), and -inf where the kind masks the
     entry or c >= N (the tile's tail).
     """
-    z = s * scale_log2
+    logit = s * scale
     if KIND == _Q2D:
         if HARDNESS == _IN_BATCH:  # other rows' positives and negatives
-            z = tl.where((c % width) != g, z + s * alpha_log2, z)
+            logit = tl.where((c % width) != g, logit + s * alpha, logit)
         elif HARDNESS == _HARD:  # the row's own hard negatives
-            z = tl.where(((c % width) == g) & (c >= width), z + s * alpha_log2, z)
+            logit = tl.where(((c % width) == g) & (c >= width), logit + s * alpha, logit)
         elif HARDNESS == _ALL:  # everything but the positive
-            z = tl.where(c != g, z + s * alpha_log2, z)
+            logit = tl.where(c != g, logit + s * alpha, logit)
         masked = c >= N
     elif KIND == _Q2Q:  # the query itself
         masked = (c == g) | (c >= N)
@@ -150,7 +152,7 @@ def _segment_logits_log2(
         masked = ((c % width) == g) | (c >= N)
     else:  # D2Q: nothing masked
         masked = c >= N
-    return tl.where(masked, float("-inf"), z)
+    return tl.where(masked, float("-inf"), logit)
 
 
 @triton.jit
@@ -165,8 +167,8 @@ def _segment_lse_forward_kernel(
     stride_c,
     row_start,
     width,
-    scale_log2,
-    alpha_log2,
+    scale,
+    alpha,
     tiles_per_split,
     KIND: tl.constexpr,
     HARDNESS: tl.constexpr,
@@ -178,7 +180,7 @@ def _segment_lse_forward_kernel(
 ):
     """LSE_PART[i, split] = log Σ_{c in split} exp(L_ic) for the rows of tile pid_m (-inf if all masked).
 
-    Online softmax statistics in base 2: m_i = max_c z_ic, l_i = Σ_c 2^(z_ic - m_i), with z = log2(e)·L.
+    Online softmax statistics: m_i = max_c L_ic, l_i = Σ_c exp(L_ic - m_i), rescaled whenever m_i grows.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -195,15 +197,15 @@ def _segment_lse_forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _score_tile(R, C, offs_m, offs_n, row_mask, offs_n < N, stride_r, stride_c, D,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)  # fmt: skip
-        z = _segment_logits_log2(s, g[:, None], offs_n[None, :], N, width, scale_log2, alpha_log2, KIND, HARDNESS)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        logit = _segment_logits(s, g[:, None], offs_n[None, :], N, width, scale, alpha, KIND, HARDNESS)
+        m_new = tl.maximum(m_i, tl.max(logit, axis=1))
         # A row with nothing unmasked yet keeps m = -inf: shift by 0 instead so that no -inf - (-inf) = NaN appears.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(z - m_shift[:, None]), axis=1)
+        l_i = l_i * tl.exp2((m_i - m_shift) * _LOG2E) + tl.sum(tl.exp2((logit - m_shift[:, None]) * _LOG2E), axis=1)
         m_i = m_new
 
-    # l_i >= 1 wherever m_i is finite (the max term is 2^0); a fully masked row has m_i = -inf, l_i = 0: lse = -inf.
-    lse = (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * _LN2
+    # l_i >= 1 wherever m_i is finite (the max term is e^0); a fully masked row has m_i = -inf, l_i = 0: lse = -inf.
+    lse = m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0))
     tl.store(LSE_PART + offs_m.to(tl.int64) * n_split + pid_s, lse, mask=row_mask)
 
 
@@ -222,8 +224,8 @@ def _segment_lse_backward_rows_kernel(
     stride_c,
     row_start,
     width,
-    scale_log2,
-    alpha_log2,
+    scale,
+    alpha,
     tiles_per_split,
     KIND: tl.constexpr,
     HARDNESS: tl.constexpr,
@@ -236,7 +238,7 @@ def _segment_lse_backward_rows_kernel(
 ):
     """D_ROWS_PART[split, i, d] = grad_factor · Σ_{c in split} P̂_ic · C[c, d] for a (row tile, D tile).
 
-    P̂_ic = ŵ_i · 2^(z_ic - log2(e)·lse_ref_i) with ŵ = w / max|w| (0 for dead rows and masked entries);
+    P̂_ic = ŵ_i · exp(L_ic - lse_ref_i) with ŵ = w / max|w| (0 for dead rows and masked entries);
     grad_factor = scale · max|w|, so the sum over splits is dR = scale · P @ C.
     """
     pid_m = tl.program_id(0)
@@ -248,10 +250,10 @@ def _segment_lse_backward_rows_kernel(
     d_mask = offs_d < D
     g = row_start + offs_m
 
-    lse2 = tl.load(LSE_REF + offs_m, mask=row_mask, other=float("-inf")) * _LOG2E
+    lse = tl.load(LSE_REF + offs_m, mask=row_mask, other=float("-inf"))
     w = tl.load(W_NORM + offs_m, mask=row_mask, other=0.0)
-    row_live = (w != 0.0) & (lse2 != float("-inf"))
-    lse2 = tl.where(row_live, lse2, 0.0)  # dead rows: never form L - (-inf); their P is zeroed below
+    row_live = (w != 0.0) & (lse != float("-inf"))
+    lse = tl.where(row_live, lse, 0.0)  # dead rows: never form L - (-inf); their P is zeroed below
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     n_begin = pid_s * tiles_per_split * BLOCK_N
@@ -261,8 +263,9 @@ def _segment_lse_backward_rows_kernel(
         col_mask = offs_n < N
         s = _score_tile(R, C, offs_m, offs_n, row_mask, col_mask, stride_r, stride_c, D,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)  # fmt: skip
-        z = _segment_logits_log2(s, g[:, None], offs_n[None, :], N, width, scale_log2, alpha_log2, KIND, HARDNESS)
-        p = tl.where(row_live[:, None], tl.exp2(z - lse2[:, None]), 0.0) * w[:, None]  # (BLOCK_M, BLOCK_N)
+        logit = _segment_logits(s, g[:, None], offs_n[None, :], N, width, scale, alpha, KIND, HARDNESS)
+        # P̂ = ŵ·exp(L - lse_ref): (BLOCK_M, BLOCK_N)
+        p = tl.where(row_live[:, None], tl.exp2((logit - lse[:, None]) * _LOG2E), 0.0) * w[:, None]
         c_ptrs = C + offs_n[:, None].to(tl.int64) * stride_c + offs_d[None, :]
         c_out = tl.load(c_ptrs, mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_DO)
         if UPCAST:
@@ -289,8 +292,8 @@ def _segment_lse_backward_cols_kernel(
     stride_c,
     row_start,
     width,
-    scale_log2,
-    alpha_log2,
+    scale,
+    alpha,
     tiles_per_split,
     KIND: tl.constexpr,
     HARDNESS: tl.constexpr,
@@ -321,15 +324,16 @@ def _segment_lse_backward_cols_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_mask = offs_m < M
         g = row_start + offs_m
-        lse2 = tl.load(LSE_REF + offs_m, mask=row_mask, other=float("-inf")) * _LOG2E
+        lse = tl.load(LSE_REF + offs_m, mask=row_mask, other=float("-inf"))
         w = tl.load(W_NORM + offs_m, mask=row_mask, other=0.0)
-        row_live = (w != 0.0) & (lse2 != float("-inf"))  # also false on the tail rows offs_m >= M
-        lse2 = tl.where(row_live, lse2, 0.0)
+        row_live = (w != 0.0) & (lse != float("-inf"))  # also false on the tail rows offs_m >= M
+        lse = tl.where(row_live, lse, 0.0)
 
         s_t = _score_tile(C, R, offs_n, offs_m, col_mask, row_mask, stride_c, stride_r, D,
                           BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, INPUT_PRECISION)  # fmt: skip
-        z_t = _segment_logits_log2(s_t, g[None, :], offs_n[:, None], N, width, scale_log2, alpha_log2, KIND, HARDNESS)
-        p_t = tl.where(row_live[None, :], tl.exp2(z_t - lse2[None, :]), 0.0) * w[None, :]  # (BLOCK_N, BLOCK_M)
+        logit_t = _segment_logits(s_t, g[None, :], offs_n[:, None], N, width, scale, alpha, KIND, HARDNESS)
+        # P̂ᵀ = ŵ·exp(L - lse_ref) transposed: (BLOCK_N, BLOCK_M)
+        p_t = tl.where(row_live[None, :], tl.exp2((logit_t - lse[None, :]) * _LOG2E), 0.0) * w[None, :]
         r_ptrs = R + offs_m[:, None].to(tl.int64) * stride_r + offs_d[None, :]
         r_out = tl.load(r_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_DO)
         if UPCAST:
@@ -496,7 +500,7 @@ def segment_lse_forward(
     lse_part = torch.empty((m, n_split), dtype=torch.float32, device=rows.device)
     _segment_lse_forward_kernel[(row_tiles, n_split)](
         rows, cols, lse_part, m, n, d, rows.stride(0), cols.stride(0), row_start, width,
-        float(scale) * math.log2(math.e), float(alpha) * math.log2(math.e), tiles_per_split,
+        float(scale), float(alpha), tiles_per_split,
         **_launch_options(rows, kind, hardness), **blocks, num_warps=4, num_stages=3,
     )  # fmt: skip
     return lse_part[:, 0] if n_split == 1 else torch.logsumexp(lse_part, dim=1)
@@ -541,7 +545,7 @@ def segment_lse_backward(
 
     blocks = _blocks(m, n, d)
     options = _launch_options(rows, kind, hardness)
-    scalars = (row_start, width, float(scale) * math.log2(math.e), float(alpha) * math.log2(math.e))
+    scalars = (row_start, width, float(scale), float(alpha))
     num_warps = 8 if blocks["BLOCK_DO"] > 128 else 4
     row_tiles, col_tiles = triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"])
     d_tiles = triton.cdiv(d, blocks["BLOCK_DO"])
