@@ -16,4 +16,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
   st_fast::bind_hashing(m);
   st_fast::bind_row_ops(m);
+  st_fast::bind_contrastive_row(m);
+  st_fast::bind_sampler(m);
 }

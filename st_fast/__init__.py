@@ -10,4 +10,13 @@ from st_fast._native import native_info
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "native_info"]
+__all__ = ["NoDuplicatesBatchSampler", "__version__", "native_info"]
+
+
+def __getattr__(name: str):
+    # Lazy exports: `import st_fast` stays light (no sentence-transformers import until a sampler is asked for).
+    if name == "NoDuplicatesBatchSampler":
+        from st_fast.sampler import NoDuplicatesBatchSampler
+
+        return NoDuplicatesBatchSampler
+    raise AttributeError(f"module 'st_fast' has no attribute {name!r}")

@@ -6,4 +6,6 @@
 namespace st_fast {
 void bind_hashing(pybind11::module_& m);
 void bind_row_ops(pybind11::module_& m);
+void bind_contrastive_row(pybind11::module_& m);
+void bind_sampler(pybind11::module_& m);
 }  // namespace st_fast

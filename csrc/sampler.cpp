@@ -1,0 +1,530 @@
+// Core of st_fast.NoDuplicatesBatchSampler: the duplicate-free greedy batch scan of sentence-transformers'
+// NoDuplicatesBatchSampler, over 64-bit keys of each cell's canonical string.
+//
+// Cells are byte strings held in Arrow-layout chunks (string/large_string or binary/large_binary: validity bitmap,
+// int32/int64 offsets, data), read zero-copy; the Python side keeps the arrays alive (`owner`). A column's rows are
+// either physical (looked up through an optional logical -> physical `indices` mapping, like a datasets.Dataset
+// after select/shuffle) or already logical. A null cell reads as the string "None" (what datasets returns, then
+// str()), or as "no value" in columns flagged null_absent (used to pad rows with fewer values).
+//
+// Keys: XXH64 of the cell bytes, computed once (OpenMP over rows). A pass takes the shuffled order and returns every
+// batch of that pass (flat indices + offsets), with exactly the decisions of the upstream linked-list scan. Key
+// equality is always confirmed on the bytes, so a hash collision can never change a batch (the `hash_bits` test hook
+// truncates keys to force collisions).
+#include <pybind11/numpy.h>
+
+#include <algorithm>
+#include <cstring>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "st_fast/bindings.h"
+#include "st_fast/xxhash64.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace st_fast {
+
+namespace {
+
+constexpr char kNoneText[] = "None";  // str(None): a null cell's canonical string
+
+struct Chunk {
+  const uint8_t* validity = nullptr;  // null when the chunk has no nulls
+  const uint8_t* offsets = nullptr;   // int32 or int64 array, indexed from `offset`
+  const char* data = nullptr;
+  int64_t offset = 0;  // Arrow slice offset
+  int64_t length = 0;
+  bool large = false;   // int64 offsets
+  bool all_null = false;
+};
+
+struct Column {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> starts{0};  // starts[k] = first row of chunk k; back() = rows covered so far
+  bool mapped = false;             // rows go through the logical -> physical indices
+  bool null_absent = false;        // null = no value (padding) instead of "None"
+};
+
+struct CellView {
+  const char* data;
+  int64_t size;
+  bool present;
+};
+
+struct Slot {
+  uint64_t key;
+  int64_t ref;  // row * num_columns + column of the cell stored here
+  uint32_t gen;  // slot is live iff gen == the table's current generation
+};
+
+class NoDupCore {
+ public:
+  NoDupCore(int64_t num_rows, int64_t num_columns, int hash_bits)
+      : num_rows_(num_rows), num_columns_(num_columns), columns_(num_columns) {
+    if (num_rows < 0 || num_columns < 0) throw std::invalid_argument("num_rows and num_columns must be >= 0");
+    if (hash_bits < 1 || hash_bits > 64) throw std::invalid_argument("hash_bits must be in [1, 64]");
+    key_mask_ = hash_bits == 64 ? ~uint64_t{0} : ((uint64_t{1} << hash_bits) - 1);
+  }
+
+  void set_column(int64_t col, bool mapped, bool null_absent) {
+    Column& c = column(col);
+    c.mapped = mapped;
+    c.null_absent = null_absent;
+  }
+
+  void add_chunk(int64_t col, uintptr_t validity, uintptr_t offsets, uintptr_t data, int64_t offset, int64_t length,
+                 bool large, bool all_null, py::object owner) {
+    Column& c = column(col);
+    if (length < 0 || offset < 0) throw std::invalid_argument("negative chunk length/offset");
+    if (!all_null && length > 0 && offsets == 0) throw std::invalid_argument("chunk without an offsets buffer");
+    Chunk k;
+    k.validity = reinterpret_cast<const uint8_t*>(validity);
+    k.offsets = reinterpret_cast<const uint8_t*>(offsets);
+    k.data = reinterpret_cast<const char*>(data);
+    k.offset = offset;
+    k.length = length;
+    k.large = large;
+    k.all_null = all_null;
+    if (length == 0) return;
+    c.chunks.push_back(k);
+    c.starts.push_back(c.starts.back() + length);
+    owners_.push_back(std::move(owner));
+  }
+
+  void set_indices(py::array_t<int64_t, py::array::c_style | py::array::forcecast> indices) {
+    if (indices.ndim() != 1 || indices.shape(0) != num_rows_)
+      throw std::invalid_argument("indices must be 1-D with one entry per row");
+    if (built_) throw std::logic_error("the core is built (and may be read by a running pass): it cannot change");
+    indices_ = indices;
+    index_data_ = indices_.data();
+  }
+
+  // Validates the layout and computes every cell's key. Idempotent.
+  void build(int num_threads) {
+    if (built_) return;
+    const int64_t physical_needed = index_data_ ? physical_rows_needed() : num_rows_;
+    for (int64_t col = 0; col < num_columns_; ++col) {
+      const Column& c = columns_[col];
+      const int64_t needed = c.mapped && index_data_ ? physical_needed : num_rows_;
+      if (c.starts.back() < needed)
+        throw std::invalid_argument("column " + std::to_string(col) + " has " + std::to_string(c.starts.back()) +
+                                    " rows, needs " + std::to_string(needed));
+      if (c.null_absent) has_absent_ = true;
+    }
+    const int64_t cells = num_rows_ * num_columns_;
+    keys_.assign(static_cast<size_t>(cells), 0);
+    if (has_absent_) absent_.assign(static_cast<size_t>(cells), 0);
+    bool bad = false;
+#ifdef _OPENMP
+    if (num_threads <= 0) num_threads = omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (cells > (1 << 15)) reduction(|| : bad)
+#endif
+    for (int64_t row = 0; row < num_rows_; ++row) {
+      for (int64_t col = 0; col < num_columns_; ++col) {
+        const int64_t ref = row * num_columns_ + col;
+        const CellView v = cell(row, col);
+        if (v.size < 0) bad = true;
+        if (!v.present) {
+          absent_[ref] = 1;
+          continue;
+        }
+        keys_[ref] = xxh64(v.data, static_cast<size_t>(v.size > 0 ? v.size : 0), 0) & key_mask_;
+      }
+    }
+    (void)num_threads;
+    if (bad) throw std::invalid_argument("corrupt offsets in a string column");
+    built_ = true;
+  }
+
+  py::array_t<uint64_t> keys() const {
+    py::array_t<uint64_t> out({num_rows_, num_columns_});
+    if (!keys_.empty()) std::memcpy(out.mutable_data(), keys_.data(), keys_.size() * sizeof(uint64_t));
+    return out;
+  }
+
+  py::bytes cell_bytes(int64_t row, int64_t col) const {
+    if (row < 0 || row >= num_rows_ || col < 0 || col >= num_columns_) throw std::out_of_range("cell out of range");
+    const CellView v = cell(row, col);
+    if (!v.present) return py::bytes();
+    return py::bytes(v.data, static_cast<size_t>(v.size));
+  }
+
+  bool cell_present(int64_t row, int64_t col) const { return cell(row, col).present; }
+
+  // Bytes held by this object (keys, flags, chunk tables); the Arrow buffers it reads are not counted.
+  int64_t state_bytes() const {
+    int64_t total = static_cast<int64_t>(keys_.capacity() * sizeof(uint64_t) + absent_.capacity());
+    for (const Column& c : columns_) total += c.chunks.capacity() * sizeof(Chunk) + c.starts.capacity() * 8;
+    return total;
+  }
+
+  int64_t num_rows() const { return num_rows_; }
+  int64_t num_columns() const { return num_columns_; }
+
+  // --- read-only after build(); used by the passes, possibly from a background thread ---
+  bool built() const { return built_; }
+  const uint64_t* keys_data() const { return keys_.data(); }
+  bool has_absent() const { return has_absent_; }
+  bool absent(int64_t ref) const { return absent_[ref] != 0; }
+
+  bool same_value(int64_t ref_a, int64_t ref_b) const {
+    if (ref_a == ref_b) return true;
+    const CellView a = cell(ref_a / num_columns_, ref_a % num_columns_);
+    const CellView b = cell(ref_b / num_columns_, ref_b % num_columns_);
+    return a.size == b.size && (a.size == 0 || a.data == b.data || std::memcmp(a.data, b.data, a.size) == 0);
+  }
+
+ private:
+  Column& column(int64_t col) {
+    if (built_) throw std::logic_error("the core is built (and may be read by a running pass): it cannot change");
+    if (col < 0 || col >= num_columns_) throw std::out_of_range("column index out of range");
+    return columns_[col];
+  }
+
+  int64_t physical_rows_needed() const {
+    int64_t mx = -1;
+    for (int64_t i = 0; i < num_rows_; ++i) {
+      if (index_data_[i] < 0) throw std::invalid_argument("negative index in indices");
+      mx = std::max(mx, index_data_[i]);
+    }
+    return mx + 1;
+  }
+
+  CellView cell(int64_t row, int64_t col) const {
+    const Column& c = columns_[col];
+    const int64_t phys = (c.mapped && index_data_) ? index_data_[row] : row;
+    const size_t k = static_cast<size_t>(std::upper_bound(c.starts.begin(), c.starts.end(), phys) - c.starts.begin()) - 1;
+    const Chunk& ch = c.chunks[k];
+    const int64_t i = phys - c.starts[k] + ch.offset;
+    const bool valid = !ch.all_null && (ch.validity == nullptr || ((ch.validity[i >> 3] >> (i & 7)) & 1));
+    if (!valid) {
+      if (c.null_absent) return {nullptr, 0, false};
+      return {kNoneText, 4, true};
+    }
+    int64_t begin, end;
+    if (ch.large) {
+      const int64_t* off = reinterpret_cast<const int64_t*>(ch.offsets);
+      begin = off[i];
+      end = off[i + 1];
+    } else {
+      const int32_t* off = reinterpret_cast<const int32_t*>(ch.offsets);
+      begin = off[i];
+      end = off[i + 1];
+    }
+    if (end < begin) return {nullptr, -1, true};
+    return {ch.data ? ch.data + begin : kNoneText, end - begin, true};
+  }
+
+  int64_t num_rows_, num_columns_;
+  std::vector<Column> columns_;
+  std::vector<py::object> owners_;
+  py::array_t<int64_t> indices_;
+  const int64_t* index_data_ = nullptr;
+  uint64_t key_mask_ = ~uint64_t{0};
+  std::vector<uint64_t> keys_;
+  std::vector<uint8_t> absent_;
+  bool has_absent_ = false;
+  bool built_ = false;
+};
+
+// One pass of the greedy scan over a shuffled order, with exactly the decisions of the upstream linked-list scan.
+// Batch b is flat[offsets[b]:offsets[b+1]]; iterating yields each batch as a list of ints. With `background`, the
+// scan runs on its own thread and each batch can be taken as soon as it is complete (the consumer builds the Python
+// lists of earlier batches meanwhile); otherwise the whole pass is computed before the constructor returns.
+class PassResult {
+ public:
+  PassResult(const NoDupCore& core, py::object core_owner, py::array perm, int64_t batch_size, bool drop_last,
+             bool background)
+      : core_(core), core_owner_(std::move(core_owner)), batch_size_(batch_size), drop_last_(drop_last) {
+    if (!core.built()) throw std::invalid_argument("build() the core before running a pass");
+    if (batch_size <= 0) throw std::invalid_argument("batch_size must be positive");
+    n_ = core.num_rows();
+    if (perm.ndim() != 1 || perm.shape(0) != n_) throw std::invalid_argument("perm must be 1-D with one entry per row");
+    if (perm.dtype().is(py::dtype::of<int32_t>())) {
+      perm_ = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(perm);
+      wide_ = false;
+    } else if (perm.dtype().is(py::dtype::of<int64_t>())) {
+      perm_ = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(perm);
+      wide_ = true;
+    } else {
+      throw std::invalid_argument("perm must be int32 or int64");
+    }
+    perm_data_ = perm_.data();
+    // Uninitialized on purpose: pages are only committed as batches are written.
+    flat_.reset(new int64_t[static_cast<size_t>(std::max<int64_t>(n_, 1))]);
+    offsets_.reset(new int64_t[static_cast<size_t>(n_ + 1)]);
+    offsets_[0] = 0;
+    {
+      py::gil_scoped_release release;
+      if (wide_) check_perm<int64_t>(); else check_perm<int32_t>();
+    }
+    if (bad_perm_) throw std::invalid_argument("perm holds an index out of range");
+    if (background && n_ > 0) {
+      worker_ = std::thread([this] { run_guarded(); });
+    } else {
+      py::gil_scoped_release release;
+      run_guarded();
+    }
+  }
+
+  ~PassResult() {
+    cancel_.store(true);
+    if (worker_.joinable()) worker_.join();  // at most one batch away: the producer checks cancel_ per batch
+  }
+
+  py::list next_batch() {
+    if (cursor_ >= ready_.load(std::memory_order_acquire)) {
+      // Caught up with the producer: wait for a good stretch of batches, not one, so that hand-overs (GIL release,
+      // wake-up) stay rare.
+      wait_for(cursor_ + std::max<int64_t>(1, kHandOverRows / batch_size_));
+      if (error_) std::rethrow_exception(error_);
+      if (cursor_ >= ready_.load(std::memory_order_acquire)) throw py::stop_iteration();
+    }
+    const int64_t begin = offsets_[cursor_], end = offsets_[cursor_ + 1];
+    ++cursor_;
+    py::list out(static_cast<size_t>(end - begin));
+    for (int64_t i = begin; i < end; ++i) {
+      PyObject* value = PyLong_FromLongLong(flat_[i]);
+      if (value == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(out.ptr(), i - begin, value);
+    }
+    return out;
+  }
+
+  int64_t num_batches() {
+    wait_for(-1);
+    if (error_) std::rethrow_exception(error_);
+    return ready_.load();
+  }
+  py::array flat() { const int64_t b = num_batches(); return copy_to_numpy(flat_.get(), offsets_[b]); }
+  py::array offsets() { const int64_t b = num_batches(); return copy_to_numpy(offsets_.get(), b + 1); }
+
+ private:
+  static constexpr int64_t kHandOverRows = 1 << 16;
+
+  // Waits (without the GIL) until batch `count` is complete, or the pass is done when count < 0.
+  void wait_for(int64_t count) {
+    auto ready = [&] { return done_.load() || (count >= 0 && ready_.load() >= count); };
+    if (ready()) return;
+    py::gil_scoped_release release;
+    std::unique_lock<std::mutex> lock(mutex_);
+    waiting_.store(true);
+    cv_.wait(lock, ready);
+    waiting_.store(false);
+  }
+
+  void publish(int64_t batches, bool done) {
+    ready_.store(batches);
+    if (done) done_.store(true);
+    if (waiting_.load()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      cv_.notify_all();
+    }
+  }
+
+  template <typename I>
+  void check_perm() {
+    const I* perm = static_cast<const I*>(perm_data_);
+    for (int64_t p = 0; p < n_; ++p)
+      if (perm[p] < 0 || perm[p] >= n_) bad_perm_ = true;
+  }
+
+  void run_guarded() {
+    try {
+      if (wide_) run<int64_t>(); else run<int32_t>();
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    publish(ready_.load(), true);
+  }
+
+  // --- the batch set: open addressing with linear probing, cleared in O(1) by bumping the generation ---
+  void table_reset(int64_t max_entries) {
+    size_t cap = 16;
+    while (cap < static_cast<size_t>(2 * max_entries)) cap <<= 1;
+    table_.assign(cap, Slot{0, 0, 0});
+    table_mask_ = cap - 1;
+    gen_ = 0;
+  }
+
+  void table_new_batch() {
+    if (++gen_ == 0) {  // wrapped: clear for real
+      for (Slot& s : table_) s.gen = 0;
+      gen_ = 1;
+    }
+  }
+
+  // True when a live slot holds the same value as cell `ref` (key `key`); else `*free_slot` = where it would go.
+  bool table_find(uint64_t key, int64_t ref, size_t* free_slot) const {
+    size_t pos = static_cast<size_t>(key * 0x9E3779B97F4A7C15ULL >> 7) & table_mask_;
+    while (true) {
+      const Slot& s = table_[pos];
+      if (s.gen != gen_) {
+        *free_slot = pos;
+        return false;
+      }
+      if (s.key == key && core_.same_value(s.ref, ref)) return true;  // equal keys: confirm on the bytes
+      pos = (pos + 1) & table_mask_;
+    }
+  }
+
+  // True when row `row` shares a value with the batch. Otherwise the free slot found for each of its cells is left
+  // in slots_, so that row_insert does not probe again.
+  bool row_conflicts(int64_t row) {
+    const int64_t base = row * num_columns_;
+    for (int64_t col = 0; col < num_columns_; ++col) {
+      const int64_t ref = base + col;
+      if (has_absent_ && core_.absent(ref)) continue;
+      if (table_find(keys_[ref], ref, &slots_[col])) return true;
+    }
+    return false;
+  }
+
+  void row_insert(int64_t row) {
+    const int64_t base = row * num_columns_;
+    for (int64_t col = 0; col < num_columns_; ++col) {
+      const int64_t ref = base + col;
+      if (has_absent_ && core_.absent(ref)) continue;
+      size_t slot = slots_[col];
+      if (table_[slot].gen == gen_) {  // taken by an earlier cell of this row: probe again
+        if (table_find(keys_[ref], ref, &slot)) continue;  // the row repeats one of its own values
+      }
+      table_[slot] = Slot{keys_[ref], ref, gen_};
+    }
+  }
+
+  template <typename I>
+  void run() {
+    const int64_t n = n_;
+    if (n == 0) return;
+    const I* perm = static_cast<const I*>(perm_data_);
+    num_columns_ = core_.num_columns();
+    keys_ = core_.keys_data();
+    has_absent_ = core_.has_absent();
+    slots_.assign(static_cast<size_t>(std::max<int64_t>(num_columns_, 1)), 0);
+    table_reset(std::min(batch_size_, n) * std::max<int64_t>(num_columns_, 1));
+    // Singly linked list over shuffled positions; -1 ends it.
+    std::vector<I> next(static_cast<size_t>(n));
+    for (int64_t p = 0; p < n; ++p) next[p] = static_cast<I>(p + 1);
+    next[n - 1] = -1;
+    constexpr int64_t kAhead = 24;  // list successors are mostly the next positions: prefetch their keys
+    int64_t* flat = flat_.get();
+    int64_t size = 0, batches = 0;
+    I head = 0;
+    while (head != -1) {
+      if (cancel_.load(std::memory_order_relaxed)) return;
+      table_new_batch();
+      const int64_t start = size;
+      I current = head, previous = -1;
+      bool full = false;
+      while (current != -1) {
+        const I following = next[current];
+        const int64_t index = perm[current];
+        if (num_columns_ > 0 && current + kAhead < n) __builtin_prefetch(keys_ + perm[current + kAhead] * num_columns_);
+        if (row_conflicts(index)) {  // defer: stays in the list, keeps its order
+          previous = current;
+          current = following;
+          continue;
+        }
+        flat[size++] = index;
+        if (previous == -1)
+          head = following;
+        else
+          next[previous] = following;
+        if (size - start == batch_size_) {
+          full = true;
+          break;
+        }
+        row_insert(index);
+        current = following;
+      }
+      if (full || !drop_last_) {
+        offsets_[++batches] = size;
+        publish(batches, false);
+      } else {
+        size = start;  // a partial batch is consumed and dropped
+      }
+    }
+  }
+
+  static py::array copy_to_numpy(const int64_t* data, int64_t count) {
+    py::array_t<int64_t> out(static_cast<py::ssize_t>(count));
+    if (count > 0) std::memcpy(out.mutable_data(), data, static_cast<size_t>(count) * sizeof(int64_t));
+    return out;
+  }
+
+  const NoDupCore& core_;
+  py::object core_owner_;  // keeps the core (and the Arrow buffers it reads) alive
+  py::array perm_;
+  const void* perm_data_ = nullptr;
+  bool wide_ = false;
+  bool bad_perm_ = false;
+  int64_t n_ = 0, batch_size_ = 0;
+  bool drop_last_ = false;
+  std::unique_ptr<int64_t[]> flat_, offsets_;
+  int64_t cursor_ = 0;
+  // producer state
+  int64_t num_columns_ = 0;
+  const uint64_t* keys_ = nullptr;
+  bool has_absent_ = false;
+  std::vector<Slot> table_;
+  std::vector<size_t> slots_;
+  size_t table_mask_ = 0;
+  uint32_t gen_ = 0;
+  // hand-over between producer and consumer
+  std::atomic<int64_t> ready_{0};
+  std::atomic<bool> done_{false}, cancel_{false}, waiting_{false};
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::exception_ptr error_;
+  std::thread worker_;
+};
+
+}  // namespace
+
+void bind_sampler(py::module_& m) {
+  py::class_<PassResult>(m, "NoDupPass", "The batches of one pass; iterate for lists of row indices.")
+      .def("__len__", &PassResult::num_batches)
+      .def("__iter__", [](PassResult& self) -> PassResult& { return self; }, py::return_value_policy::reference_internal)
+      .def("__next__", &PassResult::next_batch)
+      .def_property_readonly("flat", &PassResult::flat)
+      .def_property_readonly("offsets", &PassResult::offsets);
+  py::class_<NoDupCore>(m, "NoDupSamplerCore",
+                        "Duplicate-free batch scan over Arrow-layout string cells (see st_fast.sampler).")
+      .def(py::init<int64_t, int64_t, int>(), py::arg("num_rows"), py::arg("num_columns"), py::arg("hash_bits") = 64)
+      .def("set_column", &NoDupCore::set_column, py::arg("column"), py::arg("mapped"), py::arg("null_absent"))
+      .def("add_chunk", &NoDupCore::add_chunk, py::arg("column"), py::arg("validity"), py::arg("offsets"),
+           py::arg("data"), py::arg("offset"), py::arg("length"), py::arg("large"), py::arg("all_null"),
+           py::arg("owner"),
+           "Append an Arrow string/binary chunk (raw buffer addresses; `owner` is kept alive with the core).")
+      .def("set_indices", &NoDupCore::set_indices, py::arg("indices"))
+      .def("build", &NoDupCore::build, py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "one_pass",
+          [](py::object self, py::array perm, int64_t batch_size, bool drop_last, bool background) {
+            const NoDupCore& core = self.cast<const NoDupCore&>();
+            return std::make_unique<PassResult>(core, self, perm, batch_size, drop_last, background);
+          },
+          py::arg("perm"), py::arg("batch_size"), py::arg("drop_last"), py::arg("background") = false,
+          "One pass over the shuffled order `perm` (int32/int64 permutation of the rows): a NoDupPass.")
+      .def("keys", &NoDupCore::keys)
+      .def("cell_bytes", &NoDupCore::cell_bytes, py::arg("row"), py::arg("column"))
+      .def("cell_present", &NoDupCore::cell_present, py::arg("row"), py::arg("column"))
+      .def("state_bytes", &NoDupCore::state_bytes)
+      .def_property_readonly("num_rows", &NoDupCore::num_rows)
+      .def_property_readonly("num_columns", &NoDupCore::num_columns);
+}
+
+}  // namespace st_fast
