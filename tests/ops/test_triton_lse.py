@@ -368,6 +368,59 @@ def test_cpu_without_interpreter_raises_in_a_clean_process(preamble, message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Compiled mode without a GPU: the interpreter runs Python, so it accepts code that the compiler would reject
+# ----------------------------------------------------------------------------------------------------------------
+
+AOT_COMPILE = """
+import inspect, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from st_fast.ops import triton_lse
+from st_fast.ops.layout import HardnessKind, SegmentKind
+
+POINTERS = {"LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "D_ROWS_PART", "D_COLS_PART"}
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+VARIANTS = [  # kernel, input dtype, D (M = N = 4096; Q2D with ALL hardness)
+    ("_segment_lse_forward_kernel", torch.bfloat16, 384),
+    ("_segment_lse_backward_rows_kernel", torch.bfloat16, 384),
+    ("_segment_lse_backward_cols_kernel", torch.bfloat16, 384),
+    ("_segment_lse_backward_cols_kernel", torch.float32, 768),  # ieee fp32 dots, BLOCK_DO = 256, 8 warps
+]
+for name, dtype, d in VARIANTS:
+    kernel = getattr(triton_lse, name)
+    params = list(inspect.signature(kernel.fn).parameters)
+    rows = torch.empty(4096, d, dtype=dtype, device="meta")
+    options = triton_lse._launch_options(rows, SegmentKind.Q2D, HardnessKind.ALL) | triton_lse._blocks(4096, 4096, d)
+    constexprs = {key: value for key, value in options.items() if key in params}
+    signature = {}
+    for param in params:
+        if param in constexprs:
+            signature[param] = "constexpr"
+        elif param in ("R", "C"):
+            signature[param] = "*" + SHORT[dtype]
+        else:
+            signature[param] = "*fp32" if param in POINTERS else "fp32" if param in ("scale", "alpha") else "i32"
+    num_warps = 8 if constexprs.get("BLOCK_DO", 0) > 128 else 4
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert compiled.asm["cubin"]
+    print("compiled", name, SHORT[dtype], d)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Ahead-of-time compilation to H100 cubins with the launchers' constexprs, in a process without the interpreter
+    (which runs kernels as Python and so accepts code that the compiler would reject)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", AOT_COMPILE], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.count("compiled") == 4, out.stdout + out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # GPU (skipped on CPU by conftest)
 # ----------------------------------------------------------------------------------------------------------------
 
