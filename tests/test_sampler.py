@@ -1,0 +1,370 @@
+"""st_fast.NoDuplicatesBatchSampler yields exactly the batches of the stock sentence-transformers sampler."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, concatenate_datasets
+from sentence_transformers.base import sampler as stock_module
+from sentence_transformers.base.sampler import NoDuplicatesBatchSampler as StockSampler
+from sentence_transformers.base.sampler import ProportionalBatchSampler, RoundRobinBatchSampler
+from torch.utils.data import ConcatDataset
+
+import st_fast
+import st_fast.sampler as fast_module
+from st_fast.sampler import NoDuplicatesBatchSampler
+
+pytest.importorskip("xxhash")  # the stock hashed mode needs it
+
+
+@pytest.fixture(autouse=True)
+def _quiet_stock_warnings():
+    # the resampling / too-few-values warnings are logged once per message; keep test output readable
+    logger = logging.getLogger(stock_module.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+def epoch_batches(cls, dataset, *, epochs=(0,), shared_generator=True, **kwargs):
+    """[batches of each epoch] for a sampler class; the generator is seeded like the trainer's."""
+    generator = torch.Generator().manual_seed(1234) if shared_generator else None
+    sampler = cls(dataset, generator=generator, **kwargs)
+    out = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+def assert_parity(dataset, *, epochs=(0, 1), modes=("default", "hashed"), **kwargs):
+    fast = epoch_batches(NoDuplicatesBatchSampler, dataset, epochs=epochs, **kwargs)
+    for mode in modes:
+        extra = {"precompute_hashes": True, "precompute_num_proc": 1} if mode == "hashed" else {}
+        stock = epoch_batches(StockSampler, dataset, epochs=epochs, **kwargs, **extra)
+        assert fast == stock, f"batches differ from the stock sampler ({mode} mode)"
+    return fast
+
+
+def triplets(num_rows: int, *, anchors: int, positives: int, negatives: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset.from_dict(
+        {
+            "anchor": [f"q{i % anchors}" for i in range(num_rows)],
+            "positive": [f"p{rng.integers(positives)}" for _ in range(num_rows)],
+            # negatives share their vocabulary with the anchors: cross-column duplicates
+            "negative": [f"q{rng.integers(negatives)}" for _ in range(num_rows)],
+        }
+    )
+
+
+HEAVY = triplets(300, anchors=120, positives=7, negatives=200)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 10, 128])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("seed", [0, 17])
+def test_heavy_duplication_matches_stock(batch_size, drop_last, seed):
+    assert_parity(HEAVY, batch_size=batch_size, drop_last=drop_last, seed=seed, epochs=(0, 1, 2))
+
+
+@pytest.mark.parametrize("batch_size", [2, 10, 128])
+def test_unique_rows_and_background_thread_match_stock(batch_size, monkeypatch):
+    dataset = triplets(2000, anchors=2000, positives=1500, negatives=1800, seed=3)
+    assert_parity(dataset, batch_size=batch_size, drop_last=False, modes=("hashed",))
+    monkeypatch.setattr(fast_module, "_BACKGROUND_MIN_ROWS", 0)  # the pass runs on its own thread
+    assert_parity(dataset, batch_size=batch_size, drop_last=True, modes=("hashed",))
+
+
+def test_abandoned_background_pass_does_not_hang(monkeypatch):
+    monkeypatch.setattr(fast_module, "_BACKGROUND_MIN_ROWS", 0)
+    dataset = triplets(5000, anchors=5000, positives=3000, negatives=4000)
+    sampler = NoDuplicatesBatchSampler(dataset, batch_size=3, drop_last=False)
+    for _ in range(3):
+        iterator = iter(sampler)
+        first = list(itertools.islice(iterator, 2))
+        assert len(first) == 2
+        del iterator
+
+
+def test_cross_column_duplicates_conflict():
+    # row 1's negative is row 0's anchor: they can never share a batch
+    dataset = Dataset.from_dict({"anchor": ["a", "b", "c", "d"], "positive": ["x", "y", "z", "w"],
+                                 "negative": ["n1", "a", "n3", "n4"]})  # fmt: skip
+    batches = assert_parity(dataset, batch_size=4, drop_last=False, epochs=range(4))
+    for epoch in batches:
+        assert not any({0, 1} <= set(batch) for batch in epoch)
+
+
+def test_all_identical_rows():
+    dataset = Dataset.from_dict({"anchor": ["same"] * 12, "positive": ["same"] * 12})
+    assert_parity(dataset, batch_size=4, drop_last=False)
+    assert assert_parity(dataset, batch_size=4, drop_last=True) == [[], []]
+
+
+@pytest.mark.parametrize("num_rows", [0, 1])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_empty_and_one_row(num_rows, drop_last):
+    dataset = Dataset.from_dict({"anchor": ["a"] * num_rows, "positive": ["b"] * num_rows})
+    assert_parity(dataset, batch_size=3, drop_last=drop_last, modes=("default",))
+
+
+def test_resampling_fills_len_like_stock():
+    # 20 rows, 2 distinct pairs, batch 2: the first pass yields fewer than len() batches, the rest is resampled
+    dataset = Dataset.from_dict({"anchor": ["a", "b"] * 10, "positive": ["c", "d"] * 10})
+    batches = assert_parity(dataset, batch_size=2, drop_last=True, epochs=(0, 1, 2))
+    assert [len(epoch) for epoch in batches] == [10, 10, 10]
+
+
+def test_resampling_with_generator_shared_by_several_samplers():
+    # two samplers on one generator, consumed interleaved: the extra passes draw from the shared state, as upstream
+    dataset = Dataset.from_dict({"anchor": ["a", "b", "c"] * 8, "positive": ["c", "d", "e"] * 8})
+
+    def interleaved(cls):
+        generator = torch.Generator().manual_seed(5)
+        samplers = [cls(dataset, batch_size=2, drop_last=True, generator=generator, seed=s) for s in (1, 2)]
+        return [list(pair) for pair in zip(*samplers, strict=False)]
+
+    assert interleaved(NoDuplicatesBatchSampler) == interleaved(StockSampler)
+
+
+def test_no_generator_uses_the_global_rng():
+    torch.manual_seed(99)
+    fast = list(NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False))
+    torch.manual_seed(99)
+    stock = list(StockSampler(HEAVY, batch_size=10, drop_last=False))
+    assert fast == stock
+
+
+def test_list_valued_cells_are_one_value():
+    dataset = Dataset.from_dict(
+        {"anchor": [["a", "b"], ["a"], ["b", "a"], ["a", "b"], ["c"], ["a"]], "positive": list("xyzwvu")}
+    )
+    assert_parity(dataset, batch_size=3, drop_last=False, epochs=range(4))
+
+
+def test_int_float_bool_none_cells_compare_as_strings():
+    # 1 == "1", None == "None", 2.0 == "2.0", True == "True": upstream compares str() of each value
+    dataset = Dataset.from_dict(
+        {
+            "text": ["1", "None", "2.0", "True", "x", None, "y", "z"],
+            "number": [1, 5, None, 7, 1, 8, 9, 10],
+            "real": [2.0, 0.5, 0.25, 1e16, None, float("nan"), 3.0, 2.0],
+            "flag": [True, False, None, True, False, True, False, None],
+        }
+    )
+    for batch_size in (2, 3, 8):
+        assert_parity(dataset, batch_size=batch_size, drop_last=False, epochs=range(3))
+
+
+def test_label_columns_are_excluded():
+    # the labels equal the anchors: if they were compared, every row would conflict with another one
+    dataset = Dataset.from_dict({"anchor": [f"a{i}" for i in range(16)], "positive": [f"p{i}" for i in range(16)],
+                                 "label": [f"a{(i + 1) % 16}" for i in range(16)],
+                                 "score": [float(i % 3) for i in range(16)]})  # fmt: skip
+    batches = assert_parity(dataset, batch_size=4, drop_last=True, valid_label_columns=["label", "score"])
+    assert [len(epoch) for epoch in batches] == [4, 4]
+
+
+def test_dataset_name_column_is_excluded():
+    dataset = Dataset.from_dict({"anchor": [f"a{i}" for i in range(10)], "dataset_name": ["d"] * 10})
+    assert [len(e) for e in assert_parity(dataset, batch_size=5, drop_last=True)] == [2, 2]
+
+
+def test_indices_mapping_and_several_chunks():
+    base = triplets(400, anchors=150, positives=40, negatives=300, seed=1)
+    chunked = concatenate_datasets([base.select(range(0, 130)), base.select(range(130, 400))].copy())
+    assert len(chunked.data.column("anchor").chunks) >= 1
+    for dataset in (
+        base.shuffle(seed=3),  # indices mapping
+        base.select([5, 3, 3, 99, 7, 200, 5] * 20),  # repeated physical rows
+        base.filter(lambda row: row["positive"] != "p3"),
+        chunked,
+        concatenate_datasets([base.select(range(0, 200)), base.select(range(200, 400))]).shuffle(seed=4),
+        base.select(range(10, 300)).flatten_indices(),  # sliced Arrow arrays (non-zero offsets)
+    ):
+        assert_parity(dataset, batch_size=16, drop_last=False, epochs=(0, 1))
+
+
+def test_null_strings_equal_the_string_none():
+    dataset = Dataset.from_dict({"anchor": ["None", "a", None, "b", None, "c"], "positive": list("pqrstu")})
+    assert_parity(dataset, batch_size=3, drop_last=False, epochs=range(4))
+
+
+def test_struct_and_nested_cells_use_the_stock_canonicalization():
+    dataset = Dataset.from_dict(
+        {
+            "meta": [{"k": 1, "v": "a"}, {"k": 2, "v": "b"}, {"k": 1, "v": "a"}, {"k": 3, "v": None}] * 3,
+            "grid": [[[1, 2], [3]], [[1]], [[1, 2], [3]], []] * 3,
+            "text": [f"t{i % 5}" for i in range(12)],
+        }
+    )
+    assert_parity(dataset, batch_size=3, drop_last=False, epochs=range(3))
+
+
+def test_formatted_and_transformed_datasets_read_rows_like_stock():
+    base = triplets(60, anchors=25, positives=9, negatives=40)
+    numbers = base.add_column("n", [i % 7 for i in range(60)])
+
+    def to_arrays(batch):  # objects without a plain str(): digested from their pickles
+        return {"anchor": batch["anchor"], "vec": [np.array([len(a), 1]) for a in batch["anchor"]]}
+
+    transformed = base.with_transform(to_arrays)
+    # (not the torch format: a tensor's pickle embeds a storage address, so the stock keys are not reproducible)
+    for dataset in (numbers.with_format("numpy"), numbers.with_format("numpy", columns=["n", "anchor"]), transformed):
+        assert_parity(dataset, batch_size=4, drop_last=False, modes=("default",))
+
+
+def test_trainer_dataset_name_transform_reads_arrow_directly():
+    from sentence_transformers import SentenceTransformerTrainer
+
+    dataset = triplets(80, anchors=30, positives=10, negatives=60)
+    dataset.set_transform(
+        __import__("functools").partial(SentenceTransformerTrainer.add_dataset_name_transform, dataset_name="x")
+    )
+    assert "dataset_name" in dataset[0]
+    assert fast_module._reads_raw_arrow(dataset)
+    assert_parity(dataset, batch_size=8, drop_last=False)
+
+
+def test_forced_hash_collisions_never_change_batches(monkeypatch):
+    monkeypatch.setattr(fast_module, "_HASH_BITS", 2)  # 4 possible keys: nearly every probe is a collision
+    sampler = NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False)
+    list(sampler)
+    assert int(sampler._get_core().keys().max()) < 4
+    for batch_size, drop_last in [(1, False), (2, True), (10, False), (128, True)]:
+        assert_parity(HEAVY, batch_size=batch_size, drop_last=drop_last)
+    numbers = Dataset.from_dict({"a": [1, 2, 3, 1, 2, 3, 4, 5], "b": ["1", "x", "y", "z", "w", "v", "u", "4"]})
+    assert_parity(numbers, batch_size=3, drop_last=False, epochs=range(3))
+
+
+def test_int64_permutation(monkeypatch):
+    real_iinfo = np.iinfo
+
+    class SmallInt32:
+        max = 5
+
+    monkeypatch.setattr(np, "iinfo", lambda dtype: SmallInt32 if dtype is np.int32 else real_iinfo(dtype))
+    assert_parity(HEAVY, batch_size=10, drop_last=False, modes=("default",))
+
+
+def test_same_len_set_epoch_and_attributes():
+    stock = StockSampler(HEAVY, batch_size=7, drop_last=True, seed=3)
+    fast = NoDuplicatesBatchSampler(HEAVY, batch_size=7, drop_last=True, seed=3, precompute_hashes=True)
+    assert isinstance(fast, StockSampler)
+    assert len(fast) == len(stock) == 300 // 7
+    fast.set_epoch(4)
+    assert fast.epoch == 4 and fast.seed == 3 and fast.batch_size == 7 and fast.drop_last
+    assert st_fast.NoDuplicatesBatchSampler is NoDuplicatesBatchSampler
+
+
+def test_state_is_eight_bytes_per_cell():
+    sampler = NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False)
+    list(sampler)
+    core = sampler._get_core()
+    assert core.state_bytes() < 300 * 3 * 8 + 4096
+    assert core.keys().shape == (300, 3)
+
+
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_bad_batch_size(batch_size):
+    with pytest.raises(ValueError):
+        NoDuplicatesBatchSampler(HEAVY, batch_size=batch_size, drop_last=False)
+
+
+@pytest.mark.parametrize("data", [[{"anchor": "a"}], torch.arange(4)])
+def test_non_hf_dataset_is_a_clear_error(data):
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        NoDuplicatesBatchSampler(data, batch_size=2, drop_last=False)
+
+
+def test_core_rejects_bad_permutations():
+    sampler = NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False)
+    core = sampler._get_core()
+    with pytest.raises(ValueError):
+        core.one_pass(np.full(300, 300, dtype=np.int32), 10, False)
+    with pytest.raises(ValueError):
+        core.one_pass(np.arange(5, dtype=np.int32), 10, False)
+    with pytest.raises((ValueError, TypeError)):
+        core.one_pass(np.arange(300, dtype=np.float32), 10, False)
+
+
+@pytest.mark.parametrize("multi_cls", [RoundRobinBatchSampler, ProportionalBatchSampler])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_inside_multi_dataset_samplers(multi_cls, drop_last):
+    first = triplets(60, anchors=20, positives=6, negatives=40, seed=1)
+    second = triplets(45, anchors=45, positives=30, negatives=45, seed=2)
+
+    def run(cls):
+        generator = torch.Generator().manual_seed(42)
+        children = [cls(d, batch_size=4, drop_last=drop_last, generator=generator, seed=42) for d in (first, second)]
+        multi = multi_cls(ConcatDataset([first, second]), batch_samplers=children, generator=generator, seed=42)
+        out = []
+        for epoch in range(3):
+            multi.set_epoch(epoch)
+            out.append(list(multi))
+        return out
+
+    fast, stock = run(NoDuplicatesBatchSampler), run(StockSampler)
+    assert fast == stock
+    assert fast[0] != fast[1]
+
+
+def _shard_epochs(sampler_cls, dataset, rank, epochs=3):
+    from accelerate.data_loader import prepare_data_loader
+
+    sampler = sampler_cls(dataset, batch_size=4, drop_last=True, generator=torch.Generator().manual_seed(0), seed=0)
+    loader = torch.utils.data.DataLoader(range(len(dataset)), batch_sampler=sampler, collate_fn=list)
+    sharded = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False, even_batches=False)
+    out = []
+    for epoch in range(epochs):
+        sharded.set_epoch(epoch)  # what transformers' Trainer calls at each epoch
+        out.append([list(batch) for batch in sharded])
+    return sampler, out
+
+
+def test_accelerate_sharding_reshuffles_every_epoch():
+    dataset = triplets(64, anchors=64, positives=64, negatives=64)
+    reference = epoch_batches(StockSampler, dataset, epochs=range(3), batch_size=4, drop_last=True)
+    for rank in (0, 1):
+        sampler, per_epoch = _shard_epochs(NoDuplicatesBatchSampler, dataset, rank)
+        assert sampler.epoch == 2
+        assert per_epoch == [epoch[rank::2] for epoch in reference]
+        assert per_epoch[0] != per_epoch[1]
+
+
+def test_forward_set_epoch_helper_for_other_samplers():
+    first, second = HEAVY.select(range(100)), HEAVY.select(range(100, 300))
+    generator = torch.Generator()
+    children = [NoDuplicatesBatchSampler(d, batch_size=4, drop_last=True, generator=generator) for d in (first, second)]
+    multi = fast_module.forward_set_epoch(
+        ProportionalBatchSampler(ConcatDataset([first, second]), batch_samplers=children, generator=generator)
+    )
+    multi.sampler.set_epoch(3)
+    assert multi.epoch == 3 and all(child.epoch == 3 for child in children)
+
+
+def test_trainer_accepts_the_class(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    dataset = triplets(40, anchors=15, positives=8, negatives=30)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), batch_sampler=NoDuplicatesBatchSampler, per_device_train_batch_size=4,
+        max_steps=2, seed=11, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    trainer = SentenceTransformerTrainer(
+        model=tiny_model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(tiny_model)
+    )
+    loader = trainer.get_train_dataloader()
+    assert isinstance(loader.batch_sampler, NoDuplicatesBatchSampler)
+    fast = list(loader.batch_sampler)
+    stock = list(StockSampler(dataset, batch_size=4, drop_last=False, generator=torch.Generator(), seed=11,
+                              valid_label_columns=["label", "labels", "score", "scores"]))  # fmt: skip
+    assert fast == stock
+    trainer.train()
