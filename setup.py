@@ -22,6 +22,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE_DIR = os.path.join("csrc", "include")
+HEADERS = sorted(glob.glob("csrc/include/st_fast/*.h") + glob.glob("csrc/cuda/*.cuh"))
 CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90,code=sm_90",
@@ -119,6 +120,7 @@ def _extensions() -> list[Pybind11Extension]:
     cpu = Pybind11Extension(
         "st_fast._C",
         sorted(glob.glob("csrc/*.cpp")),
+        depends=HEADERS,  # rebuild when an algorithm header changes
         include_dirs=[INCLUDE_DIR],
         extra_compile_args=["-O3", *omp_compile],
         extra_link_args=omp_link,
@@ -139,6 +141,7 @@ def _extensions() -> list[Pybind11Extension]:
             CudaExtension(
                 "st_fast._C_cuda",
                 ["csrc/cuda/module.cpp"],
+                depends=HEADERS,
                 cuda_sources=sorted(glob.glob("csrc/cuda/*.cu")),
                 nvcc=nvcc,
                 cuda_home=cuda_home,

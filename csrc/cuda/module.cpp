@@ -1,13 +1,18 @@
 // The optional CUDA extension `st_fast._C_cuda`: pybind11 bindings over the extern "C" launchers of the
 // .cu files (compiled by nvcc, linked with the static CUDA runtime). Imports on a machine without a GPU.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#include "st_fast/contrastive_row_host.h"
 
 extern "C" int st_fast_cuda_row_logsumexp(int dtype_code, const void* scores, int64_t rows, int64_t cols,
                                           int64_t row_stride, float* out, uintptr_t stream_handle);
+extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle);
 extern "C" int st_fast_cuda_device_count();
 extern "C" const char* st_fast_cuda_error_string(int code);
 
@@ -32,4 +37,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::arg("dtype_code"), py::arg("scores_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
       py::arg("out_ptr"), py::arg("stream"));
+  m.def(
+      "contrastive_rows",
+      [](const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
+         int64_t rows, int64_t row_start, int64_t width, float scale, float alpha, int hardness, bool joint,
+         float grad_scale, uintptr_t row_loss, uintptr_t stream) {
+        const st_fast::ContrastiveRowArgs args = st_fast::make_contrastive_row_args(
+            scores, lengths, kinds, rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss);
+        check(st_fast_cuda_contrastive_rows(&args, stream), "contrastive_rows");
+      },
+      py::arg("scores_ptrs"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
+      py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("joint"),
+      py::arg("grad_scale"), py::arg("row_loss_ptr"), py::arg("stream"));
 }

@@ -19,6 +19,7 @@ struct WarpLanes {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
   }
+  __device__ __forceinline__ void sync() const { __syncwarp(); }
 };
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

@@ -1,0 +1,31 @@
+// CPU build of the contrastive row kernel (csrc/include/st_fast/contrastive_row.h): OpenMP over rows.
+#include <pybind11/stl.h>
+
+#include "st_fast/bindings.h"
+#include "st_fast/contrastive_row_host.h"
+
+namespace py = pybind11;
+
+namespace st_fast {
+
+namespace {
+void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths,
+                          const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width, float scale,
+                          float alpha, int hardness, bool joint, float grad_scale, uintptr_t row_loss) {
+  const ContrastiveRowArgs a = make_contrastive_row_args(scores, lengths, kinds, rows, row_start, width, scale, alpha,
+                                                         hardness, joint, grad_scale, row_loss);
+  const SerialLanes lanes;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) contrastive_row(a, r, lanes);
+}
+}  // namespace
+
+void bind_contrastive_row(py::module_& m) {
+  m.def("contrastive_rows", &contrastive_rows_cpu, py::arg("scores_ptrs"), py::arg("lengths"), py::arg("kinds"),
+        py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
+        py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_loss_ptr"),
+        "The contrastive row kernel over fp32 score segments (raw pointers; see st_fast/ops/row_kernel_native.py).",
+        py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace st_fast
