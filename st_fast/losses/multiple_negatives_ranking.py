@@ -34,13 +34,16 @@ class FusedMNRLMixin:
     backend: str
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
-        similarity = fused_similarity_name(self.similarity_fct)
-        if similarity is None:
+        if fused_similarity_name(self.similarity_fct) is None:
             warn_fallback_once(type(self).__name__, self.similarity_fct)
             return super().compute_loss_from_embeddings(embeddings, labels)
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
-        queries, docs = embeddings[0], list(embeddings[1:])
+        return self.fused_loss(embeddings[0], list(embeddings[1:]))
+
+    def fused_loss(self, queries: Tensor, docs: list[Tensor]) -> Tensor:
+        """The loss of local anchors (B, D) against candidate columns k x (B, D), gathered across ranks when
+        ``gather_across_devices`` (local rows against every rank's columns, positive of row i at rank·B + i)."""
         check_embeddings(queries, docs)
         batch_size, offset = queries.shape[0], 0
         if self.gather_across_devices:
@@ -48,8 +51,9 @@ class FusedMNRLMixin:
             docs = [all_gather_with_grad(doc) for doc in docs]
             offset = get_rank() * batch_size
         return fused_mnrl_loss(
-            queries, docs, row_offset=offset, batch_size=batch_size, scale=self.scale, similarity=similarity,
-            directions=self.directions, partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+            queries, docs, row_offset=offset, batch_size=batch_size, scale=self.scale,
+            similarity=fused_similarity_name(self.similarity_fct), directions=self.directions,
+            partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength, backend=self.backend,
         )  # fmt: skip
 

@@ -1,0 +1,74 @@
+"""Drop-in CachedMultipleNegativesRankingLoss (GradCache) whose loss stage is the fused op in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss as StockCachedMultipleNegativesRankingLoss,
+)
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesSymmetricRankingLoss as StockCachedMultipleNegativesSymmetricRankingLoss,
+)
+from torch import Tensor
+
+from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin, validate_backend
+from st_fast.losses.similarity import fused_similarity_name, warn_fallback_once
+
+
+class FusedCachedLossStageMixin(FusedMNRLMixin):
+    """Replaces the loss stage of a stock cached MNRL-family class (``calculate_loss``); the mini-batch embedding,
+    RandContext replay, backward hook, DDP handling and ``mini_batch_num_tokens`` stay the stock machinery."""
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False):
+        """Loss of the cached embeddings ``reps[column][mini_batch]`` (each (mb, D)).
+
+        With ``with_backward`` the gradient of every cached embedding is written to its ``.grad`` by one backward
+        through the fused op (no autograd graph over scores; cosine normalization back-propagated once) and the
+        detached loss is returned. Without gradients enabled (evaluation) only the loss is computed.
+        """
+        if fused_similarity_name(self.similarity_fct) is None:
+            warn_fallback_once(type(self).__name__, self.similarity_fct)
+            return super().calculate_loss(reps, labels, with_backward=with_backward)
+        if len(reps) < 2:
+            raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
+        loss = self.fused_loss(_concatenate(reps[0]), [_concatenate(column) for column in reps[1:]])
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+
+def _concatenate(mini_batches: list[Tensor]) -> Tensor:
+    return mini_batches[0] if len(mini_batches) == 1 else torch.cat(mini_batches)
+
+
+class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedMultipleNegativesRankingLoss):
+    """sentence-transformers' CachedMultipleNegativesRankingLoss (GradCache)
+    with its loss stage computed by st_fast's fused op: for B cached embeddings per column the stock class builds a
+    mini_batch_size x N autograd graph per chunk and re-normalizes all candidates in each; here the loss and every
+    embedding gradient come from one fused call (row chunks sized from a memory budget, gradients written directly).
+
+    Args:
+        Same as the stock class, plus ``backend``: ``"auto"`` (Triton on CUDA, native C++ on CPU), ``"triton"``,
+        ``"native"`` or ``"torch"``.
+
+    The loss is float32 under autocast (stock returns the autocast dtype). Everything else — configuration,
+    ``get_config_dict()``, citation, MatryoshkaLoss decoration (``uses_gradient_cache``) — is the stock class's.
+    """
+
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = validate_backend(backend)
+
+
+class CachedMultipleNegativesSymmetricRankingLoss(
+    FusedCachedLossStageMixin, StockCachedMultipleNegativesSymmetricRankingLoss
+):
+    """Deprecated upstream alias (CMNRL with ``directions=("query_to_doc", "doc_to_query")``,
+    ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = validate_backend(backend)
