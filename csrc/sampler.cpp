@@ -7,7 +7,7 @@
 // after select/shuffle) or already logical. A null cell reads as the string "None" (what datasets returns, then
 // str()), or as "no value" in columns flagged null_absent (used to pad rows with fewer values).
 //
-// Keys: XXH64 of the cell bytes, computed once (OpenMP over rows). A pass takes the shuffled order and returns every
+// Keys: XXH64 of the cell bytes, computed once (threads over rows). A pass takes the shuffled order and returns every
 // batch of that pass (flat indices + offsets), with exactly the decisions of the upstream linked-list scan. Key
 // equality is always confirmed on the bytes, so a hash collision can never change a batch (the `hash_bits` test hook
 // truncates keys to force collisions).
@@ -27,10 +27,6 @@
 
 #include "st_fast/bindings.h"
 #include "st_fast/xxhash64.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 
@@ -126,24 +122,39 @@ class NoDupCore {
     const int64_t cells = num_rows_ * num_columns_;
     keys_.assign(static_cast<size_t>(cells), 0);
     if (has_absent_) absent_.assign(static_cast<size_t>(cells), 0);
-    bool bad = false;
-#ifdef _OPENMP
-    if (num_threads <= 0) num_threads = omp_get_max_threads();
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (cells > (1 << 15)) reduction(|| : bad)
-#endif
-    for (int64_t row = 0; row < num_rows_; ++row) {
-      for (int64_t col = 0; col < num_columns_; ++col) {
-        const int64_t ref = row * num_columns_ + col;
-        const CellView v = cell(row, col);
-        if (v.size < 0) bad = true;
-        if (!v.present) {
-          absent_[ref] = 1;
-          continue;
+    // Plain threads rather than OpenMP: libgomp is not fork-safe (a forked child that starts a parallel region after
+    // the parent used one hangs), and samplers are built in processes that fork DataLoader workers.
+    std::atomic<bool> bad{false};
+    auto hash_rows = [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t col = 0; col < num_columns_; ++col) {
+          const int64_t ref = row * num_columns_ + col;
+          const CellView v = cell(row, col);
+          if (v.size < 0) {
+            bad.store(true);
+            continue;
+          }
+          if (!v.present) {
+            absent_[ref] = 1;
+            continue;
+          }
+          keys_[ref] = xxh64(v.data, static_cast<size_t>(v.size), 0) & key_mask_;
         }
-        keys_[ref] = xxh64(v.data, static_cast<size_t>(v.size > 0 ? v.size : 0), 0) & key_mask_;
       }
+    };
+    const int64_t hw = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+    int64_t threads = num_threads > 0 ? num_threads : hw;
+    threads = std::max<int64_t>(1, std::min<int64_t>(threads, cells / (1 << 15)));
+    if (threads == 1) {
+      hash_rows(0, num_rows_);
+    } else {
+      std::vector<std::thread> workers;
+      const int64_t step = (num_rows_ + threads - 1) / threads;
+      for (int64_t t = 1; t < threads; ++t)
+        workers.emplace_back(hash_rows, std::min(num_rows_, t * step), std::min(num_rows_, (t + 1) * step));
+      hash_rows(0, std::min(num_rows_, step));
+      for (std::thread& w : workers) w.join();
     }
-    (void)num_threads;
     if (bad) throw std::invalid_argument("corrupt offsets in a string column");
     built_ = true;
   }

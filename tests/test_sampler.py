@@ -368,3 +368,25 @@ def test_trainer_accepts_the_class(tiny_model, tmp_path):
                               valid_label_columns=["label", "labels", "score", "scores"]))  # fmt: skip
     assert fast == stock
     trainer.train()
+
+
+def _build_in_child(queue):
+    torch.set_num_threads(1)  # torch's own OpenMP pool hangs torch.randperm in a forked child otherwise
+    dataset = triplets(40_000, anchors=30_000, positives=20_000, negatives=30_000, seed=9)
+    queue.put(len(list(NoDuplicatesBatchSampler(dataset, batch_size=256, drop_last=False))))
+
+
+def test_fork_after_building_keys_does_not_hang():
+    # keys are built with threads (not OpenMP) in the parent: a forked child must be able to build them again
+    import multiprocessing
+
+    list(NoDuplicatesBatchSampler(triplets(40_000, anchors=30_000, positives=20_000, negatives=30_000), 256, False))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_build_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung while building sampler keys")
+    assert queue.get(timeout=5) > 0
