@@ -11,6 +11,8 @@ from benchmarks.common import report
 # part name -> module under benchmarks/ exposing add_arguments(parser) and run(args) -> list[dict]
 PARTS = {
     "sampler": "benchmarks.sampler",
+    "fused_loss": "benchmarks.fused_loss",
+    "cached_loss": "benchmarks.cached_loss",
 }
 
 

@@ -1,0 +1,197 @@
+"""The loss stage of CachedMultipleNegativesRankingLoss (GradCache): stock sentence-transformers vs st_fast.
+
+Inputs: what the stock GradCache machinery hands to ``calculate_loss`` after its first (no-grad) embedding pass:
+``reps[column][mini_batch]``, detached (mini_batch_size, D) leaf tensors that require gradients, for the anchors and
+k candidate columns (N = k·B). One call is ``loss.calculate_loss(reps, None, with_backward=True)`` (the loss and
+every cached embedding's ``.grad``), with fresh ``.grad`` each time and the same inputs for every implementation:
+
+* ``stock``: ``sentence_transformers...CachedMultipleNegativesRankingLoss``: a mini_batch_size x N autograd graph
+  and a backward per mini-batch;
+* ``torch`` / ``native`` / ``triton``: ``st_fast.losses.CachedMultipleNegativesRankingLoss(backend=...)``, each
+  backend that runs on the device (triton on CUDA only).
+
+Columns: median time of ``--repeats`` calls (fewer when they pass ``--cached-time-budget`` seconds: ``runs``) after
+one warm-up; peak memory of one call (as in the fused_loss part);
+``x_vs_stock`` = stock time / time; ``gemm3_ms``: the three GEMMs any exact loss stage needs (scores (B, D) x (D, N),
+then the two gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)) alone, fp32, measured in the same run, and
+``x_gemm3`` = time / gemm3_ms (1.0 would be the GEMM floor). For half-precision cases ``gemm3_dtype_ms`` times the
+same GEMMs in the case's dtype. ``loss_err`` / ``grad_err``: largest absolute differences from stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from benchmarks.common import progress, sync, time_call
+from benchmarks.fused_loss import (
+    DTYPES,
+    SCALE,
+    available_backends,
+    bench_device,
+    cpu_threads,
+    dtype_name,
+    free_memory,
+    make_embeddings,
+    max_abs_diff,
+    measure,
+    model_stand_in,
+)
+
+TITLE = "CachedMultipleNegativesRankingLoss loss stage (calculate_loss with backward): stock vs st_fast"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cached_loss")
+    group.add_argument("--cached-batch-sizes", type=int, nargs="+", default=None,
+                       help="B values (default: 1024 4096, plus 16384 with --cached-large; smoke: 64; "
+                            "gpu: 4096 16384)")  # fmt: skip
+    group.add_argument("--cached-k", type=int, nargs="+", default=None,
+                       help="candidate columns per anchor, N = k·B (default: 1 2; gpu: 1)")  # fmt: skip
+    group.add_argument(
+        "--cached-dim", type=int, default=None, help="embedding size D (default 384; smoke 32; gpu 1024)"
+    )
+    group.add_argument("--cached-dtypes", nargs="+", choices=list(DTYPES), default=None,
+                       help="embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)")  # fmt: skip
+    group.add_argument("--cached-mini-batch-size", type=int, default=None,
+                       help="mini_batch_size of the cached reps (default 32; smoke 16)")  # fmt: skip
+    group.add_argument("--cached-backends", nargs="+", choices=["torch", "native", "triton"], default=None,
+                       help="st_fast backends to time (default: every one that runs on the device)")  # fmt: skip
+    group.add_argument("--cached-large", action="store_true", help="add B=16384 to the default CPU sizes (slow stock)")
+    group.add_argument("--cached-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
+    group.add_argument("--cached-time-budget", type=float, default=6.0,
+                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
+    group.add_argument("--cached-threads", type=int, default=None,
+                       help="torch CPU threads for this part (default: torch's own count)")  # fmt: skip
+    group.add_argument("--cached-no-stock", action="store_true", help="skip the stock loss (x_vs_stock left empty)")
+
+
+def cached_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
+    """(B, k, D, dtype) cases from the size preset and the --cached-* overrides."""
+    if args.smoke:
+        batch_sizes, ks, dim, dtypes = [64], [1, 2], 32, ["fp32"]
+    elif args.gpu:
+        batch_sizes, ks, dim, dtypes = [4096, 16384], [1], 1024, ["bf16"]
+    else:
+        batch_sizes, ks, dim, dtypes = [1024, 4096] + ([16384] if args.cached_large else []), [1, 2], 384, ["fp32"]
+    explicit_dtypes = args.cached_dtypes is not None
+    batch_sizes = args.cached_batch_sizes or batch_sizes
+    ks = args.cached_k or ks
+    dim = args.cached_dim or dim
+    dtypes = args.cached_dtypes or dtypes
+    cases = [(b, k, dim, DTYPES[name]) for b in batch_sizes for k in ks for name in dtypes]
+    if args.gpu and not explicit_dtypes:
+        cases.insert(1, (min(batch_sizes), ks[0], dim, torch.float32))  # fp32 reference point at the smallest batch
+    return cases
+
+
+def make_reps(columns: list[torch.Tensor], mini_batch_size: int) -> list[list[torch.Tensor]]:
+    """GradCache's cached embeddings: per column, detached leaf mini-batches that require gradients."""
+    return [
+        [chunk.detach().clone().requires_grad_() for chunk in column.detach().split(mini_batch_size)]
+        for column in columns
+    ]
+
+
+def make_cached_losses(backends: list[str], mini_batch_size: int, with_stock: bool) -> dict[str, torch.nn.Module]:
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss as StockCachedMNRL,
+    )
+
+    from st_fast.losses import CachedMultipleNegativesRankingLoss as FastCachedMNRL
+
+    losses: dict[str, torch.nn.Module] = {}
+    for backend in backends:
+        losses[backend] = FastCachedMNRL(
+            model_stand_in(), scale=SCALE, mini_batch_size=mini_batch_size, backend=backend
+        )
+    if with_stock:
+        losses["stock"] = StockCachedMNRL(model_stand_in(), scale=SCALE, mini_batch_size=mini_batch_size)
+    return losses
+
+
+def _loss_stage(loss_module: torch.nn.Module, reps: list[list[torch.Tensor]]) -> torch.Tensor:
+    for column in reps:
+        for chunk in column:
+            chunk.grad = None
+    return loss_module.calculate_loss(reps, None, with_backward=True).detach()
+
+
+def _grads(reps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.cat([chunk.grad for chunk in column]) for column in reps]
+
+
+def gemm3_seconds(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """Time of the score GEMM and the two gradient GEMMs of one exact loss stage, nothing else."""
+    generator = torch.Generator(device="cpu").manual_seed(2)
+    queries = torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype)
+    docs = torch.randn(n, dim, generator=generator).to(device=device, dtype=dtype)
+    scores = torch.empty(batch, n, device=device, dtype=dtype)
+    grad_queries, grad_docs = torch.empty_like(queries), torch.empty_like(docs)
+
+    def three_gemms() -> None:
+        torch.matmul(queries, docs.T, out=scores)
+        torch.matmul(scores, docs, out=grad_queries)
+        torch.matmul(scores.T, queries, out=grad_docs)
+
+    return time_call(three_gemms, repeats=max(3, repeats), warmup=1, device=str(device))
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    with cpu_threads(args.cached_threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = bench_device(args, "cached_device")
+    repeats = 1 if args.smoke else max(1, args.repeats)
+    mini_batch_size = args.cached_mini_batch_size or (16 if args.smoke else 32)
+    rows: list[dict[str, Any]] = []
+    for batch, k, dim, dtype in progress(cached_cases(args), desc="cached_loss"):
+        backends = available_backends(device, dtype, args.cached_backends)
+        losses = make_cached_losses(backends, mini_batch_size, with_stock=not args.cached_no_stock)
+        n = k * batch
+        gemm3 = gemm3_seconds(batch, n, dim, torch.float32, device, repeats)
+        gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device, repeats) if dtype != torch.float32 else None
+        free_memory(device)
+        reps = make_reps(make_embeddings(batch, k, dim, dtype, device), mini_batch_size)
+        results: dict[str, dict[str, Any]] = {}
+        for name in (["stock"] if "stock" in losses else []) + backends:  # stock first: the reference
+            result = measure(
+                lambda: _loss_stage(losses[name], reps),  # noqa: B023
+                lambda: _grads(reps),  # noqa: B023
+                device, repeats, args.cached_time_budget,
+            )  # fmt: skip
+            for column in reps:
+                for chunk in column:
+                    chunk.grad = None
+            results[name] = result
+        stock = results.get("stock")
+        for name, result in results.items():
+            row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype),
+                                   "mbs": mini_batch_size}  # fmt: skip
+            row.update(dict.fromkeys(["time_ms", "peak_mb", "x_vs_stock", "gemm3_ms", "x_gemm3", "gemm3_dtype_ms"]))
+            row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
+            row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+            row["gemm3_ms"] = gemm3 * 1e3
+            row["gemm3_dtype_ms"] = None if gemm3_dtype is None else gemm3_dtype * 1e3
+            if result.get("oom"):
+                row.update({"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"})
+            else:
+                row["time_ms"] = result["seconds"] * 1e3
+                row["peak_mb"] = result["peak"]
+                row["x_gemm3"] = result["seconds"] / gemm3
+                row["memory_by"] = result["memory_by"]
+                row["runs"] = result["runs"]
+                if stock and not stock.get("oom"):
+                    row["x_vs_stock"] = stock["seconds"] / result["seconds"]
+                    if name != "stock":
+                        row["loss_err"] = abs(result["loss"] - stock["loss"])
+                        row["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
+            rows.append(row)
+        reps = losses = results = None  # free this case's tensors before the next one
+        free_memory(device)
+        sync(device)
+    return rows

@@ -1,0 +1,324 @@
+"""MultipleNegativesRankingLoss forward + backward: stock sentence-transformers vs st_fast's fused op, per backend.
+
+Inputs: random (B, D) anchors and k random (B, D) candidate columns (positives, then hard negatives), leaf tensors
+that require gradients; cosine similarity, scale 20, N = k·B candidates per anchor. One call is
+``loss = compute_loss_from_embeddings(embeddings, None); loss.backward()`` with fresh ``.grad`` each time, for
+
+* ``stock``: ``sentence_transformers...MultipleNegativesRankingLoss`` (the B x N score matrix through autograd);
+* ``torch`` / ``native`` / ``triton``: ``st_fast.losses.MultipleNegativesRankingLoss(backend=...)``, each backend
+  that runs on the device (triton on CUDA only: the CPU interpreter is never timed).
+
+Columns: median time of ``--repeats`` calls (fewer when they pass ``--fused-time-budget`` seconds: ``runs``) after
+one warm-up; peak memory of one call (CUDA max allocated on a GPU;
+on CPU the peak of live tensor bytes recorded by ``torch.profiler(profile_memory=True)``, falling back to peak-RSS
+growth); speed-up against stock; ``matmul TFLOP/s``, the rate of one (B, D) x (D, N) matmul in the case's dtype
+measured in the same run; and ``floor_fraction`` = (8·B·N·D / time) / matmul rate, the fraction of the 4-GEMM floor
+(scores, their recompute or storage aside, and the two gradient GEMMs) that the call reaches. ``loss_err`` and
+``grad_err`` are the largest absolute differences of the loss and of the embedding gradients from stock's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import peak_memory_mb, progress, sync, time_call
+
+TITLE = "MultipleNegativesRankingLoss forward + backward: stock vs st_fast fused op (random embeddings)"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+SCALE = 20.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared with benchmarks.cached_loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_device(args: argparse.Namespace, option: str | None = None) -> torch.device:
+    """``--<part>-device`` when given, else CUDA with ``--gpu`` (an error without a GPU), else CPU."""
+    name = getattr(args, option, None) if option else None
+    if name is None:
+        name = "cuda" if getattr(args, "gpu", False) else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--gpu / a cuda device was asked for but torch sees no CUDA device")
+    return device
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, wanted: list[str] | None) -> list[str]:
+    """st_fast backends that can be timed on ``device``: torch always, native when its extension has the kernel
+    for that device, triton on CUDA when not interpreted. A backend named in ``wanted`` that cannot run is skipped
+    with a message."""
+    from st_fast.ops.backends import native_available
+
+    runnable = ["torch"]
+    if dtype != torch.float64 and native_available(device):
+        runnable.append("native")
+    if dtype != torch.float64 and device.type == "cuda" and not triton_interpreted():
+        try:
+            import triton  # noqa: F401
+
+            runnable.append("triton")
+        except ImportError:
+            pass
+    if not wanted:
+        return runnable
+    for name in wanted:
+        if name not in runnable:
+            print(f"[bench] backend {name!r} cannot be timed on {device} / {dtype}: skipped", flush=True)
+    return [name for name in wanted if name in runnable]
+
+
+def model_stand_in() -> torch.nn.Module:
+    """Stands in for the SentenceTransformer the loss constructors take: the loss stage never calls it, and the
+    cached losses only look at ``model[0]`` (to reject StaticEmbedding models)."""
+    return torch.nn.Sequential(torch.nn.Identity())
+
+
+def cpu_peak_live_mb(fn: Callable[[], Any]) -> tuple[float, str]:
+    """Peak of live CPU tensor bytes allocated during ``fn()`` (MiB) and how it was measured.
+
+    The profiler's memory events (one per allocation and free, in time order) are summed into the live-bytes curve
+    relative to the start of the call; its maximum is the peak. Falls back to peak-RSS growth (which only grows,
+    so it under-reports after a bigger earlier case) when the profiler's events are not readable."""
+    gc.collect()
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        live = peak = 0
+        for event in events:
+            if event.device_type() != torch.autograd.DeviceType.CPU:
+                continue
+            live += event.nbytes()
+            peak = max(peak, live)
+        if events:
+            return peak / 2**20, "profiler"
+    except Exception as exc:  # profiler internals differ between torch versions
+        print(f"[bench] torch.profiler memory events unavailable ({exc!r}); using peak-RSS growth", flush=True)
+    return peak_memory_mb(fn), "rss"
+
+
+def peak_mb(fn: Callable[[], Any], device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return peak_memory_mb(fn, device="cuda"), "cuda max allocated"
+    return cpu_peak_live_mb(fn)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def matmul_tflops(m: int, n: int, d: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """TFLOP/s of one (m, d) x (d, n) matmul in ``dtype`` on ``device`` (2·m·n·d FLOPs)."""
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(m, d, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(d, n, generator=generator).to(device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    seconds = time_call(lambda: torch.matmul(a, b, out=out), repeats=max(3, repeats), warmup=1, device=str(device))
+    return 2.0 * m * n * d / seconds / 1e12
+
+
+def timed_runs(fn: Callable[[], Any], repeats: int, device: torch.device, budget_s: float) -> tuple[float, int]:
+    """Median wall time of up to ``repeats`` calls of ``fn()`` (already warmed up) and how many ran: the runs stop
+    early once they have used ``budget_s`` seconds, so that multi-second stock calls are timed once or twice."""
+    times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(times)
+
+
+def measure(fn: Callable[[], torch.Tensor], grads: Callable[[], list[torch.Tensor]], device: torch.device,
+            repeats: int, budget_s: float) -> dict[str, Any]:  # fmt: skip
+    """One untimed call under the memory measurement (it is also the warm-up and gives the loss and the gradients
+    that the error columns compare), then the timed calls; ``{"oom": True}`` when the device ran out of memory."""
+    result: dict[str, Any] = {}
+    try:
+        holder: list[torch.Tensor] = []
+        result["peak"], result["memory_by"] = peak_mb(lambda: holder.append(fn()), device)
+        result["loss"] = float(holder[0])
+        result["grads"] = [g.detach().clone() for g in grads()]
+        result["seconds"], result["runs"] = timed_runs(fn, repeats, device, budget_s)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        result = {"oom": True}
+    free_memory(device)
+    return result
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """Run the block with ``torch.set_num_threads(threads)`` (when given), restoring the previous count after. On a
+    shared, loaded machine one thread avoids OpenMP workers waiting on descheduled siblings, which can make the
+    many small ops of the stock losses tens of times slower with two threads."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fused_loss part
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fused_loss")
+    group.add_argument("--fused-batch-sizes", type=int, nargs="+", default=None,
+                       help="B values (default: 1024 4096; smoke: 64; gpu: 4096 16384 32768)")  # fmt: skip
+    group.add_argument("--fused-k", type=int, default=None,
+                       help="candidate columns per anchor, N = k·B (default 2; gpu 1)")  # fmt: skip
+    group.add_argument("--fused-dim", type=int, default=None, help="embedding size D (default 384; smoke 32; gpu 1024)")
+    group.add_argument("--fused-dtypes", nargs="+", choices=list(DTYPES), default=None,
+                       help="embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)")  # fmt: skip
+    group.add_argument("--fused-backends", nargs="+", choices=["torch", "native", "triton"], default=None,
+                       help="st_fast backends to time (default: every one that runs on the device)")  # fmt: skip
+    group.add_argument("--fused-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
+    group.add_argument("--fused-time-budget", type=float, default=6.0,
+                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
+    group.add_argument("--fused-threads", type=int, default=None,
+                       help="torch CPU threads for this part (default: torch's own count)")  # fmt: skip
+    group.add_argument("--fused-no-stock", action="store_true", help="skip the stock loss (speed-up left empty)")
+
+
+def fused_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
+    """(B, k, D, dtype) cases from the size preset and the --fused-* overrides."""
+    if args.smoke:
+        batch_sizes, k, dim, dtypes = [64], 2, 32, ["fp32"]
+    elif args.gpu:
+        batch_sizes, k, dim, dtypes = [4096, 16384, 32768], 1, 1024, ["bf16"]
+    else:
+        batch_sizes, k, dim, dtypes = [1024, 4096], 2, 384, ["fp32"]
+    explicit_dtypes = args.fused_dtypes is not None
+    batch_sizes = args.fused_batch_sizes or batch_sizes
+    k = args.fused_k or k
+    dim = args.fused_dim or dim
+    dtypes = args.fused_dtypes or dtypes
+    cases = [(b, k, dim, DTYPES[name]) for b in batch_sizes for name in dtypes]
+    if args.gpu and not explicit_dtypes:
+        cases.insert(1, (min(batch_sizes), k, dim, torch.float32))  # fp32 reference point at the smallest batch
+    return cases
+
+
+def make_embeddings(batch: int, k: int, dim: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(batch * 31 + k * 7 + dim)
+    return [
+        torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+        for _ in range(1 + k)
+    ]
+
+
+def make_fused_losses(backends: list[str], with_stock: bool) -> dict[str, torch.nn.Module]:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as StockMNRL
+
+    from st_fast.losses import MultipleNegativesRankingLoss as FastMNRL
+
+    losses: dict[str, torch.nn.Module] = {}
+    for backend in backends:
+        losses[backend] = FastMNRL(model_stand_in(), scale=SCALE, backend=backend)
+    if with_stock:
+        losses["stock"] = StockMNRL(model_stand_in(), scale=SCALE)
+    return losses
+
+
+def _forward_backward(loss_module: torch.nn.Module, embeddings: list[torch.Tensor]) -> torch.Tensor:
+    for x in embeddings:
+        x.grad = None
+    loss = loss_module.compute_loss_from_embeddings(embeddings, None)
+    loss.backward()
+    return loss.detach()
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    with cpu_threads(args.fused_threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = bench_device(args, "fused_device")
+    repeats = 1 if args.smoke else max(1, args.repeats)
+    rows: list[dict[str, Any]] = []
+    for batch, k, dim, dtype in progress(fused_cases(args), desc="fused_loss"):
+        backends = available_backends(device, dtype, args.fused_backends)
+        losses = make_fused_losses(backends, with_stock=not args.fused_no_stock)
+        n = k * batch
+        tflops = matmul_tflops(batch, n, dim, dtype, device, repeats)
+        free_memory(device)
+        floor_flops = 8.0 * batch * n * dim
+        embeddings = make_embeddings(batch, k, dim, dtype, device)
+        results: dict[str, dict[str, Any]] = {}
+        # stock first: its loss and gradients are the reference for the error columns
+        for name in (["stock"] if "stock" in losses else []) + backends:
+            result = measure(
+                lambda: _forward_backward(losses[name], embeddings),  # noqa: B023
+                lambda: [x.grad for x in embeddings],  # noqa: B023
+                device, repeats, args.fused_time_budget,
+            )  # fmt: skip
+            for x in embeddings:
+                x.grad = None
+            results[name] = result
+        stock = results.get("stock")
+        for name, result in results.items():
+            row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)}
+            row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "floor_fraction", "matmul_tflops"]))
+            row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
+            row["matmul_tflops"] = tflops
+            row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+            if result.get("oom"):
+                row.update({"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"})
+            else:
+                row["time_ms"] = result["seconds"] * 1e3
+                row["peak_mb"] = result["peak"]
+                row["floor_fraction"] = floor_flops / result["seconds"] / (tflops * 1e12)
+                row["memory_by"] = result["memory_by"]
+                row["runs"] = result["runs"]
+                if stock and not stock.get("oom"):
+                    row["speedup_vs_stock"] = stock["seconds"] / result["seconds"]
+                    if name != "stock":
+                        row["loss_err"] = abs(result["loss"] - stock["loss"])
+                        row["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
+            rows.append(row)
+        embeddings = losses = results = None  # free this case's tensors before the next one
+        free_memory(device)
+        sync(device)
+    return rows
