@@ -7,8 +7,8 @@ and across columns. Per dataset size and batch size:
 * first epoch: construct the sampler and iterate epoch 0 (the stock hashed mode's ``datasets.map`` hashing and
   st_fast's key building included);
 * later epoch: ``set_epoch(1)`` on the same sampler and iterate again;
-* peak memory: growth of peak RSS while constructing the sampler and iterating one epoch, measured in a forked child
-  so that each number starts from the same baseline;
+* peak memory: growth of the process's peak RSS while constructing the sampler and consuming one epoch (the peak
+  mark is reset through /proc/self/clear_refs before each measurement; batches are dropped as they are consumed);
 * every st_fast epoch is checked batch-for-batch against the stock sampler's.
 
 The stock default mode re-reads every row from the dataset (about 30 s per epoch at 1M rows on a 2-core CPU), so it
@@ -18,8 +18,9 @@ is timed only up to ``--sampler-stock-default-max-rows`` rows; larger sizes comp
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import logging
-import multiprocessing
 import os
 import time
 from typing import Any
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="batch sizes (default: 128 8192; smoke: 32)")  # fmt: skip
     group.add_argument("--sampler-stock-default-max-rows", type=int, default=100_000,
                        help="largest dataset the (slow) stock default mode is timed on")  # fmt: skip
-    group.add_argument("--sampler-no-memory", action="store_true", help="skip the forked peak-memory measurements")
+    group.add_argument("--sampler-no-memory", action="store_true", help="skip the peak-memory measurements")
 
 
 def make_triplets(num_rows: int, seed: int = 0):
@@ -103,24 +104,44 @@ def _measure(impl: str, dataset, batch_size: int, repeats: int) -> dict[str, Any
     return {"first": float(np.median(firsts)), "later": float(np.median(laters)), "batches": batches}
 
 
-def _peak_memory_child(impl: str, dataset, batch_size: int, queue) -> None:
-    # torch's OpenMP pool is not fork-safe: torch.randperm would hang in a forked child that keeps it
-    torch.set_num_threads(1)
+def _rss_mib() -> tuple[float, float] | None:
+    """(peak RSS, current RSS) of this process in MiB from /proc, or None where unavailable."""
     try:
-        mib = peak_memory_mb(lambda: _epoch(_make_sampler(impl, dataset, batch_size), 0))
-        queue.put(mib)
-    except BaseException as exc:  # report, never hang the parent
-        queue.put(repr(exc))
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))
+        return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _peak_memory(impl: str, dataset, batch_size: int) -> float | None:
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_peak_memory_child, args=(impl, dataset, batch_size, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result if isinstance(result, float) else None
+    """Peak RSS growth (MiB) while constructing a sampler and consuming one epoch (batches are dropped as they come).
+
+    Resets the kernel's peak-RSS mark first (``/proc/self/clear_refs``), so every measurement starts from the current
+    RSS; falls back to the growth of ``ru_maxrss`` (only meaningful for the biggest consumer) elsewhere."""
+
+    def one_epoch() -> None:
+        sampler = _make_sampler(impl, dataset, batch_size)
+        for _ in sampler:
+            pass
+        del sampler
+
+    gc.collect()
+    try:  # hand freed heap pages back first, or reusing them would hide the growth
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_mib()
+    except OSError:
+        before = None
+    if before is None:
+        return peak_memory_mb(one_epoch)
+    one_epoch()
+    after = _rss_mib()
+    return None if after is None else max(0.0, after[0] - before[1])
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -59,9 +60,9 @@ struct CellView {
   bool present;
 };
 
-struct Slot {
+struct Slot {  // 16 bytes: a batch set of 8192 x 3 values stays within L2
   uint64_t key;
-  int64_t ref;  // row * num_columns + column of the cell stored here
+  uint32_t ref;  // row * num_columns + column of the cell stored here (cells < 2^32, checked)
   uint32_t gen;  // slot is live iff gen == the table's current generation
 };
 
@@ -71,6 +72,8 @@ class NoDupCore {
       : num_rows_(num_rows), num_columns_(num_columns), columns_(num_columns) {
     if (num_rows < 0 || num_columns < 0) throw std::invalid_argument("num_rows and num_columns must be >= 0");
     if (hash_bits < 1 || hash_bits > 64) throw std::invalid_argument("hash_bits must be in [1, 64]");
+    if (num_columns > 0 && num_rows > static_cast<int64_t>(std::numeric_limits<uint32_t>::max()) / num_columns)
+      throw std::invalid_argument("more than 2^32 - 1 cells (rows x columns) are not supported");
     key_mask_ = hash_bits == 64 ? ~uint64_t{0} : ((uint64_t{1} << hash_bits) - 1);
   }
 
@@ -300,7 +303,7 @@ class PassResult {
       // Caught up with the producer: wait for a good stretch of batches, not one, so that hand-overs (GIL release,
       // wake-up) stay rare.
       wait_for(cursor_ + std::max<int64_t>(1, kHandOverRows / batch_size_));
-      if (error_) std::rethrow_exception(error_);
+      if (done_.load() && error_) std::rethrow_exception(error_);
       if (cursor_ >= ready_.load(std::memory_order_acquire)) throw py::stop_iteration();
     }
     const int64_t begin = offsets_[cursor_], end = offsets_[cursor_ + 1];
@@ -316,7 +319,7 @@ class PassResult {
 
   int64_t num_batches() {
     wait_for(-1);
-    if (error_) std::rethrow_exception(error_);
+    if (error_) std::rethrow_exception(error_);  // done_ is set: the producer no longer writes
     return ready_.load();
   }
   py::array flat() { const int64_t b = num_batches(); return copy_to_numpy(flat_.get(), offsets_[b]); }
@@ -331,6 +334,7 @@ class PassResult {
     if (ready()) return;
     py::gil_scoped_release release;
     std::unique_lock<std::mutex> lock(mutex_);
+    wanted_.store(count >= 0 ? count : std::numeric_limits<int64_t>::max());
     waiting_.store(true);
     cv_.wait(lock, ready);
     waiting_.store(false);
@@ -339,7 +343,7 @@ class PassResult {
   void publish(int64_t batches, bool done) {
     ready_.store(batches);
     if (done) done_.store(true);
-    if (waiting_.load()) {
+    if (waiting_.load() && (done || batches >= wanted_.load())) {  // wake the consumer only when it can go on
       std::lock_guard<std::mutex> lock(mutex_);
       cv_.notify_all();
     }
@@ -412,7 +416,7 @@ class PassResult {
       if (table_[slot].gen == gen_) {  // taken by an earlier cell of this row: probe again
         if (table_find(keys_[ref], ref, &slot)) continue;  // the row repeats one of its own values
       }
-      table_[slot] = Slot{keys_[ref], ref, gen_};
+      table_[slot] = Slot{keys_[ref], static_cast<uint32_t>(ref), gen_};
     }
   }
 
@@ -495,7 +499,7 @@ class PassResult {
   size_t table_mask_ = 0;
   uint32_t gen_ = 0;
   // hand-over between producer and consumer
-  std::atomic<int64_t> ready_{0};
+  std::atomic<int64_t> ready_{0}, wanted_{0};
   std::atomic<bool> done_{false}, cancel_{false}, waiting_{false};
   std::mutex mutex_;
   std::condition_variable cv_;
