@@ -60,7 +60,11 @@ def test_gpu_backend_matches_stock(backend, dtype, batch, dim, config):
     assert torch.isfinite(loss) and relative_error(loss, ref_loss) < loss_rtol
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert grad.dtype == dtype and torch.isfinite(grad).all()
-        assert relative_error(grad, ref_grad) < grad_rtol
+        # gradients are returned in the input dtype (as stock's are): allow the rounding of the exact gradient to
+        # that dtype (fp16 gradients of ~1e-5 are subnormal there, 2^-11 relative is not reachable) on top
+        rounding = float((ref_grad.to(dtype).double() - ref_grad).norm())
+        error = float((grad.double() - ref_grad).norm())
+        assert error <= grad_rtol * float(ref_grad.norm()) + 2 * rounding, (error, rounding, float(ref_grad.norm()))
 
 
 @pytest.mark.parametrize("rows, width", [(1, 1), (37, 37), (300, 4096)])
