@@ -1,0 +1,272 @@
+"""The guided (GISTEmbed) variant of the fused contrastive op: GISTEmbedLoss without the (B, N, D) tensors.
+
+Notation (sentence-transformers 6.2 GISTEmbedLoss / CachedGISTEmbedLoss): B local anchors a_i, k candidate columns
+c_0 (positives), c_1 .. c_{k-1} (negatives) of W = B·world rows each (gathered), row i of this rank has global index
+g = o + i. Primes are the guide's embeddings; every similarity is the cosine with each norm clamped at 1e-8.
+The logits of row i are, concatenated in one softmax and divided by the temperature T:
+
+=====  ===========================  ====================  =================================================
+block  trainable similarity          guide similarity      entries masked to -inf
+=====  ===========================  ====================  =================================================
+AP     s(a_i, c_0[col]), W cols     s(a'_i, c'_0[col])    guide > threshold_i, except col == g (the target)
+AA     s(a_i, a_j), B local cols    s(a'_i, a'_j)         guide > threshold_i  (contrast_anchors)
+PP     s(c_0[g], c_0[col]), W cols  s(c'_0[g], c'_0[col])  guide > threshold_i  (contrast_positives)
+AN_j   s(a_i, c_j[col]), W cols     s(a'_i, c'_j[col])    guide > threshold_i  (each negative column j >= 1)
+=====  ===========================  ====================  =================================================
+
+    t_i = s(a'_i, c'_0[g]);  threshold_i = t_i - margin (absolute) or t_i - |t_i|·margin (relative)
+    loss = mean_i [ logsumexp_row_i(logits / T) - s(a_i, c_0[g]) / T ]
+
+Computation (``torch`` and ``native`` backends): for each chunk of rows, the trainable and the guide GEMMs of every
+block, the guide masks applied to the trainable scores in place (-inf), then the row kernel of the MNRL op
+(PyTorch or native C++/CUDA) with one joint partition at scale 1/T: segment 0 is ``[AP | AN_1 | ..]`` (kind Q2D,
+positive at column g), AA and PP are kind D2Q segments (nothing masked by the kernel). AA is laid out W wide with
+the local anchors at columns o .. o+B and -inf elsewhere, so that the kernel's own-column index g stays inside the
+row. Then ``d_rows += G @ columns`` and ``d_columns += Gᵀ @ rows`` per block. Memory beyond the inputs: the fp32
+gradients and one chunk of scores and guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).
+
+The ``triton`` backend has no guided kernel yet: ``backend="triton"`` raises NotImplementedError and ``auto``
+takes native (or torch) on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from st_fast.ops.backends import BACKENDS, native_available
+from st_fast.ops.chunked import RowKernel, chunk_rows_for_budget
+from st_fast.ops.fused_contrastive import compute_dtype
+from st_fast.ops.layout import HardnessKind, SegmentKind
+from st_fast.ops.row_kernel_torch import torch_row_kernel
+from st_fast.ops.spec import ContrastiveSpec
+
+MARGIN_STRATEGIES = ("absolute", "relative")
+COSINE_EPS = 1e-8  # nn.CosineSimilarity's clamp of each norm
+
+
+@dataclass(frozen=True)
+class GuidedSpec:
+    """Configuration of GISTEmbedLoss: temperature, false-negative filter and the optional blocks."""
+
+    temperature: float
+    margin_strategy: str
+    margin: float
+    contrast_anchors: bool
+    contrast_positives: bool
+
+    def __post_init__(self) -> None:
+        if self.margin_strategy not in MARGIN_STRATEGIES:
+            raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+    def row_spec(self) -> ContrastiveSpec:
+        """The row kernel's view: one joint softmax at scale 1/T over [AP | AN..], AA?, PP? (no hardness)."""
+        kinds = (SegmentKind.Q2D,) + (SegmentKind.D2Q,) * (int(self.contrast_anchors) + int(self.contrast_positives))
+        return ContrastiveSpec(kinds, True, 1.0 / self.temperature, HardnessKind.NONE, 0.0)
+
+    def thresholds(self, positive_guide: torch.Tensor) -> torch.Tensor:
+        """(n, 1) guide similarity above which an entry is a false negative."""
+        t = positive_guide[:, None]
+        return t - self.margin if self.margin_strategy == "absolute" else t - t.abs() * self.margin
+
+
+@dataclass
+class GuidedLossAndGrad:
+    """Mean loss over the local rows (0-dim) and, when requested, the gradients of both trainable operands."""
+
+    loss: torch.Tensor
+    grad_anchors: torch.Tensor | None
+    grad_candidates: torch.Tensor | None
+
+
+def guided_loss_and_grad(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchors_guide: torch.Tensor,
+    candidates_guide: torch.Tensor,
+    spec: GuidedSpec,
+    row_offset: int,
+    width: int,
+    row_kernel: RowKernel,
+    *,
+    need_grad: bool,
+    chunk_bytes: int | None = None,
+) -> GuidedLossAndGrad:
+    """The chunked driver. anchors (B, D) and candidates (k·W, D) normalized, column j at rows j·W .. (j+1)·W;
+    the guide's normalized embeddings of the same row counts (their own dimension); ``width`` = W."""
+    batch_size, offset = anchors.shape[0], row_offset
+    positives, positives_guide = candidates[:width], candidates_guide[:width]
+    row_spec = spec.row_spec()
+    segment_columns = [candidates.shape[0]] + [width] * (len(row_spec.kinds) - 1)
+    chunk = chunk_rows_for_budget(batch_size, 2 * sum(segment_columns), anchors.device, chunk_bytes)
+    buffers = [torch.empty(chunk, n, dtype=anchors.dtype, device=anchors.device) for n in segment_columns]
+    guide_buffer = torch.empty(chunk, candidates.shape[0], dtype=anchors.dtype, device=anchors.device)
+    grad_anchors = torch.zeros_like(anchors) if need_grad else None
+    grad_candidates = torch.zeros_like(candidates) if need_grad else None
+    loss_sum = torch.zeros((), dtype=anchors.dtype, device=anchors.device)
+    local_anchors = slice(offset, offset + batch_size)  # columns of the local anchors in the W-wide AA segment
+    for begin in range(0, batch_size, chunk):
+        n = min(chunk, batch_size - begin)
+        rows, global_rows = slice(begin, begin + n), slice(offset + begin, offset + begin + n)
+        diagonal = (torch.arange(n, device=anchors.device), torch.arange(offset + begin, offset + begin + n))
+        # [AP | AN_1 | ..]: the positive column offset + begin + r is never masked
+        ap_an = torch.matmul(anchors[rows], candidates.T, out=buffers[0][:n])
+        guide = torch.matmul(anchors_guide[rows], candidates_guide.T, out=guide_buffer[:n])
+        threshold = spec.thresholds(guide[diagonal])
+        false_negative = guide > threshold
+        false_negative[diagonal] = False
+        ap_an.masked_fill_(false_negative, float("-inf"))
+        segments, x = [ap_an], 1
+        if spec.contrast_anchors:
+            aa = buffers[x][:n]
+            aa[:, :offset] = float("-inf")
+            aa[:, offset + batch_size :] = float("-inf")
+            block = aa[:, local_anchors]
+            torch.matmul(anchors[rows], anchors.T, out=guide_buffer[:n, :batch_size])
+            block.copy_(guide_buffer[:n, :batch_size])
+            guide = torch.matmul(anchors_guide[rows], anchors_guide.T, out=guide_buffer[:n, :batch_size])
+            block.masked_fill_(guide > threshold, float("-inf"))
+            segments.append(aa)
+            x += 1
+        if spec.contrast_positives:
+            pp = torch.matmul(positives[global_rows], positives.T, out=buffers[x][:n])
+            guide = torch.matmul(positives_guide[global_rows], positives_guide.T, out=guide_buffer[:n, :width])
+            pp.masked_fill_(guide > threshold, float("-inf"))
+            segments.append(pp)
+        grad_scale = 1.0 / batch_size if need_grad else None
+        loss_sum += row_kernel(segments, row_spec, offset + begin, width, grad_scale).sum()
+        if not need_grad:
+            continue
+        # the row kernel left the gradient coefficients d(loss)/d(score) in the segments
+        grad_anchors[rows].addmm_(segments[0], candidates)
+        grad_candidates.addmm_(segments[0].T, anchors[rows])
+        x = 1
+        if spec.contrast_anchors:
+            coefficients = segments[x][:, local_anchors]
+            grad_anchors[rows].addmm_(coefficients, anchors)
+            grad_anchors.addmm_(coefficients.T, anchors[rows])
+            x += 1
+        if spec.contrast_positives:
+            grad_candidates[global_rows].addmm_(segments[x], positives)
+            grad_candidates[:width].addmm_(segments[x].T, positives[global_rows])
+    return GuidedLossAndGrad(loss_sum / batch_size, grad_anchors, grad_candidates)
+
+
+class FusedGuidedLoss(torch.autograd.Function):
+    """anchors (B, D), candidates (k·W, D) -> 0-dim loss; the guide operands are constants (no gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, row_kernel, chunk_bytes
+    ):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(anchors.device.type, enabled=False):  # fp32 math whatever the autocast context
+            result = guided_loss_and_grad(
+                anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, row_kernel,
+                need_grad=need_grad, chunk_bytes=chunk_bytes,
+            )  # fmt: skip
+        ctx.result = result if need_grad else None
+        return result.loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.result is None:
+            raise RuntimeError("st_fast fused GIST loss: backward called twice on the same graph")
+        result, ctx.result = ctx.result, None
+        return result.grad_anchors * grad_loss, result.grad_candidates * grad_loss, *(None,) * 7
+
+
+def resolve_guided_row_kernel(name: str, device: torch.device, dtype: torch.dtype) -> RowKernel:
+    """The row kernel for ``backend=name``. ``auto``: native when built (float32), else torch; float64: torch."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "triton":
+        raise NotImplementedError(
+            "the guided (GISTEmbed) triton kernel is not implemented yet; use backend='auto', 'native' or 'torch' "
+            "(chunked GEMMs, same memory bound)"
+        )
+    if name == "auto":
+        name = "native" if dtype != torch.float64 and native_available(device) else "torch"
+    if name == "torch":
+        return torch_row_kernel
+    if dtype == torch.float64:
+        raise TypeError("the native backend computes in float32; use backend='torch' for float64 embeddings")
+    if not native_available(device):
+        raise RuntimeError(f"the native backend is not available on {device} (see st_fast.native_info())")
+    from st_fast.ops.row_kernel_native import native_row_kernel
+
+    return native_row_kernel
+
+
+def _check(name: str, tensors: Sequence[torch.Tensor], rows: int, reference: torch.Tensor) -> None:
+    for column, x in enumerate(tensors):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} {column}: expected a floating point torch.Tensor")
+        if x.dim() != 2 or x.shape[0] != rows or x.shape[1] != reference.shape[1]:
+            raise ValueError(f"{name} {column} has shape {tuple(x.shape)}, expected ({rows}, {reference.shape[1]})")
+        if x.device != reference.device:
+            raise ValueError(f"{name} {column} is on {x.device}, expected {reference.device}")
+
+
+def _normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x / max(‖x‖, 1e-8) per vector, in ``dtype``: nn.CosineSimilarity up to rounding."""
+    return F.normalize(x.to(dtype), p=2, dim=-1, eps=COSINE_EPS).contiguous()
+
+
+def fused_gist_loss(
+    anchors: torch.Tensor,
+    candidates: Sequence[torch.Tensor],
+    anchors_guide: torch.Tensor,
+    candidates_guide: Sequence[torch.Tensor],
+    *,
+    row_offset: int = 0,
+    temperature: float = 0.01,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """GISTEmbedLoss of B local anchors against k >= 1 candidate columns of W rows each (gathered across ranks:
+    row i's positive is candidates[0][row_offset + i]), guided by the guide's embeddings of the same rows.
+
+    Args:
+        anchors: (B, D) trainable anchor embeddings of this rank.
+        candidates: k tensors (W, D): the positives, then the negative columns (W = B without gathering).
+        anchors_guide, candidates_guide: the guide's embeddings (B, D') and k x (W, D'); no gradient flows to them.
+        Other arguments as in sentence-transformers' GISTEmbedLoss; ``backend``: ``"auto"``, ``"native"`` or
+        ``"torch"`` (``"triton"`` raises NotImplementedError).
+    Returns:
+        0-dim loss, float32 (float64 for float64 embeddings); gradients reach ``anchors`` and ``candidates``.
+    """
+    candidates, candidates_guide = list(candidates), list(candidates_guide)
+    if len(candidates) < 1 or len(candidates) != len(candidates_guide):
+        raise ValueError("expected k >= 1 candidate columns and as many guide columns")
+    if not isinstance(anchors, torch.Tensor) or anchors.dim() != 2 or not isinstance(anchors_guide, torch.Tensor):
+        raise ValueError("anchor embeddings must be 2-D tensors (batch, dim)")
+    _check("anchors", [anchors], anchors.shape[0], anchors)
+    _check("guide anchors", [anchors_guide], anchors.shape[0], anchors_guide)
+    batch_size, width = anchors.shape[0], candidates[0].shape[0]
+    _check("candidate column", candidates, width, anchors)
+    _check("guide candidate column", candidates_guide, width, anchors_guide)
+    if batch_size == 0 or row_offset < 0 or row_offset + batch_size > width:
+        raise ValueError(f"local rows [{row_offset}, {row_offset + batch_size}) are outside the {width} candidate rows")
+    spec = GuidedSpec(float(temperature), margin_strategy, float(margin), bool(contrast_anchors),
+                      bool(contrast_positives))  # fmt: skip
+    dtype = compute_dtype(anchors.dtype)
+    row_kernel = resolve_guided_row_kernel(backend, anchors.device, dtype)
+    anchor_operand = _normalized(anchors, dtype)
+    candidate_operand = _normalized(torch.cat(candidates, dim=0), dtype)
+    with torch.no_grad():
+        anchor_guide = _normalized(anchors_guide.detach(), dtype)
+        candidate_guide = _normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), dtype)
+    return FusedGuidedLoss.apply(
+        anchor_operand, candidate_operand, anchor_guide, candidate_guide, spec, row_offset, width, row_kernel,
+        chunk_bytes,
+    )  # fmt: skip
