@@ -1,0 +1,21 @@
+"""Drop-in SparseMultipleNegativesRankingLoss (the MNRL subclass that SpladeLoss / CSRLoss wrap) on the fused op."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentence_transformers.sparse_encoder.losses import (
+    SparseMultipleNegativesRankingLoss as StockSparseMultipleNegativesRankingLoss,
+)
+
+from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin, validate_backend
+
+
+class SparseMultipleNegativesRankingLoss(FusedMNRLMixin, StockSparseMultipleNegativesRankingLoss):
+    """sentence-transformers' SparseMultipleNegativesRankingLoss with ``compute_loss_from_embeddings`` computed by the
+    fused op (dense (B, vocab) embeddings, dot similarity by default). Same arguments as the stock class plus
+    ``backend``; like the stock class it is used inside SpladeLoss / CSRLoss / CachedSpladeLoss."""
+
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = validate_backend(backend)
