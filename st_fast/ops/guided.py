@@ -22,8 +22,10 @@ block, the guide masks applied to the trainable scores in place (-inf), then the
 (PyTorch or native C++/CUDA) with one joint partition at scale 1/T: segment 0 is ``[AP | AN_1 | ..]`` (kind Q2D,
 positive at column g), AA and PP are kind D2Q segments (nothing masked by the kernel). AA is laid out W wide with
 the local anchors at columns o .. o+B and -inf elsewhere, so that the kernel's own-column index g stays inside the
-row. Then ``d_rows += G @ columns`` and ``d_columns += Gᵀ @ rows`` per block. Memory beyond the inputs: the fp32
-gradients and one chunk of scores and guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).
+row. Each row is shifted by its positive score first (the softmax CE is invariant; it keeps the loss free of the
+cancellation log Z - positive logit at logits of magnitude 1/T). Then ``d_rows += G @ columns`` and
+``d_columns += Gᵀ @ rows`` per block. Memory beyond the inputs: the fp32 gradients and one chunk of scores and
+guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).
 
 The ``triton`` backend has no guided kernel yet: ``backend="triton"`` raises NotImplementedError and ``auto``
 takes native (or torch) on every device.
@@ -138,6 +140,11 @@ def guided_loss_and_grad(
             guide = torch.matmul(positives_guide[global_rows], positives_guide.T, out=guide_buffer[:n, :width])
             pp.masked_fill_(guide > threshold, float("-inf"))
             segments.append(pp)
+        # Shift each row by its positive score: the loss and its gradient are invariant, and the row kernel's
+        # loss = log Z - positive logit then no longer cancels two large numbers (logits reach 1/T = 100).
+        positive = ap_an[diagonal].clone()[:, None]
+        for segment in segments:
+            segment.sub_(positive)
         grad_scale = 1.0 / batch_size if need_grad else None
         loss_sum += row_kernel(segments, row_spec, offset + begin, width, grad_scale).sum()
         if not need_grad:

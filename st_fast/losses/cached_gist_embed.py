@@ -1,0 +1,62 @@
+"""Drop-in CachedGISTEmbedLoss (GradCache) whose loss stage is the guided fused op in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as StockCachedGISTEmbedLoss
+from torch import Tensor
+
+from st_fast.losses.gist_embed import FusedGISTMixin, validate_guided_backend, warn_similarity_fallback_once
+
+
+class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
+    """sentence-transformers' :class:`~sentence_transformers.sentence_transformer.losses.CachedGISTEmbedLoss`
+    (GradCache) with its loss stage computed by st_fast's guided fused op. Stock builds, per chunk of
+    ``mini_batch_size`` anchors, broadcast (chunk, N, D) cosine tensors for every block and back-propagates through
+    them; here the loss and the gradient of every cached embedding come from one fused call (row chunks sized from
+    a memory budget, gradients written directly, cosine normalization back-propagated once).
+
+    Same math as :class:`st_fast.losses.GISTEmbedLoss`, with any number of negative columns, as stock.
+
+    Args:
+        Same as the stock class (model, guide, temperature, mini_batch_size, mini_batch_num_tokens,
+        show_progress_bar, margin_strategy, margin, contrast_anchors, contrast_positives, gather_across_devices),
+        plus ``backend``: ``"auto"``, ``"native"`` or ``"torch"`` (``"triton"``: NotImplementedError, see
+        :class:`st_fast.losses.GISTEmbedLoss`).
+
+    The mini-batch embedding, guide embedding and re-tokenization, RandContext replay and backward hook are the
+    stock machinery; ``mini_batch_size`` only sizes the embedding passes (the loss stage is chunked by memory).
+    """
+
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = validate_guided_backend(backend)
+
+    def calculate_loss(
+        self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, with_backward: bool = False
+    ) -> Tensor:
+        """Loss of the cached embeddings ``reps[column][mini_batch]`` guided by ``reps_guided`` (same layout).
+
+        With ``with_backward`` the gradient of every cached embedding is written to its ``.grad`` by one backward
+        through the fused op and the detached loss is returned.
+        """
+        if not self.has_fused_similarity():
+            warn_similarity_fallback_once(self)
+            return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
+        if len(reps) < 2:
+            raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
+        columns = [_concatenate(column) for column in reps]
+        guide_columns = [_concatenate(column) for column in reps_guided]
+        loss = self.gist_loss(columns[0], columns[1:], guide_columns[0], guide_columns[1:])
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+
+def _concatenate(mini_batches: list[Tensor]) -> Tensor:
+    return mini_batches[0] if len(mini_batches) == 1 else torch.cat(mini_batches)
