@@ -1,13 +1,11 @@
 """Drop-in replacements of sentence-transformers' in-batch-negative losses, computed by st_fast's fused ops."""
 
 from st_fast.losses.cached_gist_embed import CachedGISTEmbedLoss
-from st_fast.losses.cached_gist_embed import CachedGISTEmbedLoss
 from st_fast.losses.cached_multiple_negatives_ranking import (
     CachedMultipleNegativesRankingLoss,
     CachedMultipleNegativesSymmetricRankingLoss,
 )
 from st_fast.losses.fuse import fuse
-from st_fast.losses.gist_embed import GISTEmbedLoss
 from st_fast.losses.gist_embed import GISTEmbedLoss
 from st_fast.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss,
@@ -17,10 +15,8 @@ from st_fast.losses.sparse_multiple_negatives_ranking import SparseMultipleNegat
 
 __all__ = [
     "CachedGISTEmbedLoss",
-    "CachedGISTEmbedLoss",
     "CachedMultipleNegativesRankingLoss",
     "CachedMultipleNegativesSymmetricRankingLoss",
-    "GISTEmbedLoss",
     "GISTEmbedLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
