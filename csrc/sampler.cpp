@@ -395,31 +395,36 @@ class PassResult {
     }
   }
 
-  // True when row `row` shares a value with the batch. Otherwise the free slot found for each of its cells is left
-  // in slots_, so that row_insert does not probe again.
-  bool row_conflicts(int64_t row) {
+  // True when row `row` (its keys at `keys`) shares a value with the batch. Otherwise the free slot found for each of
+  // its cells is left in slots_, so that row_insert does not probe again.
+  bool row_conflicts(const uint64_t* keys, int64_t row) {
     const int64_t base = row * num_columns_;
     for (int64_t col = 0; col < num_columns_; ++col) {
       const int64_t ref = base + col;
       if (has_absent_ && core_.absent(ref)) continue;
-      if (table_find(keys_[ref], ref, &slots_[col])) return true;
+      if (table_find(keys[col], ref, &slots_[col])) return true;
     }
     return false;
   }
 
-  void row_insert(int64_t row) {
+  void row_insert(const uint64_t* keys, int64_t row) {
     const int64_t base = row * num_columns_;
     for (int64_t col = 0; col < num_columns_; ++col) {
       const int64_t ref = base + col;
       if (has_absent_ && core_.absent(ref)) continue;
       size_t slot = slots_[col];
       if (table_[slot].gen == gen_) {  // taken by an earlier cell of this row: probe again
-        if (table_find(keys_[ref], ref, &slot)) continue;  // the row repeats one of its own values
+        if (table_find(keys[col], ref, &slot)) continue;  // the row repeats one of its own values
       }
-      table_[slot] = Slot{keys_[ref], static_cast<uint32_t>(ref), gen_};
+      table_[slot] = Slot{keys[col], static_cast<uint32_t>(ref), gen_};
     }
   }
 
+  // Upstream keeps a linked list over the shuffled positions and rescans it from the head for every batch. The list
+  // is always: the deferred positions (skipped by earlier scans, in position order) followed by every position from
+  // `fresh` on. So it is kept here as a dense array of the deferred rows, each with a copy of its keys, plus a cursor:
+  // rescans read contiguous memory, and removing accepted rows is a stable in-place compaction. Same visiting order,
+  // same decisions.
   template <typename I>
   void run() {
     const int64_t n = n_;
@@ -428,42 +433,78 @@ class PassResult {
     num_columns_ = core_.num_columns();
     keys_ = core_.keys_data();
     has_absent_ = core_.has_absent();
-    slots_.assign(static_cast<size_t>(std::max<int64_t>(num_columns_, 1)), 0);
-    table_reset(std::min(batch_size_, n) * std::max<int64_t>(num_columns_, 1));
-    // Singly linked list over shuffled positions; -1 ends it.
-    std::vector<I> next(static_cast<size_t>(n));
-    for (int64_t p = 0; p < n; ++p) next[p] = static_cast<I>(p + 1);
-    next[n - 1] = -1;
-    constexpr int64_t kAhead = 24;  // list successors are mostly the next positions: prefetch their keys
+    const int64_t nc = num_columns_;
+    slots_.assign(static_cast<size_t>(std::max<int64_t>(nc, 1)), 0);
+    table_reset(std::min(batch_size_, n) * std::max<int64_t>(nc, 1));
+    std::vector<int64_t> deferred_rows;
+    std::vector<uint64_t> deferred_keys;
+    constexpr int64_t kAhead = 16;  // fresh rows are visited in perm order: prefetch their keys
     int64_t* flat = flat_.get();
-    int64_t size = 0, batches = 0;
-    I head = 0;
-    while (head != -1) {
+    int64_t size = 0, batches = 0, fresh = 0;
+    size_t begin = 0;  // deferred rows live in [begin, size()): the prefix is dead space left by early stops
+    while (deferred_rows.size() > begin || fresh < n) {
       if (cancel_.load(std::memory_order_relaxed)) return;
       table_new_batch();
       const int64_t start = size;
-      I current = head, previous = -1;
       bool full = false;
-      while (current != -1) {
-        const I following = next[current];
-        const int64_t index = perm[current];
-        if (num_columns_ > 0 && current + kAhead < n) __builtin_prefetch(keys_ + perm[current + kAhead] * num_columns_);
-        if (row_conflicts(index)) {  // defer: stays in the list, keeps its order
-          previous = current;
-          current = following;
+      // 1) rescan the deferred rows [begin, end), compacting away the accepted ones
+      const size_t end = deferred_rows.size();
+      size_t kept = begin, r = begin;
+      for (; r < end; ++r) {
+        const int64_t row = deferred_rows[r];
+        const uint64_t* keys = deferred_keys.data() + r * nc;
+        if (row_conflicts(keys, row)) {
+          if (kept != r) {
+            deferred_rows[kept] = row;
+            std::memmove(deferred_keys.data() + kept * nc, keys, static_cast<size_t>(nc) * sizeof(uint64_t));
+          }
+          ++kept;
           continue;
         }
-        flat[size++] = index;
-        if (previous == -1)
-          head = following;
-        else
-          next[previous] = following;
+        flat[size++] = row;
+        if (size - start == batch_size_) {
+          full = true;
+          ++r;
+          break;
+        }
+        row_insert(keys, row);
+      }
+      if (r == end) {
+        deferred_rows.resize(kept);
+        deferred_keys.resize(kept * nc);
+      } else if (kept != r) {
+        // The scan stopped early: shift the rows kept so far right, next to the rows it did not reach (this costs no
+        // more than the scan did, unlike closing the gap on the tail side).
+        const size_t moved = kept - begin, new_begin = r - moved;
+        std::memmove(deferred_rows.data() + new_begin, deferred_rows.data() + begin, moved * sizeof(int64_t));
+        std::memmove(deferred_keys.data() + new_begin * nc, deferred_keys.data() + begin * nc,
+                     moved * static_cast<size_t>(nc) * sizeof(uint64_t));
+        begin = new_begin;
+      }
+      if (begin > 4096 && begin * 2 > deferred_rows.size()) {  // drop the dead prefix now and then
+        const size_t live = deferred_rows.size() - begin;
+        std::memmove(deferred_rows.data(), deferred_rows.data() + begin, live * sizeof(int64_t));
+        std::memmove(deferred_keys.data(), deferred_keys.data() + begin * nc, live * nc * sizeof(uint64_t));
+        deferred_rows.resize(live);
+        deferred_keys.resize(live * nc);
+        begin = 0;
+      }
+      // 2) go on with the rows no scan has reached yet
+      while (!full && fresh < n) {
+        if (nc > 0 && fresh + kAhead < n) __builtin_prefetch(keys_ + static_cast<int64_t>(perm[fresh + kAhead]) * nc);
+        const int64_t row = perm[fresh++];
+        const uint64_t* keys = keys_ + row * nc;
+        if (row_conflicts(keys, row)) {  // defer: it keeps its place, after the older deferred rows
+          deferred_rows.push_back(row);
+          deferred_keys.insert(deferred_keys.end(), keys, keys + nc);
+          continue;
+        }
+        flat[size++] = row;
         if (size - start == batch_size_) {
           full = true;
           break;
         }
-        row_insert(index);
-        current = following;
+        row_insert(keys, row);
       }
       if (full || !drop_last_) {
         offsets_[++batches] = size;
