@@ -51,8 +51,8 @@ class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedM
     embedding gradient come from one fused call (row chunks sized from a memory budget, gradients written directly).
 
     Args:
-        Same as the stock class, plus ``backend``: ``"auto"`` (native C++/CUDA kernels when built, else Triton on CUDA, else torch), ``"triton"``,
-        ``"native"`` or ``"torch"``.
+        Same as the stock class, plus ``backend``: ``"auto"`` (native C++/CUDA kernels when built, else Triton
+        on CUDA, else torch), ``"triton"``, ``"native"`` or ``"torch"``.
 
     The loss is float32 under autocast (stock returns the autocast dtype). Everything else — configuration,
     ``get_config_dict()``, citation, MatryoshkaLoss decoration (``uses_gradient_cache``) — is the stock class's.

@@ -71,7 +71,8 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
     Args:
         Same as the stock class (model, scale, similarity_fct, gather_across_devices, directions, partition_mode,
         hardness_mode, hardness_strength), plus
-        backend: ``"auto"`` (native C++/CUDA kernels when built, else Triton on CUDA, else torch), ``"triton"``, ``"native"`` or ``"torch"``.
+        backend: ``"auto"`` (native C++/CUDA kernels when built, else Triton on CUDA, else torch),
+            ``"triton"``, ``"native"`` or ``"torch"``.
 
     ``similarity_fct`` other than ``util.cos_sim`` / ``util.dot_score`` falls back to the stock computation with a
     one-time warning. Non-finite embeddings give a non-finite loss, as in stock (no error, so that fp16 loss scaling
