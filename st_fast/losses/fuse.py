@@ -17,10 +17,12 @@ from sentence_transformers.sentence_transformer import losses as stock_losses
 from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
 from torch import nn
 
+from st_fast.losses.cached_gist_embed import CachedGISTEmbedLoss
 from st_fast.losses.cached_multiple_negatives_ranking import (
     CachedMultipleNegativesRankingLoss,
     CachedMultipleNegativesSymmetricRankingLoss,
 )
+from st_fast.losses.gist_embed import GISTEmbedLoss
 from st_fast.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss,
     MultipleNegativesSymmetricRankingLoss,
@@ -34,6 +36,8 @@ FUSED_CLASSES: dict[type, type] = {
     stock_losses.CachedMultipleNegativesRankingLoss: CachedMultipleNegativesRankingLoss,
     stock_losses.CachedMultipleNegativesSymmetricRankingLoss: CachedMultipleNegativesSymmetricRankingLoss,
     stock_sparse_losses.SparseMultipleNegativesRankingLoss: SparseMultipleNegativesRankingLoss,
+    stock_losses.GISTEmbedLoss: GISTEmbedLoss,  # same model and guide objects
+    stock_losses.CachedGISTEmbedLoss: CachedGISTEmbedLoss,
 }
 
 WRAPPER_CLASSES: tuple[type, ...] = (

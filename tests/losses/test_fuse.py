@@ -47,9 +47,10 @@ def _innermost(loss):
 
 
 def _config(loss) -> dict:
-    """get_config_dict() with module values (a wrapper's inner loss) replaced by their class name and config."""
+    """get_config_dict() with loss values (a wrapper's inner loss) replaced by their class name and config (other
+    values, e.g. GIST's guide model, compared as they are)."""
     return {
-        key: (type(value).__name__, _config(value)) if isinstance(value, torch.nn.Module) else value
+        key: (type(value).__name__, _config(value)) if hasattr(value, "get_config_dict") else value
         for key, value in loss.get_config_dict().items()
     }
 
@@ -82,6 +83,16 @@ STOCK_FACTORIES = {
     "adaptive-layer-mnrl": lambda m: stock_losses.AdaptiveLayerLoss(
         m, stock_losses.MultipleNegativesRankingLoss(m), n_layers_per_step=-1
     ),
+    # GIST with the model as its own guide; temperature 0.05 (at 0.01 the float32 cosines' rounding alone, x100,
+    # separates stock float32 from float64 by more than the 1e-5 of these comparisons)
+    "gist": lambda m: stock_losses.GISTEmbedLoss(m, m, temperature=0.05, margin_strategy="relative", margin=0.05),
+    "cached-gist": lambda m: stock_losses.CachedGISTEmbedLoss(m, m, temperature=0.05, mini_batch_size=2, margin=0.02),
+    "matryoshka-gist": lambda m: stock_losses.MatryoshkaLoss(
+        m, stock_losses.GISTEmbedLoss(m, m, temperature=0.05), [32, 8]
+    ),
+    "matryoshka-cached-gist": lambda m: stock_losses.MatryoshkaLoss(
+        m, stock_losses.CachedGISTEmbedLoss(m, m, temperature=0.05, mini_batch_size=3), [32, 16]
+    ),
 }
 
 
@@ -98,6 +109,20 @@ def test_fuse_gives_the_same_configuration_loss_and_gradients(tiny_model, name):
     assert _config(fused) == _config(stock)
     assert _innermost(stock).__class__.__module__.startswith("sentence_transformers")  # the stock object is intact
     _assert_same_behaviour(tiny_model, stock, fused, features)
+
+
+def test_fuse_gist_keeps_the_guide_object(tiny_model, minilm_path):
+    from conftest import make_tiny_model
+
+    guide = make_tiny_model(minilm_path, seed=1)
+    for stock in (
+        stock_losses.GISTEmbedLoss(tiny_model, guide, margin=0.1, contrast_anchors=False),
+        stock_losses.CachedGISTEmbedLoss(tiny_model, guide, mini_batch_size=5, contrast_positives=False),
+    ):
+        fused = fuse(stock, backend="torch")
+        assert isinstance(fused, type(stock)) and type(fused).__module__.startswith("st_fast.losses")
+        assert fused.model is tiny_model and fused.guide is guide and fused.backend == "torch"
+        assert fused.get_config_dict() == stock.get_config_dict()
 
 
 def test_fuse_leaves_other_losses_and_user_subclasses_unchanged(tiny_model):
