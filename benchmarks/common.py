@@ -89,7 +89,61 @@ def report(name: str, rows: Sequence[dict[str, Any]], out_dir: str, *, title: st
         json.dump({"name": name, "machine": machine_description(), "rows": list(rows)}, f, indent=2)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(f"{header}\n\n{table}\n")
+    plot(name, rows, out_dir, title=title or name)
     return table
+
+
+SIZE_KEYS = ("B", "rows")  # the x axis: batch size (loss parts) or dataset rows (sampler)
+SERIES_KEYS = ("backend", "sampler")
+METRICS = (("time", ("time_ms", "first epoch s")), ("memory", ("peak_mb", "peak MiB")))
+
+
+def plot(name: str, rows: Sequence[dict[str, Any]], out_dir: str, *, title: str) -> list[str]:
+    """PNG plots ``<name>_time.png`` / ``<name>_memory.png`` of each series (backend or sampler) against the batch
+    size, log-log, one line per remaining configuration. Needs matplotlib (the ``bench`` extra); without it, or
+    when the rows have no size or series column, nothing is drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    size_key = next((k for k in SIZE_KEYS if rows and k in rows[0]), None)
+    series_key = next((k for k in SERIES_KEYS if rows and k in rows[0]), None)
+    if size_key is None or series_key is None:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for metric, candidates in METRICS:
+        value_key = next((k for k in candidates if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
+        if value_key is None:
+            continue
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for row in rows:
+            value = row.get(value_key)
+            if not isinstance(value, (int, float)) or not isinstance(row.get(size_key), (int, float)):
+                continue
+            others = [f"{k}={row[k]}" for k in ("dtype", "k", "D", "batch") if k in row and k != size_key]
+            label = " ".join([str(row[series_key]), *others])
+            lines.setdefault(label, []).append((row[size_key], value))
+        if not lines:
+            continue
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for label, points in sorted(lines.items()):
+            xs, ys = zip(*sorted(points), strict=True)
+            axis.plot(xs, ys, marker="o", label=label)
+        axis.set(xscale="log", yscale="log", xlabel=size_key, ylabel=value_key)
+        axis.set_title(f"{title}\n{machine_description()}")
+        axis.title.set_fontsize(8)
+        axis.legend(fontsize=7)
+        axis.grid(True, which="both", alpha=0.3)
+        path = os.path.join(out_dir, f"{name}_{metric}.png")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
 
 
 def progress(iterable, **kwargs):
