@@ -30,6 +30,7 @@ from sentence_transformers.sentence_transformer import losses as stock_losses
 
 from st_fast import losses as fast_losses
 from st_fast.ops.backends import native_available
+from st_fast.ops.guided import fused_gist_loss
 
 FP32_RTOL = 1e-5
 BACKENDS = ["torch"] + (["native"] if native_available(torch.device("cpu")) else [])
@@ -153,6 +154,37 @@ def test_no_batch_by_candidates_by_dim_tensor(tokenizer, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "cosine_similarity", forbidden)
     loss, _ = _run(fast, columns, guide_columns)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_chunks_with_an_offset_equal_one_chunk(backend):
+    """The op's row chunks (tiny memory budget: 2 rows per chunk, the threshold and target of chunk row r at column
+    offset + begin + r) give the one-chunk result, on a rank-1-like layout with 3 candidate columns."""
+    columns, guide_columns = gist_columns(2 * BATCH, DIM, GUIDE_DIM, 4, seed=5)
+    anchors, candidates = columns[0][BATCH:], columns[1:]
+    config = dict(row_offset=BATCH, temperature=0.02, margin_strategy="relative", margin=0.1, backend=backend)
+    results = []
+    for chunk_bytes in (None, 2 * 4 * 2 * (3 * 2 * BATCH + 2 * 2 * BATCH)):
+        loss = fused_gist_loss(anchors, candidates, guide_columns[0][BATCH:], guide_columns[1:],
+                               chunk_bytes=chunk_bytes, **config)  # fmt: skip
+        results.append((loss.detach(), torch.autograd.grad(loss, columns)))
+    (loss, grads), (chunked_loss, chunked_grads) = results
+    assert relative_error(chunked_loss, loss) < 1e-5  # float32 rounding: other summation orders
+    for grad, chunked in zip(grads, chunked_grads, strict=True):
+        assert relative_error(chunked, grad) < 1e-5
+
+
+def test_bf16_autocast_and_evaluation(tokenizer):
+    stock, fast = _losses(tokenizer, "auto", margin=0.1)
+    columns, guide_columns = gist_columns(BATCH, DIM, GUIDE_DIM, 3, seed=3)
+    bf16 = [x.detach().bfloat16().requires_grad_() for x in columns]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _run(fast, bf16, [x.bfloat16() for x in guide_columns])
+    assert loss.dtype == torch.float32 and all(torch.isfinite(g).all() and g.dtype == torch.bfloat16 for g in grads)
+    fast.model.columns, fast.guide.columns = columns, guide_columns
+    with torch.no_grad():
+        value = fast(column_features(3), None)
+    assert relative_error(value, _run(stock, columns, guide_columns)[0]) < FP32_RTOL
 
 
 TEXTS = [
