@@ -35,9 +35,9 @@ from benchmarks.fused_loss import (
     dtype_name,
     free_memory,
     make_embeddings,
-    max_abs_diff,
     measure,
     model_stand_in,
+    result_columns,
 )
 
 TITLE = "CachedMultipleNegativesRankingLoss loss stage (calculate_loss with backward): stock vs st_fast"
@@ -177,19 +177,9 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
             row["gemm3_ms"] = gemm3 * 1e3
             row["gemm3_dtype_ms"] = None if gemm3_dtype is None else gemm3_dtype * 1e3
-            if result.get("oom"):
-                row.update({"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"})
-            else:
-                row["time_ms"] = result["seconds"] * 1e3
-                row["peak_mb"] = result["peak"]
+            row.update(result_columns(name, result, stock, "x_vs_stock"))
+            if not result.get("oom"):
                 row["x_gemm3"] = result["seconds"] / gemm3
-                row["memory_by"] = result["memory_by"]
-                row["runs"] = result["runs"]
-                if stock and not stock.get("oom"):
-                    row["x_vs_stock"] = stock["seconds"] / result["seconds"]
-                    if name != "stock":
-                        row["loss_err"] = abs(result["loss"] - stock["loss"])
-                        row["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
             rows.append(row)
         reps = losses = results = None  # free this case's tensors before the next one
         free_memory(device)

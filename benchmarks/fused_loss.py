@@ -193,6 +193,25 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+def result_columns(name: str, result: dict[str, Any], stock: dict[str, Any] | None, ratio_key: str) -> dict[str, Any]:
+    """The measured columns of one implementation's row: time, peak memory, its speed-up over stock under
+    ``ratio_key`` and its loss / gradient differences from stock (or OOM markers)."""
+    if result.get("oom"):
+        return {"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"}
+    columns = {
+        "time_ms": result["seconds"] * 1e3,
+        "peak_mb": result["peak"],
+        "memory_by": result["memory_by"],
+        "runs": result["runs"],
+    }
+    if stock and not stock.get("oom"):
+        columns[ratio_key] = stock["seconds"] / result["seconds"]
+        if name != "stock":
+            columns["loss_err"] = abs(result["loss"] - stock["loss"])
+            columns["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
+    return columns
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
@@ -304,19 +323,9 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
             row["matmul_tflops"] = tflops
             row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
-            if result.get("oom"):
-                row.update({"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"})
-            else:
-                row["time_ms"] = result["seconds"] * 1e3
-                row["peak_mb"] = result["peak"]
+            row.update(result_columns(name, result, stock, "speedup_vs_stock"))
+            if not result.get("oom"):
                 row["floor_fraction"] = floor_flops / result["seconds"] / (tflops * 1e12)
-                row["memory_by"] = result["memory_by"]
-                row["runs"] = result["runs"]
-                if stock and not stock.get("oom"):
-                    row["speedup_vs_stock"] = stock["seconds"] / result["seconds"]
-                    if name != "stock":
-                        row["loss_err"] = abs(result["loss"] - stock["loss"])
-                        row["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
             rows.append(row)
         embeddings = losses = results = None  # free this case's tensors before the next one
         free_memory(device)
