@@ -13,6 +13,7 @@ PARTS = {
     "sampler": "benchmarks.sampler",
     "fused_loss": "benchmarks.fused_loss",
     "cached_loss": "benchmarks.cached_loss",
+    "training": "benchmarks.training",
     "gist": "benchmarks.gist",
 }
 
