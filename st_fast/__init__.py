@@ -6,17 +6,33 @@ in :mod:`st_fast.losses`. ``st_fast.native_info()`` tells which compiled parts t
 
 from __future__ import annotations
 
+import importlib
+
 from st_fast._native import native_info
 
 __version__ = "0.1.0"
 
-__all__ = ["NoDuplicatesBatchSampler", "__version__", "native_info"]
+__all__ = [
+    "NoDuplicatesBatchSampler",
+    "SentenceTransformerTrainer",
+    "StFastConfig",
+    "__version__",
+    "native_info",
+    "patch",
+    "unpatch",
+]
 
 
 def __getattr__(name: str):
-    # Lazy exports: `import st_fast` stays light (no sentence-transformers import until a sampler is asked for).
+    # Lazy exports: `import st_fast` stays light (no sentence-transformers import until a sampler, the trainer or
+    # patch is asked for).
     if name == "NoDuplicatesBatchSampler":
         from st_fast.sampler import NoDuplicatesBatchSampler
 
         return NoDuplicatesBatchSampler
+    if name in ("SentenceTransformerTrainer", "StFastConfig"):
+        return getattr(importlib.import_module("st_fast.trainer"), name)
+    if name in ("patch", "unpatch"):
+        # Importing the submodule binds it to `st_fast.patch`; it is callable (see st_fast/patch.py).
+        return getattr(importlib.import_module("st_fast.patch"), name)
     raise AttributeError(f"module 'st_fast' has no attribute {name!r}")

@@ -1,0 +1,125 @@
+"""``st_fast.patch()`` / ``st_fast.unpatch()``: st_fast's swaps for trainers built by code you do not own.
+
+``patch()`` wraps three methods of the stock ``sentence_transformers.base.trainer.BaseTrainer`` — ``prepare_loss``,
+``call_model_init`` and ``get_batch_sampler`` — with the hooks of :class:`st_fast.SentenceTransformerTrainer`.
+Patching the methods rather than the exported names covers every way a trainer is built: a direct
+``SentenceTransformerTrainer(...)`` whatever module it was imported from (even before ``patch()``), the legacy
+``model.fit(...)`` (which builds one internally), user subclasses that do not override those methods, and the
+other 6.x trainers (SparseEncoderTrainer, whose SparseMultipleNegativesRankingLoss st_fast fuses;
+CrossEncoderTrainer, whose losses st_fast leaves as they are). Trainers constructed while patched get fused losses
+(they are fused in ``__init__``); the sampler is chosen when a dataloader is built, so it follows the patch state at
+that time. ``patch()`` is idempotent (a second call only updates the options); ``unpatch()`` puts the original
+methods back. :class:`st_fast.SentenceTransformerTrainer` is unaffected either way (it applies its own ``st_fast=``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from typing import Any
+
+from st_fast.trainer import StFastConfig, fast_batch_sampler, fuse_loss, fuse_trainer_losses
+
+_PATCHED_METHODS = ("prepare_loss", "call_model_init", "get_batch_sampler")
+_originals: dict[str, Any] = {}
+_config = StFastConfig()
+
+
+def _base_trainer():
+    from sentence_transformers.base.trainer import BaseTrainer
+
+    return BaseTrainer
+
+
+def _owned(trainer: Any) -> bool:
+    return getattr(trainer, "_st_fast_owner", False)
+
+
+def _wrap_prepare_loss(original):
+    @functools.wraps(original)
+    def prepare_loss(self, loss, model):
+        prepared = original(self, loss, model)
+        return prepared if _owned(self) else fuse_loss(self, prepared, _config)
+
+    return prepare_loss
+
+
+def _wrap_call_model_init(original):
+    @functools.wraps(original)
+    def call_model_init(self, trial=None):
+        model = original(self, trial)
+        if hasattr(self, "loss") and not _owned(self):
+            fuse_trainer_losses(self, _config)
+        return model
+
+    return call_model_init
+
+
+def _wrap_get_batch_sampler(original):
+    @functools.wraps(original)
+    def get_batch_sampler(self, dataset, *args, **kwargs):
+        stock = functools.partial(original, self)
+        stock.__signature__ = _bound_signature(original)  # type: ignore[attr-defined]
+        if _owned(self):
+            return stock(dataset, *args, **kwargs)
+        return fast_batch_sampler(self, stock, _config, dataset, *args, **kwargs)
+
+    return get_batch_sampler
+
+
+@functools.cache
+def _bound_signature(function):
+    import inspect
+
+    parameters = list(inspect.signature(function).parameters.values())[1:]  # drop `self`
+    return inspect.Signature(parameters)
+
+
+_WRAPPERS = {
+    "prepare_loss": _wrap_prepare_loss,
+    "call_model_init": _wrap_call_model_init,
+    "get_batch_sampler": _wrap_get_batch_sampler,
+}
+
+
+def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
+    """Make the stock trainers swap in st_fast's fused losses and sampler (see the module docstring).
+
+    ``st_fast`` takes the same options as ``st_fast.SentenceTransformerTrainer(st_fast=...)``. Idempotent.
+    """
+    global _config
+    _config = StFastConfig.coerce(st_fast)
+    if _originals:
+        return
+    base = _base_trainer()
+    for name in _PATCHED_METHODS:
+        original = base.__dict__[name]
+        _originals[name] = original
+        setattr(base, name, _WRAPPERS[name](original))
+
+
+def unpatch() -> None:
+    """Restore the stock trainer methods that :func:`patch` replaced; a no-op when not patched."""
+    global _config
+    base = _base_trainer()
+    for name, original in _originals.items():
+        setattr(base, name, original)
+    _originals.clear()
+    _config = StFastConfig()
+
+
+def is_patched() -> bool:
+    """Whether :func:`patch` is in effect."""
+    return bool(_originals)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing the submodule ``st_fast.patch`` binds it to the package attribute ``st_fast.patch``, shadowing the
+    lazily exported function of the same name; calling the module calls the function, so both spellings work."""
+
+    def __call__(self, st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
+        patch(st_fast)
+
+
+sys.modules[__name__].__class__ = _CallableModule

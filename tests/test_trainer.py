@@ -1,0 +1,347 @@
+"""st_fast.SentenceTransformerTrainer and st_fast.patch(): the same training as the stock trainer, with st_fast's parts.
+
+Each comparison trains twice from the same seed — once with the stock trainer, once with st_fast — and compares the
+batches every step consumed (a digest of the tokenized anchors) and the step losses. Dropout is on in both runs, so
+equal losses also show that st_fast consumes the RNG exactly as the stock code does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from sentence_transformers import SentenceTransformer
+from sentence_transformers import SentenceTransformerTrainer as StockTrainer
+from sentence_transformers.base import sampler as stock_sampler
+from sentence_transformers.base.trainer import BaseTrainer
+from sentence_transformers.sentence_transformer import losses as stock_losses
+from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+from transformers import TrainerCallback
+
+import st_fast
+from st_fast import losses as fast_losses
+from st_fast.data import load_debian_pairs
+from st_fast.sampler import NoDuplicatesBatchSampler
+from st_fast.trainer import SentenceTransformerTrainer as FastTrainer
+from st_fast.trainer import StFastConfig
+from tests.conftest import make_tiny_model
+
+LOSS_RTOL = 1e-4
+
+
+class RecordingMixin:
+    """Records, per ``compute_loss`` call, a digest of the batch and the loss value."""
+
+    def __init__(self, *args, **kwargs):
+        self.batch_digests: list[str] = []
+        self.step_losses: list[float] = []
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["anchor_input_ids"]
+        self.batch_digests.append(hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:16])
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self.step_losses.append(float((loss[0] if return_outputs else loss).detach()))
+        return loss
+
+
+class RecordingStock(RecordingMixin, StockTrainer):
+    pass
+
+
+class RecordingFast(RecordingMixin, FastTrainer):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _always_unpatched():
+    yield
+    st_fast.unpatch()
+
+
+def _args(tmp_path, name: str, **overrides) -> SentenceTransformerTrainingArguments:
+    config = dict(
+        output_dir=str(tmp_path / name), max_steps=10, per_device_train_batch_size=16, learning_rate=5e-5,
+        seed=42, batch_sampler="no_duplicates", report_to="none", save_strategy="no", logging_steps=1,
+        use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
+    )  # fmt: skip
+    config.update(overrides)
+    return SentenceTransformerTrainingArguments(**config)
+
+
+def _pairs(limit: int) -> Dataset:
+    return load_debian_pairs(limit=limit).select_columns(["anchor", "positive"])
+
+
+def _sampler_batches(trainer) -> list[list[int]]:
+    batch_sampler = trainer.get_train_dataloader().batch_sampler
+    batch_sampler = getattr(batch_sampler, "batch_sampler", batch_sampler)  # under accelerate's BatchSamplerShard
+    return [list(batch) for batch in batch_sampler]
+
+
+def _assert_same_training(stock, fast) -> None:
+    assert fast.batch_digests == stock.batch_digests
+    assert len(fast.step_losses) == len(stock.step_losses) > 0
+    torch.testing.assert_close(
+        torch.tensor(fast.step_losses, dtype=torch.float64), torch.tensor(stock.step_losses, dtype=torch.float64),
+        rtol=LOSS_RTOL, atol=0.0,
+    )  # fmt: skip
+
+
+def _max_rel_diff(stock, fast) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(fast.step_losses, stock.step_losses, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end: all-MiniLM-L6-v2 on the real Debian pairs, stock trainer vs st_fast trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stock_class", "kwargs", "fast_class"),
+    [
+        (stock_losses.MultipleNegativesRankingLoss, {}, fast_losses.MultipleNegativesRankingLoss),
+        (
+            stock_losses.CachedMultipleNegativesRankingLoss,
+            {"mini_batch_size": 8},
+            fast_losses.CachedMultipleNegativesRankingLoss,
+        ),
+    ],
+    ids=["MNRL", "CachedMNRL"],
+)  # fmt: skip
+def test_real_model_stock_vs_st_fast(minilm_path, tmp_path, stock_class, kwargs, fast_class, caplog):
+    dataset = _pairs(400)
+    trainers = {}
+    for name, trainer_class in (("stock", RecordingStock), ("fast", RecordingFast)):
+        model = SentenceTransformer(minilm_path, device="cpu")
+        model.max_seq_length = 64
+        trainer = trainer_class(
+            model=model, args=_args(tmp_path, name), train_dataset=dataset, loss=stock_class(model, **kwargs)
+        )
+        with caplog.at_level(logging.INFO, logger="st_fast.trainer"):
+            trainer.train()
+        trainers[name] = trainer
+    stock, fast = trainers["stock"], trainers["fast"]
+
+    assert type(stock.loss) is stock_class and type(fast.loss) is fast_class
+    assert fast.loss.model is fast.model
+    assert isinstance(fast.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
+    assert _sampler_batches(fast) == _sampler_batches(stock)
+    assert len(stock.step_losses) == 10
+    _assert_same_training(stock, fast)
+    print(
+        f"\n{stock_class.__name__}: stock {stock.step_losses}\n  st_fast max rel diff {_max_rel_diff(stock, fast):.2e}"
+    )
+
+    # Logged once at train begin; the model card names the same loss and tags st_fast.
+    reports = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+    assert len(reports) == 1 and "fused" in reports[0] and "st_fast.NoDuplicatesBatchSampler" in reports[0]
+    card = fast.model.model_card_data
+    assert f"loss:{stock_class.__name__}" in card.tags and "st_fast" in card.tags
+    assert "st_fast" not in stock.model.model_card_data.tags
+
+
+def test_model_card_names_the_fused_loss(tiny_model, tmp_path):
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "card", max_steps=2), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model, scale=10.0),
+    )  # fmt: skip
+    trainer.train()
+    tiny_model.save(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "st_fast.losses.multiple_negatives_ranking.MultipleNegativesRankingLoss" in card
+    assert '"scale": 10.0' in card and "loss:MultipleNegativesRankingLoss" in card and "- st_fast" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options and what is left stock
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_options_turn_parts_off(tiny_model, tmp_path):
+    loss = stock_losses.MultipleNegativesRankingLoss(tiny_model)
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "off"), train_dataset=_pairs(64), loss=loss, st_fast=False
+    )
+    assert trainer.loss is loss
+    assert type(trainer.get_train_dataloader().batch_sampler) is stock_sampler.NoDuplicatesBatchSampler
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "loss-off"), train_dataset=_pairs(64), loss=loss,
+        st_fast={"loss": False, "backend": "torch"},
+    )  # fmt: skip
+    assert trainer.loss is loss
+    assert isinstance(trainer.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "torch"), train_dataset=_pairs(64), loss=loss,
+        st_fast=StFastConfig(backend="torch"),
+    )  # fmt: skip
+    assert type(trainer.loss) is fast_losses.MultipleNegativesRankingLoss and trainer.loss.backend == "torch"
+    with pytest.raises(ValueError, match="unknown option"):
+        StFastConfig.coerce({"sampler": True, "kernels": True})
+
+
+def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
+    from sentence_transformers import util
+
+    dataset = DatasetDict({"a": _pairs(64), "b": _pairs(96).select(range(32, 96))})
+    losses = {
+        "a": stock_losses.MultipleNegativesRankingLoss(tiny_model, similarity_fct=util.euclidean_sim),
+        "b": stock_losses.CoSENTLoss(tiny_model),
+    }
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "report", max_steps=1, batch_sampler="batch_sampler"),
+        train_dataset=DatasetDict({"a": dataset["a"]}), loss=losses,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="st_fast.trainer"):
+        trainer.train()
+    (report,) = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+    assert "similarity_fct=euclidean_sim has no fused kernel" in report
+    assert "CoSENTLoss: left stock" in report
+    assert type(trainer.loss["b"]) is stock_losses.CoSENTLoss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-dataset training, eval data, model_init, gradient accumulation, resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multi", ["round_robin", "proportional"])
+def test_dict_losses_with_dataset_dict(minilm_path, tmp_path, multi):
+    train = DatasetDict({"first": _pairs(96), "second": _pairs(160).select(range(96, 160))})
+    evaluation = DatasetDict(
+        {"first": _pairs(200).select(range(160, 200)), "second": _pairs(240).select(range(200, 240))}
+    )
+    trainers = {}
+    for name, trainer_class in (("stock", RecordingStock), ("fast", RecordingFast)):
+        model = make_tiny_model(minilm_path)
+        loss = {
+            "first": stock_losses.MultipleNegativesRankingLoss(model),
+            "second": stock_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4),
+        }
+        trainer = trainer_class(
+            model=model, train_dataset=train, eval_dataset=evaluation, loss=loss,
+            args=_args(
+                tmp_path, name, max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                multi_dataset_batch_sampler=multi, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=3,
+            ),
+        )  # fmt: skip
+        trainer.train()
+        trainers[name] = trainer
+    stock, fast = trainers["stock"], trainers["fast"]
+    assert type(fast.loss["first"]) is fast_losses.MultipleNegativesRankingLoss
+    assert type(fast.loss["second"]) is fast_losses.CachedMultipleNegativesRankingLoss
+    for trainer in (fast.get_train_dataloader(), fast.get_eval_dataloader()):
+        children = trainer.batch_sampler.batch_samplers
+        assert all(isinstance(child, NoDuplicatesBatchSampler) for child in children)
+    _assert_same_training(stock, fast)  # eval losses included (compute_loss runs for eval batches too)
+    evals = [
+        [
+            value
+            for log in t.state.log_history
+            for key, value in log.items()
+            if key.startswith("eval_") and key.endswith("_loss")
+        ]
+        for t in (stock, fast)
+    ]  # eval_first_loss, eval_second_loss at steps 3 and 6
+    assert len(evals[0]) == 4
+    torch.testing.assert_close(torch.tensor(evals[1]), torch.tensor(evals[0]), rtol=LOSS_RTOL, atol=0.0)
+
+
+def test_model_init_and_loss_callable(minilm_path, tmp_path):
+    def model_init():
+        return make_tiny_model(minilm_path, seed=3)
+
+    trainer = FastTrainer(
+        model_init=model_init, args=_args(tmp_path, "init", max_steps=2), train_dataset=_pairs(64),
+        loss=lambda model: stock_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4),
+    )  # fmt: skip
+    assert type(trainer.loss) is fast_losses.CachedMultipleNegativesRankingLoss
+    trainer.train()  # call_model_init builds a fresh model; the loss must follow it and stay fused
+    assert type(trainer.loss) is fast_losses.CachedMultipleNegativesRankingLoss
+    assert trainer.loss.model is trainer.model
+
+
+def test_resume_from_checkpoint_gives_the_same_batches(minilm_path, tmp_path):
+    dataset = _pairs(80)  # 5 batches of 16 per epoch, 2 per step: 8 steps cross three epoch boundaries
+
+    class StopAt(TrainerCallback):
+        def __init__(self, step: int | None) -> None:
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                control.should_training_stop = True
+
+    def run(name: str, stop_at: int | None = None, resume: str | None = None) -> RecordingFast:
+        model = make_tiny_model(minilm_path)
+        trainer = RecordingFast(
+            model=model, train_dataset=dataset, loss=stock_losses.MultipleNegativesRankingLoss(model),
+            args=_args(tmp_path, name, max_steps=8, save_strategy="steps", save_steps=4, gradient_accumulation_steps=2),
+            callbacks=[StopAt(stop_at)],
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run("whole")
+    first = run("interrupted", stop_at=4)  # the same schedule (max_steps=8), stopped after the checkpoint at step 4
+    resumed = run("interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-4"))
+    assert first.batch_digests + resumed.batch_digests == whole.batch_digests
+    torch.testing.assert_close(
+        torch.tensor(first.step_losses + resumed.step_losses), torch.tensor(whole.step_losses), rtol=LOSS_RTOL, atol=0.0
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# st_fast.patch(): the stock trainer, constructed directly or by model.fit
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path):
+    originals = {name: BaseTrainer.__dict__[name] for name in ("prepare_loss", "call_model_init", "get_batch_sampler")}
+    st_fast.patch()
+    st_fast.patch()  # idempotent
+    assert st_fast.patch.is_patched()
+    trainer = StockTrainer(
+        model=tiny_model, args=_args(tmp_path, "patched", max_steps=2), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
+    )  # fmt: skip
+    assert type(trainer.loss) is fast_losses.MultipleNegativesRankingLoss
+    assert isinstance(trainer.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
+    trainer.train()
+
+    st_fast.unpatch()
+    assert {name: BaseTrainer.__dict__[name] for name in originals} == originals
+    trainer = StockTrainer(
+        model=tiny_model, args=_args(tmp_path, "unpatched", max_steps=2), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
+    )  # fmt: skip
+    assert type(trainer.loss) is stock_losses.MultipleNegativesRankingLoss
+    assert type(trainer.get_train_dataloader().batch_sampler) is stock_sampler.NoDuplicatesBatchSampler
+
+
+def test_patch_covers_model_fit(tiny_model, tmp_path, monkeypatch):
+    from sentence_transformers import InputExample
+    from sentence_transformers.sentence_transformer.datasets import NoDuplicatesDataLoader
+
+    built = []
+    original_init = StockTrainer.__init__
+
+    def spy_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(StockTrainer, "__init__", spy_init)
+    examples = [InputExample(texts=[row["anchor"], row["positive"]]) for row in _pairs(64)]
+    loader = NoDuplicatesDataLoader(examples, batch_size=16)
+    st_fast.patch({"backend": "torch"})
+    tiny_model.fit(train_objectives=[(loader, stock_losses.MultipleNegativesRankingLoss(tiny_model))], epochs=1,
+                   show_progress_bar=False, output_path=None)  # fmt: skip
+    (trainer,) = built
+    (loss,) = trainer.loss.values()  # fit() trains a dict of one loss per objective
+    assert type(loss) is fast_losses.MultipleNegativesRankingLoss and loss.backend == "torch"
+    children = trainer.get_train_dataloader().batch_sampler.batch_samplers
+    assert all(isinstance(child, NoDuplicatesBatchSampler) for child in children)
+    assert trainer.state.global_step == 4
