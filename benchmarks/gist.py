@@ -7,7 +7,8 @@ stand-ins returning those embeddings, so one call is ``loss = loss_module(featur
 
 * ``stock``: ``sentence_transformers...GISTEmbedLoss``, whose broadcast ``nn.CosineSimilarity(a[:, None], b[None])``
   materializes (B, N, D) tensors for every block, trainable and guide, and saves the trainable ones for backward;
-* ``torch`` / ``native``: ``st_fast.losses.GISTEmbedLoss(backend=...)`` (no guided triton kernel yet).
+* ``torch`` / ``native`` (/ ``triton`` on CUDA when named in ``--gist-backends``):
+  ``st_fast.losses.GISTEmbedLoss(backend=...)``.
 
 Columns as in the ``fused_loss`` part: median time (``runs`` calls), peak memory of one call (CUDA max allocated,
 or the CPU profiler's peak of live tensor bytes), speed-up and memory ratio against stock, and the largest absolute
@@ -48,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gist-dim", type=int, default=None, help="embedding size D (default 384; smoke 32; gpu 1024)")
     group.add_argument("--gist-dtypes", nargs="+", choices=list(DTYPES), default=None,
                        help="embedding dtypes (default fp32; gpu bf16)")  # fmt: skip
-    group.add_argument("--gist-backends", nargs="+", choices=["torch", "native"], default=None,
-                       help="st_fast backends to time (default: every one that runs on the device)")  # fmt: skip
+    group.add_argument("--gist-backends", nargs="+", choices=["torch", "native", "triton"], default=None,
+                       help="st_fast backends to time (default: torch and native, where they run; triton on CUDA "
+                            "only when named here)")  # fmt: skip
     group.add_argument("--gist-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
     group.add_argument("--gist-time-budget", type=float, default=6.0,
                        help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
@@ -138,7 +140,9 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     repeats = 1 if args.smoke else max(1, args.repeats)
     rows: list[dict[str, Any]] = []
     for batch, k, dim, dtype in progress(gist_cases(args), desc="gist"):
-        backends = [b for b in available_backends(device, dtype, args.gist_backends) if b != "triton"]
+        backends = available_backends(device, dtype, args.gist_backends)
+        if not args.gist_backends:  # the guided triton kernels are opt-in until checked on a GPU
+            backends = [b for b in backends if b != "triton"]
         losses = make_losses(backends, with_stock=not args.gist_no_stock)
         columns, guide_columns = make_inputs(batch, k, dim, dtype, device)
         results: dict[str, dict[str, Any]] = {}

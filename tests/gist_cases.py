@@ -115,36 +115,27 @@ def simulate_rank1(monkeypatch, gather: FakeGather) -> None:
         monkeypatch.setattr(module, "get_rank", lambda: 1)
 
 
-def make_tiny_model_with_tokenizer(model_dir: str, *, hidden_size: int = 32, seed: int = 0, max_seq_length=32):
-    """A tiny random BERT + mean pooling SentenceTransformer whose tokenizer is the one in ``model_dir``."""
+def permuted_vocab_model(minilm_path: str, target: Path, *, hidden_size: int = 32, seed: int = 1):
+    """A tiny random BERT + mean pooling SentenceTransformer whose WordPiece vocabulary lists MiniLM's tokens in
+    another order (word pieces reversed, special tokens kept): a different ``get_vocab()``, so GIST must re-tokenize
+    for it as a guide. Offline and small: MiniLM's tokenizer files with a permuted vocab.txt (the fast tokenizer is
+    rebuilt from it; tokenizer.json is left out) and a freshly initialized 2-layer BERT saved next to them."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(seed)
-    transformer = Transformer(model_dir, max_seq_length=max_seq_length)
-    config = BertConfig(
-        vocab_size=transformer.tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=64,
-    )  # fmt: skip
-    transformer.model = BertModel(config)
-    return SentenceTransformer(modules=[transformer, Pooling(hidden_size, pooling_mode="mean")], device="cpu")
-
-
-def permuted_vocab_copy(minilm_path: str, target: Path) -> str:
-    """A copy of the MiniLM directory whose WordPiece vocabulary lists the same tokens in another order (word
-    pieces reversed, special tokens kept): a different ``get_vocab()``, so GIST must re-tokenize for the guide.
-    Offline: the fast tokenizer is rebuilt from vocab.txt (tokenizer.json is left out)."""
     source = Path(minilm_path)
     target.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.name in ("vocab.txt", "tokenizer.json"):
-            continue
-        if path.is_dir():
-            shutil.copytree(path, target / path.name, dirs_exist_ok=True)
-        else:
-            (target / path.name).symlink_to(path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, target / name)
     tokens = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
     head = 1000  # [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK] keep their ids; every other token still exists
     (target / "vocab.txt").write_text("\n".join(tokens[:head] + tokens[head:][::-1]) + "\n", encoding="utf-8")
-    return str(target)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokens), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden_size, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(target)
+    transformer = Transformer(str(target), max_seq_length=32)
+    return SentenceTransformer(modules=[transformer, Pooling(hidden_size, pooling_mode="mean")], device="cpu")

@@ -23,7 +23,7 @@ class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
     Args:
         Same as the stock class (model, guide, temperature, mini_batch_size, mini_batch_num_tokens,
         show_progress_bar, margin_strategy, margin, contrast_anchors, contrast_positives, gather_across_devices),
-        plus ``backend``: ``"auto"``, ``"native"`` or ``"torch"`` (``"triton"``: NotImplementedError, see
+        plus ``backend``: ``"auto"``, ``"native"``, ``"torch"`` or ``"triton"`` (see
         :class:`st_fast.losses.GISTEmbedLoss`).
 
     The mini-batch embedding, guide embedding and re-tokenization, RandContext replay and backward hook are the

@@ -21,11 +21,6 @@ logger = logging.getLogger(__name__)
 def validate_guided_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "st_fast GIST losses: the guided triton kernel is not implemented yet; use backend='auto' (native C++ "
-            "row kernel with chunked GEMMs on CPU and CUDA), 'native' or 'torch'"
-        )
     return backend
 
 
@@ -101,8 +96,9 @@ class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
     Args:
         Same as the stock class (model, guide, temperature, margin_strategy, margin, contrast_anchors,
         contrast_positives, gather_across_devices), plus
-        backend: ``"auto"`` (native C++/CUDA row kernel when built, else PyTorch), ``"native"`` or ``"torch"``.
-            ``"triton"`` raises NotImplementedError: the guided triton kernel is not implemented yet.
+        backend: ``"auto"`` (native C++/CUDA row kernel with chunked GEMMs when built, else PyTorch),
+            ``"native"``, ``"torch"`` or ``"triton"`` (guided Triton kernels that mask inside the score tiles; opt-in:
+            ``auto`` does not pick them before they have been checked on a GPU).
 
     The guide embedding and re-tokenization are the stock ones (same ``embed_columns`` calls, in the same order).
     Cosine similarities normalize each vector with its norm clamped at 1e-8 (nn.CosineSimilarity's eps), which

@@ -27,8 +27,9 @@ cancellation log Z - positive logit at logits of magnitude 1/T). Then ``d_rows +
 ``d_columns += Gᵀ @ rows`` per block. Memory beyond the inputs: the fp32 gradients and one chunk of scores and
 guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).
 
-The ``triton`` backend has no guided kernel yet: ``backend="triton"`` raises NotImplementedError and ``auto``
-takes native (or torch) on every device.
+The ``triton`` backend (:mod:`st_fast.ops.triton_guided`) computes the guide tile next to each score tile inside
+the kernels and never stores either; it is selected only by ``backend="triton"``: until it has been measured and
+checked on a GPU, ``auto`` takes native (or torch) on every device.
 """
 
 from __future__ import annotations
@@ -188,15 +189,100 @@ class FusedGuidedLoss(torch.autograd.Function):
         return result.grad_anchors * grad_loss, result.grad_candidates * grad_loss, *(None,) * 7
 
 
-def resolve_guided_row_kernel(name: str, device: torch.device, dtype: torch.dtype) -> RowKernel:
-    """The row kernel for ``backend=name``. ``auto``: native when built (float32), else torch; float64: torch."""
+class FusedGuidedTritonLoss(torch.autograd.Function):
+    """The ``triton`` backend: three guided segments (``[AP | AN..]`` with the target protected, AA, PP) of
+    :mod:`st_fast.ops.triton_guided`, joint LSE in torch; the backward recomputes the score and guide tiles.
+    Saved for backward: the operands and B-sized fp32 statistics, never a score tile."""
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, anchors_guide, candidates_guide, spec: GuidedSpec, row_offset, width):
+        from st_fast.ops.triton_guided import guided_lse_forward
+
+        segments = _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width)
+        positive_guide = anchors_guide.float() * candidates_guide[row_offset : row_offset + anchors.shape[0]].float()
+        threshold = spec.thresholds(positive_guide.sum(dim=1))[:, 0].contiguous()
+        shift = (anchors.float() * candidates[row_offset : row_offset + anchors.shape[0]].float()).sum(dim=1)
+        scale = 1.0 / spec.temperature
+        with torch.autocast(anchors.device.type, enabled=False):
+            lses = torch.stack(
+                [
+                    guided_lse_forward(r, c, gr, gc, shift, threshold, scale=scale, row_start=start, protect=protect)
+                    for (r, c, gr, gc, start, protect, _) in segments
+                ]
+            )
+        log_z = torch.logsumexp(lses, dim=0)
+        ctx.save_for_backward(anchors, candidates, anchors_guide, candidates_guide, shift, threshold, log_z)
+        ctx.spec, ctx.row_offset, ctx.width = spec, row_offset, width
+        return log_z.mean()  # loss_i = log Z_i - scale·(positive_i - shift_i) = log Z_i in shifted units
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from st_fast.ops.triton_guided import guided_lse_backward
+
+        anchors, candidates, anchors_guide, candidates_guide, shift, threshold, log_z = ctx.saved_tensors
+        spec, offset, width = ctx.spec, ctx.row_offset, ctx.width
+        batch_size, scale = anchors.shape[0], 1.0 / spec.temperature
+        grads = {"anchors": torch.zeros(anchors.shape, dtype=torch.float32, device=anchors.device)}
+        grads["candidates"] = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
+        row_grad = (grad_loss.float() / batch_size).expand(batch_size).contiguous()
+        segments = _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec, offset, width)
+        with torch.autocast(anchors.device.type, enabled=False):
+            for rows, cols, guide_rows, guide_cols, start, protect, targets in segments:
+                d_rows, d_cols = guided_lse_backward(
+                    rows, cols, guide_rows, guide_cols, shift, threshold, log_z, row_grad, scale=scale,
+                    row_start=start, protect=protect,
+                )  # fmt: skip
+                (row_name, row_slice), (column_name, column_slice) = targets
+                grads[row_name][row_slice] += d_rows
+                grads[column_name][column_slice] += d_cols
+        local = slice(offset, offset + batch_size)
+        positive_grad = row_grad[:, None] * scale  # the positive term -scale·<a_i, c_0[g]> / B
+        grads["anchors"] -= positive_grad * candidates[local].float()
+        grads["candidates"][local] -= positive_grad * anchors.float()
+        return grads["anchors"].to(anchors.dtype), grads["candidates"].to(candidates.dtype), *(None,) * 5
+
+
+def _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec: GuidedSpec, offset: int, width: int):
+    """(rows, cols, guide rows, guide cols, row_start, protect, ((row target, slice), (column target, slice))) of
+    each block; row_start is the target column of the first row (protected in [AP | AN..] only)."""
+    local, everything = slice(offset, offset + anchors.shape[0]), slice(None)
+    segments = [
+        (anchors, candidates, anchors_guide, candidates_guide, offset, True,
+         (("anchors", everything), ("candidates", everything))),
+    ]  # fmt: skip
+    if spec.contrast_anchors:
+        segments.append(
+            (
+                anchors,
+                anchors,
+                anchors_guide,
+                anchors_guide,
+                0,
+                False,
+                (("anchors", everything), ("anchors", everything)),
+            )
+        )
+    if spec.contrast_positives:
+        segments.append(
+            (candidates[local], candidates[:width], candidates_guide[local], candidates_guide[:width], 0, False,
+             (("candidates", local), ("candidates", slice(0, width))))
+        )  # fmt: skip
+    return segments
+
+
+def resolve_guided_backend(name: str, device: torch.device, dtype: torch.dtype) -> RowKernel | str:
+    """The row kernel for ``backend=name`` (torch / native), or ``"triton"``. ``auto``: native when built
+    (float32), else torch; float64: torch. (``auto`` does not pick the guided triton kernels yet: they are tested in
+    the Triton interpreter only.)"""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "triton":
-        raise NotImplementedError(
-            "the guided (GISTEmbed) triton kernel is not implemented yet; use backend='auto', 'native' or 'torch' "
-            "(chunked GEMMs, same memory bound)"
-        )
+        if dtype == torch.float64:
+            raise TypeError("the triton backend takes float32/float16/bfloat16; use backend='torch' for float64")
+        from st_fast.ops.triton_lse import triton_available_for
+
+        triton_available_for(torch.empty(0, device=device))
+        return "triton"
     if name == "auto":
         name = "native" if dtype != torch.float64 and native_available(device) else "torch"
     if name == "torch":
@@ -247,10 +333,11 @@ def fused_gist_loss(
         anchors: (B, D) trainable anchor embeddings of this rank.
         candidates: k tensors (W, D): the positives, then the negative columns (W = B without gathering).
         anchors_guide, candidates_guide: the guide's embeddings (B, D') and k x (W, D'); no gradient flows to them.
-        Other arguments as in sentence-transformers' GISTEmbedLoss; ``backend``: ``"auto"``, ``"native"`` or
-        ``"torch"`` (``"triton"`` raises NotImplementedError).
+        Other arguments as in sentence-transformers' GISTEmbedLoss; ``backend``: ``"auto"`` (native when built,
+        else torch), ``"native"``, ``"torch"`` or ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1).
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings); gradients reach ``anchors`` and ``candidates``.
+        ``chunk_bytes`` sizes the row chunks of the torch / native backends (default: 8 MiB CPU, 512 MiB CUDA).
     """
     candidates, candidates_guide = list(candidates), list(candidates_guide)
     if len(candidates) < 1 or len(candidates) != len(candidates_guide):
@@ -267,13 +354,21 @@ def fused_gist_loss(
     spec = GuidedSpec(float(temperature), margin_strategy, float(margin), bool(contrast_anchors),
                       bool(contrast_positives))  # fmt: skip
     dtype = compute_dtype(anchors.dtype)
-    row_kernel = resolve_guided_row_kernel(backend, anchors.device, dtype)
-    anchor_operand = _normalized(anchors, dtype)
-    candidate_operand = _normalized(torch.cat(candidates, dim=0), dtype)
+    row_kernel = resolve_guided_backend(backend, anchors.device, dtype)
+    operand_dtype = anchors.dtype if row_kernel == "triton" else dtype
+    anchor_operand = _normalized(anchors, dtype).to(operand_dtype)
+    candidate_operand = _normalized(torch.cat(candidates, dim=0), dtype).to(operand_dtype)
     with torch.no_grad():
-        anchor_guide = _normalized(anchors_guide.detach(), dtype)
-        candidate_guide = _normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), dtype)
+        guide_dtype = compute_dtype(anchors_guide.dtype)
+        anchor_guide = _normalized(anchors_guide.detach(), guide_dtype)
+        candidate_guide = _normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), guide_dtype)
+    if row_kernel == "triton":
+        guide_operand_dtype = anchors_guide.dtype if anchors_guide.dtype != torch.float64 else torch.float32
+        return FusedGuidedTritonLoss.apply(
+            anchor_operand, candidate_operand, anchor_guide.to(guide_operand_dtype),
+            candidate_guide.to(guide_operand_dtype), spec, row_offset, width,
+        )  # fmt: skip
     return FusedGuidedLoss.apply(
-        anchor_operand, candidate_operand, anchor_guide, candidate_guide, spec, row_offset, width, row_kernel,
-        chunk_bytes,
+        anchor_operand, candidate_operand, anchor_guide.to(dtype), candidate_guide.to(dtype), spec, row_offset, width,
+        row_kernel, chunk_bytes,
     )  # fmt: skip

@@ -13,8 +13,7 @@ from gist_cases import (
     FakeGather,
     gist_columns,
     guide_statistics,
-    make_tiny_model_with_tokenizer,
-    permuted_vocab_copy,
+    permuted_vocab_model,
     simulate_rank1,
 )
 from parity import assert_parity, relative_error
@@ -30,7 +29,8 @@ BATCH, DIM, GUIDE_DIM = 7, 16, 12
 
 @pytest.fixture(scope="module")
 def stage_model(minilm_path):
-    """A model for the constructors only: the loss-stage tests never run it."""
+    """A tiny random model shared by this module's tests: the loss-stage tests only construct losses with it, the
+    real-model tests set train/eval mode and zero its gradients themselves."""
     from conftest import make_tiny_model
 
     return make_tiny_model(minilm_path)
@@ -103,12 +103,17 @@ def test_simulated_rank1_loss_stage_matches_stock(monkeypatch, stage_model, back
     assert relative_error(loss, _stage(local_stock, columns, guide_columns, torch.float32)[0]) > 1e-3
 
 
+def test_triton_loss_stage_matches_stock(stage_model):
+    """The guided Triton kernels (in the interpreter on CPU), 5 columns, mini-batches of 3."""
+    stock, fast = _losses(stage_model, "triton", mini_batch_size=3, margin_strategy="absolute", margin=0.1)
+    columns, guide_columns = gist_columns(BATCH, DIM, GUIDE_DIM, 5, seed=5)
+    _check_stage(stock, fast, columns, guide_columns)
+
+
 def test_config_class_relationship_and_errors(stage_model):
     stock, fast = _losses(stage_model, "torch", mini_batch_size=4, margin=0.1)
     assert isinstance(fast, stock_losses.CachedGISTEmbedLoss) and fast.uses_gradient_cache
     assert fast.get_config_dict() == stock.get_config_dict()
-    with pytest.raises(NotImplementedError, match="guided triton kernel"):
-        fast_losses.CachedGISTEmbedLoss(stage_model, stage_model, backend="triton")
     with pytest.raises(ValueError, match="same length"):
         fast.calculate_loss([[torch.randn(2, 4)]] * 2, [[torch.randn(2, 4)]])
 
@@ -131,8 +136,9 @@ TEXTS = [
 
 
 @pytest.mark.parametrize("mini_batch_size", [2])
-def test_real_model_with_dropout_matches_stock(tiny_model, mini_batch_size):
+def test_real_model_with_dropout_matches_stock(stage_model, mini_batch_size):
     """Dropout on (the stock RandContext replay reproduces it), the model as its own guide, 4 columns."""
+    tiny_model = stage_model
     tiny_model.train()
     features = [tiny_model.preprocess(column) for column in TEXTS]
     config = dict(mini_batch_size=mini_batch_size, temperature=0.05, margin=0.02)
@@ -144,9 +150,10 @@ def test_real_model_with_dropout_matches_stock(tiny_model, mini_batch_size):
     assert relative_error(grads, ref_grads) < FP32_RTOL
 
 
-def test_real_model_with_a_retokenizing_guide_matches_stock(tiny_model, minilm_path, tmp_path):
+def test_real_model_with_a_retokenizing_guide_matches_stock(stage_model, minilm_path, tmp_path):
+    tiny_model = stage_model
     tiny_model.eval()
-    guide = make_tiny_model_with_tokenizer(permuted_vocab_copy(minilm_path, tmp_path / "vocab"), seed=1)
+    guide = permuted_vocab_model(minilm_path, tmp_path / "vocab")
     guide.eval()
     config = dict(mini_batch_size=2, temperature=0.05, margin_strategy="relative", margin=0.1)
     stock = stock_losses.CachedGISTEmbedLoss(tiny_model, guide, **config)

@@ -21,8 +21,7 @@ from gist_cases import (
     column_features,
     gist_columns,
     guide_statistics,
-    make_tiny_model_with_tokenizer,
-    permuted_vocab_copy,
+    permuted_vocab_model,
     simulate_rank1,
 )
 from parity import assert_parity, float64_copies, loss_and_grads, relative_error
@@ -118,6 +117,19 @@ def test_simulated_rank1_matches_stock(monkeypatch, tokenizer, backend, num_colu
     assert relative_error(loss, _run(local_stock, columns, guide_columns)[0]) > 1e-3
 
 
+@pytest.mark.parametrize("num_columns, gather", [(3, False), (3, True)])
+def test_triton_backend_matches_stock(monkeypatch, tokenizer, num_columns, gather):
+    """The guided Triton kernels (in the interpreter on CPU), plain and as rank 1 of 2."""
+    config = dict(margin_strategy="relative", margin=0.1, gather_across_devices=gather)
+    stock, fast = _losses(tokenizer, "triton", **config)
+    columns, guide_columns = gist_columns(BATCH, DIM, GUIDE_DIM, num_columns, seed=10 + num_columns)
+    if gather:
+        others, guide_others = gist_columns(BATCH, DIM, GUIDE_DIM, num_columns, seed=20 + num_columns)
+        pairs = list(zip(columns[1:] + guide_columns[1:], others[1:] + guide_others[1:], strict=True))
+        simulate_rank1(monkeypatch, FakeGather(pairs))
+    _check(stock, fast, columns, guide_columns)
+
+
 def test_float64_embeddings_match_stock_to_float64_precision(tokenizer):
     stock, fast = _losses(tokenizer, "auto", margin=0.1)
     columns, guide_columns = gist_columns(BATCH, DIM, GUIDE_DIM, 3, seed=3)
@@ -132,8 +144,6 @@ def test_config_dict_citation_and_errors(tokenizer):
     stock, fast = _losses(tokenizer, "torch", margin=0.1)
     assert isinstance(fast, stock_losses.GISTEmbedLoss)
     assert fast.get_config_dict() == stock.get_config_dict() and fast.citation == stock.citation
-    with pytest.raises(NotImplementedError, match="guided triton kernel"):
-        fast_losses.GISTEmbedLoss(fast.model, fast.guide, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         fast_losses.GISTEmbedLoss(fast.model, fast.guide, backend="cuda")
     with pytest.raises(ValueError, match="margin_strategy"):
@@ -204,19 +214,26 @@ def _train_step(model, loss, features, *, seed: int):
 
 
 @pytest.fixture(scope="module")
-def other_tokenizer_dir(minilm_path, tmp_path_factory):
-    return permuted_vocab_copy(minilm_path, tmp_path_factory.mktemp("permuted_vocab"))
+def small_model(minilm_path):
+    """A tiny random model shared by this module's real-model tests (each sets eval mode and zeroes gradients)."""
+    from conftest import make_tiny_model
+
+    return make_tiny_model(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_guide(minilm_path, tmp_path_factory):
+    return permuted_vocab_model(minilm_path, tmp_path_factory.mktemp("permuted_vocab"))
 
 
 @pytest.mark.parametrize("guide_kind, num_columns", [("model-as-guide", 2), ("other-tokenizer", 3)])
-def test_real_model_parameter_gradients_match_stock(tiny_model, other_tokenizer_dir, guide_kind, num_columns):
+def test_real_model_parameter_gradients_match_stock(small_model, other_tokenizer_guide, guide_kind, num_columns):
     """Loss and parameter gradients of a small real model: stock on a float64 copy of model and guide is the
     reference, stock in float32 the baseline (at temperature 0.01 the float32 cosines' rounding is amplified 100x,
-    and a random tiny model's embeddings are all close: stock float32 itself is off by ~1e-4 relative)."""
+    and a random tiny model's embeddings are all close)."""
+    tiny_model = small_model
     tiny_model.eval()  # no dropout: every forward sees identical embeddings
-    guide = (
-        tiny_model if guide_kind == "model-as-guide" else make_tiny_model_with_tokenizer(other_tokenizer_dir, seed=1)
-    )
+    guide = tiny_model if guide_kind == "model-as-guide" else other_tokenizer_guide
     guide.eval()
     model64 = copy.deepcopy(tiny_model).double()
     guide64 = model64 if guide is tiny_model else copy.deepcopy(guide).double()
