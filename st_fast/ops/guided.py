@@ -116,7 +116,8 @@ def guided_loss_and_grad(
     for begin in range(0, batch_size, chunk):
         n = min(chunk, batch_size - begin)
         rows, global_rows = slice(begin, begin + n), slice(offset + begin, offset + begin + n)
-        diagonal = (torch.arange(n, device=anchors.device), torch.arange(offset + begin, offset + begin + n))
+        local_index = torch.arange(n, device=anchors.device)
+        diagonal = (local_index, local_index + (offset + begin))  # (chunk row, its target column)
         # [AP | AN_1 | ..]: the positive column offset + begin + r is never masked
         ap_an = torch.matmul(anchors[rows], candidates.T, out=buffers[0][:n])
         guide = torch.matmul(anchors_guide[rows], candidates_guide.T, out=guide_buffer[:n])
