@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("fused_loss", "cached_loss", "sampler")
+PARTS = ("fused_loss", "cached_loss", "sampler", "gist", "training")
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def smoke_results(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.run(
         [sys.executable, "-m", "benchmarks", *PARTS, "--smoke", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
     )  # fmt: skip
     return out, process
 
