@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 
 import pytest
 import torch
@@ -346,3 +347,36 @@ def test_patch_covers_model_fit(tiny_model, tmp_path, monkeypatch):
     children = trainer.get_train_dataloader().batch_sampler.batch_samplers
     assert all(isinstance(child, NoDuplicatesBatchSampler) for child in children)
     assert trainer.state.global_step == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo on CPU) vs one process over the same global batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("ddp_train.py"))
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in (
+        [*torchrun, script, str(tmp_path / "two")],
+        [sys.executable, script, str(tmp_path / "one"), "--group", "2"],
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    ranks = [json.loads((tmp_path / "two" / f"losses-rank{rank}.json").read_text()) for rank in (0, 1)]
+    one = json.loads((tmp_path / "one" / "losses-rank0.json").read_text())
+    assert all(r["loss_class"].startswith("st_fast.") and r["sampler"] == "st_fast.sampler" for r in [*ranks, one])
+    # Each rank's loss is the mean over its local rows (against all gathered candidates); equal local batch sizes
+    # make the global loss the mean of the two.
+    two = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
+    assert len(two) == len(one["losses"]) == 5
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one["losses"]), rtol=LOSS_RTOL, atol=0.0)
