@@ -94,7 +94,9 @@ def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
         return
     base = _base_trainer()
     for name in _PATCHED_METHODS:
-        original = base.__dict__[name]
+        original = base.__dict__.get(name)
+        if original is None:  # not a hook of this sentence-transformers version
+            continue
         _originals[name] = original
         setattr(base, name, _WRAPPERS[name](original))
 

@@ -105,6 +105,17 @@ def _describe_fused(loss: torch.nn.Module) -> str:
     return "; ".join(dict.fromkeys(notes))
 
 
+def _why_not_fused(loss: torch.nn.Module) -> str:
+    from st_fast.losses.fuse import FUSED_CLASSES
+
+    if type(loss).__module__.startswith("st_fast."):
+        return "already an st_fast loss"
+    stock_bases = [base.__name__ for base in FUSED_CLASSES if isinstance(loss, base)]
+    if stock_bases:
+        return f"left stock (a subclass of {stock_bases[0]}: st_fast cannot know what its overrides change)"
+    return f"left stock ({type(loss).__module__}.{_loss_name(loss)} has no st_fast equivalent)"
+
+
 def fuse_loss(trainer: Any, loss: Any, config: StFastConfig) -> Any:
     """``loss`` (an ``nn.Module`` after the stock ``prepare_loss``) fused, with the decision recorded."""
     if not isinstance(loss, torch.nn.Module):
@@ -117,10 +128,7 @@ def fuse_loss(trainer: Any, loss: Any, config: StFastConfig) -> Any:
 
     fused = fuse(loss, backend=config.backend)
     if fused is loss:
-        if type(loss).__module__.startswith("st_fast."):
-            _record(trainer, part, "already an st_fast loss")
-        else:
-            _record(trainer, part, f"left stock ({type(loss).__module__}.{_loss_name(loss)} has no st_fast equivalent)")
+        _record(trainer, part, _why_not_fused(loss))
         return loss
     note = _describe_fused(fused)
     _record(trainer, part, f"fused (st_fast, backend={config.backend})" + (f"; {note}" if note else ""))
@@ -180,7 +188,7 @@ class SwapReportCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         report = swap_report(self.trainer)
-        if any(message.startswith(("fused", "NoDuplicates")) for message in report.values()):
+        if any(message.startswith(("fused", "already", "NoDuplicates")) for message in report.values()):
             card = getattr(getattr(self.trainer, "model", None), "model_card_data", None)
             if card is not None and hasattr(card, "add_tags"):
                 card.add_tags(["st_fast"])

@@ -185,24 +185,29 @@ def test_options_turn_parts_off(tiny_model, tmp_path):
         StFastConfig.coerce({"sampler": True, "kernels": True})
 
 
+class UserSubclassLoss(stock_losses.MultipleNegativesRankingLoss):
+    pass
+
+
 def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
     from sentence_transformers import util
 
-    dataset = DatasetDict({"a": _pairs(64), "b": _pairs(96).select(range(32, 96))})
     losses = {
         "a": stock_losses.MultipleNegativesRankingLoss(tiny_model, similarity_fct=util.euclidean_sim),
         "b": stock_losses.CoSENTLoss(tiny_model),
+        "c": UserSubclassLoss(tiny_model),
     }
     trainer = FastTrainer(
         model=tiny_model, args=_args(tmp_path, "report", max_steps=1, batch_sampler="batch_sampler"),
-        train_dataset=DatasetDict({"a": dataset["a"]}), loss=losses,
+        train_dataset=DatasetDict({"a": _pairs(64)}), loss=losses,  # a loss dict may name more datasets
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="st_fast.trainer"):
         trainer.train()
     (report,) = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
     assert "similarity_fct=euclidean_sim has no fused kernel" in report
     assert "CoSENTLoss: left stock" in report
-    assert type(trainer.loss["b"]) is stock_losses.CoSENTLoss
+    assert "UserSubclassLoss: left stock (a subclass of MultipleNegativesRankingLoss" in report
+    assert type(trainer.loss["b"]) is stock_losses.CoSENTLoss and type(trainer.loss["c"]) is UserSubclassLoss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
