@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer
 from sentence_transformers import SentenceTransformerTrainer as StockTrainer
@@ -28,7 +29,6 @@ from st_fast.data import load_debian_pairs
 from st_fast.sampler import NoDuplicatesBatchSampler
 from st_fast.trainer import SentenceTransformerTrainer as FastTrainer
 from st_fast.trainer import StFastConfig
-from tests.conftest import make_tiny_model
 
 LOSS_RTOL = 1e-4
 
