@@ -181,6 +181,12 @@ def test_options_turn_parts_off(tiny_model, tmp_path):
         st_fast=StFastConfig(backend="torch"),
     )  # fmt: skip
     assert type(trainer.loss) is fast_losses.MultipleNegativesRankingLoss and trainer.loss.backend == "torch"
+    hashed = _args(tmp_path, "hashed", batch_sampler="no_duplicates_hashed")
+    stock = StockTrainer(model=tiny_model, args=hashed, train_dataset=_pairs(64), loss=loss)
+    trainer = FastTrainer(model=tiny_model, args=hashed, train_dataset=_pairs(64), loss=loss)
+    fast_sampler = trainer.get_train_dataloader().batch_sampler
+    assert isinstance(fast_sampler, NoDuplicatesBatchSampler) and fast_sampler.precompute_hashes
+    assert _sampler_batches(trainer) == _sampler_batches(stock)
     with pytest.raises(ValueError, match="unknown option"):
         StFastConfig.coerce({"sampler": True, "kernels": True})
 
@@ -319,7 +325,17 @@ def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path):
     assert isinstance(trainer.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
     trainer.train()
 
+    # The st_fast trainer keeps its own options while patched (no second fusing, one report).
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "both", max_steps=2), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model), st_fast={"loss": False},
+    )  # fmt: skip
+    assert type(trainer.loss) is stock_losses.MultipleNegativesRankingLoss
+    assert isinstance(trainer.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
+
     st_fast.unpatch()
+    st_fast.unpatch()  # a no-op when not patched
+    assert not st_fast.patch.is_patched()
     assert {name: BaseTrainer.__dict__[name] for name in originals} == originals
     trainer = StockTrainer(
         model=tiny_model, args=_args(tmp_path, "unpatched", max_steps=2), train_dataset=_pairs(64),
