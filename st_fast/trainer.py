@@ -97,7 +97,7 @@ def _describe_fused(loss: torch.nn.Module) -> str:
     from st_fast.losses.similarity import fused_similarity_name
 
     notes = []
-    for module in [loss, *loss.modules()]:
+    for module in loss.modules():  # the loss itself first, then its children (wrappers' inner losses)
         if type(module).__module__.startswith("st_fast.") and hasattr(module, "similarity_fct"):
             if fused_similarity_name(module.similarity_fct) is None:
                 name = getattr(module.similarity_fct, "__name__", repr(module.similarity_fct))
@@ -159,9 +159,11 @@ def fast_batch_sampler(trainer: Any, stock_method: Any, config: StFastConfig, da
     from datasets import Dataset
 
     choice = trainer.args.batch_sampler
-    if not _is_stock_no_duplicates(choice):
-        return stock_method(dataset, *args, **kwargs)
     part = "batch sampler"
+    if not _is_stock_no_duplicates(choice):
+        name = getattr(choice, "value", None) or getattr(choice, "__name__", None) or type(choice).__name__
+        _record(trainer, part, f"{name} left stock (st_fast replaces only no_duplicates / no_duplicates_hashed)")
+        return stock_method(dataset, *args, **kwargs)
     if not config.sampler:
         _record(trainer, part, "left stock NoDuplicatesBatchSampler (st_fast sampler=False)")
         return stock_method(dataset, *args, **kwargs)

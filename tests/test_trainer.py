@@ -212,6 +212,7 @@ def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
     (report,) = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
     assert "similarity_fct=euclidean_sim has no fused kernel" in report
     assert "CoSENTLoss: left stock" in report
+    assert "batch sampler: batch_sampler left stock" in report
     assert "UserSubclassLoss: left stock (a subclass of MultipleNegativesRankingLoss" in report
     assert type(trainer.loss["b"]) is stock_losses.CoSENTLoss and type(trainer.loss["c"]) is UserSubclassLoss
 
