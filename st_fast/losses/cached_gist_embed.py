@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as StockCachedGISTEmbedLoss
 from torch import Tensor
 
+from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage
 from st_fast.losses.gist_embed import FusedGISTMixin, validate_guided_backend, warn_similarity_fallback_once
 
 
@@ -49,14 +49,7 @@ class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
             raise ValueError("reps and reps_guided must have the same length")
         if len(reps) < 2:
             raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
-        columns = [_concatenate(column) for column in reps]
-        guide_columns = [_concatenate(column) for column in reps_guided]
+        columns = [concatenate_mini_batches(column) for column in reps]
+        guide_columns = [concatenate_mini_batches(column) for column in reps_guided]
         loss = self.gist_loss(columns[0], columns[1:], guide_columns[0], guide_columns[1:])
-        if with_backward:
-            loss.backward()
-            loss = loss.detach()
-        return loss
-
-
-def _concatenate(mini_batches: list[Tensor]) -> Tensor:
-    return mini_batches[0] if len(mini_batches) == 1 else torch.cat(mini_batches)
+        return finish_loss_stage(loss, with_backward)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss as StockCachedMultipleNegativesRankingLoss,
 )
@@ -13,6 +12,7 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from torch import Tensor
 
+from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage
 from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin, validate_backend
 from st_fast.losses.similarity import fused_similarity_name, warn_fallback_once
 
@@ -33,15 +33,9 @@ class FusedCachedLossStageMixin(FusedMNRLMixin):
             return super().calculate_loss(reps, labels, with_backward=with_backward)
         if len(reps) < 2:
             raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
-        loss = self.fused_loss(_concatenate(reps[0]), [_concatenate(column) for column in reps[1:]])
-        if with_backward:
-            loss.backward()
-            loss = loss.detach()
-        return loss
-
-
-def _concatenate(mini_batches: list[Tensor]) -> Tensor:
-    return mini_batches[0] if len(mini_batches) == 1 else torch.cat(mini_batches)
+        columns = [concatenate_mini_batches(column) for column in reps]
+        loss = self.fused_loss(columns[0], columns[1:])
+        return finish_loss_stage(loss, with_backward)
 
 
 class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedMultipleNegativesRankingLoss):
