@@ -402,3 +402,34 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     two = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
     assert len(two) == len(one["losses"]) == 5
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one["losses"]), rtol=LOSS_RTOL, atol=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixed precision: bf16 autocast on the CPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stock_class", "kwargs"),
+    [
+        (stock_losses.MultipleNegativesRankingLoss, {}),
+        (stock_losses.CachedMultipleNegativesRankingLoss, {"mini_batch_size": 4}),
+    ],
+    ids=["MNRL", "CachedMNRL"],
+)  # fmt: skip
+def test_bf16_mixed_precision_training(minilm_path, tmp_path, stock_class, kwargs):
+    """bf16 autocast (``bf16=True``) on the CPU: the encoder runs in bf16, and both stock (whose similarity functions
+    upcast the embeddings) and st_fast (fp32 loss math) compute the loss from the same bf16 embeddings, so the
+    batches are identical and the step losses agree to LOSS_RTOL over every step."""
+    runs = {}
+    for name, trainer_class in (("stock", RecordingStock), ("st_fast", RecordingFast)):
+        model = make_tiny_model(minilm_path)
+        args = _args(tmp_path, name, max_steps=3, per_device_train_batch_size=8, bf16=True)
+        trainer = trainer_class(model=model, args=args, train_dataset=_pairs(64), loss=stock_class(model, **kwargs))
+        trainer.train()
+        runs[name] = trainer
+    stock, fast = runs["stock"], runs["st_fast"]
+    _assert_same_training(stock, fast)
+    assert isinstance(
+        fast.loss, (fast_losses.MultipleNegativesRankingLoss, fast_losses.CachedMultipleNegativesRankingLoss)
+    )
