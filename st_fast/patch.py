@@ -1,7 +1,8 @@
 """``st_fast.patch()`` / ``st_fast.unpatch()``: st_fast's swaps for trainers built by code you do not own.
 
-``patch()`` wraps three methods of the stock ``sentence_transformers.base.trainer.BaseTrainer`` — ``prepare_loss``,
-``call_model_init`` and ``get_batch_sampler`` — with the hooks of :class:`st_fast.SentenceTransformerTrainer`.
+``patch()`` wraps four methods of the stock ``sentence_transformers.base.trainer.BaseTrainer`` — ``prepare_loss``,
+``call_model_init``, ``get_batch_sampler`` and ``get_multi_dataset_batch_sampler`` — with the hooks of
+:class:`st_fast.SentenceTransformerTrainer`.
 Patching the methods rather than the exported names covers every way a trainer is built: a direct
 ``SentenceTransformerTrainer(...)`` whatever module it was imported from (even before ``patch()``), the legacy
 ``model.fit(...)`` (which builds one internally), user subclasses that do not override those methods, and the
@@ -19,9 +20,15 @@ import sys
 import types
 from typing import Any
 
-from st_fast.trainer import StFastConfig, fast_batch_sampler, fuse_loss, fuse_trainer_losses
+from st_fast.trainer import (
+    StFastConfig,
+    fast_batch_sampler,
+    fast_multi_dataset_batch_sampler,
+    fuse_loss,
+    fuse_trainer_losses,
+)
 
-_PATCHED_METHODS = ("prepare_loss", "call_model_init", "get_batch_sampler")
+_PATCHED_METHODS = ("prepare_loss", "call_model_init", "get_batch_sampler", "get_multi_dataset_batch_sampler")
 _originals: dict[str, Any] = {}
 _config = StFastConfig()
 
@@ -68,6 +75,17 @@ def _wrap_get_batch_sampler(original):
     return get_batch_sampler
 
 
+def _wrap_get_multi_dataset_batch_sampler(original):
+    @functools.wraps(original)
+    def get_multi_dataset_batch_sampler(self, *args, **kwargs):
+        stock = functools.partial(original, self)
+        if _owned(self):
+            return stock(*args, **kwargs)
+        return fast_multi_dataset_batch_sampler(self, stock, _config, *args, **kwargs)
+
+    return get_multi_dataset_batch_sampler
+
+
 @functools.cache
 def _bound_signature(function):
     import inspect
@@ -80,6 +98,7 @@ _WRAPPERS = {
     "prepare_loss": _wrap_prepare_loss,
     "call_model_init": _wrap_call_model_init,
     "get_batch_sampler": _wrap_get_batch_sampler,
+    "get_multi_dataset_batch_sampler": _wrap_get_multi_dataset_batch_sampler,
 }
 
 

@@ -181,6 +181,19 @@ def fast_batch_sampler(trainer: Any, stock_method: Any, config: StFastConfig, da
     return NoDuplicatesBatchSampler(dataset, precompute_hashes=hashed, **sampler_kwargs)
 
 
+def fast_multi_dataset_batch_sampler(trainer: Any, stock_method: Any, config: StFastConfig, *args: Any, **kwargs: Any):
+    """``stock_method(*args, **kwargs)`` (the stock ``get_multi_dataset_batch_sampler``) with ``set_epoch`` made
+    reachable under accelerate's batch-sampler sharding, which otherwise never reaches the round-robin /
+    proportional sampler (nor, through it, its per-dataset samplers), so every epoch would repeat epoch 0's batches."""
+    multi = stock_method(*args, **kwargs)
+    if multi is None or not config.sampler:
+        return multi
+    from st_fast.sampler import forward_set_epoch
+
+    _record(trainer, "multi-dataset batch sampler", f"{type(multi).__name__}: set_epoch forwarded under DDP sharding")
+    return forward_set_epoch(multi)
+
+
 class SwapReportCallback(TrainerCallback):
     """Logs the trainer's swap report once, at the first train begin, and tags the model card ``st_fast``."""
 
@@ -237,3 +250,7 @@ class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
 
     def get_batch_sampler(self, dataset, *args, **kwargs):
         return fast_batch_sampler(self, super().get_batch_sampler, self.st_fast_config, dataset, *args, **kwargs)
+
+    def get_multi_dataset_batch_sampler(self, *args, **kwargs):
+        stock = super().get_multi_dataset_batch_sampler
+        return fast_multi_dataset_batch_sampler(self, stock, self.st_fast_config, *args, **kwargs)
