@@ -72,3 +72,15 @@ def assert_parity(actual, expected, baseline, *, rtol: float) -> None:
     for column, (grad, ref_grad, base_grad) in enumerate(zip(grads, ref_grads, base_grads, strict=True)):
         assert torch.isfinite(grad).all(), f"column {column}: non-finite gradient"
         assert_close_to_reference(grad, ref_grad, base_grad, rtol=rtol, what=f"gradient of column {column}")
+
+
+def train_step(model, loss, features, *, seed: int = 0, grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded forward + backward of ``loss`` on ``features``: (detached loss, all parameter gradients flattened).
+    A dict of loss components (SpladeLoss) is summed, as the trainer does."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    value = loss(features, None)
+    if isinstance(value, dict):
+        value = torch.stack(list(value.values())).sum()
+    (value * grad_scale).backward()
+    return value.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -16,7 +16,7 @@ from gist_cases import (
     permuted_vocab_model,
     simulate_rank1,
 )
-from parity import assert_parity, relative_error
+from parity import assert_parity, relative_error, train_step
 from sentence_transformers.sentence_transformer import losses as stock_losses
 
 from st_fast import losses as fast_losses
@@ -118,15 +118,6 @@ def test_config_class_relationship_and_errors(stage_model):
         fast.calculate_loss([[torch.randn(2, 4)]] * 2, [[torch.randn(2, 4)]])
 
 
-def _train_step(model, loss, features, *, seed: int, grad_scale: float = 1.0):
-    model.zero_grad()
-    torch.manual_seed(seed)
-    value = loss(features, None)
-    (value * grad_scale).backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return value.detach(), grads
-
-
 TEXTS = [
     ["a cat sat on the mat", "dogs bark at night", "rain is expected today", "tea is hot", "the sun rises"],
     ["a kitten sits", "a dog is barking", "it will rain", "a hot drink", "sunrise in the east"],
@@ -144,8 +135,8 @@ def test_real_model_with_dropout_matches_stock(stage_model, mini_batch_size):
     config = dict(mini_batch_size=mini_batch_size, temperature=0.05, margin=0.02)
     stock = stock_losses.CachedGISTEmbedLoss(tiny_model, tiny_model, **config)
     fast = fast_losses.CachedGISTEmbedLoss(tiny_model, tiny_model, backend="native", **config)
-    ref_loss, ref_grads = _train_step(tiny_model, stock, features, seed=7, grad_scale=0.5)
-    loss, grads = _train_step(tiny_model, fast, features, seed=7, grad_scale=0.5)
+    ref_loss, ref_grads = train_step(tiny_model, stock, features, seed=7, grad_scale=0.5)
+    loss, grads = train_step(tiny_model, fast, features, seed=7, grad_scale=0.5)
     assert relative_error(loss, ref_loss) < FP32_RTOL
     assert relative_error(grads, ref_grads) < FP32_RTOL
 
@@ -160,8 +151,8 @@ def test_real_model_with_a_retokenizing_guide_matches_stock(stage_model, minilm_
     fast = fast_losses.CachedGISTEmbedLoss(tiny_model, guide, backend="auto", **config)
     assert stock.must_retokenize and fast.must_retokenize
     features = [tiny_model.preprocess(column) for column in TEXTS[:3]]
-    ref_loss, ref_grads = _train_step(tiny_model, stock, features, seed=1)
-    loss, grads = _train_step(tiny_model, fast, features, seed=1)
+    ref_loss, ref_grads = train_step(tiny_model, stock, features, seed=1)
+    loss, grads = train_step(tiny_model, fast, features, seed=1)
     assert relative_error(loss, ref_loss) < FP32_RTOL
     assert relative_error(grads, ref_grads) < FP32_RTOL
     with torch.no_grad():  # evaluation: the loss only, no hook

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from parity import assert_parity, relative_error
+from parity import assert_parity, relative_error, train_step
 from sentence_transformers.sentence_transformer import losses as stock_losses
 
 from st_fast import losses as fast_losses
@@ -82,15 +82,6 @@ def test_config_and_class_relationship(tiny_model):
     assert fast.loss.scale == 5.0 and fast.backend == "torch"
 
 
-def _train_step(model, loss, features, *, seed: int, grad_scale: float = 1.0):
-    model.zero_grad()
-    torch.manual_seed(seed)
-    value = loss(features, None)
-    (value * grad_scale).backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return value.detach(), grads
-
-
 TEXTS = [
     ["a cat sat on the mat", "dogs bark at night", "rain is expected today", "tea is hot", "the sun rises"],
     ["a kitten sits", "a dog is barking", "it will rain", "a hot drink", "sunrise in the east"],
@@ -113,15 +104,15 @@ def test_real_model_matches_stock_cached_and_non_cached_with_dropout(tiny_model,
     features = [tiny_model.preprocess(column) for column in TEXTS]
     stock = stock_losses.CachedMultipleNegativesRankingLoss(tiny_model, **cached_kwargs)
     fast = fast_losses.CachedMultipleNegativesRankingLoss(tiny_model, backend="native", **cached_kwargs)
-    ref_loss, ref_grads = _train_step(tiny_model, stock, features, seed=7)
-    loss, grads = _train_step(tiny_model, fast, features, seed=7)
+    ref_loss, ref_grads = train_step(tiny_model, stock, features, seed=7)
+    loss, grads = train_step(tiny_model, fast, features, seed=7)
     assert relative_error(loss, ref_loss) < 1e-5
     assert relative_error(grads, ref_grads) < 1e-5
     tiny_model.eval()  # non-cached MNRL embeds columns differently (merged forward): compare without dropout
-    mnrl_loss, mnrl_grads = _train_step(
+    mnrl_loss, mnrl_grads = train_step(
         tiny_model, stock_losses.MultipleNegativesRankingLoss(tiny_model), features, seed=7
     )
-    loss, grads = _train_step(tiny_model, fast, features, seed=7)
+    loss, grads = train_step(tiny_model, fast, features, seed=7)
     assert relative_error(loss, mnrl_loss) < 1e-5
     assert relative_error(grads, mnrl_grads) < 1e-4  # merged vs per-column padding changes the float32 encoder sums
 
@@ -131,8 +122,8 @@ def test_gradient_scaling_and_two_forwards_then_one_backward(tiny_model):
     features = [tiny_model.preprocess(column) for column in TEXTS[:2]]
     stock = stock_losses.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=2)
     fast = fast_losses.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=2, backend="native")
-    _, ref_grads = _train_step(tiny_model, stock, features, seed=1, grad_scale=0.25)
-    _, grads = _train_step(tiny_model, fast, features, seed=1, grad_scale=0.25)
+    _, ref_grads = train_step(tiny_model, stock, features, seed=1, grad_scale=0.25)
+    _, grads = train_step(tiny_model, fast, features, seed=1, grad_scale=0.25)
     assert relative_error(grads, ref_grads) < 1e-5
     tiny_model.zero_grad()
     first, second = fast(features, None), fast(features[::-1], None)
@@ -154,8 +145,8 @@ def test_matryoshka_wrapper_matches_stock(tiny_model):
     fast = stock_losses.MatryoshkaLoss(
         tiny_model, fast_losses.CachedMultipleNegativesRankingLoss(tiny_model, 2, backend="native"), dims
     )
-    ref_loss, ref_grads = _train_step(tiny_model, stock, features, seed=3)
-    loss, grads = _train_step(tiny_model, fast, features, seed=3)
+    ref_loss, ref_grads = train_step(tiny_model, stock, features, seed=3)
+    loss, grads = train_step(tiny_model, fast, features, seed=3)
     assert relative_error(loss, ref_loss) < 1e-5
     assert relative_error(grads, ref_grads) < 1e-5
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from parity import relative_error
+from parity import relative_error, train_step
 from sentence_transformers import util
 from sentence_transformers.sentence_transformer import losses as stock_losses
 from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
@@ -22,19 +22,9 @@ TEXTS = [
 ]
 
 
-def _step(model, loss, features):
-    model.zero_grad()
-    torch.manual_seed(0)
-    value = loss(features, None)
-    if isinstance(value, dict):  # SpladeLoss returns its components; the trainer sums them
-        value = torch.stack(list(value.values())).sum()
-    value.backward()
-    return value.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-
 def _assert_same_behaviour(model, stock, fused, features):
-    ref_loss, ref_grads = _step(model, stock, features)
-    loss, grads = _step(model, fused, features)
+    ref_loss, ref_grads = train_step(model, stock, features)
+    loss, grads = train_step(model, fused, features)
     assert relative_error(loss, ref_loss) < 1e-5
     assert relative_error(grads, ref_grads) < 1e-5
 

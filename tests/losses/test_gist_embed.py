@@ -24,7 +24,7 @@ from gist_cases import (
     permuted_vocab_model,
     simulate_rank1,
 )
-from parity import assert_parity, float64_copies, loss_and_grads, relative_error
+from parity import assert_parity, float64_copies, loss_and_grads, relative_error, train_step
 from sentence_transformers.sentence_transformer import losses as stock_losses
 
 from st_fast import losses as fast_losses
@@ -204,15 +204,6 @@ TEXTS = [
 ]
 
 
-def _train_step(model, loss, features, *, seed: int):
-    model.zero_grad()
-    torch.manual_seed(seed)
-    value = loss(features, None)
-    value.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return value.detach(), grads
-
-
 @pytest.fixture(scope="module")
 def small_model(minilm_path):
     """A tiny random model shared by this module's real-model tests (each sets eval mode and zeroes gradients)."""
@@ -241,8 +232,8 @@ def test_real_model_parameter_gradients_match_stock(small_model, other_tokenizer
     fast = fast_losses.GISTEmbedLoss(tiny_model, guide, backend="auto", **config)
     assert fast.must_retokenize == (guide_kind == "other-tokenizer")
     features = [tiny_model.preprocess(column) for column in TEXTS[:num_columns]]
-    expected = _train_step(model64, stock_losses.GISTEmbedLoss(model64, guide64, **config), features, seed=3)
-    baseline = _train_step(tiny_model, stock_losses.GISTEmbedLoss(tiny_model, guide, **config), features, seed=3)
-    actual = _train_step(tiny_model, fast, features, seed=3)
+    expected = train_step(model64, stock_losses.GISTEmbedLoss(model64, guide64, **config), features, seed=3)
+    baseline = train_step(tiny_model, stock_losses.GISTEmbedLoss(tiny_model, guide, **config), features, seed=3)
+    actual = train_step(tiny_model, fast, features, seed=3)
     assert expected[1].numel() > 0
     assert_parity((actual[0], [actual[1]]), (expected[0], [expected[1]]), (baseline[0], [baseline[1]]), rtol=FP32_RTOL)
