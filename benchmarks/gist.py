@@ -32,8 +32,8 @@ from benchmarks.fused_loss import (
     cpu_threads,
     dtype_name,
     free_memory,
-    max_abs_diff,
     measure,
+    result_columns,
 )
 
 TITLE = "GISTEmbedLoss forward + backward: stock vs st_fast guided fused op (random embeddings and guide)"
@@ -162,17 +162,9 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "memory_vs_stock", "loss_err"]))
             row.update(dict.fromkeys(["grad_err", "memory_by", "runs", "threads"]))
             row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
-            if result.get("oom"):
-                row.update({"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"})
-            else:
-                row.update(time_ms=result["seconds"] * 1e3, peak_mb=result["peak"], memory_by=result["memory_by"])
-                row["runs"] = result["runs"]
-                if stock_ok:
-                    row["speedup_vs_stock"] = stock["seconds"] / result["seconds"]
-                    row["memory_vs_stock"] = stock["peak"] / max(result["peak"], 1e-9)
-                    if name != "stock":
-                        row["loss_err"] = abs(result["loss"] - stock["loss"])
-                        row["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
+            row.update(result_columns(name, result, stock, "speedup_vs_stock"))
+            if stock_ok and not result.get("oom"):
+                row["memory_vs_stock"] = stock["peak"] / max(result["peak"], 1e-9)
             rows.append(row)
         columns = guide_columns = losses = results = None
         free_memory(device)
