@@ -166,37 +166,29 @@ def guided_loss_and_grad(
     return GuidedLossAndGrad(loss_sum / batch_size, grad_anchors, grad_candidates)
 
 
-class FusedGuidedLoss(torch.autograd.Function):
-    """anchors (B, D), candidates (k·W, D) -> 0-dim loss; the guide operands are constants (no gradient)."""
+class ChunkedGuidedBackend:
+    """torch / native: the chunked driver above with a row kernel; gradients computed in the forward pass."""
 
-    @staticmethod
-    def forward(
-        ctx, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, row_kernel, chunk_bytes
-    ):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(anchors.device.type, enabled=False):  # fp32 math whatever the autocast context
-            result = guided_loss_and_grad(
-                anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, row_kernel,
-                need_grad=need_grad, chunk_bytes=chunk_bytes,
-            )  # fmt: skip
-        ctx.result = result if need_grad else None
-        return result.loss
+    def __init__(self, row_kernel: RowKernel, chunk_bytes: int | None) -> None:
+        self.row_kernel, self.chunk_bytes = row_kernel, chunk_bytes
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.result is None:
-            raise RuntimeError("st_fast fused GIST loss: backward called twice on the same graph")
-        result, ctx.result = ctx.result, None
-        return result.grad_anchors * grad_loss, result.grad_candidates * grad_loss, *(None,) * 7
+    def forward(self, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, need_grad):
+        result = guided_loss_and_grad(
+            anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, self.row_kernel,
+            need_grad=need_grad, chunk_bytes=self.chunk_bytes,
+        )  # fmt: skip
+        return result.loss, result
+
+    def backward(self, state: GuidedLossAndGrad, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return state.grad_anchors * grad_loss, state.grad_candidates * grad_loss
 
 
-class FusedGuidedTritonLoss(torch.autograd.Function):
+class TritonGuidedBackend:
     """The ``triton`` backend: three guided segments (``[AP | AN..]`` with the target protected, AA, PP) of
     :mod:`st_fast.ops.triton_guided`, joint LSE in torch; the backward recomputes the score and guide tiles.
-    Saved for backward: the operands and B-sized fp32 statistics, never a score tile."""
+    Kept for backward: the operands and B-sized fp32 statistics, never a score tile."""
 
-    @staticmethod
-    def forward(ctx, anchors, candidates, anchors_guide, candidates_guide, spec: GuidedSpec, row_offset, width):
+    def forward(self, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, need_grad):
         from st_fast.ops.triton_guided import guided_lse_forward
 
         segments = _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width)
@@ -204,43 +196,63 @@ class FusedGuidedTritonLoss(torch.autograd.Function):
         threshold = spec.thresholds(positive_guide.sum(dim=1))[:, 0].contiguous()
         shift = (anchors.float() * candidates[row_offset : row_offset + anchors.shape[0]].float()).sum(dim=1)
         scale = 1.0 / spec.temperature
-        with torch.autocast(anchors.device.type, enabled=False):
-            lses = torch.stack(
-                [
-                    guided_lse_forward(r, c, gr, gc, shift, threshold, scale=scale, row_start=start, protect=protect)
-                    for (r, c, gr, gc, start, protect, _) in segments
-                ]
-            )
+        lses = torch.stack(
+            [
+                guided_lse_forward(r, c, gr, gc, shift, threshold, scale=scale, row_start=start, protect=protect)
+                for (r, c, gr, gc, start, protect, _) in segments
+            ]
+        )
         log_z = torch.logsumexp(lses, dim=0)
-        ctx.save_for_backward(anchors, candidates, anchors_guide, candidates_guide, shift, threshold, log_z)
-        ctx.spec, ctx.row_offset, ctx.width = spec, row_offset, width
-        return log_z.mean()  # loss_i = log Z_i - scale·(positive_i - shift_i) = log Z_i in shifted units
+        state = (anchors, candidates, anchors_guide, candidates_guide, shift, threshold, log_z, spec, row_offset, width)
+        return log_z.mean(), state  # loss_i = log Z_i - scale·(positive_i - shift_i) = log Z_i in shifted units
 
-    @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(self, state, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from st_fast.ops.triton_guided import guided_lse_backward
 
-        anchors, candidates, anchors_guide, candidates_guide, shift, threshold, log_z = ctx.saved_tensors
-        spec, offset, width = ctx.spec, ctx.row_offset, ctx.width
+        anchors, candidates, anchors_guide, candidates_guide, shift, threshold, log_z, spec, offset, width = state
         batch_size, scale = anchors.shape[0], 1.0 / spec.temperature
         grads = {"anchors": torch.zeros(anchors.shape, dtype=torch.float32, device=anchors.device)}
         grads["candidates"] = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
         row_grad = (grad_loss.float() / batch_size).expand(batch_size).contiguous()
         segments = _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec, offset, width)
-        with torch.autocast(anchors.device.type, enabled=False):
-            for rows, cols, guide_rows, guide_cols, start, protect, targets in segments:
-                d_rows, d_cols = guided_lse_backward(
-                    rows, cols, guide_rows, guide_cols, shift, threshold, log_z, row_grad, scale=scale,
-                    row_start=start, protect=protect,
-                )  # fmt: skip
-                (row_name, row_slice), (column_name, column_slice) = targets
-                grads[row_name][row_slice] += d_rows
-                grads[column_name][column_slice] += d_cols
+        for rows, cols, guide_rows, guide_cols, start, protect, targets in segments:
+            d_rows, d_cols = guided_lse_backward(
+                rows, cols, guide_rows, guide_cols, shift, threshold, log_z, row_grad, scale=scale,
+                row_start=start, protect=protect,
+            )  # fmt: skip
+            (row_name, row_slice), (column_name, column_slice) = targets
+            grads[row_name][row_slice] += d_rows
+            grads[column_name][column_slice] += d_cols
         local = slice(offset, offset + batch_size)
         positive_grad = row_grad[:, None] * scale  # the positive term -scale·<a_i, c_0[g]> / B
         grads["anchors"] -= positive_grad * candidates[local].float()
         grads["candidates"][local] -= positive_grad * anchors.float()
-        return grads["anchors"].to(anchors.dtype), grads["candidates"].to(candidates.dtype), *(None,) * 5
+        return grads["anchors"], grads["candidates"]
+
+
+class FusedGuidedLoss(torch.autograd.Function):
+    """anchors (B, D), candidates (k·W, D) -> 0-dim loss; the guide operands are constants (no gradient). The
+    backend (chunked torch / native, or triton) computes the loss and the two gradients."""
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, backend):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(anchors.device.type, enabled=False):  # fp32 math whatever the autocast context
+            loss, state = backend.forward(
+                anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, need_grad
+            )
+        ctx.backend, ctx.state = backend, state if need_grad else None
+        ctx.input_dtypes = (anchors.dtype, candidates.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.state is None:
+            raise RuntimeError("st_fast fused GIST loss: backward called twice on the same graph")
+        state, ctx.state = ctx.state, None
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            grad_anchors, grad_candidates = ctx.backend.backward(state, grad_loss)
+        return grad_anchors.to(ctx.input_dtypes[0]), grad_candidates.to(ctx.input_dtypes[1]), *(None,) * 6
 
 
 def _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec: GuidedSpec, offset: int, width: int):
@@ -338,7 +350,7 @@ def fused_gist_loss(
         else torch), ``"native"``, ``"torch"`` or ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1).
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings); gradients reach ``anchors`` and ``candidates``.
-        ``chunk_bytes`` sizes the row chunks of the torch / native backends (default: 8 MiB CPU, 512 MiB CUDA).
+        ``chunk_bytes`` sizes the row chunks of the torch / native backends (default: chunked.DEFAULT_CHUNK_BYTES).
     """
     candidates, candidates_guide = list(candidates), list(candidates_guide)
     if len(candidates) < 1 or len(candidates) != len(candidates_guide):
@@ -365,11 +377,10 @@ def fused_gist_loss(
         candidate_guide = _normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), guide_dtype)
     if row_kernel == "triton":
         guide_operand_dtype = anchors_guide.dtype if anchors_guide.dtype != torch.float64 else torch.float32
-        return FusedGuidedTritonLoss.apply(
-            anchor_operand, candidate_operand, anchor_guide.to(guide_operand_dtype),
-            candidate_guide.to(guide_operand_dtype), spec, row_offset, width,
-        )  # fmt: skip
+        backend = TritonGuidedBackend()
+    else:
+        guide_operand_dtype, backend = dtype, ChunkedGuidedBackend(row_kernel, chunk_bytes)
     return FusedGuidedLoss.apply(
-        anchor_operand, candidate_operand, anchor_guide.to(dtype), candidate_guide.to(dtype), spec, row_offset, width,
-        row_kernel, chunk_bytes,
+        anchor_operand, candidate_operand, anchor_guide.to(guide_operand_dtype),
+        candidate_guide.to(guide_operand_dtype), spec, row_offset, width, backend,
     )  # fmt: skip
