@@ -9,20 +9,29 @@ namespace py = pybind11;
 namespace st_fast {
 
 namespace {
-void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths,
-                          const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width, float scale,
-                          float alpha, int hardness, bool joint, float grad_scale, uintptr_t row_loss) {
-  const ContrastiveRowArgs a = make_contrastive_row_args(scores, lengths, kinds, rows, row_start, width, scale, alpha,
-                                                         hardness, joint, grad_scale, row_loss);
+template <class Out>
+void run_rows(const ContrastiveRowArgs& a) {
   const SerialLanes lanes;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < a.rows; ++r) contrastive_row(a, r, lanes);
+  for (int64_t r = 0; r < a.rows; ++r) contrastive_row<Out>(a, r, lanes);
+}
+
+void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
+                          const std::vector<uintptr_t>& col_scales, const std::vector<uintptr_t>& coefficients,
+                          int coefficient_dtype, const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
+                          int64_t rows, int64_t row_start, int64_t width, float scale, float alpha, int hardness,
+                          bool joint, float grad_scale, uintptr_t row_loss) {
+  const ContrastiveRowArgs a =
+      make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
+                                rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss);
+  dispatch_coefficient_dtype(a, [&](auto out) { run_rows<decltype(out)>(a); });
 }
 }  // namespace
 
 void bind_contrastive_row(py::module_& m) {
-  m.def("contrastive_rows", &contrastive_rows_cpu, py::arg("scores_ptrs"), py::arg("lengths"), py::arg("kinds"),
-        py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
+  m.def("contrastive_rows", &contrastive_rows_cpu, py::arg("scores_ptrs"), py::arg("row_scale_ptrs"),
+        py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
+        py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_loss_ptr"),
         "The contrastive row kernel over fp32 score segments (raw pointers; see st_fast/ops/row_kernel_native.py).",
         py::call_guard<py::gil_scoped_release>());

@@ -39,14 +39,18 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("out_ptr"), py::arg("stream"));
   m.def(
       "contrastive_rows",
-      [](const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
-         int64_t rows, int64_t row_start, int64_t width, float scale, float alpha, int hardness, bool joint,
-         float grad_scale, uintptr_t row_loss, uintptr_t stream) {
+      [](const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
+         const std::vector<uintptr_t>& col_scales, const std::vector<uintptr_t>& coefficients, int coefficient_dtype,
+         const std::vector<int64_t>& lengths, const std::vector<int>& kinds, int64_t rows, int64_t row_start,
+         int64_t width, float scale, float alpha, int hardness, bool joint, float grad_scale, uintptr_t row_loss,
+         uintptr_t stream) {
         const st_fast::ContrastiveRowArgs args = st_fast::make_contrastive_row_args(
-            scores, lengths, kinds, rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss);
+            {scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds, rows, row_start, width,
+            scale, alpha, hardness, joint, grad_scale, row_loss);
         check(st_fast_cuda_contrastive_rows(&args, stream), "contrastive_rows");
       },
-      py::arg("scores_ptrs"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
+      py::arg("scores_ptrs"), py::arg("row_scale_ptrs"), py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"),
+      py::arg("coefficient_dtype"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
       py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("joint"),
       py::arg("grad_scale"), py::arg("row_loss_ptr"), py::arg("stream"));
 }

@@ -5,12 +5,14 @@ local rows, and later into the gradients of both operands:
 
 * ``torch``:  row-chunked GEMMs + the PyTorch row kernel; gradients computed during the forward (any device).
 * ``native``: row-chunked GEMMs + the C++ row kernel (CPU) or the CUDA row kernel (GPU); same driver.
+  On CUDA both take 16-bit embeddings raw: 16-bit tensor-core GEMMs with fp32 accumulation and output, the cosine
+  normalization applied as row / column scales (see :mod:`st_fast.ops.chunked`); on the CPU (no fast 16-bit
+  GEMMs) they upcast and normalize first, as stock does.
 * ``triton``: fused Triton kernels that never store a score tile: LSE statistics in the forward, recomputed
   scores in the backward (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``auto``:   native when its extension is built for the device (CPU or CUDA), else triton on CUDA, else torch;
   float64 inputs always take torch (the only backend that computes in float64, as stock does for float64).
-  On an H100 (benchmarks/fused_loss.py --gpu, 2026-11-27) native was faster than triton at every size measured
-  (B = 16384, D = 1024, bf16: 37.7 ms vs 54.0 ms; stock 42.6 ms) and computes in fp32 like stock, hence the order.
+  Native is the fastest backend on CUDA (benchmarks/fused_loss.py --gpu; see README, Performance).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from st_fast.ops.chunked import LossAndGrad, RowKernel, chunked_loss_and_grad
 from st_fast.ops.row_kernel_torch import torch_row_kernel
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.spec import ContrastiveSpec, compute_dtype
 
 BACKENDS = ("auto", "triton", "native", "torch")
 
@@ -29,33 +31,47 @@ BACKENDS = ("auto", "triton", "native", "torch")
 class Backend(Protocol):
     name: str
 
+    def takes_raw_operands(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """True: the backend takes the embeddings as they are and applies the cosine normalization itself
+        (``forward(..., normalize=True)``); False: it takes them normalized, in :meth:`operand_dtype`."""
+        ...
+
+    def operand_dtype(self, dtype: torch.dtype) -> torch.dtype: ...
+
     def forward(
         self, queries: torch.Tensor, docs: torch.Tensor, spec: ContrastiveSpec, row_offset: int, batch_size: int,
-        need_grad: bool,
+        need_grad: bool, normalize: bool = False,
     ) -> tuple[torch.Tensor, Any]: ...  # fmt: skip
 
     def backward(self, state: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class ChunkedBackend:
-    """Gradients are computed in the forward pass (3 GEMMs per chunk) and scaled by the incoming gradient later."""
+    """Gradients are computed in the forward pass (3 GEMMs per chunk) and scaled by the incoming gradient later.
 
-    def __init__(self, name: str, row_kernel: RowKernel, chunk_bytes: int | None = None) -> None:
+    ``raw_16bit``: take fp16 / bf16 embeddings raw (16-bit GEMMs, see :mod:`st_fast.ops.chunked`); None = on CUDA
+    only, where 16-bit GEMMs are fast (the tests set True to run that path on the CPU)."""
+
+    def __init__(
+        self, name: str, row_kernel: RowKernel, chunk_bytes: int | None = None, raw_16bit: bool | None = None
+    ) -> None:
         self.name = name
         self.row_kernel = row_kernel
         self.chunk_bytes = chunk_bytes
+        self.raw_16bit = raw_16bit
 
-    def loss_and_grad(
-        self, queries: torch.Tensor, docs: torch.Tensor, spec: ContrastiveSpec, row_offset: int, batch_size: int,
-        need_grad: bool,
-    ) -> LossAndGrad:  # fmt: skip
-        return chunked_loss_and_grad(
+    def takes_raw_operands(self, dtype: torch.dtype, device: torch.device) -> bool:
+        wanted = device.type == "cuda" if self.raw_16bit is None else self.raw_16bit
+        return wanted and dtype in (torch.float16, torch.bfloat16)
+
+    def operand_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return compute_dtype(dtype)
+
+    def forward(self, queries, docs, spec, row_offset, batch_size, need_grad, normalize=False):
+        result = chunked_loss_and_grad(
             queries, docs, spec, row_offset, batch_size, self.row_kernel, need_grad=need_grad,
-            chunk_bytes=self.chunk_bytes,
+            chunk_bytes=self.chunk_bytes, normalize=normalize,
         )  # fmt: skip
-
-    def forward(self, queries, docs, spec, row_offset, batch_size, need_grad):
-        result = self.loss_and_grad(queries, docs, spec, row_offset, batch_size, need_grad)
         return result.loss, result
 
     def backward(self, state: LossAndGrad, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

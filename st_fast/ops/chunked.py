@@ -1,49 +1,88 @@
 """Row-chunked loss-and-gradient driver shared by the ``torch`` and ``native`` backends.
 
-For each chunk of local rows: the score GEMMs of the selected segments (torch.matmul: MKL / cuBLAS), then a row
-kernel (PyTorch or native C++/CUDA) that turns the scores into per-row losses and, in place, into gradient
-coefficients G, then ``d_rows += G @ columns`` and ``d_columns += Gᵀ @ rows`` in fp32. Memory beyond the inputs:
-the fp32 gradients (O((W + k·W)·D)) and one chunk of scores (chunk x total columns), never B x N at once.
+Operands: queries (W, D) and docs (k·W, D); the local rows are queries[offset : offset+B] with their positives
+docs[offset : offset+B]. They come in one of two forms (see :func:`st_fast.ops.fused_contrastive.prepare_operands`):
 
-Shapes: queries (W, D) and docs (k·W, D), fp32 (normalized by the caller for cosine similarity); the local rows are
-queries[offset : offset+B] and their positives docs[offset : offset+B].
+* fp32 / fp64, already unit-normalized for cosine similarity (no scales): score GEMMs in that dtype, gradient
+  coefficients written over the fp32 scores;
+* raw embeddings (16-bit) with ``normalize=True`` for cosine similarity: r_a = 1 / max(||a||, 1e-12) in fp32 (as
+  F.normalize after stock's upcast), the score GEMMs multiply the raw operands with fp32 accumulation and output
+  (products of 16-bit numbers are exact, see :mod:`st_fast.ops.mixed_matmul`), the row kernel applies r as row and
+  column scales, and the coefficients are stored in the operand dtype for the two gradient GEMMs (fp32 outputs).
+
+For each chunk of local rows: S_x = rows_x @ cols_xᵀ (fp32), the row kernel turns S into per-row losses and
+coefficients C_x (= d loss / d S_x without the positive's one-hot term), then ``d_rows += C_x @ cols`` and
+``d_cols += C_xᵀ @ rows``. After the chunks: the positive's term -scale/B · r_q·r_d · (d_g, q_g) on the local rows
+(row-wise, fp32), and with ``normalize`` the normalization's own term: every score of a is linear in r_a, so
+dL/dr_a = <g_a, a> / r_a with g_a the gradient at fixed r, and dr_a/da = -r_a³·a (0 below the eps), giving
+dL/da = g_a - r_a²·<g_a, a>·a, all in fp32 (the caller rounds the result to the input dtype once).
+
+Memory beyond the inputs: the fp32 gradients (O((W + k·W)·D)) and one chunk of scores (chunk x total columns, plus
+its 16-bit coefficients), never B x N at once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE
+from st_fast.ops.mixed_matmul import accumulate_product, matmul_fp32
+from st_fast.ops.row_kernel_torch import SegmentScales
 from st_fast.ops.spec import ContrastiveSpec
 
-# (scores per segment, spec, row_start, width, grad_scale or None) -> per-row losses (n,)
-RowKernel = Callable[[list[torch.Tensor], ContrastiveSpec, int, int, "float | None"], torch.Tensor]
+# (scores per segment, spec, row_start, width, grad_scale or None, scales or None, coefficients or None)
+#   -> per-row losses (n,)
+RowKernel = Callable[..., torch.Tensor]
 
 # Measured on 2 CPU cores (B = 4096, k = 2, D = 384): 8 MiB chunks 1.60 s, 32 MiB 1.12 s, 128 MiB 1.06 s per
 # forward + backward; 32 MiB keeps most of the gain at a quarter of that score matrix.
 DEFAULT_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
+NORMALIZE_EPS = 1e-12  # F.normalize's default, used by stock cos_sim
 
 
 @dataclass
 class LossAndGrad:
-    """Mean loss over the local rows (0-dim fp32) and, when requested, its fp32 gradients."""
+    """Mean loss over the local rows (0-dim) and, when requested, its gradients (fp32, fp64 for fp64 inputs)."""
 
     loss: torch.Tensor
     grad_queries: torch.Tensor | None
     grad_docs: torch.Tensor | None
 
 
-def chunk_rows_for_budget(batch_size: int, total_columns: int, device: torch.device, budget: int | None) -> int:
-    """Rows per chunk so that one chunk of fp32 scores fits ``budget`` bytes (a multiple of 8 rows when possible)."""
+def chunk_rows_for_budget(
+    batch_size: int, total_columns: int, device: torch.device, budget: int | None, bytes_per_score: int = 4
+) -> int:
+    """Rows per chunk so that one chunk of scores (``bytes_per_score`` per entry: the fp32 score and its
+    coefficient when that is stored apart) fits ``budget`` bytes (a multiple of 8 rows when possible)."""
     if budget is None:
         budget = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
-    rows = max(1, budget // (4 * max(1, total_columns)))
+    rows = max(1, budget // (bytes_per_score * max(1, total_columns)))
     if rows >= 8:
         rows -= rows % 8
     return min(batch_size, rows)
+
+
+def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales: list[torch.Tensor]) -> float:
+    """The factor γ the coefficients are stored with before the gradient GEMMs divide it out again.
+
+    |coefficient| <= scale · r_max² (softmax weights are <= 1; r: the inverse norms, 1 without), so float16
+    coefficients are stored with γ = 2^-ceil(log2(scale · r_max²)), a power of two (exact) that keeps them <= 1
+    instead of overflowing or losing the small ones to subnormals; every other dtype stores them with γ = 1.
+    Zero-norm rows (r = 1/eps) are left out of r_max: their coefficients saturate at the float16 maximum and multiply
+    the zero vector, instead of flushing every other row's coefficients to zero.
+    """
+    if operand_dtype != torch.float16:
+        return 1.0
+    regular = [s[s < 0.5 / NORMALIZE_EPS] for s in scales]
+    r_max = max((float(s.max()) for s in regular if s.numel()), default=1.0)
+    bound = spec.scale * r_max * r_max
+    if not math.isfinite(bound) or bound <= 0:
+        return 1.0  # non-finite embeddings: the loss is non-finite anyway
+    return 2.0 ** -math.ceil(math.log2(bound))
 
 
 def chunked_loss_and_grad(
@@ -56,30 +95,84 @@ def chunked_loss_and_grad(
     *,
     need_grad: bool,
     chunk_bytes: int | None = None,
+    normalize: bool = False,
 ) -> LossAndGrad:
     width = queries.shape[0]
+    device = queries.device
     operands = {"queries": queries, "docs": docs}
+    scales = {name: inverse_norm(x) if normalize else None for name, x in operands.items()}
+    math_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    separate_coefficients = need_grad and queries.dtype != math_dtype  # 16-bit coefficients for 16-bit GEMMs
     total_columns = sum(operands[COLUMN_SOURCE[kind]].shape[0] for kind in spec.kinds)
-    chunk = chunk_rows_for_budget(batch_size, total_columns, queries.device, chunk_bytes)
-    grads = {name: torch.zeros_like(operand) for name, operand in operands.items()} if need_grad else {}
-    buffers = [
-        torch.empty(chunk, operands[COLUMN_SOURCE[kind]].shape[0], dtype=queries.dtype, device=queries.device)
-        for kind in spec.kinds
-    ]
-    loss_sum = torch.zeros((), dtype=queries.dtype, device=queries.device)
+    bytes_per_score = 4 + (queries.element_size() if separate_coefficients else 0)
+    chunk = chunk_rows_for_budget(batch_size, total_columns, device, chunk_bytes, bytes_per_score)
+    # coefficients are stored times gamma (see coefficient_scale); the gradient GEMMs are accumulated times 1/(B·γ)
+    gamma = coefficient_scale(queries.dtype, spec, [s for s in scales.values() if s is not None])
+    grads = {name: torch.zeros(x.shape, dtype=math_dtype, device=device) for name, x in operands.items()}
+    if not need_grad:
+        grads = {}
+
+    def new_buffers(dtype: torch.dtype) -> list[torch.Tensor]:
+        shapes = [operands[COLUMN_SOURCE[kind]].shape[0] for kind in spec.kinds]
+        return [torch.empty(chunk, columns, dtype=dtype, device=device) for columns in shapes]
+
+    score_buffers = new_buffers(math_dtype)
+    coefficient_buffers = new_buffers(queries.dtype) if separate_coefficients else score_buffers
+    loss_sum = torch.zeros((), dtype=math_dtype, device=device)
     for begin in range(0, batch_size, chunk):
         n = min(chunk, batch_size - begin)
         rows_start = row_offset + begin
         local_rows = slice(rows_start, rows_start + n)
-        scores = []
-        for kind, buffer in zip(spec.kinds, buffers, strict=True):
-            out = buffer[:n]
-            torch.matmul(operands[ROW_SOURCE[kind]][local_rows], operands[COLUMN_SOURCE[kind]].T, out=out)
-            scores.append(out)
-        loss_sum += row_kernel(scores, spec, rows_start, width, 1.0 / batch_size if need_grad else None).sum()
+        scores, segment_scales = [], []
+        for kind, buffer in zip(spec.kinds, score_buffers, strict=True):
+            row_name, column_name = ROW_SOURCE[kind], COLUMN_SOURCE[kind]
+            scores.append(matmul_fp32(operands[row_name][local_rows], operands[column_name].T, out=buffer[:n]))
+            if normalize:
+                segment_scales.append(SegmentScales(scales[row_name][local_rows], scales[column_name]))
+        coefficients = [buffer[:n] for buffer in coefficient_buffers]
+        row_losses = row_kernel(
+            scores, spec, rows_start, width, gamma if need_grad else None, segment_scales or None, coefficients
+        )
+        loss_sum += row_losses.sum()
         if need_grad:
-            for kind, coefficients in zip(spec.kinds, scores, strict=True):
+            alpha = 1.0 / (batch_size * gamma)
+            for kind, coefficient in zip(spec.kinds, coefficients, strict=True):
                 row_name, column_name = ROW_SOURCE[kind], COLUMN_SOURCE[kind]
-                grads[row_name][local_rows].addmm_(coefficients, operands[column_name])
-                grads[column_name].addmm_(coefficients.T, operands[row_name][local_rows])
-    return LossAndGrad(loss_sum / batch_size, grads.get("queries"), grads.get("docs"))
+                rows, columns = operands[row_name][local_rows], operands[column_name]
+                accumulate_product(grads[row_name][local_rows], coefficient, columns, alpha)
+                accumulate_product(grads[column_name], coefficient.T, rows, alpha)
+    result = LossAndGrad(loss_sum / batch_size, grads.get("queries"), grads.get("docs"))
+    if need_grad:
+        local = slice(row_offset, row_offset + batch_size)
+        _add_positive_term(result, operands, scales, spec.scale / batch_size, local)
+        if normalize:
+            _add_normalization_term(result.grad_queries, queries, scales["queries"])
+            _add_normalization_term(result.grad_docs, docs, scales["docs"])
+    return result
+
+
+def _add_positive_term(result: LossAndGrad, operands: dict, scales: dict, weight: float, local: slice) -> None:
+    """The positive's one-hot term of d loss / d S_q2d, -weight at [i, g], as row-wise products:
+    g_q[g] -= weight·r_q[g]·r_d[g]·d_g and g_d[g] -= weight·r_q[g]·r_d[g]·q_g."""
+    queries, docs = operands["queries"][local], operands["docs"][local]
+    math_dtype = result.grad_queries.dtype
+    factor = torch.full((queries.shape[0], 1), weight, dtype=math_dtype, device=queries.device)
+    if scales["queries"] is not None:
+        factor = factor * (scales["queries"][local] * scales["docs"][local])[:, None]
+    result.grad_queries[local] -= factor * docs.to(math_dtype)
+    result.grad_docs[local] -= factor * queries.to(math_dtype)
+
+
+def inverse_norm(x: torch.Tensor) -> torch.Tensor:
+    """r = 1 / max(||x_i||, 1e-12) per row, fp32 (fp64 for fp64): the scale F.normalize divides by."""
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dim=1, dtype=math_dtype).clamp_min(NORMALIZE_EPS).reciprocal()
+
+
+def _add_normalization_term(grad: torch.Tensor, operand: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad_a -= r_a²·<grad_a, a>·a in place, for the rows whose norm is not below the eps (where F.normalize's
+    clamp passes no gradient to the norm)."""
+    x = operand.to(grad.dtype)
+    coefficient = scale * scale * (grad * x).sum(dim=1)
+    coefficient = coefficient.masked_fill(torch.linalg.vector_norm(x, dim=1) < NORMALIZE_EPS, 0.0)
+    grad.sub_(coefficient[:, None] * x)

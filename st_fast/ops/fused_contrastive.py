@@ -14,17 +14,21 @@ import torch
 import torch.nn.functional as F
 
 from st_fast.ops.backends import Backend, resolve_backend
-from st_fast.ops.spec import SIMILARITIES, ContrastiveSpec, check_embeddings
+from st_fast.ops.spec import SIMILARITIES, ContrastiveSpec, check_embeddings, compute_dtype
 
 
 class FusedContrastiveLoss(torch.autograd.Function):
-    """queries (W, D), docs (k·W, D) -> 0-dim loss; the backend computes loss and gradients."""
+    """queries (W, D), docs (k·W, D) -> 0-dim loss; the backend computes loss and gradients. With ``normalize`` the
+    operands are raw embeddings and the backend applies (and differentiates) the cosine normalization itself, so
+    that the gradient is rounded to the input dtype once."""
 
     @staticmethod
-    def forward(ctx, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, backend: Backend):
+    def forward(
+        ctx, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, backend: Backend, normalize: bool
+    ):  # fmt: skip
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(queries.device.type, enabled=False):  # fp32 math whatever the autocast context
-            loss, state = backend.forward(queries, docs, spec, row_offset, batch_size, need_grad)
+            loss, state = backend.forward(queries, docs, spec, row_offset, batch_size, need_grad, normalize=normalize)
         ctx.backend, ctx.state = backend, state
         ctx.input_dtypes = (queries.dtype, docs.dtype)
         return loss
@@ -36,12 +40,7 @@ class FusedContrastiveLoss(torch.autograd.Function):
         with torch.autocast(grad_loss.device.type, enabled=False):
             grad_queries, grad_docs = ctx.backend.backward(ctx.state, grad_loss)
         ctx.state = None  # a second backward through the same graph is an error, as for stock autograd
-        return grad_queries.to(ctx.input_dtypes[0]), grad_docs.to(ctx.input_dtypes[1]), None, None, None, None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Stock cos_sim / dot_score upcast floating dtypes narrower than 32 bits to float32 and keep float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+        return grad_queries.to(ctx.input_dtypes[0]), grad_docs.to(ctx.input_dtypes[1]), None, None, None, None, None
 
 
 def prepare_operand(x: torch.Tensor, similarity: str, operand_dtype: torch.dtype) -> torch.Tensor:
@@ -89,7 +88,12 @@ def fused_mnrl_loss(
         hardness_strength=hardness_strength,
     )  # fmt: skip
     chosen = resolve_backend(backend, queries.device, queries.dtype)
-    operand_dtype = queries.dtype if chosen.name == "triton" else compute_dtype(queries.dtype)
-    query_operand = prepare_operand(queries, similarity, operand_dtype)
-    doc_operand = prepare_operand(torch.cat(list(docs), dim=0), similarity, operand_dtype)
-    return FusedContrastiveLoss.apply(query_operand, doc_operand, spec, row_offset, batch_size, chosen)
+    doc_columns = torch.cat(list(docs), dim=0)
+    if chosen.takes_raw_operands(queries.dtype, queries.device):
+        query_operand, doc_operand, normalize = queries.contiguous(), doc_columns.contiguous(), similarity == "cos"
+    else:
+        operand_dtype = chosen.operand_dtype(queries.dtype)
+        query_operand = prepare_operand(queries, similarity, operand_dtype)
+        doc_operand = prepare_operand(doc_columns, similarity, operand_dtype)
+        normalize = False
+    return FusedContrastiveLoss.apply(query_operand, doc_operand, spec, row_offset, batch_size, chosen, normalize)

@@ -42,10 +42,9 @@ import torch.nn.functional as F
 
 from st_fast.ops.backends import BACKENDS, native_available
 from st_fast.ops.chunked import RowKernel, chunk_rows_for_budget
-from st_fast.ops.fused_contrastive import compute_dtype
 from st_fast.ops.layout import HardnessKind, SegmentKind
 from st_fast.ops.row_kernel_torch import torch_row_kernel
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.spec import ContrastiveSpec, compute_dtype
 
 MARGIN_STRATEGIES = ("absolute", "relative")
 COSINE_EPS = 1e-8  # nn.CosineSimilarity's clamp of each norm
@@ -151,7 +150,9 @@ def guided_loss_and_grad(
         loss_sum += row_kernel(segments, row_spec, offset + begin, width, grad_scale).sum()
         if not need_grad:
             continue
-        # the row kernel left the gradient coefficients d(loss)/d(score) in the segments
+        # the row kernel left the gradient coefficients d(loss)/d(score) in the segments, but for the positive's
+        # one-hot term, added here
+        segments[0][diagonal] -= grad_scale * row_spec.scale
         grad_anchors[rows].addmm_(segments[0], candidates)
         grad_candidates.addmm_(segments[0].T, anchors[rows])
         x = 1

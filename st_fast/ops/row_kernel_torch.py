@@ -1,26 +1,50 @@
 """The row kernel in PyTorch: readable reference of the per-row math that the native C++/CUDA kernel implements.
 
-For a chunk of rows with global indices g = g0 .. g0+n-1, given the raw similarities of each selected segment
-(``scores[x]``: (n, L_x) fp32, laid out as in :mod:`st_fast.ops.layout`):
+For a chunk of rows with global indices g = g0 .. g0+n-1, given the raw scores of each selected segment
+(``scores[x]``: (n, L_x) fp32, laid out as in :mod:`st_fast.ops.layout`) and optional scales (the inverse norms of
+cosine similarity, applied here instead of normalizing the GEMM operands):
 
+    s_x      = scores_x · row_scale_x[:, None] · col_scale_x[None, :]     (a missing scale is 1)
     logits_x = scale · s_x (+ alpha · s_x on Q2D's penalized entries), masked entries = -inf
     lse_x    = logsumexp(logits_x)                       per row
     log_z    = logsumexp_x(lse_x)  (joint)   or   mean_x(lse_x)  (per_direction)
     loss_r   = log_z - scale · s_q2d[r, g]               (the positive is never penalized)
 
-With ``grad_scale`` given, each ``scores[x]`` is overwritten by d(grad_scale · Σ_r loss_r)/d s_x:
+With ``grad_scale`` given, ``coefficients[x]`` (default: ``scores[x]`` itself) receives the softmax part of
+d(grad_scale · Σ_r loss_r)/d scores_x:
 
-    G_x = grad_scale · scale · w_x · exp(logits_x - ref_x),   G_q2d[r, g] -= grad_scale · scale
+    C_x = grad_scale · scale · w_x · exp(logits_x - ref_x) · row_scale_x[:, None] · col_scale_x[None, :]
 
 with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction); masked entries get 0.
+The positive's one-hot term, -grad_scale · scale at [r, g] of Q2D, is left to the caller. float16 coefficients
+saturate at ±65504.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from st_fast.ops.layout import HardnessKind, SegmentKind
 from st_fast.ops.spec import ContrastiveSpec
+
+FLOAT16_MAX = 65504.0
+
+
+class SegmentScales(NamedTuple):
+    """Scales of one segment's raw scores: per row (n,) and per column (L,) fp32, or None for 1."""
+
+    rows: torch.Tensor | None
+    columns: torch.Tensor | None
+
+
+def _apply_scales(s: torch.Tensor, scales: SegmentScales | None) -> torch.Tensor:
+    if scales is not None and scales.rows is not None:
+        s = s * scales.rows[:, None]
+    if scales is not None and scales.columns is not None:
+        s = s * scales.columns[None, :]
+    return s
 
 
 def segment_mask_and_penalty(
@@ -51,33 +75,40 @@ def torch_row_kernel(
     row_start: int,
     width: int,
     grad_scale: float | None,
+    scales: list[SegmentScales] | None = None,
+    coefficients: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Per-row losses (n,) fp32 of a chunk; overwrites ``scores`` with gradient coefficients when ``grad_scale``
-    is not None. ``scores[x]`` belongs to ``spec.kinds[x]``."""
+    """Per-row losses (n,) fp32 of a chunk; writes the gradient coefficients into ``coefficients`` (default: over
+    ``scores``) when ``grad_scale`` is not None. ``scores[x]`` belongs to ``spec.kinds[x]``."""
     n = scores[0].shape[0]
+    scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
-    logits, masks = [], []
-    for kind, s in zip(spec.kinds, scores, strict=True):
+    similarities, logits, masks = [], [], []
+    for kind, raw, segment_scales in zip(spec.kinds, scores, scales, strict=True):
+        s = _apply_scales(raw, segment_scales)
         masked, penalized = segment_mask_and_penalty(kind, s.shape[1], rows_global, width, spec)
         logit = s * spec.scale
         if penalized is not None:
             logit = logit + spec.alpha * s * penalized
         if masked is not None:
             logit = logit.masked_fill(masked, float("-inf"))
+        similarities.append(s)
         logits.append(logit)
         masks.append(masked)
     lses = torch.stack([torch.logsumexp(logit, dim=1) for logit in logits])  # (segments, n)
     log_z = torch.logsumexp(lses, dim=0) if spec.joint else lses.mean(dim=0)
     local = torch.arange(n, device=scores[0].device)
-    positive = spec.scale * scores[0][local, rows_global]  # kinds[0] is always Q2D
+    positive = spec.scale * similarities[0][local, rows_global]  # kinds[0] is always Q2D
     row_loss = log_z - positive
     if grad_scale is not None:
-        for x, (s, logit, masked) in enumerate(zip(scores, logits, masks, strict=True)):
+        outputs = scores if coefficients is None else coefficients
+        for x, (out, logit, masked) in enumerate(zip(outputs, logits, masks, strict=True)):
             ref = log_z if spec.joint else lses[x]
             weight = grad_scale * spec.scale * (1.0 if spec.joint else 1.0 / len(scores))
-            coefficient = torch.exp(logit - ref[:, None]) * weight
+            coefficient = _apply_scales(torch.exp(logit - ref[:, None]) * weight, scales[x])
             if masked is not None:
                 coefficient = coefficient.masked_fill(masked, 0.0)
-            s.copy_(coefficient)
-        scores[0][local, rows_global] -= grad_scale * spec.scale
+            if out.dtype == torch.float16:  # saturate as the native kernel does (inf · 0 would be NaN in a GEMM)
+                coefficient = coefficient.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+            out.copy_(coefficient)
     return row_loss

@@ -61,6 +61,11 @@ class ContrastiveSpec:
         return SegmentKind.Q2Q in self.kinds or SegmentKind.D2Q in self.kinds
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Stock cos_sim / dot_score upcast floating dtypes narrower than 32 bits to float32 and keep float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_embeddings(queries: torch.Tensor, docs: Sequence[torch.Tensor]) -> None:
     """Clear errors for inputs the op cannot take: queries (B, D) and k >= 1 candidate columns, each (B, D),
     one floating dtype and one device, B >= 1."""

@@ -34,9 +34,22 @@ def _segment_args(spec: ContrastiveSpec, row_offset: int, width: int) -> dict:
 
 
 class TritonBackend:
+    """Takes unit-normalized operands in the input dtype (fp32 math inside the kernels)."""
+
     name = "triton"
 
-    def forward(self, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, need_grad: bool):
+    def takes_raw_operands(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return False
+
+    def operand_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def forward(
+        self, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, need_grad: bool,
+        normalize: bool = False,
+    ):  # fmt: skip
+        if normalize:
+            raise ValueError("the triton backend takes normalized operands")
         triton_available_for(queries)
         operands = {"queries": queries, "docs": docs}
         local = slice(row_offset, row_offset + batch_size)

@@ -1,22 +1,26 @@
-// The contrastive row kernel: one row of a chunk of raw similarity scores -> the row's loss and, in place, the
-// gradient coefficients. One algorithm source compiled for the CPU (SerialLanes, OpenMP over rows) and for CUDA
-// (WarpLanes, one warp per row). Segment kinds, masks and the hardness penalty follow st_fast/ops/layout.py:
+// The contrastive row kernel: one row of a chunk of raw similarity scores -> the row's loss and the gradient
+// coefficients of its raw scores. One algorithm source compiled for the CPU (SerialLanes, OpenMP over rows) and for
+// CUDA (WarpLanes, one warp per row). Segment kinds, masks and the hardness penalty follow st_fast/ops/layout.py:
 //
 //   Q2D  columns k·W  positive at c == g; hardness multiplier on the penalized entries
 //   Q2Q  columns W    c == g masked
 //   D2Q  columns W    nothing masked
 //   D2D  columns k·W  c % W == g masked
 //
-// Per row (g = row_start + r):  l_x = scale·s_x (+ alpha·s_x where penalized, -inf where masked),
-// lse_x = logsumexp(l_x), log_z = logsumexp_x(lse_x) (joint) or mean_x(lse_x), loss = log_z - scale·s_q2d[g].
-// With grad_scale >= 0 the scores become  grad_scale·scale·w_x·exp(l_x - ref_x)  minus grad_scale·scale at the
-// positive, with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction).
+// Scores may come unnormalized, with per-row and per-column scales (the inverse norms of cosine similarity):
+// s_x[c] = v_x[c] · row_scale_x · col_scale_x[c]  (a missing scale is 1). Per row (g = row_start + r):
+// l_x = scale·s_x (+ alpha·s_x where penalized, -inf where masked), lse_x = logsumexp(l_x),
+// log_z = logsumexp_x(lse_x) (joint) or mean_x(lse_x), loss = log_z - scale·s_q2d[g].
+// With grad_scale >= 0 the coefficients of the raw scores v are written (in the coefficients' dtype):
+//   grad_scale·scale·w_x·exp(l_x - ref_x)·row_scale_x·col_scale_x[c],   0 where masked,
+// with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction). The positive's
+// -grad_scale·scale one-hot term is left to the caller (it is a row-wise product there, exact in fp32).
 //
-// Passes over a segment's row: (1) s -> logit: a vectorizable multiply of each W-block around the row's own column,
-// which gets its own multiplier (or -inf),
-// (2) max, (3) e = exp(l - max) in place and its sum, (4) with a gradient, e -> coefficient (multiply).
+// Two passes over each segment's row: an online max / sum of exp (one exp per entry), then the coefficients. The
+// coefficients may alias the fp32 scores: every entry is read and then written by the same lane.
 #pragma once
 
+#include "st_fast/half_store.h"
 #include "st_fast/portability.h"
 
 namespace st_fast {
@@ -27,7 +31,11 @@ enum HardnessKind : int { kHardnessNone = 0, kInBatch = 1, kHard = 2, kAll = 3 }
 
 struct ContrastiveRowArgs {
   int num_segments;
-  float* scores[kMaxSegments];  // (rows, lengths[x]) row-major, contiguous rows
+  const float* scores[kMaxSegments];     // (rows, lengths[x]) row-major raw scores v
+  const float* row_scale[kMaxSegments];  // (rows,) or null
+  const float* col_scale[kMaxSegments];  // (lengths[x],) or null
+  void* coefficients[kMaxSegments];      // (rows, lengths[x]) of coefficient_dtype (may alias scores); null: loss only
+  int coefficient_dtype;                 // StoreDtype
   int64_t lengths[kMaxSegments];
   int kinds[kMaxSegments];  // kinds[0] must be kQ2D
   int64_t rows;
@@ -37,11 +45,11 @@ struct ContrastiveRowArgs {
   float alpha;
   int hardness;
   int joint;
-  float grad_scale;  // < 0: loss only, scores are left as exp(l - max)
+  float grad_scale;  // < 0: loss only
   float* row_loss;   // (rows,)
 };
 
-// Multiplier of the raw similarity for the bulk of a segment's entries.
+// Multiplier of the similarity for the bulk of a segment's entries.
 ST_FAST_HD float bulk_multiplier(const ContrastiveRowArgs& a, int kind) {
   const bool penalize_bulk = kind == kQ2D && (a.hardness == kInBatch || a.hardness == kAll);
   return penalize_bulk ? a.scale + a.alpha : a.scale;
@@ -55,40 +63,79 @@ ST_FAST_HD float own_column_multiplier(const ContrastiveRowArgs& a, int kind, in
   return penalized ? a.scale + a.alpha : a.scale;
 }
 
-template <class Lanes>
+// Running (max, sum of exp(l - max)) of one lane's logits; -inf logits (zero weight) are skipped, NaN propagates.
+struct OnlineLogSumExp {
+  float max = -INFINITY;
+  float sum = 0.0f;
+  ST_FAST_HD void add(float logit) {
+    if (logit == -INFINITY) return;
+    if (logit > max) {
+      sum = sum * expf(max - logit) + 1.0f;
+      max = logit;
+    } else {
+      sum += expf(logit - max);
+    }
+  }
+  template <class Lanes>
+  ST_FAST_HD float reduce(const Lanes& lanes) const {
+    const float top = lanes.max(max);
+    const float total = lanes.sum(max == -INFINITY ? 0.0f : sum * expf(max - top));
+    return top == -INFINITY ? -INFINITY : top + logf(total);
+  }
+};
+
+// Calls f(c, v[c]) for this lane's columns c in [begin, end); four loads are issued before their first use so that
+// a warp keeps several memory requests in flight.
+template <class Lanes, class F>
+ST_FAST_HD void for_each_lane_column(const float* v, int64_t begin, int64_t end, const Lanes& lanes, F&& f) {
+  const int64_t step = lanes.count();
+  int64_t c = begin + lanes.id();
+  for (; c + 3 * step < end; c += 4 * step) {
+    const float v0 = v[c], v1 = v[c + step], v2 = v[c + 2 * step], v3 = v[c + 3 * step];
+    f(c, v0);
+    f(c + step, v1);
+    f(c + 2 * step, v2);
+    f(c + 3 * step, v3);
+  }
+  for (; c < end; c += step) f(c, v[c]);
+}
+
+// Calls bulk(c, v) for every column of the row but its own ones (c % W == g, visited by lane 0 only as
+// own(c, j, v) with j = c / W), block by block.
+template <class Lanes, class Bulk, class Own>
+ST_FAST_HD void for_each_segment_column(const float* v, int64_t n, int64_t width, int64_t g, const Lanes& lanes,
+                                        Bulk&& bulk, Own&& own) {
+  for (int64_t block = 0; block < n; block += width) {
+    const int64_t own_column = block + g;
+    for_each_lane_column(v, block, own_column, lanes, bulk);
+    for_each_lane_column(v, own_column + 1, block + width, lanes, bulk);
+    if (lanes.id() == 0) own(own_column, block / width, v[own_column]);
+  }
+}
+
+template <class Out, class Lanes>
 ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const Lanes& lanes) {
   const int64_t g = a.row_start + r;
-  float seg_max[kMaxSegments], seg_lse[kMaxSegments];
-  float positive = 0.0f;
+  float seg_lse[kMaxSegments];
+  float positive = 0.0f;  // lane 0's
   for (int x = 0; x < a.num_segments; ++x) {
-    float* row = a.scores[x] + r * a.lengths[x];
-    const int64_t n = a.lengths[x];
+    const float* v = a.scores[x] + r * a.lengths[x];
+    const float* col_scale = a.col_scale[x];
     const int kind = a.kinds[x];
-    const float bulk = bulk_multiplier(a, kind);
-    for (int64_t block = 0; block < n; block += a.width) {  // block j holds the row's own column j·W + g
-      const int64_t own = block + g;
-      for (int64_t c = block + lanes.id(); c < own; c += lanes.count()) row[c] *= bulk;
-      for (int64_t c = own + 1 + lanes.id(); c < block + a.width; c += lanes.count()) row[c] *= bulk;
-      if (lanes.id() == 0) {
-        const float mult = own_column_multiplier(a, kind, block / a.width);
-        row[own] = mult == 0.0f ? -INFINITY : row[own] * mult;
-      }
-    }
-    lanes.sync();
-    if (kind == kQ2D) positive = row[g];
-    float m = -INFINITY;
-    for (int64_t c = lanes.id(); c < n; c += lanes.count()) m = row[c] > m ? row[c] : m;
-    m = lanes.max(m);
-    float sum = 0.0f;
-    const float shift = m == -INFINITY ? 0.0f : m;  // a fully masked segment: every e is exp(-inf) = 0
-    for (int64_t c = lanes.id(); c < n; c += lanes.count()) {
-      const float e = expf(row[c] - shift);
-      row[c] = e;
-      sum += e;
-    }
-    sum = lanes.sum(sum);
-    seg_max[x] = m;
-    seg_lse[x] = m == -INFINITY ? -INFINITY : m + logf(sum);
+    const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
+    const float bulk = bulk_multiplier(a, kind) * row_scale;
+    OnlineLogSumExp acc;
+    for_each_segment_column(
+        v, a.lengths[x], a.width, g, lanes,
+        [&](int64_t c, float value) { acc.add(value * bulk * (col_scale ? col_scale[c] : 1.0f)); },
+        [&](int64_t c, int64_t j, float value) {
+          const float mult = own_column_multiplier(a, kind, j);
+          if (mult == 0.0f) return;
+          const float logit = value * mult * row_scale * (col_scale ? col_scale[c] : 1.0f);
+          if (kind == kQ2D && j == 0) positive = logit;
+          acc.add(logit);
+        });
+    seg_lse[x] = acc.reduce(lanes);
   }
   float log_z;
   if (a.joint) {
@@ -96,7 +143,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     for (int x = 0; x < a.num_segments; ++x) top = fmaxf(top, seg_lse[x]);
     float total = 0.0f;
     for (int x = 0; x < a.num_segments; ++x) total += seg_lse[x] == -INFINITY ? 0.0f : expf(seg_lse[x] - top);
-    log_z = top + logf(total);
+    log_z = top == -INFINITY ? -INFINITY : top + logf(total);
   } else {
     log_z = 0.0f;
     for (int x = 0; x < a.num_segments; ++x) log_z += seg_lse[x];
@@ -106,14 +153,28 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
   if (a.grad_scale < 0.0f) return;
   const float base = a.grad_scale * a.scale;
   for (int x = 0; x < a.num_segments; ++x) {
-    float* row = a.scores[x] + r * a.lengths[x];
     const int64_t n = a.lengths[x];
+    const float* v = a.scores[x] + r * n;
+    void* out = a.coefficients[x];
+    const int64_t out_offset = r * n;
+    const float* col_scale = a.col_scale[x];
+    const int kind = a.kinds[x];
+    const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
+    const float bulk = bulk_multiplier(a, kind) * row_scale;
     const float ref = a.joint ? log_z : seg_lse[x];
-    const float weight = a.joint ? base : base / static_cast<float>(a.num_segments);
-    const float factor = seg_max[x] == -INFINITY ? 0.0f : weight * expf(seg_max[x] - ref);
-    for (int64_t c = lanes.id(); c < n; c += lanes.count()) row[c] *= factor;
-    lanes.sync();
-    if (a.kinds[x] == kQ2D && lanes.id() == 0) row[g] -= base;
+    const float weight = (a.joint ? base : base / static_cast<float>(a.num_segments)) * row_scale;
+    for_each_segment_column(
+        v, n, a.width, g, lanes,
+        [&](int64_t c, float value) {
+          const float column = col_scale ? col_scale[c] : 1.0f;
+          Out::put(out, out_offset + c, weight * expf(value * bulk * column - ref) * column);
+        },
+        [&](int64_t c, int64_t j, float value) {
+          const float mult = own_column_multiplier(a, kind, j);
+          const float column = col_scale ? col_scale[c] : 1.0f;
+          const float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * mult * row_scale * column - ref) * column;
+          Out::put(out, out_offset + c, coefficient);
+        });
   }
 }
 

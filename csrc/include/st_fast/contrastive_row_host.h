@@ -1,4 +1,5 @@
-// Host-side construction of ContrastiveRowArgs from the Python bindings' arguments (CPU and CUDA extensions).
+// Host-side construction of ContrastiveRowArgs from the Python bindings' arguments (CPU and CUDA extensions), and
+// the dispatch of the row kernel on the coefficients' dtype.
 #pragma once
 
 #include <cstdint>
@@ -9,21 +10,36 @@
 
 namespace st_fast {
 
-inline ContrastiveRowArgs make_contrastive_row_args(const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths,
-                                             const std::vector<int>& kinds, int64_t rows, int64_t row_start,
-                                             int64_t width, float scale, float alpha, int hardness, bool joint,
-                                             float grad_scale, uintptr_t row_loss) {
-  const size_t count = scores.size();
-  if (count == 0 || count > kMaxSegments || lengths.size() != count || kinds.size() != count)
-    throw std::invalid_argument("contrastive_row: 1 to 4 segments with one length and one kind each");
+// One entry per segment; a 0 pointer means "no scale" (scales) or "loss only" (coefficients, all of them).
+struct ContrastiveRowPointers {
+  std::vector<uintptr_t> scores, row_scales, col_scales, coefficients;
+};
+
+inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers& p, int coefficient_dtype,
+                                                    const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
+                                                    int64_t rows, int64_t row_start, int64_t width, float scale,
+                                                    float alpha, int hardness, bool joint, float grad_scale,
+                                                    uintptr_t row_loss) {
+  const size_t count = p.scores.size();
+  if (count == 0 || count > kMaxSegments || lengths.size() != count || kinds.size() != count ||
+      p.row_scales.size() != count || p.col_scales.size() != count || p.coefficients.size() != count)
+    throw std::invalid_argument("contrastive_row: 1 to 4 segments, each with scores, scales, coefficients, length, kind");
   if (kinds[0] != kQ2D) throw std::invalid_argument("contrastive_row: the first segment must be query_to_doc");
+  if (coefficient_dtype < kStoreFp32 || coefficient_dtype > kStoreFp16)
+    throw std::invalid_argument("contrastive_row: coefficient dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
   ContrastiveRowArgs a{};
   a.num_segments = static_cast<int>(count);
   for (size_t x = 0; x < count; ++x) {
-    a.scores[x] = reinterpret_cast<float*>(scores[x]);
+    if (grad_scale >= 0.0f && p.coefficients[x] == 0)
+      throw std::invalid_argument("contrastive_row: gradient coefficients requested without an output array");
+    a.scores[x] = reinterpret_cast<const float*>(p.scores[x]);
+    a.row_scale[x] = reinterpret_cast<const float*>(p.row_scales[x]);
+    a.col_scale[x] = reinterpret_cast<const float*>(p.col_scales[x]);
+    a.coefficients[x] = reinterpret_cast<void*>(p.coefficients[x]);
     a.lengths[x] = lengths[x];
     a.kinds[x] = kinds[x];
   }
+  a.coefficient_dtype = coefficient_dtype;
   a.rows = rows;
   a.row_start = row_start;
   a.width = width;
@@ -34,6 +50,21 @@ inline ContrastiveRowArgs make_contrastive_row_args(const std::vector<uintptr_t>
   a.grad_scale = grad_scale;
   a.row_loss = reinterpret_cast<float*>(row_loss);
   return a;
+}
+
+// Calls launch(Out{}) with the Out policy of the args' coefficient dtype.
+template <class Launch>
+void dispatch_coefficient_dtype(const ContrastiveRowArgs& a, Launch&& launch) {
+  switch (a.coefficient_dtype) {
+    case kStoreBf16:
+      launch(Bf16Out{});
+      break;
+    case kStoreFp16:
+      launch(Fp16Out{});
+      break;
+    default:
+      launch(Fp32Out{});
+  }
 }
 
 }  // namespace st_fast
