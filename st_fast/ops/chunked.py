@@ -8,12 +8,12 @@ docs[offset : offset+B]. They come in one of two forms (see :func:`st_fast.ops.f
 * raw embeddings (16-bit) with ``normalize=True`` for cosine similarity: r_a = 1 / max(||a||, 1e-12) in fp32 (as
   F.normalize after stock's upcast), the score GEMMs multiply the raw operands with fp32 accumulation and output
   (products of 16-bit numbers are exact, see :mod:`st_fast.ops.mixed_matmul`), the row kernel applies r as row and
-  column scales, and the coefficients are stored in the operand dtype for the two gradient GEMMs (fp32 outputs).
+  column scales, and the coefficients are stored in float16 for the two gradient GEMMs (fp32 outputs), which take
+  float16 copies of the operands (exact for bf16 up to a power-of-two scale σ, divided out afterwards).
 
 For each chunk of local rows: S_x = rows_x @ cols_xᵀ (fp32), the row kernel turns S into per-row losses and
-coefficients C_x (= d loss / d S_x without the positive's one-hot term), then ``d_rows += C_x @ cols`` and
-``d_cols += C_xᵀ @ rows``. After the chunks: the positive's term -scale/B · r_q·r_d · (d_g, q_g) on the local rows
-(row-wise, fp32), and with ``normalize`` the normalization's own term: every score of a is linear in r_a, so
+coefficients C_x (= d loss / d S_x), then ``d_rows += C_x @ cols`` and ``d_cols += C_xᵀ @ rows``. After the chunks,
+with ``normalize``, the normalization's own term: every score of a is linear in r_a, so
 dL/dr_a = <g_a, a> / r_a with g_a the gradient at fixed r, and dr_a/da = -r_a³·a (0 below the eps), giving
 dL/da = g_a - r_a²·<g_a, a>·a, all in fp32 (the caller rounds the result to the input dtype once).
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE
-from st_fast.ops.mixed_matmul import accumulate_product, matmul_fp32
+from st_fast.ops.mixed_matmul import accumulate_product, as_float16_operand, matmul_fp32
 from st_fast.ops.row_kernel_torch import SegmentScales
 from st_fast.ops.spec import ContrastiveSpec
 
@@ -102,12 +102,20 @@ def chunked_loss_and_grad(
     operands = {"queries": queries, "docs": docs}
     scales = {name: inverse_norm(x) if normalize else None for name, x in operands.items()}
     math_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-    separate_coefficients = need_grad and queries.dtype != math_dtype  # 16-bit coefficients for 16-bit GEMMs
+    # 16-bit operands: float16 coefficients and float16 copies of the operands (exact, scaled by σ) for the gradient
+    # GEMMs; float16 rounds the coefficients 8x finer than bf16 would
+    separate_coefficients = need_grad and queries.dtype != math_dtype
+    coefficient_dtype = torch.float16 if separate_coefficients else math_dtype
+    gradient_operands, sigma = operands, {name: 1.0 for name in operands}
+    if separate_coefficients:
+        converted = {name: as_float16_operand(x) for name, x in operands.items()}
+        gradient_operands = {name: x16 for name, (x16, _) in converted.items()}
+        sigma = {name: factor for name, (_, factor) in converted.items()}
     total_columns = sum(operands[COLUMN_SOURCE[kind]].shape[0] for kind in spec.kinds)
-    bytes_per_score = 4 + (queries.element_size() if separate_coefficients else 0)
+    bytes_per_score = 4 + (2 if separate_coefficients else 0)
     chunk = chunk_rows_for_budget(batch_size, total_columns, device, chunk_bytes, bytes_per_score)
-    # coefficients are stored times gamma (see coefficient_scale); the gradient GEMMs are accumulated times 1/(B·γ)
-    gamma = coefficient_scale(queries.dtype, spec, [s for s in scales.values() if s is not None])
+    # coefficients are stored times gamma (see coefficient_scale); the gradient GEMMs are accumulated times 1/(B·γ·σ)
+    gamma = coefficient_scale(coefficient_dtype, spec, [s for s in scales.values() if s is not None])
     grads = {name: torch.zeros(x.shape, dtype=math_dtype, device=device) for name, x in operands.items()}
     if not need_grad:
         grads = {}
@@ -117,7 +125,7 @@ def chunked_loss_and_grad(
         return [torch.empty(chunk, columns, dtype=dtype, device=device) for columns in shapes]
 
     score_buffers = new_buffers(math_dtype)
-    coefficient_buffers = new_buffers(queries.dtype) if separate_coefficients else score_buffers
+    coefficient_buffers = new_buffers(coefficient_dtype) if separate_coefficients else score_buffers
     loss_sum = torch.zeros((), dtype=math_dtype, device=device)
     for begin in range(0, batch_size, chunk):
         n = min(chunk, batch_size - begin)
@@ -138,29 +146,14 @@ def chunked_loss_and_grad(
             alpha = 1.0 / (batch_size * gamma)
             for kind, coefficient in zip(spec.kinds, coefficients, strict=True):
                 row_name, column_name = ROW_SOURCE[kind], COLUMN_SOURCE[kind]
-                rows, columns = operands[row_name][local_rows], operands[column_name]
-                accumulate_product(grads[row_name][local_rows], coefficient, columns, alpha)
-                accumulate_product(grads[column_name], coefficient.T, rows, alpha)
+                rows, columns = gradient_operands[row_name][local_rows], gradient_operands[column_name]
+                accumulate_product(grads[row_name][local_rows], coefficient, columns, alpha / sigma[column_name])
+                accumulate_product(grads[column_name], coefficient.T, rows, alpha / sigma[row_name])
     result = LossAndGrad(loss_sum / batch_size, grads.get("queries"), grads.get("docs"))
-    if need_grad:
-        local = slice(row_offset, row_offset + batch_size)
-        _add_positive_term(result, operands, scales, spec.scale / batch_size, local)
-        if normalize:
-            _add_normalization_term(result.grad_queries, queries, scales["queries"])
-            _add_normalization_term(result.grad_docs, docs, scales["docs"])
+    if need_grad and normalize:
+        _add_normalization_term(result.grad_queries, queries, scales["queries"])
+        _add_normalization_term(result.grad_docs, docs, scales["docs"])
     return result
-
-
-def _add_positive_term(result: LossAndGrad, operands: dict, scales: dict, weight: float, local: slice) -> None:
-    """The positive's one-hot term of d loss / d S_q2d, -weight at [i, g], as row-wise products:
-    g_q[g] -= weight·r_q[g]·r_d[g]·d_g and g_d[g] -= weight·r_q[g]·r_d[g]·q_g."""
-    queries, docs = operands["queries"][local], operands["docs"][local]
-    math_dtype = result.grad_queries.dtype
-    factor = torch.full((queries.shape[0], 1), weight, dtype=math_dtype, device=queries.device)
-    if scales["queries"] is not None:
-        factor = factor * (scales["queries"][local] * scales["docs"][local])[:, None]
-    result.grad_queries[local] -= factor * docs.to(math_dtype)
-    result.grad_docs[local] -= factor * queries.to(math_dtype)
 
 
 def inverse_norm(x: torch.Tensor) -> torch.Tensor:

@@ -150,9 +150,7 @@ def guided_loss_and_grad(
         loss_sum += row_kernel(segments, row_spec, offset + begin, width, grad_scale).sum()
         if not need_grad:
             continue
-        # the row kernel left the gradient coefficients d(loss)/d(score) in the segments, but for the positive's
-        # one-hot term, added here
-        segments[0][diagonal] -= grad_scale * row_spec.scale
+        # the row kernel left the gradient coefficients d(loss)/d(score) in the segments
         grad_anchors[rows].addmm_(segments[0], candidates)
         grad_candidates.addmm_(segments[0].T, anchors[rows])
         x = 1

@@ -8,6 +8,7 @@ missing (CPU, older torch) the operands are upcast first: the same numbers, at t
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -54,3 +55,17 @@ def accumulate_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a
         target.addmm_(a, b, alpha=alpha)
     else:
         target.add_(matmul_fp32(a, b), alpha=alpha)
+
+
+def as_float16_operand(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(x · σ as float16, σ) with σ a power of two that puts max |x| at 2^14: a bf16 operand becomes a float16 one
+    without rounding (bf16's 8 significant bits fit float16's 11) down to entries 2^-28 below the largest, so that it
+    can meet float16 gradient coefficients (2^-11 rounding instead of bf16's 2^-8) in one 16-bit GEMM. float16 input
+    is returned as it is (σ = 1)."""
+    if x.dtype == torch.float16:
+        return x, 1.0
+    largest = float(x.abs().max()) if x.numel() else 0.0
+    if not math.isfinite(largest) or largest == 0.0:
+        return x.to(torch.float16), 1.0
+    sigma = 2.0 ** (14 - math.ceil(math.log2(largest)))
+    return (x * sigma).to(torch.float16), sigma

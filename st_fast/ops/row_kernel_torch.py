@@ -10,14 +10,13 @@ cosine similarity, applied here instead of normalizing the GEMM operands):
     log_z    = logsumexp_x(lse_x)  (joint)   or   mean_x(lse_x)  (per_direction)
     loss_r   = log_z - scale · s_q2d[r, g]               (the positive is never penalized)
 
-With ``grad_scale`` given, ``coefficients[x]`` (default: ``scores[x]`` itself) receives the softmax part of
+With ``grad_scale`` given, ``coefficients[x]`` (default: ``scores[x]`` itself) receives
 d(grad_scale · Σ_r loss_r)/d scores_x:
 
-    C_x = grad_scale · scale · w_x · exp(logits_x - ref_x) · row_scale_x[:, None] · col_scale_x[None, :]
+    C_x = grad_scale · scale · (w_x · exp(logits_x - ref_x) - onehot_x) · row_scale_x[:, None] · col_scale_x[None, :]
 
-with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction); masked entries get 0.
-The positive's one-hot term, -grad_scale · scale at [r, g] of Q2D, is left to the caller. float16 coefficients
-saturate at ±65504.
+with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction), onehot_x = 1 at [r, g] of
+Q2D (the positive) and 0 elsewhere; masked entries get 0. float16 coefficients saturate at ±65504.
 """
 
 from __future__ import annotations
@@ -105,7 +104,10 @@ def torch_row_kernel(
         for x, (out, logit, masked) in enumerate(zip(outputs, logits, masks, strict=True)):
             ref = log_z if spec.joint else lses[x]
             weight = grad_scale * spec.scale * (1.0 if spec.joint else 1.0 / len(scores))
-            coefficient = _apply_scales(torch.exp(logit - ref[:, None]) * weight, scales[x])
+            coefficient = torch.exp(logit - ref[:, None]) * weight
+            if x == 0:
+                coefficient[local, rows_global] -= grad_scale * spec.scale
+            coefficient = _apply_scales(coefficient, scales[x])
             if masked is not None:
                 coefficient = coefficient.masked_fill(masked, 0.0)
             if out.dtype == torch.float16:  # saturate as the native kernel does (inf · 0 would be NaN in a GEMM)

@@ -12,9 +12,10 @@
 // l_x = scale·s_x (+ alpha·s_x where penalized, -inf where masked), lse_x = logsumexp(l_x),
 // log_z = logsumexp_x(lse_x) (joint) or mean_x(lse_x), loss = log_z - scale·s_q2d[g].
 // With grad_scale >= 0 the coefficients of the raw scores v are written (in the coefficients' dtype):
-//   grad_scale·scale·w_x·exp(l_x - ref_x)·row_scale_x·col_scale_x[c],   0 where masked,
-// with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction). The positive's
-// -grad_scale·scale one-hot term is left to the caller (it is a row-wise product there, exact in fp32).
+//   grad_scale·scale·(w_x·exp(l_x - ref_x) - [x is Q2D and c == g])·row_scale_x·col_scale_x[c],   0 where masked,
+// with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction). The positive's one-hot
+// term is folded in before the (16-bit) store, so that a confident row (softmax weight ~1 at the positive) keeps
+// a coefficient accurate relative to its small value.
 //
 // Two passes over each segment's row: an online max / sum of exp (one exp per entry), then the coefficients. The
 // coefficients may alias the fp32 scores: every entry is read and then written by the same lane.
@@ -172,8 +173,9 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
         [&](int64_t c, int64_t j, float value) {
           const float mult = own_column_multiplier(a, kind, j);
           const float column = col_scale ? col_scale[c] : 1.0f;
-          const float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * mult * row_scale * column - ref) * column;
-          Out::put(out, out_offset + c, coefficient);
+          float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * mult * row_scale * column - ref);
+          if (kind == kQ2D && j == 0) coefficient -= base * row_scale;  // the positive's one-hot term
+          Out::put(out, out_offset + c, coefficient * column);
         });
   }
 }
