@@ -70,8 +70,9 @@ def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales:
     """The factor γ the coefficients are stored with before the gradient GEMMs divide it out again.
 
     |coefficient| <= scale · r_max² (softmax weights are <= 1; r: the inverse norms, 1 without), so float16
-    coefficients are stored with γ = 2^-ceil(log2(scale · r_max²)), a power of two (exact) that keeps them <= 1
-    instead of overflowing or losing the small ones to subnormals; every other dtype stores them with γ = 1.
+    coefficients are stored with γ = 2^(14 - ceil(log2(scale · r_max²))), a power of two (exact) that keeps them
+    within 2^14 (float16 overflows past 65504) and leaves 38 binades below the largest before subnormals; every
+    other dtype stores them with γ = 1.
     Zero-norm rows (r = 1/eps) are left out of r_max: their coefficients saturate at the float16 maximum and multiply
     the zero vector, instead of flushing every other row's coefficients to zero.
     """
@@ -82,7 +83,7 @@ def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales:
     bound = spec.scale * r_max * r_max
     if not math.isfinite(bound) or bound <= 0:
         return 1.0  # non-finite embeddings: the loss is non-finite anyway
-    return 2.0 ** -math.ceil(math.log2(bound))
+    return 2.0 ** (14 - math.ceil(math.log2(bound)))
 
 
 def chunked_loss_and_grad(

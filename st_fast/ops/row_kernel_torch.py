@@ -4,7 +4,7 @@ For a chunk of rows with global indices g = g0 .. g0+n-1, given the raw scores o
 (``scores[x]``: (n, L_x) fp32, laid out as in :mod:`st_fast.ops.layout`) and optional scales (the inverse norms of
 cosine similarity, applied here instead of normalizing the GEMM operands):
 
-    s_x      = scores_x · row_scale_x[:, None] · col_scale_x[None, :]     (a missing scale is 1)
+    s_x      = scores_x · (row_scale_x[:, None] · col_scale_x[None, :])     (a missing scale is 1)
     logits_x = scale · s_x (+ alpha · s_x on Q2D's penalized entries), masked entries = -inf
     lse_x    = logsumexp(logits_x)                       per row
     log_z    = logsumexp_x(lse_x)  (joint)   or   mean_x(lse_x)  (per_direction)
@@ -39,11 +39,12 @@ class SegmentScales(NamedTuple):
 
 
 def _apply_scales(s: torch.Tensor, scales: SegmentScales | None) -> torch.Tensor:
-    if scales is not None and scales.rows is not None:
-        s = s * scales.rows[:, None]
-    if scales is not None and scales.columns is not None:
-        s = s * scales.columns[None, :]
-    return s
+    """s · (row_scale ⊗ col_scale): the scale product commutes, so a score and its transpose (Q2D vs D2Q) agree."""
+    if scales is None or (scales.rows is None and scales.columns is None):
+        return s
+    rows = scales.rows if scales.rows is not None else torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
+    columns = scales.columns if scales.columns is not None else torch.ones(s.shape[1], dtype=s.dtype, device=s.device)
+    return s * (rows[:, None] * columns[None, :])
 
 
 def segment_mask_and_penalty(

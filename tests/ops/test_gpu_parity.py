@@ -1,8 +1,10 @@
-"""GPU parity of the triton and native backends against stock MNRL (float64 reference). Marked ``gpu``: skipped
+"""GPU parity of the triton, native and torch backends against stock MNRL (float64 reference). Marked ``gpu``: skipped
 on CPU-only machines, run by benchmarks/gpu_check.sh.
 
-Tolerances (norm-wise relative, loss / gradients): native computes in fp32 from any input dtype (1e-5 / 1e-4,
-cuBLAS fp32 with TF32 off). triton with fp32 inputs uses IEEE fp32 dots (1e-5 / 1e-4). triton with fp16/bf16 inputs
+Tolerances (norm-wise relative, loss / gradients): native computes fp32 inputs with fp32 cuBLAS GEMMs (TF32 off)
+and fp16 / bf16 inputs with 16-bit GEMMs of fp32 output (exact products) and float16 gradient coefficients
+(1e-5 / 1e-4 on top of twice the rounding of the exact gradient to the input dtype, as in
+tests/ops/test_raw_16bit.py). triton with fp32 inputs uses IEEE fp32 dots (1e-5 / 1e-4). triton with fp16/bf16 inputs
 gets unit vectors rounded to the input dtype (relative 2^-11 / 2^-8 per element), so a logit moves by up to
 scale·2·2^-11 ≈ 0.02 (fp16) or scale·2·2^-8 ≈ 0.16 (bf16) in the worst case and ~√D times less typically; the
 bounds below are those typical sizes with a 4x margin.
@@ -22,6 +24,9 @@ TOLERANCES = {  # (backend, dtype) -> (loss rtol, gradient rtol)
     ("native", torch.float32): (1e-5, 1e-4),
     ("native", torch.float16): (1e-5, 1e-4),
     ("native", torch.bfloat16): (1e-5, 1e-4),
+    ("torch", torch.float32): (1e-5, 1e-4),
+    ("torch", torch.float16): (1e-5, 1e-4),
+    ("torch", torch.bfloat16): (1e-5, 1e-4),
     ("triton", torch.float32): (1e-5, 1e-4),
     ("triton", torch.float16): (2e-3, 2e-2),
     ("triton", torch.bfloat16): (1.5e-2, 1e-1),
@@ -41,7 +46,7 @@ def _stock_loss(queries, docs, **config):
     return MultipleNegativesRankingLoss(None, **config).compute_loss_from_embeddings([queries, *docs], None)
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch, dim", [(1000, 384), (1000, 1024), (8192, 384)])
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
@@ -68,9 +73,10 @@ def test_gpu_backend_matches_stock(backend, dtype, batch, dim, config):
 
 
 @pytest.mark.parametrize("rows, width", [(1, 1), (37, 37), (300, 4096)])
-def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width):
+@pytest.mark.parametrize("coefficient_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width, coefficient_dtype):
     from st_fast.ops.row_kernel_native import native_row_kernel
-    from st_fast.ops.row_kernel_torch import torch_row_kernel
+    from st_fast.ops.row_kernel_torch import SegmentScales, torch_row_kernel
     from st_fast.ops.spec import ContrastiveSpec
 
     spec = ContrastiveSpec.from_loss_config(
@@ -79,9 +85,24 @@ def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width):
     )  # fmt: skip
     lengths = [2 * width, width, width, 2 * width]
     scores = [torch.rand(rows, n, device="cuda") * 2 - 1 for n in lengths]
-    expected_scores = [s.double() for s in scores]
-    expected = torch_row_kernel(expected_scores, spec, width - rows, width, 1.0 / rows)
-    actual = native_row_kernel(scores, spec, width - rows, width, 1.0 / rows)
+    scales = [SegmentScales(torch.rand(rows, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5) for n in lengths]
+    expected_out = [torch.empty(s.shape, dtype=torch.float64, device="cuda") for s in scores]
+    expected = torch_row_kernel(
+        [s.double() for s in scores], spec, width - rows, width, 1.0 / rows,
+        [SegmentScales(s.rows.double(), s.columns.double()) for s in scales], expected_out,
+    )  # fmt: skip
+    actual_out = [torch.full(s.shape, float("nan"), device="cuda").to(coefficient_dtype) for s in scores]
+    actual = native_row_kernel(scores, spec, width - rows, width, 1.0 / rows, scales, actual_out)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(scores, expected_scores, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}[coefficient_dtype]
+    for got, want in zip(actual_out, expected_out, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=1e-7)
+
+
+def test_cuda_has_the_16bit_matmul_with_fp32_output():
+    """The fast path of the native backend: without torch.mm(out_dtype=float32) on CUDA it falls back to upcasting
+    (same numbers, fp32 matmul rate), which the benchmarks would show as a lost speed-up."""
+    from st_fast.ops.mixed_matmul import _supports_out_dtype
+
+    assert _supports_out_dtype(torch.device("cuda"), torch.bfloat16)
+    assert _supports_out_dtype(torch.device("cuda"), torch.float16)

@@ -8,7 +8,7 @@
 //   D2D  columns k·W  c % W == g masked
 //
 // Scores may come unnormalized, with per-row and per-column scales (the inverse norms of cosine similarity):
-// s_x[c] = v_x[c] · row_scale_x · col_scale_x[c]  (a missing scale is 1). Per row (g = row_start + r):
+// s_x[c] = v_x[c] · (row_scale_x · col_scale_x[c])  (a missing scale is 1). Per row (g = row_start + r):
 // l_x = scale·s_x (+ alpha·s_x where penalized, -inf where masked), lse_x = logsumexp(l_x),
 // log_z = logsumexp_x(lse_x) (joint) or mean_x(lse_x), loss = log_z - scale·s_q2d[g].
 // With grad_scale >= 0 the coefficients of the raw scores v are written (in the coefficients' dtype):
@@ -124,15 +124,16 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     const float* col_scale = a.col_scale[x];
     const int kind = a.kinds[x];
     const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
-    const float bulk = bulk_multiplier(a, kind) * row_scale;
+    const float bulk = bulk_multiplier(a, kind);
     OnlineLogSumExp acc;
+    // s = v · (row_scale · col_scale): the scale product commutes, so s_q2d[i, g] and s_d2q[i, g] agree to the bit
     for_each_segment_column(
         v, a.lengths[x], a.width, g, lanes,
-        [&](int64_t c, float value) { acc.add(value * bulk * (col_scale ? col_scale[c] : 1.0f)); },
+        [&](int64_t c, float value) { acc.add(value * (row_scale * (col_scale ? col_scale[c] : 1.0f)) * bulk); },
         [&](int64_t c, int64_t j, float value) {
           const float mult = own_column_multiplier(a, kind, j);
           if (mult == 0.0f) return;
-          const float logit = value * mult * row_scale * (col_scale ? col_scale[c] : 1.0f);
+          const float logit = value * (row_scale * (col_scale ? col_scale[c] : 1.0f)) * mult;
           if (kind == kQ2D && j == 0) positive = logit;
           acc.add(logit);
         });
@@ -161,21 +162,21 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     const float* col_scale = a.col_scale[x];
     const int kind = a.kinds[x];
     const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
-    const float bulk = bulk_multiplier(a, kind) * row_scale;
+    const float bulk = bulk_multiplier(a, kind);
     const float ref = a.joint ? log_z : seg_lse[x];
-    const float weight = (a.joint ? base : base / static_cast<float>(a.num_segments)) * row_scale;
+    const float weight = a.joint ? base : base / static_cast<float>(a.num_segments);
     for_each_segment_column(
         v, n, a.width, g, lanes,
         [&](int64_t c, float value) {
-          const float column = col_scale ? col_scale[c] : 1.0f;
-          Out::put(out, out_offset + c, weight * expf(value * bulk * column - ref) * column);
+          const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
+          Out::put(out, out_offset + c, weight * expf(value * scales * bulk - ref) * scales);
         },
         [&](int64_t c, int64_t j, float value) {
           const float mult = own_column_multiplier(a, kind, j);
-          const float column = col_scale ? col_scale[c] : 1.0f;
-          float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * mult * row_scale * column - ref);
-          if (kind == kQ2D && j == 0) coefficient -= base * row_scale;  // the positive's one-hot term
-          Out::put(out, out_offset + c, coefficient * column);
+          const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
+          float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * scales * mult - ref);
+          if (kind == kQ2D && j == 0) coefficient -= base;  // the positive's one-hot term
+          Out::put(out, out_offset + c, coefficient * scales);
         });
   }
 }
