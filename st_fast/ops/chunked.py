@@ -78,8 +78,10 @@ def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales:
     """
     if operand_dtype != torch.float16:
         return 1.0
-    regular = [s[s < 0.5 / NORMALIZE_EPS] for s in scales]
-    r_max = max((float(s.max()) for s in regular if s.numel()), default=1.0)
+    # one device sync for every scale tensor (zero-norm rows masked out as 0)
+    regular = [torch.where(s < 0.5 / NORMALIZE_EPS, s, 0).max() for s in scales if s.numel()]
+    r_max = float(torch.stack(regular).max()) if regular else 1.0
+    r_max = r_max if r_max > 0 else 1.0
     bound = spec.scale * r_max * r_max
     if not math.isfinite(bound) or bound <= 0:
         return 1.0  # non-finite embeddings: the loss is non-finite anyway
