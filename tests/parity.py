@@ -84,3 +84,14 @@ def train_step(model, loss, features, *, seed: int = 0, grad_scale: float = 1.0)
         value = torch.stack(list(value.values())).sum()
     (value * grad_scale).backward()
     return value.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def assert_coefficients_close(actual_out, expected_out, scales, grad_scale, scale, coefficient_dtype):
+    """Coefficients within the dtype's rounding (relative), and within 16 fp32 roundings of the largest term
+    (grad_scale · scale · r_max²) absolutely: the positive's coefficient is (softmax weight - 1) · that term, which
+    cancels to ~1e-5 when its weight is ~1 (B = 1)."""
+    r_max = max(float(s.max()) for pair in scales for s in pair)
+    atol = 16 * 2.0**-24 * grad_scale * scale * r_max * r_max
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}[coefficient_dtype]
+    for got, want in zip(actual_out, expected_out, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)

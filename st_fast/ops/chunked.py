@@ -40,7 +40,10 @@ RowKernel = Callable[..., torch.Tensor]
 
 # Measured on 2 CPU cores (B = 4096, k = 2, D = 384): 8 MiB chunks 1.60 s, 32 MiB 1.12 s, 128 MiB 1.06 s per
 # forward + backward; 32 MiB keeps most of the gain at a quarter of that score matrix.
-DEFAULT_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
+# On an H200 (benchmarks/gpu_profile.py, B = N = 16384, D = 1024, bf16): 256 MiB 7.17 ms, 512 MiB 6.83 ms, 1 GiB
+# 5.87 ms, 2 GiB 5.51 ms (one chunk; peak 1984 MiB, stock 4353 MiB): few large chunks keep the row kernel's waves
+# full and the launches and syncs per chunk few.
+DEFAULT_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 2048 * 2**20}
 NORMALIZE_EPS = 1e-12  # F.normalize's default, used by stock cos_sim
 
 

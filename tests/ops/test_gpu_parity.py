@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity import relative_error
+from parity import assert_coefficients_close, relative_error
 
 from st_fast.ops import fused_mnrl_loss
 
@@ -94,9 +94,7 @@ def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width, coefficient_d
     actual_out = [torch.full(s.shape, float("nan"), device="cuda").to(coefficient_dtype) for s in scores]
     actual = native_row_kernel(scores, spec, width - rows, width, 1.0 / rows, scales, actual_out)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
-    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}[coefficient_dtype]
-    for got, want in zip(actual_out, expected_out, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=1e-7)
+    assert_coefficients_close(actual_out, expected_out, scales, 1.0 / rows, spec.scale, coefficient_dtype)
 
 
 def test_cuda_has_the_16bit_matmul_with_fp32_output():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity import assert_close_to_reference, direction_partition_grid, random_columns
+from parity import assert_close_to_reference, assert_coefficients_close, direction_partition_grid, random_columns
 
 from st_fast import _native
 from st_fast.ops import fused_mnrl_loss
@@ -171,8 +171,8 @@ def test_coefficient_stores_round_to_nearest_even_like_torch(dtype, code):
 
 @pytest.mark.parametrize("coefficient_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("hardness", ["hard_negatives", "in_batch_negatives"])
-def test_native_row_kernel_with_scales_matches_the_torch_row_kernel(coefficient_dtype, hardness):
-    rows, width = 13, 29
+@pytest.mark.parametrize("rows, width", [(1, 1), (13, 29)])
+def test_native_row_kernel_with_scales_matches_the_torch_row_kernel(coefficient_dtype, hardness, rows, width):
     spec = ContrastiveSpec.from_loss_config(
         scale=20.0, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
         hardness_mode=hardness, hardness_strength=5.0,
@@ -189,12 +189,10 @@ def test_native_row_kernel_with_scales_matches_the_torch_row_kernel(coefficient_
     )  # fmt: skip
     from st_fast.ops.row_kernel_native import native_row_kernel
 
-    actual_out = [torch.empty(s.shape, dtype=coefficient_dtype) for s in scores]
+    actual_out = [torch.full(s.shape, float("nan")).to(coefficient_dtype) for s in scores]
     actual = native_row_kernel(scores, spec, width - rows, width, 1.0 / rows, scales, actual_out)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
-    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}[coefficient_dtype]
-    for got, want in zip(actual_out, expected_out, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=1e-7)
+    assert_coefficients_close(actual_out, expected_out, scales, 1.0 / rows, spec.scale, coefficient_dtype)
 
 
 def test_matmul_fp32_and_float16_operands_are_exact():
