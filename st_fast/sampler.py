@@ -4,8 +4,8 @@
 generator handling (``seed + epoch`` reseeding, ``torch.randperm`` drawn at the same moments with the same dtype) and
 resampling passes. Only the scan moves to C++ (``st_fast._C.NoDupSamplerCore``):
 
-* every cell is keyed once per sampler (reused across epochs) by the XXH64 of its canonical string, and a hash match
-  is always confirmed on the bytes, so a collision can never change a batch;
+* every cell is keyed once per sampler (reused across epochs) by a 64-bit (wyhash-style) hash of its canonical string,
+  and a hash match is always confirmed on the bytes, so a collision can never change a batch;
 * ``string`` / ``large_string`` columns are read zero-copy from the dataset's Arrow buffers (every chunk; an indices
   mapping left by ``select``/``shuffle``/``filter`` is applied in C++); any other column goes through the stock
   ``_sample_value_str`` in Python (once, in blocks of rows) and its canonical strings are stored as an Arrow
