@@ -114,11 +114,48 @@ def test_empty_and_one_row(num_rows, drop_last):
     assert_parity(dataset, batch_size=3, drop_last=drop_last, modes=("default",))
 
 
-def test_resampling_fills_len_like_stock():
-    # 20 rows, 2 distinct pairs, batch 2: the first pass yields fewer than len() batches, the rest is resampled
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1 << 14])
+def test_resampling_fills_len_like_stock(chunk_rows, monkeypatch):
+    # 20 rows, 2 distinct pairs, batch 2: the first pass yields fewer than len() batches, the rest is resampled; the
+    # last resampled chunk is cut short wherever it ends (one batch per chunk, a few, or the whole pass)
+    monkeypatch.setattr(fast_module, "_CHUNK_ROWS", chunk_rows)
     dataset = Dataset.from_dict({"anchor": ["a", "b"] * 10, "positive": ["c", "d"] * 10})
     batches = assert_parity(dataset, batch_size=2, drop_last=True, epochs=(0, 1, 2))
     assert [len(epoch) for epoch in batches] == [10, 10, 10]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 25, 1 << 14])
+@pytest.mark.parametrize("background", [False, True])
+def test_chunked_hand_over_matches_stock(chunk_rows, background, monkeypatch):
+    monkeypatch.setattr(fast_module, "_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(fast_module, "_BACKGROUND_MIN_ROWS", 0 if background else None)
+    assert_parity(HEAVY, batch_size=10, drop_last=False, modes=("hashed",))
+    assert_parity(HEAVY, batch_size=7, drop_last=True, modes=("hashed",))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_take_hands_out_consecutive_batches(background):
+    core = NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False)._get_core()
+    perm = np.random.default_rng(0).permutation(300).astype(np.int32)
+    expected = list(core.one_pass(perm, 10, False, background))
+    batches = core.one_pass(perm, 10, False, background)
+    chunks = []
+    while chunk := batches.take(25):
+        chunks.append(chunk)
+    assert [batch for chunk in chunks for batch in chunk] == expected
+    assert all(len(chunk) == 1 or sum(map(len, chunk)) <= 25 for chunk in chunks)
+    assert batches.take(25) == [] and len(batches) == len(expected)
+
+
+@pytest.mark.parametrize("untrack", [False, True])
+def test_batches_are_plain_lists_left_out_of_the_collector(untrack, monkeypatch):
+    import gc
+
+    monkeypatch.setattr(fast_module, "_UNTRACK_BATCHES", untrack)
+    batches = assert_parity(HEAVY, batch_size=10, drop_last=False, modes=("hashed",))
+    for batch in batches[0]:
+        assert type(batch) is list and all(type(index) is int for index in batch)
+        assert gc.is_tracked(batch) is not untrack
 
 
 def test_resampling_with_generator_shared_by_several_samplers():
