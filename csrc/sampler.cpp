@@ -7,13 +7,18 @@
 // after select/shuffle) or already logical. A null cell reads as the string "None" (what datasets returns, then
 // str()), or as "no value" in columns flagged null_absent (used to pad rows with fewer values).
 //
-// Keys: XXH64 of the cell bytes, computed once (threads over rows). A pass takes the shuffled order and returns every
-// batch of that pass (flat indices + offsets), with exactly the decisions of the upstream linked-list scan. Key
-// equality is always confirmed on the bytes, so a hash collision can never change a batch (the `hash_bits` test hook
-// truncates keys to force collisions).
+// Keys: a wyhash-style 64-bit hash of the cell bytes, computed once (threads over rows). A pass takes the shuffled
+// order and returns every batch of that pass (flat indices + offsets), with exactly the decisions of the upstream
+// linked-list scan. Key equality is always confirmed on the bytes, so a hash collision can never change a batch (the
+// `hash_bits` test hook truncates keys to force collisions).
 #include <pybind11/numpy.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <atomic>
 #include <condition_variable>
@@ -27,7 +32,7 @@
 #include <vector>
 
 #include "st_fast/bindings.h"
-#include "st_fast/xxhash64.h"
+#include "st_fast/wyhash64.h"
 
 namespace py = pybind11;
 
@@ -54,16 +59,47 @@ struct Column {
   bool null_absent = false;        // null = no value (padding) instead of "None"
 };
 
+// An uninitialized array that Linux may back with transparent huge pages once it is large: the scan reads keys at
+// random rows, and beyond the TLB's reach (about 12 MiB of 4 KiB pages) nearly every such read also misses the TLB
+// (huge pages took the 1M-row, batch-128 scan from 19.1 to 17.5 ms). Smaller arrays keep small pages: a huge page
+// fault zeroes 2 MiB at once, and sometimes waits for the kernel to compact memory (seen: 4 -> 10 ms builds at 100k).
+template <typename T>
+class HugePageArray {
+ public:
+  void reset(size_t count) {
+    constexpr size_t kHuge = size_t{2} << 20, kMinBytes = size_t{16} << 20;
+    const size_t bytes = count * sizeof(T);
+    void* p = nullptr;
+    if (bytes >= kMinBytes) {
+      const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+      p = std::aligned_alloc(kHuge, rounded);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (p != nullptr) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure just keeps small pages
+#endif
+    } else if (bytes > 0) {
+      p = std::malloc(bytes);
+    }
+    if (bytes > 0 && p == nullptr) throw std::bad_alloc();
+    data_.reset(static_cast<T*>(p));
+    size_ = count;
+  }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  T& operator[](size_t i) { return data_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  size_t size_ = 0;
+};
+
 struct CellView {
   const char* data;
   int64_t size;
   bool present;
-};
-
-struct Slot {  // 16 bytes: a batch set of 8192 x 3 values stays within L2
-  uint64_t key;
-  uint32_t ref;  // row * num_columns + column of the cell stored here (cells < 2^32, checked)
-  uint32_t gen;  // slot is live iff gen == the table's current generation
 };
 
 class NoDupCore {
@@ -123,7 +159,7 @@ class NoDupCore {
       if (c.null_absent) has_absent_ = true;
     }
     const int64_t cells = num_rows_ * num_columns_;
-    keys_.assign(static_cast<size_t>(cells), 0);
+    keys_.reset(static_cast<size_t>(cells));  // every entry is written below (0 for absent cells)
     if (has_absent_) absent_.assign(static_cast<size_t>(cells), 0);
     // Plain threads rather than OpenMP: libgomp is not fork-safe (a forked child that starts a parallel region after
     // the parent used one hangs), and samplers are built in processes that fork DataLoader workers.
@@ -133,15 +169,13 @@ class NoDupCore {
         for (int64_t col = 0; col < num_columns_; ++col) {
           const int64_t ref = row * num_columns_ + col;
           const CellView v = cell(row, col);
-          if (v.size < 0) {
-            bad.store(true);
+          if (v.size < 0 || !v.present) {
+            keys_[ref] = 0;
+            if (v.size < 0) bad.store(true);
+            else absent_[ref] = 1;
             continue;
           }
-          if (!v.present) {
-            absent_[ref] = 1;
-            continue;
-          }
-          keys_[ref] = xxh64(v.data, static_cast<size_t>(v.size), 0) & key_mask_;
+          keys_[ref] = wyhash64(v.data, static_cast<size_t>(v.size)) & key_mask_;
         }
       }
     };
@@ -164,7 +198,7 @@ class NoDupCore {
 
   py::array_t<uint64_t> keys() const {
     py::array_t<uint64_t> out({num_rows_, num_columns_});
-    if (!keys_.empty()) std::memcpy(out.mutable_data(), keys_.data(), keys_.size() * sizeof(uint64_t));
+    if (keys_.size() > 0) std::memcpy(out.mutable_data(), keys_.data(), keys_.size() * sizeof(uint64_t));
     return out;
   }
 
@@ -179,7 +213,11 @@ class NoDupCore {
 
   // Bytes held by this object (keys, flags, chunk tables); the Arrow buffers it reads are not counted.
   int64_t state_bytes() const {
-    int64_t total = static_cast<int64_t>(keys_.capacity() * sizeof(uint64_t) + absent_.capacity());
+    int64_t total = static_cast<int64_t>(keys_.size() * sizeof(uint64_t) + absent_.capacity());
+    {
+      std::lock_guard<std::mutex> lock(spare_mutex_);
+      if (spare_rows_) total += std::max<int64_t>(num_rows_, 1) * static_cast<int64_t>(sizeof(uint32_t));
+    }
     for (const Column& c : columns_) total += c.chunks.capacity() * sizeof(Chunk) + c.starts.capacity() * 8;
     return total;
   }
@@ -192,6 +230,18 @@ class NoDupCore {
   const uint64_t* keys_data() const { return keys_.data(); }
   bool has_absent() const { return has_absent_; }
   bool absent(int64_t ref) const { return absent_[ref] != 0; }
+
+  // A buffer for the batch rows of one pass (num_rows entries): the one the last finished pass gave back when there is
+  // one, as its pages are mapped already (fresh pages cost a page fault and a zeroing each, ms per million rows).
+  std::unique_ptr<uint32_t[]> take_row_buffer() const {
+    std::lock_guard<std::mutex> lock(spare_mutex_);
+    if (spare_rows_) return std::move(spare_rows_);
+    return std::unique_ptr<uint32_t[]>(new uint32_t[static_cast<size_t>(std::max<int64_t>(num_rows_, 1))]);
+  }
+  void give_row_buffer(std::unique_ptr<uint32_t[]> buffer) const {
+    std::lock_guard<std::mutex> lock(spare_mutex_);
+    spare_rows_ = std::move(buffer);
+  }
 
   bool same_value(int64_t ref_a, int64_t ref_b) const {
     if (ref_a == ref_b) return true;
@@ -244,13 +294,107 @@ class NoDupCore {
   int64_t num_rows_, num_columns_;
   std::vector<Column> columns_;
   std::vector<py::object> owners_;
+  mutable std::mutex spare_mutex_;
+  mutable std::unique_ptr<uint32_t[]> spare_rows_;  // see take_row_buffer
   py::array_t<int64_t> indices_;
   const int64_t* index_data_ = nullptr;
   uint64_t key_mask_ = ~uint64_t{0};
-  std::vector<uint64_t> keys_;
+  HugePageArray<uint64_t> keys_;
   std::vector<uint8_t> absent_;
   bool has_absent_ = false;
   bool built_ = false;
+};
+
+// The values of the batch being filled: open addressing with linear probing over 8-byte slots, emptied in O(1) per
+// batch by bumping a generation. A slot keeps 16 bits of the key as a tag and the cell it holds; a tag match is
+// always confirmed on the bytes of the two cells, so no tag or key collision can change a decision.
+class BatchSet {
+ public:
+  explicit BatchSet(const NoDupCore& core) : core_(core) {}
+
+  void reset(int64_t max_entries) {
+    uint32_t bits = 4;
+    while ((int64_t{1} << bits) < kLoadInverse * max_entries) ++bits;
+    slots_.assign(size_t{1} << bits, Slot{0, 0, 0});
+    shift_ = 64 - bits;
+    gen_ = 0;
+  }
+
+  void clear() {
+    if (++gen_ == 0) {  // wrapped: clear for real
+      for (Slot& s : slots_) s.gen = 0;
+      gen_ = 1;
+    }
+  }
+
+  // True when the set holds the value of cell `ref` (key `key`); else `*free_slot` = where it would go.
+  bool find(uint64_t key, uint32_t ref, uint32_t* free_slot) const {
+    const uint16_t tag = static_cast<uint16_t>(key >> 48);
+    const size_t mask = slots_.size() - 1;
+    size_t pos = static_cast<size_t>((key * 0x9E3779B97F4A7C15ULL) >> shift_);
+    while (true) {
+      const Slot& s = slots_[pos];
+      if (s.gen != gen_) {
+        *free_slot = static_cast<uint32_t>(pos);
+        return false;
+      }
+      if (s.tag == tag && core_.same_value(s.ref, ref)) return true;
+      pos = (pos + 1) & mask;
+    }
+  }
+
+  bool live(uint32_t slot) const { return slots_[slot].gen == gen_; }
+  void put(uint32_t slot, uint64_t key, uint32_t ref) { slots_[slot] = Slot{ref, static_cast<uint16_t>(key >> 48), gen_}; }
+
+ private:
+  // At most 1/8 of the slots are live: probes then nearly always end at their first slot (measured: 1/2 -> 1/8 took
+  // the 1M-row, batch-128 scan from 23 to 17 ms).
+  static constexpr int64_t kLoadInverse = 8;
+
+  struct Slot {
+    uint32_t ref;  // row * num_columns + column of the cell stored here (cells < 2^32, checked)
+    uint16_t tag;  // top 16 bits of its key
+    uint16_t gen;  // live iff gen == gen_
+  };
+
+  const NoDupCore& core_;
+  std::vector<Slot> slots_;
+  uint32_t shift_ = 60;
+  uint16_t gen_ = 0;
+};
+
+// The rows no scan has reached yet, in shuffled order, with their keys. The keys sit at random rows of a large array:
+// each row's are prefetched kAhead rows before the scan needs them. (Gathering blocks of keys into a small buffer
+// first, so that the scan reads them sequentially, was measured slower: the scan is not bound by these reads.)
+template <typename I>
+class FreshRows {
+ public:
+  FreshRows(const I* perm, int64_t n, const uint64_t* keys, int64_t num_columns)
+      : perm_(perm), n_(n), keys_(keys), nc_(num_columns) {}
+
+  bool done() const { return next_ == n_; }
+
+  // The next row and its keys; false when there are no more.
+  bool next(int64_t* row, const uint64_t** keys) {
+    if (next_ == n_) return false;
+    if (next_ + kAhead < n_) {
+      const uint64_t* ahead = keys_ + static_cast<int64_t>(perm_[next_ + kAhead]) * nc_;
+      __builtin_prefetch(ahead);
+      __builtin_prefetch(ahead + nc_ - 1);  // a row's keys may straddle two cache lines
+    }
+    *row = perm_[next_++];
+    *keys = keys_ + *row * nc_;
+    return true;
+  }
+
+ private:
+  static constexpr int64_t kAhead = 16;
+
+  const I* perm_;
+  int64_t n_;
+  const uint64_t* keys_;
+  int64_t nc_;
+  int64_t next_ = 0;
 };
 
 // One pass of the greedy scan over a shuffled order, with exactly the decisions of the upstream linked-list scan.
@@ -276,8 +420,9 @@ class PassResult {
       throw std::invalid_argument("perm must be int32 or int64");
     }
     perm_data_ = perm_.data();
-    // Uninitialized on purpose: pages are only committed as batches are written.
-    flat_.reset(new int64_t[static_cast<size_t>(std::max<int64_t>(n_, 1))]);
+    // Uninitialized on purpose: pages are only committed as batches are written (and the row buffer is the last
+    // pass's, already committed, when there was one).
+    flat_ = core.take_row_buffer();
     offsets_.reset(new int64_t[static_cast<size_t>(n_ + 1)]);
     offsets_[0] = 0;
     {
@@ -296,25 +441,30 @@ class PassResult {
   ~PassResult() {
     cancel_.store(true);
     if (worker_.joinable()) worker_.join();  // at most one batch away: the producer checks cancel_ per batch
+    core_.give_row_buffer(std::move(flat_));
+  }
+
+  // The next ready batches, as a list of lists of ints: at least one batch, and more while they add up to fewer than
+  // `max_rows` rows; [] once the pass is over. Handing out many batches per call keeps the per-call cost (argument
+  // parsing, GIL hand-overs) off the per-batch path, and the lists are built with the raw C API.
+  py::list take(int64_t max_rows, bool untracked) {
+    if (!wait_for_batch()) return py::list();
+    const int64_t ready = ready_.load(std::memory_order_acquire);
+    int64_t last = cursor_ + 1;
+    while (last < ready && offsets_[last + 1] - offsets_[cursor_] <= max_rows) ++last;
+    py::list out(static_cast<size_t>(last - cursor_));
+    for (int64_t b = cursor_; b < last; ++b) {
+      PyObject* batch = batch_list(b);
+      if (untracked) PyObject_GC_UnTrack(batch);
+      PyList_SET_ITEM(out.ptr(), b - cursor_, batch);
+    }
+    cursor_ = last;
+    return out;
   }
 
   py::list next_batch() {
-    if (cursor_ >= ready_.load(std::memory_order_acquire)) {
-      // Caught up with the producer: wait for a good stretch of batches, not one, so that hand-overs (GIL release,
-      // wake-up) stay rare.
-      wait_for(cursor_ + std::max<int64_t>(1, kHandOverRows / batch_size_));
-      if (done_.load() && error_) std::rethrow_exception(error_);
-      if (cursor_ >= ready_.load(std::memory_order_acquire)) throw py::stop_iteration();
-    }
-    const int64_t begin = offsets_[cursor_], end = offsets_[cursor_ + 1];
-    ++cursor_;
-    py::list out(static_cast<size_t>(end - begin));
-    for (int64_t i = begin; i < end; ++i) {
-      PyObject* value = PyLong_FromLongLong(flat_[i]);
-      if (value == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(out.ptr(), i - begin, value);
-    }
-    return out;
+    if (!wait_for_batch()) throw py::stop_iteration();
+    return py::reinterpret_steal<py::list>(batch_list(cursor_++));
   }
 
   int64_t num_batches() {
@@ -327,6 +477,33 @@ class PassResult {
 
  private:
   static constexpr int64_t kHandOverRows = 1 << 16;
+
+  // True when batch cursor_ is complete (waiting for the producer if needed), false when the pass has no more.
+  bool wait_for_batch() {
+    if (cursor_ < ready_.load(std::memory_order_acquire)) return true;
+    // Caught up with the producer: wait for a good stretch of batches, not one, so that hand-overs (GIL release,
+    // wake-up) stay rare.
+    wait_for(cursor_ + std::max<int64_t>(1, kHandOverRows / batch_size_));
+    if (done_.load() && error_) std::rethrow_exception(error_);
+    return cursor_ < ready_.load(std::memory_order_acquire);
+  }
+
+  // A new reference to batch b as a list of ints.
+  PyObject* batch_list(int64_t b) const {
+    const int64_t begin = offsets_[b], end = offsets_[b + 1];
+    PyObject* out = PyList_New(static_cast<Py_ssize_t>(end - begin));
+    if (out == nullptr) throw py::error_already_set();
+    PyObject** items = reinterpret_cast<PyListObject*>(out)->ob_item;
+    for (int64_t i = begin; i < end; ++i) {
+      PyObject* value = PyLong_FromSsize_t(static_cast<Py_ssize_t>(flat_[i]));
+      if (value == nullptr) {
+        Py_DECREF(out);  // the items not set yet are NULL, which list_dealloc skips
+        throw py::error_already_set();
+      }
+      items[i - begin] = value;
+    }
+    return out;
+  }
 
   // Waits (without the GIL) until batch `count` is complete, or the pass is done when count < 0.
   void wait_for(int64_t count) {
@@ -365,36 +542,6 @@ class PassResult {
     publish(ready_.load(), true);
   }
 
-  // --- the batch set: open addressing with linear probing, cleared in O(1) by bumping the generation ---
-  void table_reset(int64_t max_entries) {
-    size_t cap = 16;
-    while (cap < static_cast<size_t>(2 * max_entries)) cap <<= 1;
-    table_.assign(cap, Slot{0, 0, 0});
-    table_mask_ = cap - 1;
-    gen_ = 0;
-  }
-
-  void table_new_batch() {
-    if (++gen_ == 0) {  // wrapped: clear for real
-      for (Slot& s : table_) s.gen = 0;
-      gen_ = 1;
-    }
-  }
-
-  // True when a live slot holds the same value as cell `ref` (key `key`); else `*free_slot` = where it would go.
-  bool table_find(uint64_t key, int64_t ref, size_t* free_slot) const {
-    size_t pos = static_cast<size_t>(key * 0x9E3779B97F4A7C15ULL >> 7) & table_mask_;
-    while (true) {
-      const Slot& s = table_[pos];
-      if (s.gen != gen_) {
-        *free_slot = pos;
-        return false;
-      }
-      if (s.key == key && core_.same_value(s.ref, ref)) return true;  // equal keys: confirm on the bytes
-      pos = (pos + 1) & table_mask_;
-    }
-  }
-
   // True when row `row` (its keys at `keys`) shares a value with the batch. Otherwise the free slot found for each of
   // its cells is left in slots_, so that row_insert does not probe again.
   bool row_conflicts(const uint64_t* keys, int64_t row) {
@@ -402,7 +549,7 @@ class PassResult {
     for (int64_t col = 0; col < num_columns_; ++col) {
       const int64_t ref = base + col;
       if (has_absent_ && core_.absent(ref)) continue;
-      if (table_find(keys[col], ref, &slots_[col])) return true;
+      if (batch_set_.find(keys[col], static_cast<uint32_t>(ref), &slots_[col])) return true;
     }
     return false;
   }
@@ -412,11 +559,11 @@ class PassResult {
     for (int64_t col = 0; col < num_columns_; ++col) {
       const int64_t ref = base + col;
       if (has_absent_ && core_.absent(ref)) continue;
-      size_t slot = slots_[col];
-      if (table_[slot].gen == gen_) {  // taken by an earlier cell of this row: probe again
-        if (table_find(keys[col], ref, &slot)) continue;  // the row repeats one of its own values
+      uint32_t slot = slots_[col];
+      if (batch_set_.live(slot)) {  // taken by an earlier cell of this row: probe again
+        if (batch_set_.find(keys[col], static_cast<uint32_t>(ref), &slot)) continue;  // the row repeats a value
       }
-      table_[slot] = Slot{keys[col], static_cast<uint32_t>(ref), gen_};
+      batch_set_.put(slot, keys[col], static_cast<uint32_t>(ref));
     }
   }
 
@@ -435,16 +582,16 @@ class PassResult {
     has_absent_ = core_.has_absent();
     const int64_t nc = num_columns_;
     slots_.assign(static_cast<size_t>(std::max<int64_t>(nc, 1)), 0);
-    table_reset(std::min(batch_size_, n) * std::max<int64_t>(nc, 1));
+    batch_set_.reset(std::min(batch_size_, n) * std::max<int64_t>(nc, 1));
     std::vector<int64_t> deferred_rows;
     std::vector<uint64_t> deferred_keys;
-    constexpr int64_t kAhead = 16;  // fresh rows are visited in perm order: prefetch their keys
-    int64_t* flat = flat_.get();
-    int64_t size = 0, batches = 0, fresh = 0;
+    FreshRows<I> fresh_rows(perm, n, keys_, nc);
+    uint32_t* flat = flat_.get();
+    int64_t size = 0, batches = 0;
     size_t begin = 0;  // deferred rows live in [begin, size()): the prefix is dead space left by early stops
-    while (deferred_rows.size() > begin || fresh < n) {
+    while (deferred_rows.size() > begin || !fresh_rows.done()) {
       if (cancel_.load(std::memory_order_relaxed)) return;
-      table_new_batch();
+      batch_set_.clear();
       const int64_t start = size;
       bool full = false;
       // 1) rescan the deferred rows [begin, end), compacting away the accepted ones
@@ -461,7 +608,7 @@ class PassResult {
           ++kept;
           continue;
         }
-        flat[size++] = row;
+        flat[size++] = static_cast<uint32_t>(row);
         if (size - start == batch_size_) {
           full = true;
           ++r;
@@ -490,16 +637,15 @@ class PassResult {
         begin = 0;
       }
       // 2) go on with the rows no scan has reached yet
-      while (!full && fresh < n) {
-        if (nc > 0 && fresh + kAhead < n) __builtin_prefetch(keys_ + static_cast<int64_t>(perm[fresh + kAhead]) * nc);
-        const int64_t row = perm[fresh++];
-        const uint64_t* keys = keys_ + row * nc;
+      int64_t row;
+      const uint64_t* keys;
+      while (!full && fresh_rows.next(&row, &keys)) {
         if (row_conflicts(keys, row)) {  // defer: it keeps its place, after the older deferred rows
           deferred_rows.push_back(row);
           deferred_keys.insert(deferred_keys.end(), keys, keys + nc);
           continue;
         }
-        flat[size++] = row;
+        flat[size++] = static_cast<uint32_t>(row);
         if (size - start == batch_size_) {
           full = true;
           break;
@@ -515,9 +661,10 @@ class PassResult {
     }
   }
 
-  static py::array copy_to_numpy(const int64_t* data, int64_t count) {
+  template <typename T>
+  static py::array copy_to_numpy(const T* data, int64_t count) {
     py::array_t<int64_t> out(static_cast<py::ssize_t>(count));
-    if (count > 0) std::memcpy(out.mutable_data(), data, static_cast<size_t>(count) * sizeof(int64_t));
+    std::copy(data, data + count, out.mutable_data());
     return out;
   }
 
@@ -529,16 +676,15 @@ class PassResult {
   bool bad_perm_ = false;
   int64_t n_ = 0, batch_size_ = 0;
   bool drop_last_ = false;
-  std::unique_ptr<int64_t[]> flat_, offsets_;
+  std::unique_ptr<uint32_t[]> flat_;  // rows < 2^32 (the core has fewer than 2^32 cells)
+  std::unique_ptr<int64_t[]> offsets_;
   int64_t cursor_ = 0;
   // producer state
   int64_t num_columns_ = 0;
   const uint64_t* keys_ = nullptr;
   bool has_absent_ = false;
-  std::vector<Slot> table_;
-  std::vector<size_t> slots_;
-  size_t table_mask_ = 0;
-  uint32_t gen_ = 0;
+  BatchSet batch_set_{core_};
+  std::vector<uint32_t> slots_;
   // hand-over between producer and consumer
   std::atomic<int64_t> ready_{0}, wanted_{0};
   std::atomic<bool> done_{false}, cancel_{false}, waiting_{false};
@@ -555,6 +701,10 @@ void bind_sampler(py::module_& m) {
       .def("__len__", &PassResult::num_batches)
       .def("__iter__", [](PassResult& self) -> PassResult& { return self; }, py::return_value_policy::reference_internal)
       .def("__next__", &PassResult::next_batch)
+      .def("take", &PassResult::take, py::arg("max_rows"), py::arg("untracked") = false,
+           "The next ready batches (at least one, more while within max_rows rows in all) as lists of ints; [] at "
+           "the end. With untracked, the batch lists are left out of the cyclic garbage collector (they hold ints "
+           "only, so they cannot be part of a reference cycle unless a caller puts a container into one).")
       .def_property_readonly("flat", &PassResult::flat)
       .def_property_readonly("offsets", &PassResult::offsets);
   py::class_<NoDupCore>(m, "NoDupSamplerCore",

@@ -114,11 +114,48 @@ def test_empty_and_one_row(num_rows, drop_last):
     assert_parity(dataset, batch_size=3, drop_last=drop_last, modes=("default",))
 
 
-def test_resampling_fills_len_like_stock():
-    # 20 rows, 2 distinct pairs, batch 2: the first pass yields fewer than len() batches, the rest is resampled
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1 << 14])
+def test_resampling_fills_len_like_stock(chunk_rows, monkeypatch):
+    # 20 rows, 2 distinct pairs, batch 2: the first pass yields fewer than len() batches, the rest is resampled; the
+    # last resampled chunk is cut short wherever it ends (one batch per chunk, a few, or the whole pass)
+    monkeypatch.setattr(fast_module, "_CHUNK_ROWS", chunk_rows)
     dataset = Dataset.from_dict({"anchor": ["a", "b"] * 10, "positive": ["c", "d"] * 10})
     batches = assert_parity(dataset, batch_size=2, drop_last=True, epochs=(0, 1, 2))
     assert [len(epoch) for epoch in batches] == [10, 10, 10]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 25, 1 << 14])
+@pytest.mark.parametrize("background", [False, True])
+def test_chunked_hand_over_matches_stock(chunk_rows, background, monkeypatch):
+    monkeypatch.setattr(fast_module, "_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(fast_module, "_BACKGROUND_MIN_ROWS", 0 if background else None)
+    assert_parity(HEAVY, batch_size=10, drop_last=False, modes=("hashed",))
+    assert_parity(HEAVY, batch_size=7, drop_last=True, modes=("hashed",))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_take_hands_out_consecutive_batches(background):
+    core = NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False)._get_core()
+    perm = np.random.default_rng(0).permutation(300).astype(np.int32)
+    expected = list(core.one_pass(perm, 10, False, background))
+    batches = core.one_pass(perm, 10, False, background)
+    chunks = []
+    while chunk := batches.take(25):
+        chunks.append(chunk)
+    assert [batch for chunk in chunks for batch in chunk] == expected
+    assert all(len(chunk) == 1 or sum(map(len, chunk)) <= 25 for chunk in chunks)
+    assert batches.take(25) == [] and len(batches) == len(expected)
+
+
+@pytest.mark.parametrize("untrack", [False, True])
+def test_batches_are_plain_lists_left_out_of_the_collector(untrack, monkeypatch):
+    import gc
+
+    monkeypatch.setattr(fast_module, "_UNTRACK_BATCHES", untrack)
+    batches = assert_parity(HEAVY, batch_size=10, drop_last=False, modes=("hashed",))
+    for batch in batches[0]:
+        assert type(batch) is list and all(type(index) is int for index in batch)
+        assert gc.is_tracked(batch) is not untrack
 
 
 def test_resampling_with_generator_shared_by_several_samplers():
@@ -241,6 +278,19 @@ def test_forced_hash_collisions_never_change_batches(monkeypatch):
         assert_parity(HEAVY, batch_size=batch_size, drop_last=drop_last)
     numbers = Dataset.from_dict({"a": [1, 2, 3, 1, 2, 3, 4, 5], "b": ["1", "x", "y", "z", "w", "v", "u", "4"]})
     assert_parity(numbers, batch_size=3, drop_last=False, epochs=range(3))
+
+
+def test_distinct_values_get_distinct_keys():
+    # the key hash only has to spread values (matches are confirmed on the bytes): a collision among these would
+    # mean a broken hash, not bad luck. Lengths 0-200 cover every branch of it; near-identical strings too.
+    rng = np.random.default_rng(0)
+    values = [f"q{i}" for i in range(20_000)] + ["", "a", "ab", "abc"]
+    values += [f"passage {i}: " + "x" * int(rng.integers(200)) for i in range(20_000)]
+    values += ["y" * n for n in range(1, 300)] + ["y" * 100 + chr(65 + i % 26) + "y" * 99 for i in range(26)]
+    values = sorted(set(values))
+    dataset = Dataset.from_dict({"text": values})
+    keys = NoDuplicatesBatchSampler(dataset, batch_size=8, drop_last=False)._get_core().keys()[:, 0]
+    assert len(np.unique(keys)) == len(values)
 
 
 def test_int64_permutation(monkeypatch):
