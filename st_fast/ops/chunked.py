@@ -60,13 +60,15 @@ def chunk_rows_for_budget(
     batch_size: int, total_columns: int, device: torch.device, budget: int | None, bytes_per_score: int = 4
 ) -> int:
     """Rows per chunk so that one chunk of scores (``bytes_per_score`` per entry: the fp32 score and its
-    coefficient when that is stored apart) fits ``budget`` bytes (a multiple of 8 rows when possible)."""
+    coefficient when that is stored apart) fits ``budget`` bytes, balanced over the chunks the batch needs (no
+    short last chunk of a few rows), a multiple of 8 rows when that stays within the budget."""
     if budget is None:
         budget = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
-    rows = max(1, budget // (bytes_per_score * max(1, total_columns)))
-    if rows >= 8:
-        rows -= rows % 8
-    return min(batch_size, rows)
+    most = max(1, budget // (bytes_per_score * max(1, total_columns)))
+    chunks = -(-batch_size // most)
+    rows = -(-batch_size // chunks)
+    aligned = -(-rows // 8) * 8
+    return min(batch_size, aligned if aligned <= most else rows)
 
 
 def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales: list[torch.Tensor]) -> float:

@@ -206,3 +206,16 @@ def test_matmul_fp32_and_float16_operands_are_exact():
         converted, sigma = as_float16_operand(x)
         assert converted.dtype == torch.float16 and torch.isfinite(converted).all()
         assert torch.equal(converted.double() / sigma, x.double())
+
+
+@pytest.mark.parametrize(
+    "batch, budget_rows, expected",
+    [(32768, 10922, 8192), (16384, 21845, 16384), (100, 7, 7), (20, 9, 8), (1, 5, 1), (24, 24, 24), (25, 24, 16)],
+)
+def test_chunks_are_balanced_within_the_budget(batch, budget_rows, expected):
+    from st_fast.ops.chunked import chunk_rows_for_budget
+
+    columns = 1000
+    rows = chunk_rows_for_budget(batch, columns, torch.device("cpu"), budget_rows * 6 * columns, bytes_per_score=6)
+    assert rows == expected
+    assert rows <= budget_rows and -(-batch // rows) == -(-batch // budget_rows)  # as few chunks as the budget allows
