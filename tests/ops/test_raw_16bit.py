@@ -219,3 +219,16 @@ def test_chunks_are_balanced_within_the_budget(batch, budget_rows, expected):
     rows = chunk_rows_for_budget(batch, columns, torch.device("cpu"), budget_rows * 6 * columns, bytes_per_score=6)
     assert rows == expected
     assert rows <= budget_rows and -(-batch // rows) == -(-batch // budget_rows)  # as few chunks as the budget allows
+
+
+@pytest.mark.usefixtures("raw_16bit_on_cpu")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_16bit_path_non_finite_embeddings_give_a_non_finite_loss_as_stock(bad, similarity):
+    embeddings = random_columns(5, 16, 3, dtype=torch.bfloat16, seed=9)
+    with torch.no_grad():
+        embeddings[2][3, 4] = bad
+    stock_loss, _ = _stock(embeddings, similarity)
+    loss = fused_mnrl_loss(embeddings[0], embeddings[1:], similarity=similarity, backend="native")
+    assert not torch.isfinite(stock_loss)
+    assert not torch.isfinite(loss)
