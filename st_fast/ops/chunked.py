@@ -32,7 +32,7 @@ import torch
 from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE
 from st_fast.ops.mixed_matmul import accumulate_product, as_float16_operand, matmul_fp32
 from st_fast.ops.row_kernel_torch import SegmentScales
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.spec import ContrastiveSpec, compute_dtype
 
 # (scores per segment, spec, row_start, width, grad_scale or None, scales or None, coefficients or None)
 #   -> per-row losses (n,)
@@ -109,7 +109,7 @@ def chunked_loss_and_grad(
     device = queries.device
     operands = {"queries": queries, "docs": docs}
     scales = {name: inverse_norm(x) if normalize else None for name, x in operands.items()}
-    math_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    math_dtype = compute_dtype(queries.dtype)
     # 16-bit operands: float16 coefficients and float16 copies of the operands (exact, scaled by σ) for the gradient
     # GEMMs; float16 rounds the coefficients 8x finer than bf16 would
     separate_coefficients = need_grad and queries.dtype != math_dtype
@@ -166,8 +166,7 @@ def chunked_loss_and_grad(
 
 def inverse_norm(x: torch.Tensor) -> torch.Tensor:
     """r = 1 / max(||x_i||, 1e-12) per row, fp32 (fp64 for fp64): the scale F.normalize divides by."""
-    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x, dim=1, dtype=math_dtype).clamp_min(NORMALIZE_EPS).reciprocal()
+    return torch.linalg.vector_norm(x, dim=1, dtype=compute_dtype(x.dtype)).clamp_min(NORMALIZE_EPS).reciprocal()
 
 
 def _add_normalization_term(grad: torch.Tensor, operand: torch.Tensor, scale: torch.Tensor) -> None:
