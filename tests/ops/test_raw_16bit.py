@@ -8,10 +8,13 @@ exact scores, so it gets the fp32 bound of the other parity tests (1e-5 relative
 The gradients are returned in the input dtype, as stock returns them, so their error is at least the rounding of the
 exact gradient to that dtype (bf16: ~2^-9 relative); the bound is twice that rounding plus 1e-4 relative for the
 float16 coefficients (measured: 1.0x the rounding for bf16, up to 1.5x for fp16; stock itself: 1.0-2.2x), or twice
-stock's own error where that is larger (B = 1, whose exact gradient is 0).
+stock's own error where that is larger (B = 1, whose exact gradient is 0), plus the most that float16 coefficients
+flushed to zero can take away (_flush_bound; it only matters where the exact gradient is ~0).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -51,13 +54,24 @@ def _stock(embeddings, similarity, **config):
     return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, embeddings)]
 
 
-def _assert_16bit_parity(loss, grads, reference, baseline, dtype):
+def _flush_bound(embeddings, similarity: str, scale: float = 20.0) -> float:
+    """Norm of the most a gradient can lose to float16 coefficients flushed to zero: entries of d(B·loss)/dS below
+    τ = 2^-37 · scale · r_max² (γ keeps the largest possible coefficient at 2^14 or less, float16's smallest
+    subnormal is 2^-24; r: inverse norms, 1 for dot), each times a column of norm <= max ||x||, over at most 4·N
+    columns, divided by B, over every row. Only reached where the exact gradient is ~0 anyway (a saturated
+    softmax leaves a column a gradient of ~1e-33 that stock keeps in fp32 and float16 cannot hold)."""
+    norms = torch.cat([x.detach().double().norm(dim=1) for x in embeddings])
+    r_max = float((1.0 / norms).max()) if similarity == "cos" else 1.0
+    tau = 2.0**-37 * scale * r_max * r_max
+    batch, rows = embeddings[0].shape[0], norms.numel()
+    return tau * 4 * rows / batch * float(norms.max()) * math.sqrt(rows)
+
+
+def _assert_16bit_parity(loss, grads, reference, baseline, dtype, flush: float):
     """Loss as in the fp32 parity tests; gradients within 1e-4 relative plus twice the larger of the rounding of the
     exact gradient to ``dtype`` and stock's own error (the latter decides where the exact gradient is ~0, B = 1),
-    plus 2^-24 of the whole gradient's norm: float16 coefficients flush what lies below their smallest subnormal
-    (a saturated softmax leaves a hard-negative column a gradient of ~1e-33 next to others of ~1e-2)."""
+    plus ``flush`` (see _flush_bound)."""
     (ref_loss, ref_grads), (base_loss, base_grads) = reference, baseline
-    flush = 2.0**-24 * float(torch.cat([g.flatten() for g in ref_grads]).norm())
     assert torch.isfinite(loss)
     assert_close_to_reference(loss, ref_loss, base_loss, rtol=1e-5, what="loss")
     for column, (grad, ref_grad, base_grad) in enumerate(zip(grads, ref_grads, base_grads, strict=True)):
@@ -89,7 +103,7 @@ def test_16bit_path_matches_stock(backend, dtype, similarity, config, batch, dim
     baseline = _stock(embeddings, similarity, **CONFIGS[config])
     loss = fused_mnrl_loss(embeddings[0], embeddings[1:], similarity=similarity, backend=backend, **CONFIGS[config])
     grads = torch.autograd.grad(loss, embeddings)
-    _assert_16bit_parity(loss.detach(), grads, reference, baseline, dtype)
+    _assert_16bit_parity(loss.detach(), grads, reference, baseline, dtype, _flush_bound(embeddings, similarity))
 
 
 @pytest.mark.usefixtures("raw_16bit_on_cpu")
@@ -101,7 +115,8 @@ def test_16bit_path_covers_every_direction_and_partition(directions, partition_m
     reference = _stock([x.detach().double().requires_grad_() for x in embeddings], "cos", **config)
     baseline = _stock(embeddings, "cos", **config)
     loss = fused_mnrl_loss(embeddings[0], embeddings[1:], backend="native", **config)
-    _assert_16bit_parity(loss.detach(), torch.autograd.grad(loss, embeddings), reference, baseline, torch.bfloat16)
+    grads = torch.autograd.grad(loss, embeddings)
+    _assert_16bit_parity(loss.detach(), grads, reference, baseline, torch.bfloat16, _flush_bound(embeddings, "cos"))
 
 
 @pytest.mark.usefixtures("raw_16bit_on_cpu")
