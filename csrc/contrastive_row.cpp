@@ -24,7 +24,7 @@ void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vecto
   const ContrastiveRowArgs a =
       make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
                                 rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss);
-  dispatch_coefficient_dtype(a, [&](auto out) { run_rows<decltype(out)>(a); });
+  dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_rows<decltype(out)>(a); });
 }
 }  // namespace
 

@@ -2,7 +2,6 @@
 #include <cstdint>
 
 #include "st_fast/bindings.h"
-#include "st_fast/contrastive_row_host.h"
 #include "st_fast/half_store.h"
 #include "st_fast/row_logsumexp.h"
 
@@ -23,9 +22,7 @@ void row_logsumexp_f32(uintptr_t scores_ptr, int64_t rows, int64_t cols, int64_t
 void store_f32_as(uintptr_t src_ptr, uintptr_t dst_ptr, int64_t n, int dtype) {
   const float* src = reinterpret_cast<const float*>(src_ptr);
   void* dst = reinterpret_cast<void*>(dst_ptr);
-  ContrastiveRowArgs dtype_only{};
-  dtype_only.coefficient_dtype = dtype;
-  dispatch_coefficient_dtype(dtype_only, [&](auto out) {
+  dispatch_store_dtype(dtype, [&](auto out) {
     for (int64_t i = 0; i < n; ++i) decltype(out)::put(dst, i, src[i]);
   });
 }

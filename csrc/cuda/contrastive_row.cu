@@ -22,7 +22,7 @@ extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* 
   using namespace st_fast;
   if (args->rows == 0) return 0;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  dispatch_coefficient_dtype(*args, [&](auto out) {
+  dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
     contrastive_row_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
   });
   return static_cast<int>(cudaGetLastError());

@@ -48,21 +48,16 @@ class Backend(Protocol):
 
 class ChunkedBackend:
     """Gradients are computed in the forward pass (3 GEMMs per chunk) and scaled by the incoming gradient later.
+    fp16 / bf16 embeddings are taken raw (16-bit GEMMs, see :mod:`st_fast.ops.chunked`) on CUDA only, where 16-bit
+    GEMMs are fast (tests/ops/test_raw_16bit.py patches :meth:`takes_raw_operands` to run that path on the CPU)."""
 
-    ``raw_16bit``: take fp16 / bf16 embeddings raw (16-bit GEMMs, see :mod:`st_fast.ops.chunked`); None = on CUDA
-    only, where 16-bit GEMMs are fast (the tests set True to run that path on the CPU)."""
-
-    def __init__(
-        self, name: str, row_kernel: RowKernel, chunk_bytes: int | None = None, raw_16bit: bool | None = None
-    ) -> None:
+    def __init__(self, name: str, row_kernel: RowKernel, chunk_bytes: int | None = None) -> None:
         self.name = name
         self.row_kernel = row_kernel
         self.chunk_bytes = chunk_bytes
-        self.raw_16bit = raw_16bit
 
     def takes_raw_operands(self, dtype: torch.dtype, device: torch.device) -> bool:
-        wanted = device.type == "cuda" if self.raw_16bit is None else self.raw_16bit
-        return wanted and dtype in (torch.float16, torch.bfloat16)
+        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
     def operand_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return compute_dtype(dtype)

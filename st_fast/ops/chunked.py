@@ -1,7 +1,8 @@
 """Row-chunked loss-and-gradient driver shared by the ``torch`` and ``native`` backends.
 
 Operands: queries (W, D) and docs (k·W, D); the local rows are queries[offset : offset+B] with their positives
-docs[offset : offset+B]. They come in one of two forms (see :func:`st_fast.ops.fused_contrastive.prepare_operands`):
+docs[offset : offset+B]. They come in one of two forms (chosen by the backend's ``takes_raw_operands``, see
+:func:`st_fast.ops.fused_contrastive.fused_mnrl_loss`):
 
 * fp32 / fp64, already unit-normalized for cosine similarity (no scales): score GEMMs in that dtype, gradient
   coefficients written over the fp32 scores;

@@ -22,9 +22,7 @@ def native_row_kernel_available(device: torch.device) -> bool:
     return False
 
 
-def _pointer(tensor: torch.Tensor | None, what: str, length: int, device: torch.device) -> int:
-    if tensor is None:
-        return 0
+def _pointer(tensor: torch.Tensor, what: str, length: int, device: torch.device) -> int:
     if tensor.dtype != torch.float32 or tensor.device != device or tensor.shape != (length,):
         raise ValueError(f"native row kernel: {what} must be a float32 ({length},) tensor on {device}")
     if not tensor.is_contiguous():
@@ -59,11 +57,12 @@ def native_row_kernel(
         same_layout = out.shape == segment.shape and out.device == first.device and out.is_contiguous()
         if out.dtype != out_dtype or not same_layout:
             raise ValueError("native row kernel: coefficients must be contiguous, one dtype, shaped as the scores")
-    scales = scales or [SegmentScales(None, None)] * len(scores)
-    row_scale_ptrs = [_pointer(s.rows, "a row scale", rows, first.device) for s in scales]
-    col_scale_ptrs = [
-        _pointer(s.columns, "a column scale", x.shape[1], first.device) for s, x in zip(scales, scores, strict=True)
-    ]
+    row_scale_ptrs = col_scale_ptrs = [0] * len(scores)  # 0: no scale
+    if scales is not None:
+        row_scale_ptrs = [_pointer(s.rows, "a row scale", rows, first.device) for s in scales]
+        col_scale_ptrs = [
+            _pointer(s.columns, "a column scale", x.shape[1], first.device) for s, x in zip(scales, scores, strict=True)
+        ]
     row_loss = torch.empty(rows, dtype=torch.float32, device=first.device)
     args = (
         [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,

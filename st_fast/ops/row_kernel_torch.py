@@ -32,19 +32,15 @@ FLOAT16_MAX = 65504.0
 
 
 class SegmentScales(NamedTuple):
-    """Scales of one segment's raw scores: per row (n,) and per column (L,) fp32, or None for 1."""
+    """Scales of one segment's raw scores: per row (n,) and per column (L,), fp32."""
 
-    rows: torch.Tensor | None
-    columns: torch.Tensor | None
+    rows: torch.Tensor
+    columns: torch.Tensor
 
 
 def _apply_scales(s: torch.Tensor, scales: SegmentScales | None) -> torch.Tensor:
     """s · (row_scale ⊗ col_scale): the scale product commutes, so a score and its transpose (Q2D vs D2Q) agree."""
-    if scales is None or (scales.rows is None and scales.columns is None):
-        return s
-    rows = scales.rows if scales.rows is not None else torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
-    columns = scales.columns if scales.columns is not None else torch.ones(s.shape[1], dtype=s.dtype, device=s.device)
-    return s * (rows[:, None] * columns[None, :])
+    return s if scales is None else s * (scales.rows[:, None] * scales.columns[None, :])
 
 
 def segment_mask_and_penalty(

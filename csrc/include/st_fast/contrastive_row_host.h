@@ -1,5 +1,4 @@
-// Host-side construction of ContrastiveRowArgs from the Python bindings' arguments (CPU and CUDA extensions), and
-// the dispatch of the row kernel on the coefficients' dtype.
+// Host-side construction of ContrastiveRowArgs from the Python bindings' arguments (CPU and CUDA extensions).
 #pragma once
 
 #include <cstdint>
@@ -50,21 +49,6 @@ inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers
   a.grad_scale = grad_scale;
   a.row_loss = reinterpret_cast<float*>(row_loss);
   return a;
-}
-
-// Calls launch(Out{}) with the Out policy of the args' coefficient dtype.
-template <class Launch>
-void dispatch_coefficient_dtype(const ContrastiveRowArgs& a, Launch&& launch) {
-  switch (a.coefficient_dtype) {
-    case kStoreBf16:
-      launch(Bf16Out{});
-      break;
-    case kStoreFp16:
-      launch(Fp16Out{});
-      break;
-    default:
-      launch(Fp32Out{});
-  }
 }
 
 }  // namespace st_fast

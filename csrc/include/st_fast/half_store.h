@@ -73,4 +73,19 @@ struct Fp16Out {
   }
 };
 
+// Calls launch(Out{}) with the Out policy of a StoreDtype code (fp32 for an unknown one; callers validate).
+template <class Launch>
+void dispatch_store_dtype(int dtype, Launch&& launch) {
+  switch (dtype) {
+    case kStoreBf16:
+      launch(Bf16Out{});
+      break;
+    case kStoreFp16:
+      launch(Fp16Out{});
+      break;
+    default:
+      launch(Fp32Out{});
+  }
+}
+
 }  // namespace st_fast
