@@ -14,23 +14,28 @@ import torch
 import torch.nn.functional as F
 
 from st_fast.ops.backends import Backend, resolve_backend
+from st_fast.ops.learnable_scale import as_scale_gradient, learnable, score_coefficient_sum
 from st_fast.ops.spec import SIMILARITIES, ContrastiveSpec, check_embeddings, compute_dtype
 
 
 class FusedContrastiveLoss(torch.autograd.Function):
     """queries (W, D), docs (k·W, D) -> 0-dim loss; the backend computes loss and gradients. With ``normalize`` the
     operands are raw embeddings and the backend applies (and differentiates) the cosine normalization itself, so
-    that the gradient is rounded to the input dtype once."""
+    that the gradient is rounded to the input dtype once. ``scale`` is the loss's scale tensor when it needs a
+    gradient (None otherwise); see :mod:`st_fast.ops.learnable_scale`."""
 
     @staticmethod
     def forward(
-        ctx, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, backend: Backend, normalize: bool
+        ctx, queries, docs, scale, spec: ContrastiveSpec, row_offset: int, batch_size: int, backend: Backend,
+        normalize: bool,
     ):  # fmt: skip
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = any(ctx.needs_input_grad[:3])
         with torch.autocast(queries.device.type, enabled=False):  # fp32 math whatever the autocast context
             loss, state = backend.forward(queries, docs, spec, row_offset, batch_size, need_grad, normalize=normalize)
-        ctx.backend, ctx.state = backend, state
+        ctx.backend, ctx.state, ctx.spec = backend, state, spec
         ctx.input_dtypes = (queries.dtype, docs.dtype)
+        if ctx.needs_input_grad[2]:
+            ctx.save_for_backward(queries, docs, scale)
         return loss
 
     @staticmethod
@@ -40,7 +45,13 @@ class FusedContrastiveLoss(torch.autograd.Function):
         with torch.autocast(grad_loss.device.type, enabled=False):
             grad_queries, grad_docs = ctx.backend.backward(ctx.state, grad_loss)
         ctx.state = None  # a second backward through the same graph is an error, as for stock autograd
-        return grad_queries.to(ctx.input_dtypes[0]), grad_docs.to(ctx.input_dtypes[1]), None, None, None, None, None
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            queries, docs, scale = ctx.saved_tensors
+            total = score_coefficient_sum((queries, docs), (grad_queries, grad_docs))
+            grad_scale = as_scale_gradient(total / ctx.spec.scale, scale)
+        grads = grad_queries.to(ctx.input_dtypes[0]), grad_docs.to(ctx.input_dtypes[1])
+        return *grads, grad_scale, None, None, None, None, None
 
 
 def prepare_operand(x: torch.Tensor, similarity: str, operand_dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +69,7 @@ def fused_mnrl_loss(
     *,
     row_offset: int = 0,
     batch_size: int | None = None,
-    scale: float = 20.0,
+    scale: float | torch.Tensor = 20.0,
     similarity: str = "cos",
     directions: Sequence[str] = ("query_to_doc",),
     partition_mode: str = "joint",
@@ -72,6 +83,7 @@ def fused_mnrl_loss(
         queries: (W, D) query (anchor) embeddings of every rank (W = B without gathering).
         docs: k tensors (W, D): the positives, then the hard-negative columns, of every rank.
         row_offset, batch_size: the local rows (default: all W rows).
+        scale: a number or a one-element tensor; a tensor that requires grad gets d loss / d scale.
         similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings).
@@ -89,11 +101,15 @@ def fused_mnrl_loss(
     )  # fmt: skip
     chosen = resolve_backend(backend, queries.device, queries.dtype)
     doc_columns = torch.cat(list(docs), dim=0)
-    if chosen.takes_raw_operands(queries.dtype, queries.device):
+    scale_input = scale if learnable(scale) else None
+    # a learnable scale takes its gradient from the normalized operands' (Euler's identity needs bilinear scores)
+    if scale_input is None and chosen.takes_raw_operands(queries.dtype, queries.device):
         query_operand, doc_operand, normalize = queries.contiguous(), doc_columns.contiguous(), similarity == "cos"
     else:
         operand_dtype = chosen.operand_dtype(queries.dtype)
         query_operand = prepare_operand(queries, similarity, operand_dtype)
         doc_operand = prepare_operand(doc_columns, similarity, operand_dtype)
         normalize = False
-    return FusedContrastiveLoss.apply(query_operand, doc_operand, spec, row_offset, batch_size, chosen, normalize)
+    return FusedContrastiveLoss.apply(
+        query_operand, doc_operand, scale_input, spec, row_offset, batch_size, chosen, normalize
+    )

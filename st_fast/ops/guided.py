@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from st_fast.ops.backends import BACKENDS, native_available
 from st_fast.ops.chunked import RowKernel, chunk_rows_for_budget
 from st_fast.ops.layout import HardnessKind, SegmentKind
+from st_fast.ops.learnable_scale import as_scale_gradient, learnable, scalar_value, score_coefficient_sum
 from st_fast.ops.row_kernel_torch import torch_row_kernel
 from st_fast.ops.spec import ContrastiveSpec, compute_dtype
 
@@ -59,6 +60,7 @@ class GuidedSpec:
     margin: float
     contrast_anchors: bool
     contrast_positives: bool
+    mask_dtype: torch.dtype = torch.float32  # the dtype stock computes guide similarities in (see StockGuide)
 
     def __post_init__(self) -> None:
         if self.margin_strategy not in MARGIN_STRATEGIES:
@@ -72,9 +74,50 @@ class GuidedSpec:
         return ContrastiveSpec(kinds, True, 1.0 / self.temperature, HardnessKind.NONE, 0.0)
 
     def thresholds(self, positive_guide: torch.Tensor) -> torch.Tensor:
-        """(n, 1) guide similarity above which an entry is a false negative."""
+        """(n, 1) guide similarity above which an entry is a false negative, computed as stock does (the same
+        operations on the same dtype, so that the masks are the same)."""
         t = positive_guide[:, None]
         return t - self.margin if self.margin_strategy == "absolute" else t - t.abs() * self.margin
+
+
+@dataclass(frozen=True)
+class StockGuide:
+    """The false-negative decisions exactly as stock makes them.
+
+    Stock compares ``nn.CosineSimilarity(dim=-1)`` of the raw guide embeddings (normalize, multiply and sum in
+    ``mask_dtype``, e.g. bfloat16: every product rounded) with a threshold computed from such a similarity. The
+    driver computes the guide similarities with GEMMs of normalized operands instead; they differ from stock's by
+    less than :meth:`tolerance`, so only the entries that close to their threshold (ties such as duplicate texts at
+    margin 0 among them) are recomputed here the stock way, pair by pair (elementwise: bitwise equal to stock's
+    broadcast computation), and the thresholds are computed from stock's own diagonal similarities.
+    """
+
+    anchors: torch.Tensor  # (B, D') raw guide embeddings of the local anchors
+    candidates: torch.Tensor  # (k·W, D') raw guide embeddings of the candidate columns
+    spec: GuidedSpec
+
+    def similarity(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Stock's guide similarity of each pair (rows[p], columns[p]), in ``mask_dtype`` (as autocast would cast)."""
+        dtype = self.spec.mask_dtype
+        return F.cosine_similarity(rows.to(dtype), columns.to(dtype), dim=-1, eps=COSINE_EPS)
+
+    def tolerance(self, compute_dtype: torch.dtype) -> float:
+        """A bound on |GEMM similarity - stock similarity| for unit vectors: stock's rounding (normalization,
+        each product and the result: below 4 eps of ``mask_dtype``) plus both summations (2·D' eps of the GEMM's
+        dtype)."""
+        return 4 * torch.finfo(self.spec.mask_dtype).eps + 2 * self.anchors.shape[1] * torch.finfo(compute_dtype).eps
+
+    def false_negatives(
+        self, guide: torch.Tensor, threshold: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor
+    ) -> torch.Tensor:
+        """guide (n, m) GEMM similarities of raw rows (n, D') x columns (m, D'), threshold (n, 1) in mask_dtype ->
+        stock's mask ``similarity > threshold``."""
+        limit = threshold.to(guide.dtype)
+        mask = guide > limit
+        near = ((guide - limit).abs() <= self.tolerance(guide.dtype)).nonzero(as_tuple=True)
+        if near[0].numel():
+            mask[near] = self.similarity(rows[near[0]], columns[near[1]]) > threshold[near[0], 0]
+        return mask
 
 
 @dataclass
@@ -95,19 +138,23 @@ def guided_loss_and_grad(
     row_offset: int,
     width: int,
     row_kernel: RowKernel,
+    stock_guide: StockGuide,
     *,
     need_grad: bool,
     chunk_bytes: int | None = None,
 ) -> GuidedLossAndGrad:
     """The chunked driver. anchors (B, D) and candidates (k·W, D) normalized, column j at rows j·W .. (j+1)·W;
-    the guide's normalized embeddings of the same row counts (their own dimension); ``width`` = W."""
+    the guide's normalized embeddings of the same row counts (their own dimension); ``width`` = W; the masks are
+    decided as stock decides them (``stock_guide``)."""
     batch_size, offset = anchors.shape[0], row_offset
     positives, positives_guide = candidates[:width], candidates_guide[:width]
+    raw_anchors, raw_candidates = stock_guide.anchors, stock_guide.candidates
+    raw_positives = raw_candidates[:width]
     row_spec = spec.row_spec()
     segment_columns = [candidates.shape[0]] + [width] * (len(row_spec.kinds) - 1)
     chunk = chunk_rows_for_budget(batch_size, 2 * sum(segment_columns), anchors.device, chunk_bytes)
     buffers = [torch.empty(chunk, n, dtype=anchors.dtype, device=anchors.device) for n in segment_columns]
-    guide_buffer = torch.empty(chunk, candidates.shape[0], dtype=anchors.dtype, device=anchors.device)
+    guide_buffer = torch.empty(chunk, candidates.shape[0], dtype=anchors_guide.dtype, device=anchors.device)
     grad_anchors = torch.zeros_like(anchors) if need_grad else None
     grad_candidates = torch.zeros_like(candidates) if need_grad else None
     loss_sum = torch.zeros((), dtype=anchors.dtype, device=anchors.device)
@@ -120,8 +167,8 @@ def guided_loss_and_grad(
         # [AP | AN_1 | ..]: the positive column offset + begin + r is never masked
         ap_an = torch.matmul(anchors[rows], candidates.T, out=buffers[0][:n])
         guide = torch.matmul(anchors_guide[rows], candidates_guide.T, out=guide_buffer[:n])
-        threshold = spec.thresholds(guide[diagonal])
-        false_negative = guide > threshold
+        threshold = spec.thresholds(stock_guide.similarity(raw_anchors[rows], raw_positives[global_rows]))
+        false_negative = stock_guide.false_negatives(guide, threshold, raw_anchors[rows], raw_candidates)
         false_negative[diagonal] = False
         ap_an.masked_fill_(false_negative, float("-inf"))
         segments, x = [ap_an], 1
@@ -130,16 +177,17 @@ def guided_loss_and_grad(
             aa[:, :offset] = float("-inf")
             aa[:, offset + batch_size :] = float("-inf")
             block = aa[:, local_anchors]
-            torch.matmul(anchors[rows], anchors.T, out=guide_buffer[:n, :batch_size])
-            block.copy_(guide_buffer[:n, :batch_size])
+            block.copy_(torch.matmul(anchors[rows], anchors.T))
             guide = torch.matmul(anchors_guide[rows], anchors_guide.T, out=guide_buffer[:n, :batch_size])
-            block.masked_fill_(guide > threshold, float("-inf"))
+            masked = stock_guide.false_negatives(guide, threshold, raw_anchors[rows], raw_anchors)
+            block.masked_fill_(masked, float("-inf"))
             segments.append(aa)
             x += 1
         if spec.contrast_positives:
             pp = torch.matmul(positives[global_rows], positives.T, out=buffers[x][:n])
             guide = torch.matmul(positives_guide[global_rows], positives_guide.T, out=guide_buffer[:n, :width])
-            pp.masked_fill_(guide > threshold, float("-inf"))
+            masked = stock_guide.false_negatives(guide, threshold, raw_positives[global_rows], raw_positives)
+            pp.masked_fill_(masked, float("-inf"))
             segments.append(pp)
         # Shift each row by its positive score: the loss and its gradient are invariant, and the row kernel's
         # loss = log Z - positive logit then no longer cancels two large numbers (logits reach 1/T = 100).
@@ -168,13 +216,13 @@ def guided_loss_and_grad(
 class ChunkedGuidedBackend:
     """torch / native: the chunked driver above with a row kernel; gradients computed in the forward pass."""
 
-    def __init__(self, row_kernel: RowKernel, chunk_bytes: int | None) -> None:
-        self.row_kernel, self.chunk_bytes = row_kernel, chunk_bytes
+    def __init__(self, row_kernel: RowKernel, stock_guide: StockGuide, chunk_bytes: int | None) -> None:
+        self.row_kernel, self.stock_guide, self.chunk_bytes = row_kernel, stock_guide, chunk_bytes
 
     def forward(self, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, need_grad):
         result = guided_loss_and_grad(
             anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, self.row_kernel,
-            need_grad=need_grad, chunk_bytes=self.chunk_bytes,
+            self.stock_guide, need_grad=need_grad, chunk_bytes=self.chunk_bytes,
         )  # fmt: skip
         return result.loss, result
 
@@ -231,17 +279,22 @@ class TritonGuidedBackend:
 
 class FusedGuidedLoss(torch.autograd.Function):
     """anchors (B, D), candidates (k·W, D) -> 0-dim loss; the guide operands are constants (no gradient). The
-    backend (chunked torch / native, or triton) computes the loss and the two gradients."""
+    backend (chunked torch / native, or triton) computes the loss and the two gradients. ``temperature`` is the
+    loss's temperature tensor when it needs a gradient (None otherwise); see :mod:`st_fast.ops.learnable_scale`."""
 
     @staticmethod
-    def forward(ctx, anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, backend):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(
+        ctx, anchors, candidates, temperature, anchors_guide, candidates_guide, spec, row_offset, width, backend
+    ):  # fmt: skip
+        need_grad = any(ctx.needs_input_grad[:3])
         with torch.autocast(anchors.device.type, enabled=False):  # fp32 math whatever the autocast context
             loss, state = backend.forward(
                 anchors, candidates, anchors_guide, candidates_guide, spec, row_offset, width, need_grad
             )
-        ctx.backend, ctx.state = backend, state if need_grad else None
+        ctx.backend, ctx.state, ctx.spec = backend, state if need_grad else None, spec
         ctx.input_dtypes = (anchors.dtype, candidates.dtype)
+        if ctx.needs_input_grad[2]:
+            ctx.save_for_backward(anchors, candidates, temperature)
         return loss
 
     @staticmethod
@@ -251,7 +304,13 @@ class FusedGuidedLoss(torch.autograd.Function):
         state, ctx.state = ctx.state, None
         with torch.autocast(grad_loss.device.type, enabled=False):
             grad_anchors, grad_candidates = ctx.backend.backward(state, grad_loss)
-        return grad_anchors.to(ctx.input_dtypes[0]), grad_candidates.to(ctx.input_dtypes[1]), *(None,) * 6
+        grad_temperature = None
+        if ctx.needs_input_grad[2]:
+            anchors, candidates, temperature = ctx.saved_tensors
+            total = score_coefficient_sum((anchors, candidates), (grad_anchors, grad_candidates))
+            grad_temperature = as_scale_gradient(-total / ctx.spec.temperature, temperature)
+        grads = grad_anchors.to(ctx.input_dtypes[0]), grad_candidates.to(ctx.input_dtypes[1])
+        return *grads, grad_temperature, *(None,) * 6
 
 
 def _triton_segments(anchors, candidates, anchors_guide, candidates_guide, spec: GuidedSpec, offset: int, width: int):
@@ -330,11 +389,12 @@ def fused_gist_loss(
     candidates_guide: Sequence[torch.Tensor],
     *,
     row_offset: int = 0,
-    temperature: float = 0.01,
+    temperature: float | torch.Tensor = 0.01,
     margin_strategy: str = "absolute",
     margin: float = 0.0,
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
+    mask_dtype: torch.dtype | None = None,
     backend: str = "auto",
     chunk_bytes: int | None = None,
 ) -> torch.Tensor:
@@ -345,8 +405,14 @@ def fused_gist_loss(
         anchors: (B, D) trainable anchor embeddings of this rank.
         candidates: k tensors (W, D): the positives, then the negative columns (W = B without gathering).
         anchors_guide, candidates_guide: the guide's embeddings (B, D') and k x (W, D'); no gradient flows to them.
+        temperature: a number or a one-element tensor; a tensor that requires grad gets d loss / d temperature.
+        mask_dtype: the dtype stock computes the guide similarities in (``nn.CosineSimilarity``'s output dtype: the
+            guide's, or float32 under CUDA autocast); default: the guide embeddings' dtype. The torch / native
+            backends decide every mask as stock does in that dtype (see :class:`StockGuide`).
         Other arguments as in sentence-transformers' GISTEmbedLoss; ``backend``: ``"auto"`` (native when built,
-        else torch), ``"native"``, ``"torch"`` or ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1).
+        else torch), ``"native"``, ``"torch"`` or ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1; the Triton
+        kernels decide the masks on their float32 tile similarities, so an entry within ~1e-5 of its threshold may
+        be decided differently from stock; with a ``mask_dtype`` other than float32 the torch backend computes).
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings); gradients reach ``anchors`` and ``candidates``.
         ``chunk_bytes`` sizes the row chunks of the torch / native backends (default: chunked.DEFAULT_CHUNK_BYTES).
@@ -363,23 +429,31 @@ def fused_gist_loss(
     _check("guide candidate column", candidates_guide, width, anchors_guide)
     if batch_size == 0 or row_offset < 0 or row_offset + batch_size > width:
         raise ValueError(f"local rows [{row_offset}, {row_offset + batch_size}) are outside the {width} candidate rows")
-    spec = GuidedSpec(float(temperature), margin_strategy, float(margin), bool(contrast_anchors),
-                      bool(contrast_positives))  # fmt: skip
+    guide_dtype = compute_dtype(anchors_guide.dtype)
+    spec = GuidedSpec(
+        scalar_value(temperature), margin_strategy, scalar_value(margin), bool(contrast_anchors),
+        bool(contrast_positives),
+        anchors_guide.dtype if mask_dtype is None else mask_dtype,
+    )  # fmt: skip
     dtype = compute_dtype(anchors.dtype)
     row_kernel = resolve_guided_backend(backend, anchors.device, dtype)
+    if row_kernel == "triton" and spec.mask_dtype != torch.float32:
+        row_kernel = torch_row_kernel  # the Triton kernels decide the masks in float32
     operand_dtype = anchors.dtype if row_kernel == "triton" else dtype
     anchor_operand = _normalized(anchors, dtype).to(operand_dtype)
     candidate_operand = _normalized(torch.cat(candidates, dim=0), dtype).to(operand_dtype)
     with torch.no_grad():
-        guide_dtype = compute_dtype(anchors_guide.dtype)
         anchor_guide = _normalized(anchors_guide.detach(), guide_dtype)
         candidate_guide = _normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), guide_dtype)
     if row_kernel == "triton":
         guide_operand_dtype = anchors_guide.dtype if anchors_guide.dtype != torch.float64 else torch.float32
         backend = TritonGuidedBackend()
-    else:
-        guide_operand_dtype, backend = dtype, ChunkedGuidedBackend(row_kernel, chunk_bytes)
+    else:  # the guide's similarities in its own compute dtype (a float64 guide stays float64, as in stock)
+        guide_operand_dtype = guide_dtype
+        stock_guide = StockGuide(anchors_guide.detach(), torch.cat([c.detach() for c in candidates_guide]), spec)
+        backend = ChunkedGuidedBackend(row_kernel, stock_guide, chunk_bytes)
+    temperature_input = temperature if learnable(temperature) else None
     return FusedGuidedLoss.apply(
-        anchor_operand, candidate_operand, anchor_guide.to(guide_operand_dtype),
+        anchor_operand, candidate_operand, temperature_input, anchor_guide.to(guide_operand_dtype),
         candidate_guide.to(guide_operand_dtype), spec, row_offset, width, backend,
     )  # fmt: skip

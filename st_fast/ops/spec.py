@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from st_fast.ops.layout import DIRECTION_TO_KIND, HARDNESS_TO_KIND, HardnessKind, SegmentKind
+from st_fast.ops.learnable_scale import scalar_value
 
 SIMILARITIES = ("cos", "dot")
 
@@ -51,9 +52,9 @@ class ContrastiveSpec:
         return cls(
             kinds=kinds,
             joint=partition_mode == "joint",
-            scale=float(scale),
+            scale=scalar_value(scale),
             hardness=HARDNESS_TO_KIND[hardness_mode] if active else HardnessKind.NONE,
-            alpha=float(hardness_strength) if active else 0.0,
+            alpha=scalar_value(hardness_strength) if active else 0.0,
         )
 
     @property
