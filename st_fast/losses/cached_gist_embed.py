@@ -7,8 +7,9 @@ from typing import Any
 from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as StockCachedGISTEmbedLoss
 from torch import Tensor
 
-from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage
-from st_fast.losses.gist_embed import FusedGISTMixin, validate_guided_backend, warn_similarity_fallback_once
+from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
+from st_fast.losses.gist_embed import FusedGISTMixin
+from st_fast.losses.stock_contract import warn_stock_fallback_once
 
 
 class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
@@ -30,10 +31,13 @@ class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
     stock machinery; ``mini_batch_size`` only sizes the embedding passes (the loss stage is chunked by memory).
     """
 
+    _replaced_method = "calculate_loss"
+
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_guided_backend(backend)
+        self.backend = backend
 
+    @fused_loss_stage
     def calculate_loss(
         self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, with_backward: bool = False
     ) -> Tensor:
@@ -42,8 +46,9 @@ class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
         With ``with_backward`` the gradient of every cached embedding is written to its ``.grad`` by one backward
         through the fused op and the detached loss is returned.
         """
-        if not self.has_fused_similarity():
-            warn_similarity_fallback_once(self)
+        reason = self.fallback_reason()
+        if reason is not None:
+            warn_stock_fallback_once(self, reason)
             return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
         if len(reps) != len(reps_guided):
             raise ValueError("reps and reps_guided must have the same length")

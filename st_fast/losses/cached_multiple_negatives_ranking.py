@@ -12,15 +12,18 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from torch import Tensor
 
-from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage
-from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin, validate_backend
-from st_fast.losses.similarity import fused_similarity_name, warn_fallback_once
+from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
+from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin
+from st_fast.losses.stock_contract import warn_stock_fallback_once
 
 
 class FusedCachedLossStageMixin(FusedMNRLMixin):
     """Replaces the loss stage of a stock cached MNRL-family class (``calculate_loss``); the mini-batch embedding,
     RandContext replay, backward hook, DDP handling and ``mini_batch_num_tokens`` stay the stock machinery."""
 
+    _replaced_method = "calculate_loss"
+
+    @fused_loss_stage
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False):
         """Loss of the cached embeddings ``reps[column][mini_batch]`` (each (mb, D)).
 
@@ -28,8 +31,9 @@ class FusedCachedLossStageMixin(FusedMNRLMixin):
         through the fused op (no autograd graph over scores; cosine normalization back-propagated once) and the
         detached loss is returned. Without gradients enabled (evaluation) only the loss is computed.
         """
-        if fused_similarity_name(self.similarity_fct) is None:
-            warn_fallback_once(type(self).__name__, self.similarity_fct)
+        reason = self.fallback_reason()
+        if reason is not None:
+            warn_stock_fallback_once(self, reason)
             return super().calculate_loss(reps, labels, with_backward=with_backward)
         if len(reps) < 2:
             raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
@@ -48,13 +52,15 @@ class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedM
         Same as the stock class, plus ``backend``: ``"auto"`` (native C++/CUDA kernels when built, else Triton
         on CUDA, else torch), ``"triton"``, ``"native"`` or ``"torch"``.
 
-    The loss is float32 under autocast (stock returns the autocast dtype). Everything else — configuration,
-    ``get_config_dict()``, citation, MatryoshkaLoss decoration (``uses_gradient_cache``) — is the stock class's.
+    The loss is computed in float32 and returned in stock's dtype (see
+    :class:`st_fast.losses.MultipleNegativesRankingLoss`); a learnable ``scale`` gets its gradient during the loss
+    stage, as in stock. Everything else — configuration, ``get_config_dict()``, citation, MatryoshkaLoss decoration
+    (``uses_gradient_cache``) — is the stock class's.
     """
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_backend(backend)
+        self.backend = backend
 
 
 class CachedMultipleNegativesSymmetricRankingLoss(
@@ -65,4 +71,4 @@ class CachedMultipleNegativesSymmetricRankingLoss(
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_backend(backend)
+        self.backend = backend

@@ -1,7 +1,14 @@
-"""Shared steps of the cached (GradCache) loss stages: joining the cached mini-batches of a column, and the single
-backward that writes every cached embedding's ``.grad``."""
+"""Shared steps of the cached (GradCache) loss stages: joining the cached mini-batches of a column, the single
+backward that writes every cached embedding's ``.grad``, and the fused ``calculate_loss`` under per-instance
+decorations (MatryoshkaLoss's CachedLossDecorator)."""
 
 from __future__ import annotations
+
+import copy
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,9 +20,46 @@ def concatenate_mini_batches(mini_batches: list[Tensor]) -> Tensor:
 
 
 def finish_loss_stage(loss: Tensor, with_backward: bool) -> Tensor:
-    """With ``with_backward``: back-propagate the fused loss once into the cached embeddings and return it detached
-    (the GradCache contract of ``calculate_loss``); otherwise return it as it is."""
+    """With ``with_backward``: back-propagate the fused loss once into the cached embeddings (and a learnable
+    scale / temperature) and return it detached (the GradCache contract of ``calculate_loss``); otherwise return
+    it as it is."""
     if not with_backward:
         return loss
     loss.backward()
     return loss.detach()
+
+
+class fused_loss_stage:  # noqa: N801 (used as a method decorator)
+    """Decorates a fused ``calculate_loss`` so that a per-instance decoration of ``calculate_loss`` (MatryoshkaLoss
+    stores a ``CachedLossDecorator`` wrapping the bound method in the loss's ``__dict__``) wraps the fused method.
+
+    A fused loss made by :func:`st_fast.losses.fuse` shares its ``__dict__`` with the stock object, whose
+    decoration wraps the stock method; as a data descriptor this takes precedence over that entry and returns a
+    copy of the decoration around the fused method (the stock object keeps its own). Assignments store into the
+    ``__dict__`` as for a plain method."""
+
+    def __init__(self, function: Callable) -> None:
+        self.function = function
+        self.name = function.__name__
+        functools.update_wrapper(self, function)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self.function
+        bound = types.MethodType(self.function, obj)
+        decoration = obj.__dict__.get(self.name)
+        if decoration is None:
+            return bound
+        inner = getattr(decoration, "fn", None)
+        owner = getattr(inner, "__self__", None)
+        if owner is None or owner.__dict__ is not obj.__dict__ or getattr(inner, "__func__", None) is self.function:
+            return decoration  # around this fused method already, or around something else: as it is
+        rebound = copy.copy(decoration)
+        rebound.fn = bound
+        return rebound
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value

@@ -1,17 +1,23 @@
 """``fuse(loss)``: the st_fast equivalent of a stock sentence-transformers loss, wrappers included.
 
 A stock loss of a class st_fast replaces (exact class, not user subclasses, whose overrides st_fast cannot know)
-becomes a new st_fast object built with the same configuration and the same ``model`` object. A wrapper
-(MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss, SpladeLoss, CSRLoss, CachedSpladeLoss) is copied with its
-inner loss fused, keeping its other children; a per-instance ``calculate_loss`` decoration (MatryoshkaLoss's
-CachedLossDecorator) is carried over to the fused loss. Anything else is returned unchanged (the same object).
+becomes an object of the st_fast class that shares the stock object's state (its ``__dict__``: attributes,
+submodules, parameters, hooks, training flag), so that the fused loss reads the live stock configuration at every
+call: an attribute changed later on either object (``loss.scale = 30``, a learnable scale, a replaced
+``cross_entropy_loss``) is seen by both, exactly as with the stock trainer, where ``trainer.loss`` is the user's
+loss object. Nothing is constructed, so no constructor re-validates, warns, or re-derives state, and no module's
+mode is touched. The stock object keeps its class and computes as before; a per-instance ``calculate_loss``
+decoration (MatryoshkaLoss's CachedLossDecorator) wraps the fused method when called through the fused object (see
+:class:`st_fast.losses.cached_stage.fused_loss_stage`).
+
+A wrapper (MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss, SpladeLoss, CSRLoss, CachedSpladeLoss) is copied
+(shallow: its own attributes as they are now) with its inner loss fused, keeping its other children. Anything else is
+returned unchanged (the same object).
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import warnings
 
 from sentence_transformers.sentence_transformer import losses as stock_losses
 from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
@@ -28,8 +34,9 @@ from st_fast.losses.multiple_negatives_ranking import (
     MultipleNegativesSymmetricRankingLoss,
 )
 from st_fast.losses.sparse_multiple_negatives_ranking import SparseMultipleNegativesRankingLoss
+from st_fast.ops import BACKENDS
 
-# stock class -> st_fast class (both take the same constructor arguments; st_fast's add ``backend``)
+# stock class -> st_fast class (the same state; st_fast's classes replace one method and add ``backend``)
 FUSED_CLASSES: dict[type, type] = {
     stock_losses.MultipleNegativesRankingLoss: MultipleNegativesRankingLoss,
     stock_losses.MultipleNegativesSymmetricRankingLoss: MultipleNegativesSymmetricRankingLoss,
@@ -49,10 +56,13 @@ WRAPPER_CLASSES: tuple[type, ...] = (
 
 
 def fuse(loss: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """The st_fast equivalent of ``loss`` (see the module docstring); ``loss`` itself is never modified."""
+    """The st_fast equivalent of ``loss`` (see the module docstring); ``loss`` keeps its class and computes as before.
+    Raises ValueError for an unknown ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fused_class = FUSED_CLASSES.get(type(loss))
     if fused_class is not None:
-        return _rebuild(loss, fused_class, backend)
+        return _fused_view(loss, fused_class, backend)
     if isinstance(loss, WRAPPER_CLASSES) and isinstance(getattr(loss, "loss", None), nn.Module):
         inner = fuse(loss.loss, backend=backend)
         if inner is not loss.loss:
@@ -63,16 +73,8 @@ def fuse(loss: nn.Module, *, backend: str = "auto") -> nn.Module:
     return loss
 
 
-def _rebuild(loss: nn.Module, fused_class: type, backend: str) -> nn.Module:
-    parameters = inspect.signature(type(loss).__init__).parameters
-    kwargs = {name: getattr(loss, name) for name in parameters if name not in ("self", "model") and hasattr(loss, name)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the stock constructor's deprecation / configuration warnings were shown once
-        fused = fused_class(loss.model, backend=backend, **kwargs)
-    fused.train(loss.training)
-    decoration = loss.__dict__.get("calculate_loss")  # e.g. MatryoshkaLoss's CachedLossDecorator
-    if decoration is not None and hasattr(decoration, "fn"):
-        decoration = copy.copy(decoration)
-        decoration.fn = fused.calculate_loss
-        fused.calculate_loss = decoration
+def _fused_view(loss: nn.Module, fused_class: type, backend: str) -> nn.Module:
+    fused = fused_class.__new__(fused_class)
+    object.__setattr__(fused, "__dict__", loss.__dict__)  # one state, two classes (see the module docstring)
+    fused.backend = backend
     return fused

@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as StockGISTEmbedLoss
-from sentence_transformers.util import all_gather_with_grad, batch_to_device, get_rank
 from torch import Tensor, nn
 
+from st_fast.losses.stock_contract import (
+    BackendOption,
+    autocast_state,
+    scalar_kind,
+    scalar_problem,
+    stock_dtype,
+    stock_helper,
+    warn_once,
+    warn_stock_fallback_once,
+)
 from st_fast.ops import BACKENDS
 from st_fast.ops.guided import COSINE_EPS, fused_gist_loss
 
-logger = logging.getLogger(__name__)
 
-
-def validate_guided_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+def plain_cross_entropy(module: Any) -> bool:
+    """True for ``nn.CrossEntropyLoss()`` with its default arguments and no hooks: the loss the fused op computes."""
+    return (
+        type(module) is nn.CrossEntropyLoss
+        and module.weight is None
+        and module.ignore_index == -100
+        and module.reduction == "mean"
+        and module.label_smoothing == 0.0
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
 
 
 class FusedGISTMixin:
     """The GIST loss of given embeddings on the fused guided op, and the guide's view of the input features.
 
-    Uses the stock class's own configuration attributes (temperature, margin_strategy, margin, contrast_anchors,
-    contrast_positives, gather_across_devices, similarity_fct, must_retokenize, tokenizer, guide); ``backend``
-    picks the row kernel.
+    Uses the stock class's own attributes, read at every call (temperature, margin_strategy, margin,
+    contrast_anchors, contrast_positives, gather_across_devices, similarity_fct, cross_entropy_loss,
+    must_retokenize, tokenizer, guide); ``backend`` picks the row kernel. What the fused op cannot compute exactly
+    (see :meth:`fallback_reason`) is computed by the stock method.
     """
 
-    backend: str
+    backend = BackendOption(BACKENDS)
+    _replaced_method = "forward"  # where the stock class looks its helpers up
 
-    def has_fused_similarity(self) -> bool:
-        """True for the stock similarity (nn.CosineSimilarity(dim=-1), eps 1e-8), the one the fused op computes."""
+    def fallback_reason(self) -> str | None:
+        """Why this call must be computed by the stock implementation (None: the fused op computes it exactly)."""
         fct = self.similarity_fct
-        return isinstance(fct, nn.CosineSimilarity) and fct.dim in (-1,) and fct.eps == COSINE_EPS
+        if not (type(fct) is nn.CosineSimilarity and fct.dim == -1 and fct.eps == COSINE_EPS):
+            return f"similarity_fct={fct!r} is not nn.CosineSimilarity(dim=-1, eps=1e-8)"
+        if not plain_cross_entropy(self.cross_entropy_loss):
+            return (
+                f"cross_entropy_loss={self.cross_entropy_loss!r} is not nn.CrossEntropyLoss() with its default "
+                "weight, ignore_index, reduction and label_smoothing"
+            )
+        # stock's margin only decides masks, so it gets no gradient there either
+        temperature = scalar_problem("temperature", self.temperature, differentiable=True)
+        return temperature or scalar_problem("margin", self.margin, differentiable=True)
 
     def guide_features(self, sentence_feature: dict[str, Tensor]) -> dict[str, Tensor]:
         """The guide's input for one column: the model's token ids decoded and re-tokenized by the guide (as stock,
@@ -48,6 +71,7 @@ class FusedGISTMixin:
             bounds = sentence_feature["cu_seq_lens_q"].tolist()
             input_ids = [flat_input_ids[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
         decoded = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        batch_to_device = stock_helper(self, self._replaced_method, "batch_to_device")
         return batch_to_device(self.guide.preprocess(decoded), self.guide.device)
 
     def gist_loss(
@@ -55,28 +79,50 @@ class FusedGISTMixin:
     ) -> Tensor:
         """Loss of the local anchors (B, D) against k candidate columns (B, D) each, guided by the guide's
         embeddings; candidates (and their guide embeddings) are gathered across ranks when
-        ``gather_across_devices``, anchors stay local (row i's positive at rank·B + i)."""
+        ``gather_across_devices``, anchors stay local (row i's positive at rank·B + i). Masks are decided in the
+        dtype of stock's guide similarity; the loss is returned in the dtype stock returns."""
+        loss_dtype, mask_dtype = self.stock_dtypes(anchors, candidates[0], anchors_guide, candidates_guide[0])
         offset = 0
         if self.gather_across_devices:
+            all_gather_with_grad = stock_helper(self, self._replaced_method, "all_gather_with_grad")
             candidates = [all_gather_with_grad(candidate) for candidate in candidates]
             candidates_guide = [all_gather_with_grad(candidate) for candidate in candidates_guide]
-            offset = get_rank() * anchors.shape[0]
-        return fused_gist_loss(
+            offset = stock_helper(self, self._replaced_method, "get_rank")() * anchors.shape[0]
+        backend = self.backend
+        if backend == "triton":
+            warn_once(self, "the guided Triton kernels cannot decide masks at their thresholds exactly as stock; "
+                            "computing with backend='torch'")  # fmt: skip
+            backend = "torch"
+        loss = fused_gist_loss(
             anchors, candidates, anchors_guide, candidates_guide, row_offset=offset, temperature=self.temperature,
             margin_strategy=self.margin_strategy, margin=self.margin, contrast_anchors=self.contrast_anchors,
-            contrast_positives=self.contrast_positives, backend=self.backend,
+            contrast_positives=self.contrast_positives, mask_dtype=mask_dtype, backend=backend,
+        )  # fmt: skip
+        return loss.to(loss_dtype)
+
+    def stock_dtypes(
+        self, anchors: Tensor, positives: Tensor, anchors_guide: Tensor, positives_guide: Tensor
+    ) -> tuple[torch.dtype, torch.dtype]:
+        """(loss dtype, guide-similarity dtype) of stock for these embeddings now: its similarity_fct on one pair
+        of the model's and of the guide's embeddings, then the temperature and cross-entropy (autocast included)."""
+        device = anchors.device.type
+        key = (
+            "gist", anchors.dtype, positives.dtype, anchors_guide.dtype, positives_guide.dtype, device,
+            autocast_state(device), scalar_kind(self.temperature),
         )  # fmt: skip
 
+        def similarity_dtype(x: Tensor, y: Tensor) -> torch.dtype:
+            return self.similarity_fct(x[:1, None].detach(), y[None, :1].detach()).dtype
 
-def warn_similarity_fallback_once(loss: nn.Module) -> None:
-    if getattr(loss, "_st_fast_warned", False):
-        return
-    loss._st_fast_warned = True
-    logger.warning(
-        "st_fast %s: similarity_fct=%r is not nn.CosineSimilarity(dim=-1, eps=1e-8); using the stock computation.",
-        type(loss).__name__,
-        loss.similarity_fct,
-    )
+        def loss_probe() -> torch.dtype:
+            scores = torch.zeros(1, 1, dtype=similarity_dtype(anchors, positives), device=anchors.device)
+            target = torch.zeros(1, dtype=torch.long, device=anchors.device)
+            return self.cross_entropy_loss(scores / self.temperature, target).dtype
+
+        return (
+            stock_dtype((*key, "loss"), loss_probe),
+            stock_dtype((*key, "mask"), lambda: similarity_dtype(anchors_guide, positives_guide)),
+        )
 
 
 class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
@@ -97,12 +143,20 @@ class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
         Same as the stock class (model, guide, temperature, margin_strategy, margin, contrast_anchors,
         contrast_positives, gather_across_devices), plus
         backend: ``"auto"`` (native C++/CUDA row kernel with chunked GEMMs when built, else PyTorch),
-            ``"native"``, ``"torch"`` or ``"triton"`` (guided Triton kernels that mask inside the score tiles; opt-in:
-            ``auto`` does not pick them before they have been checked on a GPU).
+            ``"native"`` or ``"torch"``; ``"triton"`` computes with ``"torch"`` (one warning): the guided Triton
+            kernels (:func:`st_fast.ops.guided.fused_gist_loss`) decide masks in float32 tiles and cannot recheck
+            entries at their thresholds (ties) the way stock decides them.
 
     The guide embedding and re-tokenization are the stock ones (same ``embed_columns`` calls, in the same order).
     Cosine similarities normalize each vector with its norm clamped at 1e-8 (nn.CosineSimilarity's eps), which
-    equals stock up to rounding. The loss is float32 (float64 for float64 embeddings), also under autocast.
+    equals stock up to rounding; the guide's similarities are rounded to the dtype stock compares them in (the
+    guide's dtype, e.g. bfloat16) before the thresholds, computed as stock computes them. Every attribute is read at
+    call time; ``temperature`` may be a tensor, and one that requires grad gets d loss / d temperature (stock's
+    autograd gives NaN as soon as an entry is masked, since it differentiates -inf / T; st_fast gives the exact
+    gradient, which equals stock's wherever stock's is finite). A replaced
+    ``similarity_fct`` or ``cross_entropy_loss`` (other than a plain ``nn.CrossEntropyLoss()``) falls back to the
+    stock computation with a one-time warning. The loss is computed in float32 (float64 for float64 embeddings) and
+    returned in the dtype stock returns.
 
     Example::
 
@@ -113,11 +167,12 @@ class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_guided_backend(backend)
+        self.backend = backend
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
-        if not self.has_fused_similarity():
-            warn_similarity_fallback_once(self)
+        reason = self.fallback_reason()
+        if reason is not None:
+            warn_stock_fallback_once(self, reason)
             return super().forward(sentence_features, labels)
         sentence_features = list(sentence_features)
         # as stock: the guide runs on shallow copies (the model fills the dicts it is given)

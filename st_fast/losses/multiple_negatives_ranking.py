@@ -4,38 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesRankingLoss as StockMultipleNegativesRankingLoss,
 )
 from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesSymmetricRankingLoss as StockMultipleNegativesSymmetricRankingLoss,
 )
-from sentence_transformers.util import all_gather_with_grad, get_rank
 from torch import Tensor
 
-from st_fast.losses.similarity import fused_similarity_name, warn_fallback_once
+from st_fast.losses.similarity import fused_similarity_name
+from st_fast.losses.stock_contract import (
+    BackendOption,
+    autocast_state,
+    scalar_kind,
+    scalar_problem,
+    stock_dtype,
+    stock_helper,
+    warn_stock_fallback_once,
+)
 from st_fast.ops import BACKENDS, fused_mnrl_loss
 from st_fast.ops.spec import check_embeddings
-
-
-def validate_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 class FusedMNRLMixin:
     """Replaces ``compute_loss_from_embeddings`` of a stock MNRL-family class with the fused op.
 
     The configuration attributes (scale, similarity_fct, directions, partition_mode, hardness_mode,
-    hardness_strength, gather_across_devices) are the stock class's own; ``backend`` picks the kernels.
+    hardness_strength, gather_across_devices) are the stock class's own, read at every call; ``backend`` picks the
+    kernels. What the fused op cannot compute exactly (see :meth:`fallback_reason`) is computed by the stock method.
     """
 
-    backend: str
+    backend = BackendOption(BACKENDS)
+    _replaced_method = "compute_loss_from_embeddings"  # where the stock class looks its helpers up
+
+    def fallback_reason(self) -> str | None:
+        """Why this call must be computed by the stock implementation (None: the fused op computes it exactly)."""
+        if fused_similarity_name(self.similarity_fct) is None:
+            name = getattr(self.similarity_fct, "__name__", repr(self.similarity_fct))
+            return f"similarity_fct={name} has no fused kernel (only cos_sim and dot_score do)"
+        problem = scalar_problem("scale", self.scale, differentiable=True)
+        if problem is None and self.hardness_mode is not None:
+            problem = scalar_problem("hardness_strength", self.hardness_strength, differentiable=False)
+        return problem
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
-        if fused_similarity_name(self.similarity_fct) is None:
-            warn_fallback_once(type(self).__name__, self.similarity_fct)
+        reason = self.fallback_reason()
+        if reason is not None:
+            warn_stock_fallback_once(self, reason)
             return super().compute_loss_from_embeddings(embeddings, labels)
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
@@ -43,19 +59,41 @@ class FusedMNRLMixin:
 
     def fused_loss(self, queries: Tensor, docs: list[Tensor]) -> Tensor:
         """The loss of local anchors (B, D) against candidate columns k x (B, D), gathered across ranks when
-        ``gather_across_devices`` (local rows against every rank's columns, positive of row i at rank·B + i)."""
+        ``gather_across_devices`` (local rows against every rank's columns, positive of row i at rank·B + i),
+        in the dtype stock returns (computed in float32, float64 for float64 embeddings)."""
         check_embeddings(queries, docs)
+        dtype = self.stock_loss_dtype(queries, docs[0])
         batch_size, offset = queries.shape[0], 0
         if self.gather_across_devices:
+            all_gather_with_grad = stock_helper(self, self._replaced_method, "all_gather_with_grad")
             queries = all_gather_with_grad(queries)
             docs = [all_gather_with_grad(doc) for doc in docs]
-            offset = get_rank() * batch_size
-        return fused_mnrl_loss(
+            offset = stock_helper(self, self._replaced_method, "get_rank")() * batch_size
+        loss = fused_mnrl_loss(
             queries, docs, row_offset=offset, batch_size=batch_size, scale=self.scale,
             similarity=fused_similarity_name(self.similarity_fct), directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength, backend=self.backend,
         )  # fmt: skip
+        return loss.to(dtype)
+
+    def stock_loss_dtype(self, queries: Tensor, doc: Tensor) -> torch.dtype:
+        """The dtype of stock's loss for these embeddings now: its similarity, scale, hardness penalty,
+        logsumexp and mean on one-element slices (autocast included)."""
+        penalized = self.hardness_mode is not None and self.hardness_strength > 0.0
+        key = (
+            "mnrl", queries.dtype, doc.dtype, queries.device.type, autocast_state(queries.device.type),
+            self.similarity_fct, scalar_kind(self.scale), penalized and scalar_kind(self.hardness_strength),
+        )  # fmt: skip
+
+        def probe() -> torch.dtype:
+            similarity = self.similarity_fct(queries[:1].detach(), doc[:1].detach())
+            logits = similarity * self.scale
+            if penalized:
+                logits = logits + self.hardness_strength * similarity
+            return (-(logits[:, 0] - torch.logsumexp(logits, dim=1))).mean().dtype
+
+        return stock_dtype(key, probe)
 
 
 class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRankingLoss):
@@ -74,9 +112,12 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
         backend: ``"auto"`` (native C++/CUDA kernels when built, else Triton on CUDA, else torch),
             ``"triton"``, ``"native"`` or ``"torch"``.
 
-    ``similarity_fct`` other than ``util.cos_sim`` / ``util.dot_score`` falls back to the stock computation with a
-    one-time warning. Non-finite embeddings give a non-finite loss, as in stock (no error, so that fp16 loss scaling
-    keeps working). Under autocast the loss is computed and returned in float32.
+    Every attribute is read at call time, as stock does. ``scale`` may be a tensor; one that requires grad gets
+    stock's gradient. ``similarity_fct`` other than ``util.cos_sim`` / ``util.dot_score``, or a ``hardness_strength``
+    tensor that requires grad, falls back to the stock computation with a one-time warning. Non-finite embeddings
+    give a non-finite loss, as in stock (no error, so that fp16 loss scaling keeps working). The loss is computed in
+    float32 (float64 for float64 embeddings) and returned in the dtype stock returns (e.g. bfloat16 under CUDA
+    bf16 autocast, where stock's value carries bf16 rounding and st_fast's only the final rounding).
 
     Example::
 
@@ -87,7 +128,7 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_backend(backend)
+        self.backend = backend
 
 
 class MultipleNegativesSymmetricRankingLoss(FusedMNRLMixin, StockMultipleNegativesSymmetricRankingLoss):
@@ -96,4 +137,4 @@ class MultipleNegativesSymmetricRankingLoss(FusedMNRLMixin, StockMultipleNegativ
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_backend(backend)
+        self.backend = backend

@@ -8,7 +8,7 @@ from sentence_transformers.sparse_encoder.losses import (
     SparseMultipleNegativesRankingLoss as StockSparseMultipleNegativesRankingLoss,
 )
 
-from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin, validate_backend
+from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin
 
 
 class SparseMultipleNegativesRankingLoss(FusedMNRLMixin, StockSparseMultipleNegativesRankingLoss):
@@ -18,4 +18,4 @@ class SparseMultipleNegativesRankingLoss(FusedMNRLMixin, StockSparseMultipleNega
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.backend = validate_backend(backend)
+        self.backend = backend
