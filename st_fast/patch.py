@@ -1,8 +1,8 @@
 """``st_fast.patch()`` / ``st_fast.unpatch()``: st_fast's swaps for trainers built by code you do not own.
 
-``patch()`` wraps four methods of the stock ``sentence_transformers.base.trainer.BaseTrainer`` — ``prepare_loss``,
-``call_model_init``, ``get_batch_sampler`` and ``get_multi_dataset_batch_sampler`` — with the hooks of
-:class:`st_fast.SentenceTransformerTrainer`.
+``patch()`` wraps five methods of the stock ``sentence_transformers.base.trainer.BaseTrainer`` — ``__init__`` (the
+model card names fused losses by their stock classes), ``prepare_loss``, ``call_model_init``, ``get_batch_sampler``
+and ``get_multi_dataset_batch_sampler`` — with the hooks of :class:`st_fast.SentenceTransformerTrainer`.
 Patching the methods rather than the exported names covers every way a trainer is built: a direct
 ``SentenceTransformerTrainer(...)`` whatever module it was imported from (even before ``patch()``), the legacy
 ``model.fit(...)`` (which builds one internally), user subclasses that do not override those methods, and the
@@ -24,11 +24,14 @@ from st_fast.trainer import (
     StFastConfig,
     fast_batch_sampler,
     fast_multi_dataset_batch_sampler,
+    finish_init,
     fuse_loss,
     fuse_trainer_losses,
 )
 
-_PATCHED_METHODS = ("prepare_loss", "call_model_init", "get_batch_sampler", "get_multi_dataset_batch_sampler")
+_PATCHED_METHODS = (
+    "__init__", "prepare_loss", "call_model_init", "get_batch_sampler", "get_multi_dataset_batch_sampler",
+)  # fmt: skip
 _originals: dict[str, Any] = {}
 _config = StFastConfig()
 
@@ -41,6 +44,16 @@ def _base_trainer():
 
 def _owned(trainer: Any) -> bool:
     return getattr(trainer, "_st_fast_owner", False)
+
+
+def _wrap_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not _owned(self):
+            finish_init(self)
+
+    return __init__
 
 
 def _wrap_prepare_loss(original):
@@ -95,6 +108,7 @@ def _bound_signature(function):
 
 
 _WRAPPERS = {
+    "__init__": _wrap_init,
     "prepare_loss": _wrap_prepare_loss,
     "call_model_init": _wrap_call_model_init,
     "get_batch_sampler": _wrap_get_batch_sampler,

@@ -11,9 +11,9 @@ get_batch_sampler / call_model_init):
 * the loss: after the stock ``prepare_loss``, every loss (a single loss, each value of a loss dict, the result of a
   ``model -> loss`` callable, and the losses re-created by ``model_init`` / hyperparameter search) goes through
   :func:`st_fast.losses.fuse`, which returns the st_fast class with the same configuration and model, or the loss
-  unchanged when st_fast has no equivalent. The fused classes keep the stock class names, ``get_config_dict()`` and
-  citations, so the model card names the same loss and configuration; its full name (``st_fast.losses...``) and the
-  ``st_fast`` tag say that st_fast fused it.
+  unchanged when st_fast has no equivalent. The fused loss shares the stock object's state (see
+  :func:`st_fast.losses.fuse`): changes to the user's loss object reach it, and no module's mode is touched. The
+  model card is the stock card (same loss names, links and configuration) plus the ``st_fast`` tag.
 * the batch sampler: ``BatchSamplers.NO_DUPLICATES`` / ``NO_DUPLICATES_HASHED`` (or the stock
   ``NoDuplicatesBatchSampler`` class given as ``batch_sampler``) become :class:`st_fast.NoDuplicatesBatchSampler`,
   which yields the same batches. The per-dataset samplers inside the multi-dataset samplers (round robin,
@@ -93,15 +93,12 @@ def _loss_name(loss: Any) -> str:
 
 
 def _describe_fused(loss: torch.nn.Module) -> str:
-    """A note for each fused loss (wrapper children included) whose similarity has no fused kernel."""
-    from st_fast.losses.similarity import fused_similarity_name
-
+    """A note for each fused loss (wrapper children included) that its current configuration makes compute stock."""
     notes = []
     for module in loss.modules():  # the loss itself first, then its children (wrappers' inner losses)
-        if type(module).__module__.startswith("st_fast.") and hasattr(module, "similarity_fct"):
-            if fused_similarity_name(module.similarity_fct) is None:
-                name = getattr(module.similarity_fct, "__name__", repr(module.similarity_fct))
-                notes.append(f"{_loss_name(module)}: similarity_fct={name} has no fused kernel, computed stock")
+        reason = module.fallback_reason() if hasattr(module, "fallback_reason") else None
+        if reason is not None:
+            notes.append(f"{_loss_name(module)}: {reason}, computed stock")
     return "; ".join(dict.fromkeys(notes))
 
 
@@ -194,6 +191,30 @@ def fast_multi_dataset_batch_sampler(trainer: Any, stock_method: Any, config: St
     return forward_set_epoch(multi)
 
 
+def _stock_fullnames() -> dict[str, str]:
+    from st_fast.losses.fuse import FUSED_CLASSES
+
+    return {f"{fast.__module__}.{fast.__name__}": f"{stock.__module__}.{stock.__name__}" for stock, fast in
+            FUSED_CLASSES.items()}  # fmt: skip
+
+
+def finish_init(trainer: Any) -> None:
+    """After the stock ``__init__`` (whose model card callback recorded each dataset's loss by its class's full
+    name): name the fused losses by their stock classes, so that the card renders exactly as stock's (the template
+    links only ``sentence_transformers.`` names), and tag the card ``st_fast`` when a loss was fused."""
+    card = getattr(getattr(trainer, "model", None), "model_card_data", None)
+    if card is None:
+        return
+    stock_names = _stock_fullnames()
+    for datasets in (getattr(card, "train_datasets", None), getattr(card, "eval_datasets", None)):
+        for info in datasets or []:
+            loss = info.get("loss") if isinstance(info, dict) else None
+            if isinstance(loss, dict) and loss.get("fullname") in stock_names:
+                loss["fullname"] = stock_names[loss["fullname"]]
+    if any(message.startswith("fused") for message in swap_report(trainer).values()) and hasattr(card, "add_tags"):
+        card.add_tags(["st_fast"])
+
+
 class SwapReportCallback(TrainerCallback):
     """Logs the trainer's swap report once, at the first train begin, and tags the model card ``st_fast``."""
 
@@ -238,6 +259,7 @@ class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
     def __init__(self, *args: Any, st_fast: StFastConfig | dict[str, Any] | bool | None = None, **kwargs: Any):
         self.st_fast_config = StFastConfig.coerce(st_fast)  # before the stock __init__, which calls prepare_loss
         super().__init__(*args, **kwargs)
+        finish_init(self)
 
     def prepare_loss(self, loss, model):
         return fuse_loss(self, super().prepare_loss(loss, model), self.st_fast_config)
