@@ -13,10 +13,15 @@ cosine similarity, applied here instead of normalizing the GEMM operands):
 With ``grad_scale`` given, ``coefficients[x]`` (default: ``scores[x]`` itself) receives
 d(grad_scale · Σ_r loss_r)/d scores_x:
 
-    C_x = grad_scale · scale · (w_x · exp(logits_x - ref_x) - onehot_x) · row_scale_x[:, None] · col_scale_x[None, :]
+    C_x = grad_scale · scale · (w_x · exp(logits_x - ref_x) - p_x · onehot_x) · row_scale_x[:, None] · col_scale_x[None]
 
-with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction), onehot_x = 1 at [r, g] of
-Q2D (the positive) and 0 elsewhere; masked entries get 0. float16 coefficients saturate at ±65504.
+with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction), onehot_x = 1 at [r, g] and 0
+elsewhere; masked entries get 0. float16 coefficients saturate at ±65504. The positive's one-hot term is spread evenly,
+p_x = 1/#holders, over the segments whose column g holds the positive pair's score: Q2D, and in per_direction also
+D2Q (s_d2q[r, g] = s(d_g, q_g), the same function of the embeddings, so the split is exact). Stock's per_direction has
+every direction hold the positive, so there p_x = w_x: each direction's coefficients are its own softmax minus one-hot,
+and a coefficient that is 0 in exact math (B = 1: a single-column softmax) comes out as w·1 - w = 0 instead of -w/2 in
+Q2D and +w/2 in D2Q, which leave a rounding residue once the gradient GEMMs add up their products with the embeddings.
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ def segment_mask_and_penalty(
     return masked, penalized
 
 
+def holds_positive(kind: SegmentKind, spec: ContrastiveSpec) -> bool:
+    """Whether column g of the segment's row r holds the positive pair's score and so takes a share of the one-hot
+    term: Q2D always, D2Q in per_direction (in joint it is one more entry of the single softmax)."""
+    return kind == SegmentKind.Q2D or (not spec.joint and kind == SegmentKind.D2Q)
+
+
 def torch_row_kernel(
     scores: list[torch.Tensor],
     spec: ContrastiveSpec,
@@ -98,12 +109,15 @@ def torch_row_kernel(
     row_loss = log_z - positive
     if grad_scale is not None:
         outputs = scores if coefficients is None else coefficients
+        holders = [holds_positive(kind, spec) for kind in spec.kinds]
+        # with every segment a holder (per_direction) the same expression as the weight: weight·1 - share is exactly 0
+        positive_share = grad_scale * spec.scale * (1.0 / sum(holders))
         for x, (out, logit, masked) in enumerate(zip(outputs, logits, masks, strict=True)):
             ref = log_z if spec.joint else lses[x]
             weight = grad_scale * spec.scale * (1.0 if spec.joint else 1.0 / len(scores))
             coefficient = torch.exp(logit - ref[:, None]) * weight
-            if x == 0:
-                coefficient[local, rows_global] -= grad_scale * spec.scale
+            if holders[x]:
+                coefficient[local, rows_global] -= positive_share
             coefficient = _apply_scales(coefficient, scales[x])
             if masked is not None:
                 coefficient = coefficient.masked_fill(masked, 0.0)

@@ -184,16 +184,23 @@ def test_coefficient_stores_round_to_nearest_even_like_torch(dtype, code):
     assert torch.isnan(out).all()
 
 
+ROW_KERNEL_LAYOUTS = {  # directions, partition, segment lengths in units of the width
+    "joint-4": (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", [2, 1, 1, 2]),
+    "per_direction-2": (("query_to_doc", "doc_to_query"), "per_direction", [2, 1]),
+}
+
+
 @pytest.mark.parametrize("coefficient_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("hardness", ["hard_negatives", "in_batch_negatives"])
 @pytest.mark.parametrize("rows, width", [(1, 1), (13, 29)])
-def test_native_row_kernel_with_scales_matches_the_torch_row_kernel(coefficient_dtype, hardness, rows, width):
+@pytest.mark.parametrize("layout", ROW_KERNEL_LAYOUTS)
+def test_native_row_kernel_with_scales_matches_the_torch_row_kernel(coefficient_dtype, hardness, rows, width, layout):
+    directions, partition, blocks = ROW_KERNEL_LAYOUTS[layout]
     spec = ContrastiveSpec.from_loss_config(
-        scale=20.0, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
-        hardness_mode=hardness, hardness_strength=5.0,
+        scale=20.0, directions=directions, partition_mode=partition, hardness_mode=hardness, hardness_strength=5.0,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(11)
-    lengths = [2 * width, width, width, 2 * width]
+    lengths = [block * width for block in blocks]
     scores = [torch.rand(rows, n, generator=generator) * 4 - 2 for n in lengths]
     scales = [SegmentScales(torch.rand(rows, generator=generator) + 0.3, torch.rand(n, generator=generator) + 0.3)
               for n in lengths]  # fmt: skip
@@ -208,6 +215,29 @@ def test_native_row_kernel_with_scales_matches_the_torch_row_kernel(coefficient_
     actual = native_row_kernel(scores, spec, width - rows, width, 1.0 / rows, scales, actual_out)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
     assert_coefficients_close(actual_out, expected_out, scales, 1.0 / rows, spec.scale, coefficient_dtype)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+@pytest.mark.parametrize("coefficient_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_scales", [False, True], ids=["unit", "scaled"])
+@pytest.mark.parametrize("directions", [("query_to_doc",), ("query_to_doc", "doc_to_query")], ids=len)
+def test_single_column_per_direction_coefficients_are_exactly_zero(kernel, coefficient_dtype, with_scales, directions):
+    """B = 1 without negatives: every direction's softmax has one column, the loss is LSE([s]) - s = 0 for any
+    embeddings and every coefficient is 0 exactly (as stock's float32 gradient is), not -w/2 in Q2D and +w/2 in D2Q
+    whose products with the embeddings would leave a rounding residue in the gradient GEMMs."""
+    spec = ContrastiveSpec.from_loss_config(scale=20.0, directions=directions, partition_mode="per_direction")
+    value = 0.7316  # the same pair's score in Q2D and D2Q
+    scores = [torch.full((1, 1), value) for _ in directions]
+    scales = [SegmentScales(torch.tensor([1.37]), torch.tensor([0.61])) for _ in directions] if with_scales else None
+    out = [torch.full((1, 1), float("nan")).to(coefficient_dtype) for _ in directions]
+    if kernel == "native":
+        from st_fast.ops.row_kernel_native import native_row_kernel as row_kernel
+    else:
+        row_kernel = torch_row_kernel
+    loss = row_kernel(scores, spec, 0, 1, 1.0, scales, out)
+    assert float(loss) == 0.0
+    for coefficient in out:
+        assert torch.equal(coefficient.float(), torch.zeros(1, 1)), coefficient
 
 
 def test_matmul_fp32_and_float16_operands_are_exact():

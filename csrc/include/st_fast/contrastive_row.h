@@ -12,10 +12,16 @@
 // l_x = scale·s_x (+ alpha·s_x where penalized, -inf where masked), lse_x = logsumexp(l_x),
 // log_z = logsumexp_x(lse_x) (joint) or mean_x(lse_x), loss = log_z - scale·s_q2d[g].
 // With grad_scale >= 0 the coefficients of the raw scores v are written (in the coefficients' dtype):
-//   grad_scale·scale·(w_x·exp(l_x - ref_x) - [x is Q2D and c == g])·row_scale_x·col_scale_x[c],   0 where masked,
+//   grad_scale·scale·(w_x·exp(l_x - ref_x) - p_x·[c == g])·row_scale_x·col_scale_x[c],   0 where masked,
 // with ref_x = log_z, w_x = 1 (joint) or ref_x = lse_x, w_x = 1/#segments (per_direction). The positive's one-hot
-// term is folded in before the (16-bit) store, so that a confident row (softmax weight ~1 at the positive) keeps
-// a coefficient accurate relative to its small value.
+// term (-scale·s_q2d[g] of the loss) is spread evenly, p_x = 1/#holders, over the segments whose own column g holds
+// the positive pair's score: Q2D, and in per_direction also D2Q (s_d2q[g] = s(d_g, q_g) is the same function of the
+// embeddings, so the split is exact). Stock's per_direction requires every direction to hold the positive, so there
+// p_x = w_x and each direction's coefficients are its own softmax minus one-hot, as in a per-direction cross-entropy:
+// a coefficient that is 0 in exact math (a single-column softmax, e.g. B = 1, whose loss is 0 for any embeddings) is
+// computed as w·1 - w = 0, not as -w/2 in Q2D and +w/2 in D2Q, whose products with the embeddings, added up by the
+// gradient GEMMs, would leave a rounding residue. The one-hot term is folded in before the (16-bit) store, so that
+// a confident row (softmax weight ~1 at the positive) keeps a coefficient accurate relative to its small value.
 //
 // Two passes over each segment's row: an online max / sum of exp (one exp per entry), then the coefficients. The
 // coefficients may alias the fp32 scores: every entry is read and then written by the same lane.
@@ -62,6 +68,12 @@ ST_FAST_HD float own_column_multiplier(const ContrastiveRowArgs& a, int kind, in
   if (kind == kD2Q || j == 0) return a.scale;  // D2Q has no own-column rule; the positive is never penalized
   const bool penalized = a.hardness == kHard || a.hardness == kAll;
   return penalized ? a.scale + a.alpha : a.scale;
+}
+
+// Whether the segment's own column g (block 0) holds the positive pair's score and so takes a share of the one-hot
+// term: Q2D always, D2Q in per_direction (in joint it is one more entry of the single softmax).
+ST_FAST_HD bool holds_positive(const ContrastiveRowArgs& a, int kind) {
+  return kind == kQ2D || (!a.joint && kind == kD2Q);
 }
 
 // Running (max, sum of exp(l - max)) of one lane's logits; -inf logits (zero weight) are skipped, NaN propagates.
@@ -154,6 +166,11 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
   if (lanes.id() == 0) a.row_loss[r] = log_z - positive;
   if (a.grad_scale < 0.0f) return;
   const float base = a.grad_scale * a.scale;
+  // the one-hot term's share per holder; with every segment a holder (per_direction) the same expression as the
+  // weight, so that weight·1 - share is exactly 0
+  int holders = 0;
+  for (int x = 0; x < a.num_segments; ++x) holders += holds_positive(a, a.kinds[x]) ? 1 : 0;
+  const float positive_share = base / static_cast<float>(holders);
   for (int x = 0; x < a.num_segments; ++x) {
     const int64_t n = a.lengths[x];
     const float* v = a.scores[x] + r * n;
@@ -165,6 +182,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     const float bulk = bulk_multiplier(a, kind);
     const float ref = a.joint ? log_z : seg_lse[x];
     const float weight = a.joint ? base : base / static_cast<float>(a.num_segments);
+    const bool holder = holds_positive(a, kind);
     for_each_segment_column(
         v, n, a.width, g, lanes,
         [&](int64_t c, float value) {
@@ -175,7 +193,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
           const float mult = own_column_multiplier(a, kind, j);
           const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
           float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * scales * mult - ref);
-          if (kind == kQ2D && j == 0) coefficient -= base;  // the positive's one-hot term
+          if (holder && j == 0) coefficient -= positive_share;  // the positive's one-hot term
           Out::put(out, out_offset + c, coefficient * scales);
         });
   }
