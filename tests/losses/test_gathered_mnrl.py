@@ -86,10 +86,9 @@ class FakeGather:
 def _simulated(monkeypatch, loss_fn, others, embeddings):
     """(loss, grads of the local embeddings) of ``loss_fn`` as rank 1 of 2, with rank 0's columns ``others``."""
     gather = FakeGather(others)
-    for name in (STOCK_MODULE,):  # st_fast looks the helpers up there too
-        module = importlib.import_module(name)
-        monkeypatch.setattr(module, "all_gather_with_grad", gather)
-        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    module = importlib.import_module(STOCK_MODULE)  # st_fast looks the helpers up there too
+    monkeypatch.setattr(module, "all_gather_with_grad", gather)
+    monkeypatch.setattr(module, "get_rank", lambda: 1)
     result = loss_and_grads(lambda e: loss_fn.compute_loss_from_embeddings(e, None), embeddings)
     assert gather.calls == len(embeddings), f"gathered {gather.calls} tensors for {len(embeddings)} columns"
     return result
@@ -137,14 +136,13 @@ def test_simulation_is_not_vacuous(monkeypatch, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_upstream_duplicate_gather_equals_doubled_batch(monkeypatch, backend):
-    """Upstream's test verbatim: gather = cat([x, x]), rank 1 -> the loss of the ungathered doubled batch."""
+    """As upstream checks it: gather = cat([x, x]), rank 1 -> the loss of the ungathered doubled batch."""
     config = CONFIGS["all4-joint-all_negatives-5"]
     _, fast = _losses(config, backend)
     stock_plain, _ = _losses(config, backend, gather=False)
-    for name in (STOCK_MODULE,):  # st_fast looks the helpers up there too
-        module = importlib.import_module(name)
-        monkeypatch.setattr(module, "all_gather_with_grad", lambda x: torch.cat([x, x], dim=0))
-        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    module = importlib.import_module(STOCK_MODULE)  # st_fast looks the helpers up there too
+    monkeypatch.setattr(module, "all_gather_with_grad", lambda x: torch.cat([x, x], dim=0))
+    monkeypatch.setattr(module, "get_rank", lambda: 1)
     embeddings = random_columns(5, 16, 3, seed=7)
     loss = fast.compute_loss_from_embeddings(embeddings, None)
     doubled = [torch.cat([x, x], dim=0).detach().double() for x in embeddings]
