@@ -74,3 +74,18 @@ def make_tiny_model(minilm_path: str, *, hidden_size: int = 32, seed: int = 0):
 def tiny_model(minilm_path):
     """A fresh tiny random SentenceTransformer (hidden size 32, 2 layers) for each test."""
     return make_tiny_model(minilm_path)
+
+
+def make_splade_model(minilm_path: str):
+    """A SparseEncoder (MiniLM's BERT with a randomly initialized MLM head + SPLADE max pooling) on CPU. Stock
+    SpladePooling's eval path is an in-place ``log1p_``, not differentiable: train with it in train() mode."""
+    import warnings
+
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlm = MLMTransformer(minilm_path, max_seq_length=24)  # MLM head initialized randomly: fine for parity
+    return SparseEncoder(modules=[mlm, SpladePooling("max")], device="cpu")

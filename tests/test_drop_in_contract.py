@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_splade_model, make_tiny_model
 from datasets import Dataset
 from parity import relative_error
 from sentence_transformers import SentenceTransformerTrainer as StockTrainer
@@ -716,14 +716,7 @@ def test_replaced_module_gives_stock_answer_with_one_warning(replacement, model,
 
 @pytest.fixture(scope="module")
 def splade_model(minilm_path):
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlm = MLMTransformer(minilm_path, max_seq_length=24)  # MLM head initialized randomly: fine for parity
-    model = SparseEncoder(modules=[mlm, SpladePooling("max")], device="cpu")
+    model = make_splade_model(minilm_path)
     # train() with dropout off: in eval() stock's SpladePooling applies relu_ in place, and backward then fails
     for module in model.modules():
         if isinstance(module, nn.Dropout):

@@ -30,14 +30,6 @@ _warned: set[tuple[str, str]] = set()
 _dtype_cache: dict[Hashable, torch.dtype] = {}
 
 
-def stock_class(loss_type: type) -> type:
-    """The first sentence-transformers class in the MRO of ``loss_type`` (the class st_fast's class replaces)."""
-    for klass in loss_type.__mro__:
-        if klass.__module__.startswith("sentence_transformers."):
-            return klass
-    raise TypeError(f"{loss_type.__name__} does not derive from a sentence-transformers class")
-
-
 def stock_helper(loss: Any, method: str, name: str) -> Callable:
     """The function ``name`` as the stock implementation of ``loss.<method>`` sees it now: looked up in the module
     of the sentence-transformers class that defines ``method``, falling back to ``sentence_transformers.util``."""

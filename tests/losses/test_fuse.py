@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
+from conftest import make_splade_model
 from parity import relative_error, train_step
 from sentence_transformers import util
 from sentence_transformers.sentence_transformer import losses as stock_losses
@@ -134,14 +134,7 @@ def test_fuse_passes_the_backend(tiny_model):
 
 @pytest.fixture(scope="module")
 def splade_model(minilm_path):
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlm = MLMTransformer(minilm_path, max_seq_length=24)  # MLM head initialized randomly: fine for parity
-    return SparseEncoder(modules=[mlm, SpladePooling("max")], device="cpu")
+    return make_splade_model(minilm_path)
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["splade", "cached-splade"])
