@@ -80,10 +80,10 @@ class FusedMNRLMixin:
     def stock_loss_dtype(self, queries: Tensor, doc: Tensor) -> torch.dtype:
         """The dtype of stock's loss for these embeddings now: its similarity, scale, hardness penalty,
         logsumexp and mean on one-element slices (autocast included)."""
-        penalized = self.hardness_mode is not None and self.hardness_strength > 0.0
+        penalized = self.hardness_mode is not None and bool(self.hardness_strength > 0.0)
         key = (
             "mnrl", queries.dtype, doc.dtype, queries.device.type, autocast_state(queries.device.type),
-            self.similarity_fct, scalar_kind(self.scale), penalized and scalar_kind(self.hardness_strength),
+            self.similarity_fct, scalar_kind(self.scale), scalar_kind(self.hardness_strength) if penalized else None,
         )  # fmt: skip
 
         def probe() -> torch.dtype:
