@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--gpu", action="store_true", help="sizes for one H100-class GPU")
     parser.add_argument("--out", default="bench_out", help="folder for the JSON / Markdown / PNG results")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median is reported)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock seconds per part: cases run smallest first and a case predicted not to fit "
+                             "is reported as skipped (default: no limit)")  # fmt: skip
     for module_name in PARTS.values():
         importlib.import_module(module_name).add_arguments(parser)
     args = parser.parse_args(argv)

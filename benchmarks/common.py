@@ -146,6 +146,41 @@ def plot(name: str, rows: Sequence[dict[str, Any]], out_dir: str, *, title: str)
     return written
 
 
+class CaseBudget:
+    """Wall-clock budget for a part's cases, run smallest first so that a short budget drops the largest.
+
+    ``admit(cost)`` predicts a case's seconds from the last finished case, scaled by the ratio of their ``cost``
+    (any size measure, e.g. B·N·D), and admits it when the prediction fits the time left; ``done(cost)`` records a
+    finished case. Without a budget (``seconds`` None) every case is admitted. The first case is always admitted.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self._case_start = self.start
+        self._last: tuple[float, float] | None = None  # (cost, seconds) of the last finished case
+
+    def time_left(self) -> float:
+        if self.seconds is None:
+            return float("inf")
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def admit(self, cost: float) -> bool:
+        self._case_start = time.perf_counter()
+        if self.seconds is None or self._last is None:
+            return self.seconds is None or self.time_left() > 0
+        last_cost, last_seconds = self._last
+        return last_seconds * max(cost / last_cost, 1.0) <= self.time_left()
+
+    def done(self, cost: float) -> None:
+        self._last = (cost, time.perf_counter() - self._case_start)
+
+
+def budget_of(args) -> CaseBudget:
+    """The :class:`CaseBudget` of ``--budget-s`` (seconds per part; none when absent)."""
+    return CaseBudget(getattr(args, "budget_s", None))
+
+
 def progress(iterable, **kwargs):
     """tqdm progress bar when tqdm is installed and stderr is a terminal, else the iterable itself."""
     try:
