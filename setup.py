@@ -4,30 +4,49 @@
 * ``st_fast._C_cuda``: optional CUDA extension. ``csrc/cuda/*.cu`` are compiled by nvcc (sm_80, sm_90 and PTX,
   no torch headers) and linked with ``csrc/cuda/module.cpp`` against the static CUDA runtime. Built when
   ``ST_FAST_CUDA=1``, or when nvcc is found and ``ST_FAST_CUDA`` is not ``0``; skipped with a message otherwise.
+  ``ST_FAST_CUDA_ARCHS`` (e.g. ``90``, or ``80;90``) narrows the targets to those architectures plus PTX of the
+  newest, for a quicker build on one known GPU (``benchmarks/gpu_check.sh`` builds for the GPU it runs on).
+
+The C++ and CUDA translation units compile in parallel (``ST_FAST_BUILD_JOBS`` jobs, default: the CPU count).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE_DIR = os.path.join("csrc", "include")
 HEADERS = sorted(glob.glob("csrc/include/st_fast/*.h") + glob.glob("csrc/cuda/*.cuh"))
-CUDA_ARCH_FLAGS = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90,code=sm_90",
-    "-gencode=arch=compute_90,code=compute_90",  # PTX for newer GPUs
-]
+DEFAULT_CUDA_ARCHS = ("80", "90")  # A100, H100/H200; PTX of the last one for newer GPUs
+BUILD_JOBS_ENV = "ST_FAST_BUILD_JOBS"
+
+
+def cuda_arch_flags(archs: str | None = None) -> list[str]:
+    """nvcc ``-gencode`` flags: SASS for each architecture in ``archs`` (``ST_FAST_CUDA_ARCHS``, separated by ``;``,
+    ``,`` or spaces, e.g. ``90`` or ``8.0;9.0``; default 80 and 90) and PTX for the newest of them."""
+    archs = os.environ.get("ST_FAST_CUDA_ARCHS", "") if archs is None else archs
+    wanted = [a.replace(".", "") for a in re.split(r"[;, ]+", archs.strip()) if a] or list(DEFAULT_CUDA_ARCHS)
+    if not all(a.isdigit() for a in wanted):
+        raise ValueError(f"ST_FAST_CUDA_ARCHS={archs!r}: expected compute capabilities such as '90' or '8.0;9.0'")
+    wanted = sorted(set(wanted), key=int)
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in wanted]
+    return [*flags, f"-gencode=arch=compute_{wanted[-1]},code=compute_{wanted[-1]}"]
+
+
+def _build_jobs() -> int:
+    return max(1, int(os.environ.get(BUILD_JOBS_ENV) or os.cpu_count() or 1))
 
 
 def _log(message: str) -> None:
@@ -102,18 +121,21 @@ class BuildExt(build_ext):
     def _compile_cuda(self, ext: CudaExtension) -> list[str]:
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        objects = []
-        for source in ext.cuda_sources:
+        arch_flags = cuda_arch_flags()
+
+        def compile_one(source: str) -> str:
             obj = os.path.join(out_dir, os.path.basename(source) + ".o")
             # no --use_fast_math: the row kernels' expf/logf must match the CPU build to the last few ulps
             cmd = [
                 ext.nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                "-I", INCLUDE_DIR, *CUDA_ARCH_FLAGS,
+                "-I", INCLUDE_DIR, *arch_flags,
             ]  # fmt: skip
             _log(" ".join(cmd))
             subprocess.run(cmd, check=True, cwd=ROOT)
-            objects.append(obj)
-        return objects
+            return obj
+
+        with ThreadPoolExecutor(max_workers=_build_jobs()) as pool:
+            return list(pool.map(compile_one, ext.cuda_sources))
 
 
 def _extensions() -> list[Pybind11Extension]:
@@ -156,4 +178,5 @@ def _extensions() -> list[Pybind11Extension]:
     return extensions
 
 
+ParallelCompile(BUILD_JOBS_ENV, default=_build_jobs()).install()  # the C++ units of each extension in parallel
 setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
