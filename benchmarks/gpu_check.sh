@@ -1,106 +1,165 @@
 #!/usr/bin/env bash
-# One-shot check on a GPU machine (no network): build st_fast with its CUDA extension, run the GPU tests, run the
-# loss benchmarks at --gpu sizes and a small sampler benchmark (GPU_CHECK_SAMPLER=0 skips it), then print one summary.
+# The GPU check: everything a session lent a GPU measures, in one command that fits a 15-minute lease.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
+#   bash benchmarks/gpu_check.sh [--smoke] [--budget SECONDS] OUT_DIR
 #
-# Every step runs under `timeout`, logs to OUT_DIR/logs/<step>.log and is recorded as PASS / FAIL(rc) / TIMEOUT /
-# SKIP in OUT_DIR/status.txt; a failed step never stops the later ones. The step limits are cut to a total budget
-# (GPU_CHECK_BUDGET_S, default 450 s) so that the whole script ends inside 8 minutes on an H100. Results:
-# OUT_DIR/summary.md (also printed last), OUT_DIR/bench/*.{md,json}, OUT_DIR/junit_gpu.xml.
-# PYTHON picks the interpreter (default: python3, the one that holds the CUDA torch).
+# From a development machine (the GPU machine has no network, so the anchors' and `datasets`' wheels travel along):
+#   bash scripts/gpu_wheels.sh            # once: downloads them into .whl/ (git-ignored through .git/info/exclude)
+#   device run: command 'bash benchmarks/gpu_check.sh "$OUT"', carry ['.whl'], timeout_s 600
+#
+# Steps, in order, with their time limits at the default budget of 500 s (a fresh H200: 16 cores, no warm caches):
+#   machine       15 s  GPU, driver, nvcc, python, torch, triton, sentence-transformers
+#   wheels        45 s  pip install .whl/*.whl into a private --target folder (only when .whl/ holds wheels)
+#   build        150 s  ST_FAST_CUDA=1 ST_FAST_CUDA_ARCHS=<this GPU's> pip install -e . (both extensions)
+#   native_info   20 s  both extensions import
+#   fused        *115 s python -m benchmarks fused_loss --gpu --anchors: stock, st_fast backends, public anchors,
+#                       float64 reference (B 1024..65536, D 384/768/1024, fp32/bf16)
+#   gpu_tests    110 s  pytest -m gpu (CUDA parity tests)
+#   training     *100 s python -m benchmarks training --gpu: stock vs st_fast trainer end to end
+#   cached        *30 s python -m benchmarks cached_loss --gpu
+#   gist          *20 s python -m benchmarks gist --gpu
+#   sampler       *15 s python -m benchmarks sampler (CPU work, 100k rows)
+# The limits are maxima: every step also ends by the total deadline (--budget SECONDS, default 500, so the script
+# ends inside 9 minutes), and one with under 15 s left is skipped. Typical times are far below the maxima (the build
+# about 60-90 s for one architecture on 16 cores). The starred steps are benchmarks: the budget scales their limits
+# (by budget / 500), and each part gets --budget-s = its limit - 25 s, so that it runs its cases smallest first and
+# drops the largest ones that would not fit instead of being killed. Every step runs under `timeout` and is recorded
+# as PASS / FAIL (rc) / TIMEOUT / SKIP; a failed step never stops the later ones.
+#
+# --smoke: the same steps on a CPU machine at the parts' --smoke sizes (Triton in the interpreter, anchors reported
+# as unavailable), the build skipped (the caller's environment has st_fast installed; GPU_CHECK_BUILD=1 builds
+# anyway). CI runs it (tests/test_benchmarks.py) so that this script cannot rot.
+#
+# Results in OUT_DIR (at most three files, so that all of them come back from the device tool):
+#   summary.md     machine, versions, date, the step table, every benchmark table, GPU test counts and failures
+#   summary.json   the same as data: {"machine", "steps", "parts": {part: rows}, "gpu_tests", ...}
+#   details.tar.gz logs/<step>.log, bench/<part>.{md,json,png}, junit_gpu.xml
+# The working files stay in GPU_CHECK_WORK (default: a temporary folder). PYTHON picks the interpreter (default
+# python3, the one that holds the CUDA torch on the GPU machine).
 set -uo pipefail
 
-OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+SMOKE=0
+BUDGET=${GPU_CHECK_BUDGET_S:-500}
+while (($#)); do
+    case $1 in
+        --smoke) SMOKE=1 ;;
+        --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
+        --budget=*) BUDGET=${1#--budget=} ;;
+        -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
+        -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
+        *) break ;;
+    esac
+    shift
+done
+OUT=${1:?usage: bash benchmarks/gpu_check.sh [--smoke] [--budget SECONDS] OUT_DIR}
+if ! [[ $BUDGET =~ ^[0-9]+$ ]] || ((BUDGET < 60)); then
+    echo "gpu_check.sh: --budget must be a whole number of seconds >= 60 (got $BUDGET)" >&2
+    exit 2
+fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-mkdir -p "$OUT/logs" "$OUT/bench"
+mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_CHECK_WORK:-$(mktemp -d -t st_fast_gpu_check.XXXXXX)}
+mkdir -p "$WORK/logs" "$WORK/bench"
+WORK=$(cd "$WORK" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
 DEADLINE=$((SECONDS + BUDGET))
-STATUS="$OUT/status.txt"
+STATUS="$WORK/status.tsv"
 : >"$STATUS"
 
-# Triton compiles for the GPU here: never the CPU interpreter (tests/conftest.py only sets it when unset)
-export TRITON_INTERPRET=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MPLBACKEND=Agg
+if ((SMOKE)); then
+    SIZE=--smoke
+    export TRITON_INTERPRET=1
+else
+    SIZE=--gpu
+    export TRITON_INTERPRET=0 # Triton compiles for the GPU here (tests/conftest.py only sets it when unset)
+fi
 
-# step NAME MAX_SECONDS COMMAND: run COMMAND (a bash string) with a limit of min(MAX_SECONDS, time left - 20 s)
+# bench_limit MAX: a benchmark step's limit at this budget (MAX at the default 500 s)
+bench_limit() { echo $(($1 * BUDGET / 500)); }
+
+# step NAME MAX_SECONDS COMMAND: run COMMAND (a bash string; $LIMIT holds its limit) under timeout
 step() {
     local name=$1 max=$2 cmd=$3 left limit rc start verdict
-    left=$((DEADLINE - SECONDS - 20))
+    left=$((DEADLINE - SECONDS - 10))
     limit=$((max < left ? max : left))
     if ((limit < 15)); then
-        printf '%-14s SKIP (no time left in the %ss budget)\n' "$name" "$BUDGET" | tee -a "$STATUS"
+        printf '%s\tSKIP (under 15 s for it in the %s s budget)\t0\n' "$name" "$BUDGET" >>"$STATUS"
+        echo "--- [$name] skipped: under 15 s for it in the budget"
         return 0
     fi
-    echo ">>> [$name] (limit ${limit}s) $cmd"
+    echo ">>> [$name] (limit ${limit}s)"
     start=$SECONDS
-    timeout -k 10 "$limit" bash -c "$cmd" >"$OUT/logs/$name.log" 2>&1
+    LIMIT=$limit timeout -k 10 "$limit" bash -c "$cmd" >"$WORK/logs/$name.log" 2>&1
     rc=$?
     case $rc in
         0) verdict=PASS ;;
-        124 | 137) verdict="TIMEOUT (${limit}s)" ;;
+        124 | 137) verdict="TIMEOUT (${limit} s)" ;;
         *) verdict="FAIL (rc $rc)" ;;
     esac
-    printf '%-14s %-18s %4ss  logs/%s.log\n' "$name" "$verdict" "$((SECONDS - start))" "$name" | tee -a "$STATUS"
-    if ((rc != 0)); then tail -n 15 "$OUT/logs/$name.log" | sed 's/^/    /'; fi
+    printf '%s\t%s\t%s\n' "$name" "$verdict" "$((SECONDS - start))" >>"$STATUS"
+    echo "    $verdict in $((SECONDS - start))s (logs/$name.log)"
+    if ((rc != 0)); then tail -n 15 "$WORK/logs/$name.log" | sed 's/^/    /'; fi
     return 0
 }
+skip() { printf '%s\tSKIP (%s)\t0\n' "$1" "$2" >>"$STATUS"; echo "--- [$1] skipped: $2"; }
 
-# (0) the machine
-step machine 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -n 2;
-    $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name())';
-    $PY -c 'import triton; print(\"triton\", triton.__version__)'; $PY -c 'import sentence_transformers as s; print(\"sentence-transformers\", s.__version__)'"
+# bench NAME MAX PART ARGS...: one benchmark part in its own process, with --budget-s = limit - 25 s
+bench() {
+    local name=$1 max=$2
+    shift 2
+    step "$name" "$(bench_limit "$max")" "'$PY' -m benchmarks $* $SIZE --repeats 3 --out '$WORK/bench' \
+        --budget-s \$((LIMIT > 50 ? LIMIT - 25 : LIMIT / 2))"
+}
 
-# (a) build st_fast with the CUDA extension (editable; in-place build_ext as the fallback), then what it has
-step build 200 "ST_FAST_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . ||
-    { echo '--- pip editable install failed: python setup.py build_ext --inplace'; ST_FAST_CUDA=1 $PY setup.py build_ext --inplace; }"
-step native_info 30 "$PY -c 'import json, st_fast; info = st_fast.native_info(); print(json.dumps(info, indent=1, default=str));
-assert info[\"cpu_extension\"] and info[\"cuda_extension\"], \"an extension did not build/import\"'"
+step machine 15 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo 'no nvidia-smi';
+    nvcc --version 2>&1 | tail -n 2; uname -srm; nproc;
+    '$PY' -c 'import sys, torch; print(sys.version.split()[0], \"torch\", torch.__version__, torch.version.cuda,
+        torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")';
+    '$PY' -c 'import triton; print(\"triton\", triton.__version__)';
+    '$PY' -c 'import sentence_transformers as s, transformers as t; print(\"sentence-transformers\", s.__version__,
+        \"transformers\", t.__version__)'"
 
-# (b) benchmarks at --gpu sizes (the fused MNRL table first: it is what a short budget must not lose), each part in
-# its own process, so one failure or timeout keeps the others' tables
-step bench_fused 110 "$PY -m benchmarks fused_loss --gpu --repeats 3 --out '$OUT/bench'"
-
-# (c) the GPU tests (every test marked gpu, the CUDA parity tests included), with a JUnit report
-step gpu_tests 150 "$PY -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors -rfEs \
-    --junitxml='$OUT/junit_gpu.xml'"
-
-step bench_cached 90 "$PY -m benchmarks cached_loss --gpu --repeats 3 --out '$OUT/bench'"
-if [ "${GPU_CHECK_SAMPLER:-1}" = 0 ]; then
-    printf '%-14s SKIP (GPU_CHECK_SAMPLER=0)\n' bench_sampler | tee -a "$STATUS"
-elif $PY -c 'import datasets' >/dev/null 2>&1; then
-    # CPU work: small sizes only
-    step bench_sampler 60 "$PY -m benchmarks sampler --gpu --repeats 3 --sampler-rows 100000 \
-        --sampler-batch-sizes 128 8192 --sampler-no-memory --out '$OUT/bench'"
+# the wheels that travel with the working tree (scripts/gpu_wheels.sh): into a private folder ahead of the image's
+if ((SMOKE)); then
+    skip wheels "smoke: the environment's own packages"
+elif compgen -G ".whl/*.whl" >/dev/null; then
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    step wheels 45 "'$PY' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target '$WORK/site' .whl/*.whl && ls '$WORK/site'"
 else
-    printf '%-14s SKIP (the datasets package is not installed here; carry its wheel to run it)\n' bench_sampler |
-        tee -a "$STATUS"
+    skip wheels "no .whl/*.whl: run scripts/gpu_wheels.sh and carry .whl for the anchors and datasets"
 fi
 
-# (d) one summary: the benchmark tables, then the pass/fail lines
-{
-    echo "# st_fast GPU check ($(date -u +%Y-%m-%dT%H:%MZ), ${SECONDS}s)"
-    echo
-    for part in fused_loss cached_loss sampler; do
-        if [ -f "$OUT/bench/$part.md" ]; then cat "$OUT/bench/$part.md"; else echo "## $part: no table (see status)"; fi
-        echo
-    done
-    echo "## native_info"
-    echo
-    grep -E '"(cpu_extension|cuda_extension|triton|cuda_devices_seen_by_extension)' "$OUT/logs/native_info.log" 2>/dev/null |
-        sed 's/^ */    /'
-    echo
-    echo "## GPU tests"
-    echo
-    grep -E '^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed|error|skipped|deselected)' "$OUT/logs/gpu_tests.log" 2>/dev/null |
-        tail -n 30 | sed 's/^/    /'
-    echo
-    echo "## Steps"
-    echo
-    sed 's/^/    /' "$STATUS"
-} >"$OUT/summary.md"
+if ((SMOKE)) && [ "${GPU_CHECK_BUILD:-0}" != 1 ]; then
+    skip build "smoke: st_fast is already installed in this environment"
+else
+    ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>/dev/null || true)
+    step build 150 "ST_FAST_CUDA=1 ST_FAST_CUDA_ARCHS='$ARCH' '$PY' -m pip install --no-build-isolation --no-deps -e . ||
+        { echo '--- pip editable install failed: setup.py build_ext --inplace';
+          ST_FAST_CUDA=1 ST_FAST_CUDA_ARCHS='$ARCH' '$PY' setup.py build_ext --inplace; }"
+fi
+step native_info 20 "'$PY' -c 'import json, st_fast; info = st_fast.native_info(); print(json.dumps(info, indent=1, \
+default=str)); assert info[\"cpu_extension\"], \"no CPU extension\"; assert $SMOKE or info[\"cuda_extension\"], \"no CUDA extension\"'"
+
+bench fused 115 fused_loss --anchors
+step gpu_tests 110 "'$PY' -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors -rfEs \
+    --junitxml='$WORK/junit_gpu.xml'"
+bench training 100 training
+bench cached 30 cached_loss
+bench gist 20 gist
+if ((SMOKE)); then
+    bench sampler 15 sampler
+elif "$PY" -c 'import datasets' >/dev/null 2>&1; then
+    bench sampler 15 sampler --sampler-rows 100000 --sampler-batch-sizes 128 8192 --sampler-no-memory
+else
+    skip sampler "the datasets package is not importable: carry its wheels (scripts/gpu_wheels.sh)"
+fi
+
+"$PY" -m benchmarks.summarize "$WORK" "$OUT" --budget "$BUDGET" --elapsed "$SECONDS" --mode "${SIZE#--}" ||
+    echo "!!! summarize failed: the raw results are in $WORK" >&2
+tar -czf "$OUT/details.tar.gz" -C "$WORK" logs bench status.tsv $(cd "$WORK" && ls junit_gpu.xml 2>/dev/null)
 echo
-cat "$OUT/summary.md"
+cat "$OUT/summary.md" 2>/dev/null
