@@ -9,12 +9,16 @@ that require gradients; cosine similarity, scale 20, N = k·B candidates per anc
   that runs on the device (triton on CUDA only: the CPU interpreter is never timed).
 
 Columns: median time of ``--repeats`` calls (fewer when they pass ``--fused-time-budget`` seconds: ``runs``) after
-one warm-up; peak memory of one call (CUDA max allocated on a GPU;
-on CPU the peak of live tensor bytes recorded by ``torch.profiler(profile_memory=True)``, falling back to peak-RSS
-growth); speed-up against stock; ``matmul TFLOP/s``, the rate of one (B, D) x (D, N) matmul in the case's dtype
-measured in the same run; and ``floor_fraction`` = (8·B·N·D / time) / matmul rate, the fraction of the 4-GEMM floor
-(scores, their recompute or storage aside, and the two gradient GEMMs) that the call reaches. ``loss_err`` and
-``grad_err`` are the largest absolute differences of the loss and of the embedding gradients from stock's.
+one warm-up, timed with CUDA events on a GPU and ``time.perf_counter`` on CPU; peak memory of one call (CUDA max
+allocated on a GPU; on CPU the peak of live tensor bytes recorded by ``torch.profiler(profile_memory=True)``,
+falling back to peak-RSS growth); speed-up against stock; ``matmul TFLOP/s``, the rate of one (B, D) x (D, N) matmul
+in the case's dtype measured in the same run; and ``floor_fraction`` = (8·B·N·D / time) / matmul rate, the fraction
+of the 4-GEMM floor that the call reaches (8·B·N·D FLOPs: the two score GEMMs, forward and recompute, plus the two
+gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)). ``loss_err`` and ``grad_err`` are the largest absolute
+differences of the loss and of the embedding gradients from stock's.
+
+Cases run smallest B·N·D first; with ``--budget-s`` a case predicted not to fit the part's budget (see
+``benchmarks.common.CaseBudget``) is one row per implementation with the note ``skipped (budget)``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import peak_memory_mb, progress, sync, time_call
+from benchmarks.common import budget_of, peak_memory_mb, progress, sync
 
 TITLE = "MultipleNegativesRankingLoss forward + backward: stock vs st_fast fused op (random embeddings)"
 
@@ -133,26 +137,56 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def matmul_tflops(m: int, n: int, d: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    """TFLOP/s of one (m, d) x (d, n) matmul in ``dtype`` on ``device`` (2·m·n·d FLOPs)."""
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool | None):
+    """Run the block with ``torch.backends.cuda.matmul.allow_tf32 = allowed`` (None: as it is), restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    if allowed is not None:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def matmul_tflops(m: int, n: int, d: int, dtype: torch.dtype, device: torch.device, repeats: int,
+                  allow_tf32: bool | None = None) -> float:  # fmt: skip
+    """TFLOP/s of one (m, d) x (d, n) matmul in ``dtype`` on ``device`` (2·m·n·d FLOPs; median of
+    ``max(3, repeats)`` calls after one warm-up, CUDA events on a GPU), with TF32 allowed or not as
+    ``allow_tf32`` says (None: torch's current setting)."""
     generator = torch.Generator(device="cpu").manual_seed(1)
     a = torch.randn(m, d, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(d, n, generator=generator).to(device=device, dtype=dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)
-    seconds = time_call(lambda: torch.matmul(a, b, out=out), repeats=max(3, repeats), warmup=1, device=str(device))
+    with tf32_matmuls(allow_tf32):
+        torch.matmul(a, b, out=out)
+        seconds, _ = timed_runs(lambda: torch.matmul(a, b, out=out), max(3, repeats), device, float("inf"))
     return 2.0 * m * n * d / seconds / 1e12
 
 
+def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one ``fn()`` takes: between two CUDA events recorded around it on a GPU (the device's own clock, after
+    a synchronize so that earlier work is not counted), else ``time.perf_counter`` around it."""
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
 def timed_runs(fn: Callable[[], Any], repeats: int, device: torch.device, budget_s: float) -> tuple[float, int]:
-    """Median wall time of up to ``repeats`` calls of ``fn()`` (already warmed up) and how many ran: the runs stop
-    early once they have used ``budget_s`` seconds, so that multi-second stock calls are timed once or twice."""
+    """Median time (s) of up to ``repeats`` calls of ``fn()`` (already warmed up; CUDA events on a GPU, see
+    :func:`elapsed_seconds`) and how many ran: the runs stop early once they have used ``budget_s`` seconds, so
+    that multi-second stock calls are timed once or twice."""
     times: list[float] = []
     while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(elapsed_seconds(fn, device))
     return statistics.median(times), len(times)
 
 
@@ -288,6 +322,16 @@ def _forward_backward(loss_module: torch.nn.Module, embeddings: list[torch.Tenso
     return loss.detach()
 
 
+def case_cost(case: tuple[int, int, int, torch.dtype]) -> int:
+    """B·N·D of a (B, k, D, dtype) case: what its score GEMMs scale with, the :class:`CaseBudget` cost."""
+    batch, k, dim, _ = case
+    return batch * k * batch * dim
+
+
+def skipped_rows(names: list[str], columns: dict[str, Any], note: str = "skipped (budget)") -> list[dict[str, Any]]:
+    return [{"backend": name, **columns, "note": note} for name in names]
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with cpu_threads(args.fused_threads):
         return _run(args)
@@ -296,11 +340,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = bench_device(args, "fused_device")
     repeats = 1 if args.smoke else max(1, args.repeats)
+    budget = budget_of(args)
     rows: list[dict[str, Any]] = []
-    for batch, k, dim, dtype in progress(fused_cases(args), desc="fused_loss"):
+    for case in progress(sorted(fused_cases(args), key=case_cost), desc="fused_loss"):
+        batch, k, dim, dtype = case
         backends = available_backends(device, dtype, args.fused_backends)
-        losses = make_fused_losses(backends, with_stock=not args.fused_no_stock)
         n = k * batch
+        if not budget.admit(case_cost(case)):
+            names = ([] if args.fused_no_stock else ["stock"]) + backends
+            rows += skipped_rows(names, {"B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)})
+            continue
+        losses = make_fused_losses(backends, with_stock=not args.fused_no_stock)
         tflops = matmul_tflops(batch, n, dim, dtype, device, repeats)
         free_memory(device)
         floor_flops = 8.0 * batch * n * dim
@@ -330,4 +380,5 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         embeddings = losses = results = None  # free this case's tensors before the next one
         free_memory(device)
         sync(device)
+        budget.done(case_cost(case))
     return rows
