@@ -16,8 +16,8 @@ Cases, smallest first (models by size; per model CMNRL by batch, then MNRL): CMN
 in descending order: a candidate whose run runs out of memory, stock or st_fast, is dropped for the next one). Each
 run trains ``--training-warmup-steps`` untimed steps (compilation, cuBLAS set-up, st_fast's one-time sampler keys,
 the first prefetch) and then ``--training-steps`` timed ones. Under ``--budget-s`` a case (and each MNRL candidate)
-is admitted by the cost layers·(4h²+2h·i)·B·passes (passes: 4 for CMNRL, 3 for MNRL) and reported as skipped when
-predicted not to fit.
+is admitted by a cost (:func:`case_cost`: the encoder's token-FLOPs layers·(4h²+2h·i)·B·passes·steps plus a fixed
+set-up part) and reported as skipped when predicted not to fit.
 
 Columns (per trainer row; times are means over the timed steps, in ms per step):
 
@@ -46,15 +46,17 @@ On a GPU every point is a CUDA event on the current stream (read after a final s
 collator, CPU work, are timed with ``perf_counter``. On a CPU everything is ``perf_counter``. ``peak_mb`` is
 ``torch.cuda.max_memory_allocated`` over the run (reset before ``train()``; weights, gradients and optimizer states
 included); empty on a CPU. ``max_step_loss_rel_diff`` is the largest ``|st_fast - stock| / |stock|`` over all steps'
-logged losses (bf16 on a GPU, so agreement to a few 1e-3 is expected there; float32 on a CPU).
+logged losses (bf16 autocast on a GPU, so the agreement there is bf16's, not float32's as on a CPU).
 
-Time of ``python -m benchmarks training --gpu`` on one H200 (estimated from FLOP counts and HF BERT's eager bf16
-throughput, not measured yet: about 16k bert-base and 80k MiniLM sequences/s forward+backward at 24 tokens): imports,
-CUDA and compilation ~20 s, data and model folders ~5 s, MiniLM (CMNRL 1024/4096/16384, MNRL 16384) ~30 s, bert-base
-(CMNRL 1024/4096, MNRL probe 16384 and 8192 out of memory then 4096) ~35 s: about 90 s (up to ~125 s if the encoder
-is half as fast). CMNRL at 16384 for bert-base (~25-45 s more: 8 steps of ~2-3 s plus stock's sampler and loss
-stage) is therefore not in the default ``--gpu`` grid: ``--training-large`` adds it (reported as a skipped row
-otherwise).
+Time of ``python -m benchmarks training --gpu`` on one H200 (estimated, not measured yet: FLOP counts at ~350
+TFLOP/s for the encoders, ~8 us per eager op, since CMNRL's 128-row mini-batches of ~14-32 tokens keep the GPU
+waiting on kernel launches, single-threaded tokenization of ~0.4 s and a stock sampler step of ~0.4 s per 16384
+pairs, ~2-3 s set-up per run): imports, CUDA, the data and the model folders ~15 s; MiniLM CMNRL 1024 / 4096 /
+16384 ~15 / 7 / 18 s (the first case carries the compilation), MNRL 16384 ~13 s; bert-base CMNRL 1024 / 4096
+~14 / 11 s, MNRL ~20 s (16384 and maybe 8192 run out of memory at once, then 8192 or 4096): about 100 s, ~130 s if
+everything is 30 % slower. bert-base CMNRL at 16384 (8 steps of ~2-3 s: ~26 s more, ~125 s in all) is therefore
+left out of the default grid and added by ``--training-large`` (a skipped row says so). Under ``--budget-s 75`` (the
+GPU check's 100 s step) the predicted cases are the MiniLM ones and bert-base CMNRL 1024.
 """
 
 from __future__ import annotations
@@ -602,8 +604,14 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def case_cost(arch: Arch, loss_name: str, batch: int) -> float:
-    return float(arch.flops_per_token) * batch * (4 if loss_name == "cmnrl" else 3)
+def case_cost(arch: Arch, loss_name: str, batch: int, steps: int = 4) -> float:
+    """A case's predicted size for ``--budget-s`` (only ratios matter): the encoder's token-FLOPs over the run's
+    ``steps`` (passes per step: 4 for CMNRL, no-grad forward + forward + backward; 3 for MNRL) plus a fixed part
+    for the two runs' set-up (model load, trainer, first fetch), set to 10 MiniLM CMNRL cases at B 1024: on an H200
+    a case's set-up (~4 s) is about ten times that case's encoder work."""
+    passes = 4 if loss_name == "cmnrl" else 3
+    setup = 10 * ARCHS["minilm-l6"].flops_per_token * 1024 * 4 * 4
+    return float(setup + arch.flops_per_token * batch * passes * steps)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -613,7 +621,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from datasets import Dataset
 
     device = bench_device(args, "training_device")
@@ -654,7 +661,7 @@ def _cmnrl_case(arch: Arch, batch: int, setup: Setup, budget, config: dict, both
     if (arch.name, "cmnrl", batch) in LARGE_CASES and not config["large"]:
         return [skipped_row(arch, "cmnrl", batch, "skipped: not in the default --gpu grid (--training-large)",
                             setup.device)]  # fmt: skip
-    cost = case_cost(arch, "cmnrl", batch)
+    cost = case_cost(arch, "cmnrl", batch, setup.warmup + setup.steps)
     if not budget.admit(cost):
         return [skipped_row(arch, "cmnrl", batch, "skipped: predicted not to fit --budget-s", setup.device)]
     fitted, result, _ = largest_fitting_batch(
@@ -667,14 +674,14 @@ def _cmnrl_case(arch: Arch, batch: int, setup: Setup, budget, config: dict, both
 
 
 def _mnrl_case(arch: Arch, setup: Setup, budget, config: dict, both: Callable) -> list[dict[str, Any]]:
-    candidates = config["mnrl_batches"]
+    candidates, steps = config["mnrl_batches"], setup.warmup + setup.steps
     fitted, result, notes = largest_fitting_batch(
-        candidates, lambda b: both(arch, "mnrl", b), admit=lambda b: budget.admit(case_cost(arch, "mnrl", b)),
+        candidates, lambda b: both(arch, "mnrl", b), admit=lambda b: budget.admit(case_cost(arch, "mnrl", b, steps)),
         on_oom=lambda: free_memory(setup.device),
     )  # fmt: skip
     tried = f"largest fitting of {candidates}" + (f" ({'; '.join(notes)})" if notes else "")
     if fitted is None:
         return [skipped_row(arch, "mnrl", None, f"skipped: none of {candidates} fits ({'; '.join(notes)})",
                             setup.device)]  # fmt: skip
-    budget.done(case_cost(arch, "mnrl", fitted))
+    budget.done(case_cost(arch, "mnrl", fitted, steps))
     return compare_rows(arch, "mnrl", fitted, setup, *result, note=tried if len(candidates) > 1 else "")
