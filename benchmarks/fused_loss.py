@@ -19,6 +19,30 @@ differences of the loss and of the embedding gradients from stock's.
 
 Cases run smallest B·N·D first; with ``--budget-s`` a case predicted not to fit the part's budget (see
 ``benchmarks.common.CaseBudget``) is one row per implementation with the note ``skipped (budget)``.
+
+``--anchors`` (the anchor grid, issue 13) times, on the same inputs in one process, stock, each st_fast backend that
+runs on the device and the public kernels of :mod:`benchmarks.anchors` (Inf-CL, Cut Cross-Entropy ``cce`` and
+``cce_exact``, Liger's fused linear cross-entropy and its SM90 scaled cross-entropy) on the one-direction case
+(query-to-doc, cosine, scale 20; k = 1 unless ``--fused-k``): with ``--gpu`` B {1024, 4096, 16384, 65536} x
+D {384, 768, 1024} x {fp32, bf16}; with ``--smoke`` B {64, 67}, D 32, fp32 on CPU (Triton anchors in the interpreter
+when ``TRITON_INTERPRET=1``); ``--fused-batch-sizes / --fused-dim / --fused-dtypes`` replace the grid's values and
+``--fused-anchors`` picks anchors. Its rows: ``impl`` (stock / st_fast / anchor), ``backend`` (the implementation's
+name), the case, ``time_ms``, ``peak_mb``, ``speedup_vs_stock``, ``floor_fraction``, ``matmul_tflops`` with
+``matmul_precision`` (fp32 cases on a GPU are measured with TF32 allowed for that matmul only, ``tf32``: the
+tensor-core rate an fp32 kernel can reach; the implementations themselves run under torch's current TF32 setting,
+which this part does not change), ``loss_rel_err`` = |loss − ref| / |ref| and ``grad_rel_err`` = max |g − g_ref| /
+max |g_ref| over the embedding gradients against :func:`benchmarks.anchors.reference_loss_and_grads` (exact float64,
+row-chunked, independent of st_fast), and ``note``: the package version of a timed anchor, the reason an anchor cannot
+run here, the error of one that raised (the run goes on), ``out of memory``, or ``skipped (budget)``.
+
+Time of ``--gpu --anchors --repeats 3`` on an H200 (an estimate, no run yet): about 100-120 s for the whole grid.
+About 60 s are the 6 cases at B = 65536 (per call at D = 1024: stock fp32 ~0.7 s (a 16 GiB logits matrix and 4-5
+buffers of its size, ~80 GiB peak; SIMT fp32 GEMMs unless TF32 is on), Liger fp32 ~0.6 s, Inf-CL ~1-2 s in both dtypes
+(fp32/TF32 inside, 64 x 64 tiles), the float64 reference ~0.7 s, the bf16 kernels 0.05-0.3 s; each implementation
+is called once for memory and warm-up, then up to 3 timed times within ``--fused-time-budget``); 30-40 s are one-time
+compilation in the B = 1024 cases (Triton kernels per anchor, dtype and head size; CCE's torch.compile'd sort);
+the rest is B <= 16384 (under 10 s). Since the cases run smallest first, a ``--budget-s`` below that drops the
+B = 65536 cases at D 1024, then 768, then 384 (the largest first).
 """
 
 from __future__ import annotations
@@ -34,6 +58,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import anchors as public
 from benchmarks.common import budget_of, peak_memory_mb, progress, sync
 
 TITLE = "MultipleNegativesRankingLoss forward + backward: stock vs st_fast fused op (random embeddings)"
@@ -272,6 +297,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fused-threads", type=int, default=None,
                        help="torch CPU threads for this part (default: torch's own count)")  # fmt: skip
     group.add_argument("--fused-no-stock", action="store_true", help="skip the stock loss (speed-up left empty)")
+    group.add_argument("--anchors", action="store_true",
+                       help="the anchor grid (k = 1): stock, the st_fast backends and the public kernels (Inf-CL, "
+                            "CCE, Liger) on the same inputs, with errors against a float64 reference")  # fmt: skip
+    group.add_argument("--fused-anchors", nargs="+", choices=public.ANCHOR_NAMES, default=None,
+                       help="with --anchors: which public kernels (default: all)")  # fmt: skip
 
 
 def fused_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
@@ -334,7 +364,7 @@ def skipped_rows(names: list[str], columns: dict[str, Any], note: str = "skipped
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with cpu_threads(args.fused_threads):
-        return _run(args)
+        return _run_anchors(args) if getattr(args, "anchors", False) else _run(args)
 
 
 def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -382,3 +412,169 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         sync(device)
         budget.done(case_cost(case))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --anchors: stock, st_fast and the public kernels against the float64 reference
+# ---------------------------------------------------------------------------------------------------------------
+
+ANCHOR_COLUMNS = ("time_ms", "peak_mb", "speedup_vs_stock", "floor_fraction", "matmul_tflops", "matmul_precision",
+                  "loss_rel_err", "grad_rel_err", "memory_by", "runs", "threads", "note")  # fmt: skip
+
+
+def anchor_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
+    """(B, k, D, dtype) cases of the anchor grid, smallest B·N·D first (fp32 before bf16 at equal cost): with
+    ``--gpu`` B {1024, 4096, 16384, 65536} x D {384, 768, 1024} x {fp32, bf16}; with ``--smoke`` B {64, 67}, D 32,
+    fp32; else B {256, 1024}, D 384, fp32; k = 1. ``--fused-batch-sizes / -k / -dim / -dtypes`` replace them."""
+    if args.smoke:
+        batch_sizes, dims, dtypes = [64, 67], [32], ["fp32"]
+    elif args.gpu:
+        batch_sizes, dims, dtypes = [1024, 4096, 16384, 65536], [384, 768, 1024], ["fp32", "bf16"]
+    else:
+        batch_sizes, dims, dtypes = [256, 1024], [384], ["fp32"]
+    batch_sizes = args.fused_batch_sizes or batch_sizes
+    k = args.fused_k or 1
+    dims = [args.fused_dim] if args.fused_dim else dims
+    dtypes = args.fused_dtypes or dtypes
+    cases = [(b, k, dim, DTYPES[name]) for b in batch_sizes for dim in dims for name in dtypes]
+    return sorted(cases, key=case_cost)
+
+
+def matmul_rate(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device,
+                repeats: int) -> tuple[float, str]:  # fmt: skip
+    """(TFLOP/s, precision) of the (B, D) x (D, N) matmul in the case's dtype; fp32 on a GPU is measured with TF32
+    allowed (``allow_tf32`` set for this measurement only), the tensor-core rate that fp32 kernels can reach."""
+    tf32 = device.type == "cuda" and dtype == torch.float32
+    tflops = matmul_tflops(batch, n, dim, dtype, device, repeats, allow_tf32=True if tf32 else None)
+    return tflops, "tf32" if tf32 else dtype_name(dtype)
+
+
+def anchor_candidates(embeddings: list[torch.Tensor]) -> torch.Tensor:
+    """The (N, D) candidate matrix of the anchors: the positives, then the hard negatives (a copy only when k > 1)."""
+    return embeddings[1] if len(embeddings) == 2 else torch.cat(embeddings[1:])
+
+
+def _anchor_forward_backward(anchor: public.Anchor, embeddings: list[torch.Tensor]) -> torch.Tensor:
+    for x in embeddings:
+        x.grad = None
+    loss = anchor.loss(embeddings[0], anchor_candidates(embeddings), SCALE)
+    loss.backward()
+    return loss.detach()
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return f"error: {type(exc).__name__}: {text}"[:limit]
+
+
+def measure_or_error(fn: Callable[[], torch.Tensor], embeddings: list[torch.Tensor], device: torch.device,
+                     repeats: int, budget_s: float) -> dict[str, Any]:  # fmt: skip
+    """:func:`measure` of one implementation, with any exception (not only OOM) as ``{"error": message}``, so that
+    one failing implementation is a row and the run goes on."""
+    try:
+        result = measure(fn, lambda: [x.grad for x in embeddings], device, repeats, budget_s)
+    except Exception as exc:
+        print(f"[bench] {one_line(exc)}", flush=True)
+        result = {"error": one_line(exc)}
+        free_memory(device)
+    for x in embeddings:
+        x.grad = None
+    return result
+
+
+def anchor_columns(result: dict[str, Any], stock_seconds: float | None, reference: tuple[float, list[torch.Tensor]],
+                   floor_flops: float, tflops: float) -> dict[str, Any]:  # fmt: skip
+    """Measured columns of one implementation's row: time, peak memory, speed-up over stock, fraction of the
+    8·B·N·D floor at the measured matmul rate, and the loss / gradient errors relative to the float64 reference."""
+    if "error" in result:
+        return {"note": result["error"]}
+    if result.get("oom"):
+        return {"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM", "note": "out of memory"}
+    seconds = result["seconds"]
+    loss_rel_err, grad_rel_err = public.relative_errors(result["loss"], result["grads"], *reference)
+    return {
+        "time_ms": seconds * 1e3,
+        "peak_mb": result["peak"],
+        "speedup_vs_stock": stock_seconds / seconds if stock_seconds else None,
+        "floor_fraction": floor_flops / seconds / (tflops * 1e12),
+        "loss_rel_err": loss_rel_err,
+        "grad_rel_err": grad_rel_err,
+        "memory_by": result["memory_by"],
+        "runs": result["runs"],
+    }
+
+
+def case_implementations(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                         dim: int) -> list[tuple[str, str, Any]]:  # fmt: skip
+    """(kind, name, what) of one case's implementations in timing order: stock, the st_fast backends that run on
+    the device, then every selected anchor; ``what`` is the anchor (or None for stock / st_fast), or the reason
+    string of an anchor that cannot run here."""
+    implementations: list[tuple[str, str, Any]] = [] if args.fused_no_stock else [("stock", "stock", None)]
+    implementations += [("st_fast", name, None) for name in available_backends(device, dtype, args.fused_backends)]
+    for anchor in public.select(args.fused_anchors):
+        implementations.append(("anchor", anchor.name, anchor.unavailable(device, dtype, dim) or anchor))
+    return implementations
+
+
+def anchor_case(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype], device: torch.device,
+                implementations: list[tuple[str, str, Any]], repeats: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows of one case: every implementation on the same embeddings, after the float64 reference of them."""
+    batch, k, dim, dtype = case
+    n = k * batch
+    tflops, precision = matmul_rate(batch, n, dim, dtype, device, repeats)
+    embeddings = make_embeddings(batch, k, dim, dtype, device)
+    reference = public.reference_loss_and_grads(embeddings, SCALE)
+    free_memory(device)
+    losses = make_fused_losses([name for kind, name, _ in implementations if kind == "st_fast"],
+                               with_stock=any(kind == "stock" for kind, _, _ in implementations))  # fmt: skip
+    stock_seconds = None
+    rows = []
+    for kind, name, what in implementations:
+        row: dict[str, Any] = {"impl": kind, "backend": name, "B": batch, "k": k, "N": n, "D": dim}
+        row.update({"dtype": dtype_name(dtype), **dict.fromkeys(ANCHOR_COLUMNS)})
+        row.update(matmul_tflops=tflops, matmul_precision=precision)
+        row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+        if isinstance(what, str):
+            rows.append({**row, "note": what})
+            continue
+        if kind == "anchor":
+            fn = lambda: _anchor_forward_backward(what, embeddings)  # noqa: B023, E731
+            row["note"] = f"{what.package} {what.version()}"
+        else:
+            fn = lambda: _forward_backward(losses[name], embeddings)  # noqa: B023, E731
+        result = measure_or_error(fn, embeddings, device, repeats, args.fused_time_budget)
+        row.update(anchor_columns(result, stock_seconds, reference, 8.0 * batch * n * dim, tflops))
+        if kind == "stock" and "seconds" in result:
+            stock_seconds = result["seconds"]
+        rows.append(row)
+    return rows
+
+
+def _run_anchors(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = bench_device(args, "fused_device")
+    repeats = 1 if args.smoke else max(1, args.repeats)
+    budget = budget_of(args)
+    rows: list[dict[str, Any]] = []
+    for case in progress(anchor_cases(args), desc="fused_loss --anchors"):
+        batch, k, dim, dtype = case
+        implementations = case_implementations(args, device, dtype, dim)
+        columns = {"B": batch, "k": k, "N": k * batch, "D": dim, "dtype": dtype_name(dtype)}
+        if not budget.admit(case_cost(case)):
+            rows += case_note_rows(implementations, columns, "skipped (budget)")
+            continue
+        try:
+            rows += anchor_case(args, case, device, implementations, repeats)
+        except Exception as exc:  # the case's set-up (reference, losses) failed: its rows say why, the next case runs
+            print(f"[bench] case {columns}: {one_line(exc)}", flush=True)
+            rows += case_note_rows(implementations, columns, one_line(exc))
+        free_memory(device)
+        budget.done(case_cost(case))
+    return rows
+
+
+def case_note_rows(implementations: list[tuple[str, str, Any]], columns: dict[str, Any],
+                   note: str) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per implementation of a case that did not run, with ``note`` (its own reason for an anchor that
+    cannot run here)."""
+    return [{"impl": kind, "backend": name, **columns, "note": what if isinstance(what, str) else note}
+            for kind, name, what in implementations]  # fmt: skip
