@@ -18,7 +18,8 @@ gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)). ``loss_err`` and ``grad_err
 differences of the loss and of the embedding gradients from stock's.
 
 Cases run smallest B·N·D first; with ``--budget-s`` a case predicted not to fit the part's budget (see
-``benchmarks.common.CaseBudget``) is one row per implementation with the note ``skipped (budget)``.
+``benchmarks.common.CaseBudget``; a case's cost is B·N·D plus a fixed set-up part, :func:`case_cost`) is one row per
+implementation with the note ``skipped (budget)``.
 
 ``--anchors`` (the anchor grid, issue 13) times, on the same inputs in one process, stock, each st_fast backend that
 runs on the device and the public kernels of :mod:`benchmarks.anchors` (Inf-CL, Cut Cross-Entropy ``cce`` and
@@ -42,7 +43,9 @@ buffers of its size, ~80 GiB peak; SIMT fp32 GEMMs unless TF32 is on), Liger fp3
 is called once for memory and warm-up, then up to 3 timed times within ``--fused-time-budget``); 30-40 s are one-time
 compilation in the B = 1024 cases (Triton kernels per anchor, dtype and head size; CCE's torch.compile'd sort);
 the rest is B <= 16384 (under 10 s). Since the cases run smallest first, a ``--budget-s`` below that drops the
-B = 65536 cases at D 1024, then 768, then 384 (the largest first).
+B = 65536 cases at D 1024, then 768, then 384 (the largest first): the GPU check's ``--budget-s 90`` should keep
+everything up to B = 65536 at D 768 (the B = 65536 cases: D 384 ~8 / 5 s fp32 / bf16, D 768 ~14 / 8 s, D 1024
+~19 / 10 s).
 """
 
 from __future__ import annotations
@@ -352,10 +355,18 @@ def _forward_backward(loss_module: torch.nn.Module, embeddings: list[torch.Tenso
     return loss.detach()
 
 
+# The fixed part of a case's budget cost, in units of B·N·D: a case's set-up (the matmul-rate measurement, the
+# reference, each implementation's Python, launches and first-call compilation) does not scale with its size.
+# Estimate for an H200: ~2.5 s per case at ~4.5e-12 s per unit (a B = 65536, D = 1024 fp32 case, 4.4e12, ~20 s).
+CASE_SETUP_COST = 2**39
+
+
 def case_cost(case: tuple[int, int, int, torch.dtype]) -> int:
-    """B·N·D of a (B, k, D, dtype) case: what its score GEMMs scale with, the :class:`CaseBudget` cost."""
+    """The :class:`CaseBudget` cost of a (B, k, D, dtype) case: B·N·D (what its score GEMMs scale with) plus
+    :data:`CASE_SETUP_COST`, so that the compilation in the first, small cases does not predict later cases at
+    many times their real time (only cost ratios matter)."""
     batch, k, dim, _ = case
-    return batch * k * batch * dim
+    return batch * k * batch * dim + CASE_SETUP_COST
 
 
 def skipped_rows(names: list[str], columns: dict[str, Any], note: str = "skipped (budget)") -> list[dict[str, Any]]:

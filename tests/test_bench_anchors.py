@@ -6,6 +6,7 @@ Passes with and without the anchors' packages (the ``anchors`` extra) installed:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -91,6 +92,23 @@ def test_reasons_for_dtypes_and_shapes():
     assert "not installed" in cce_reason or "bf16" in cce_reason
     sm90_reason = anchors.liger_scaled_sm90_unavailable(CPU, torch.bfloat16, 64)
     assert "CUDA" in sm90_reason or "not installed" in sm90_reason
+
+
+def test_gpu_grid_runs_smallest_first():
+    """--gpu --anchors: B {1024, 4096, 16384, 65536} x D {384, 768, 1024} x {fp32, bf16}, k = 1, by B·N·D (fp32 first
+    at equal cost), so that a short --budget-s drops the B = 65536 cases at the largest D."""
+    from benchmarks.fused_loss import anchor_cases, case_cost
+
+    args = argparse.Namespace(smoke=False, gpu=True, fused_batch_sizes=None, fused_k=None, fused_dim=None,
+                              fused_dtypes=None)  # fmt: skip
+    cases = anchor_cases(args)
+    assert len(cases) == 24 and {k for _, k, _, _ in cases} == {1}
+    assert cases[:2] == [(1024, 1, 384, torch.float32), (1024, 1, 384, torch.bfloat16)]
+    assert cases[-2:] == [(65536, 1, 1024, torch.float32), (65536, 1, 1024, torch.bfloat16)]
+    costs = [case_cost(case) for case in cases]
+    assert costs == sorted(costs)
+    args.fused_dim, args.fused_dtypes, args.fused_batch_sizes = 768, ["bf16"], [4096, 1024]
+    assert anchor_cases(args) == [(1024, 1, 768, torch.bfloat16), (4096, 1, 768, torch.bfloat16)]
 
 
 def run_cli(out: Path, *extra: str) -> list[dict]:
