@@ -14,8 +14,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
   m.def("openmp_max_threads", []() { return 1; });
 #endif
-  st_fast::bind_hashing(m);
-  st_fast::bind_row_ops(m);
+  st_fast::bind_half_store(m);
   st_fast::bind_contrastive_row(m);
   st_fast::bind_sampler(m);
 }

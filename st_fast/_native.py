@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
 
 def _try_import(name: str) -> tuple[ModuleType | None, str | None]:
     try:
@@ -68,41 +66,3 @@ def native_info() -> dict[str, Any]:
         "triton": triton_ok,
         "triton_error": triton_why or None,
     }
-
-
-def _check_scores(scores: torch.Tensor) -> None:
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be 2-D (rows, cols), got shape {tuple(scores.shape)}")
-    if scores.stride(1) != 1:
-        raise ValueError("scores must have unit stride along the columns")
-
-
-def row_logsumexp(scores: torch.Tensor) -> torch.Tensor:
-    """``logsumexp(scores, dim=1)`` in fp32 by the native row kernel. scores: (rows, cols) -> (rows,) fp32.
-
-    CPU: fp32 input. CUDA: fp32/fp16/bf16 input, on the current stream.
-    """
-    _check_scores(scores)
-    out = torch.empty(scores.shape[0], dtype=torch.float32, device=scores.device)
-    if scores.device.type == "cpu":
-        if scores.dtype != torch.float32:
-            raise TypeError(f"the CPU row kernel takes float32 scores, got {scores.dtype}")
-        require_cpu_ext().row_logsumexp_f32(
-            scores.data_ptr(), scores.shape[0], scores.shape[1], scores.stride(0), out.data_ptr()
-        )
-    elif scores.device.type == "cuda":
-        if scores.dtype not in _CUDA_DTYPE_CODES:
-            raise TypeError(f"the CUDA row kernel takes float32/float16/bfloat16 scores, got {scores.dtype}")
-        with torch.cuda.device(scores.device):
-            require_cuda_ext().row_logsumexp(
-                _CUDA_DTYPE_CODES[scores.dtype], scores.data_ptr(), scores.shape[0], scores.shape[1],
-                scores.stride(0), out.data_ptr(), torch.cuda.current_stream().cuda_stream,
-            )  # fmt: skip
-    else:
-        raise RuntimeError(f"no native row kernel for device {scores.device}")
-    return out
-
-
-def xxh64(data: bytes | str, seed: int = 0) -> int:
-    """XXH64 of bytes (or of a str's UTF-8 encoding) as an unsigned 64-bit int; equals ``xxhash.xxh64_intdigest``."""
-    return require_cpu_ext().xxh64(data, seed)
