@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "st_fast/boundary_codes.h"
 #include "st_fast/contrastive_row_host.h"
 
 extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle);
@@ -24,6 +25,7 @@ void check(int code, const char* what) {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "st_fast CUDA kernels (raw device pointers; call through st_fast._native, which validates)";
+  m.attr("boundary_codes") = st_fast::boundary_codes();
   m.def("device_count", &st_fast_cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
   m.def(
       "contrastive_rows",
