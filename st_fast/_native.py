@@ -8,8 +8,9 @@ validated wrappers over their raw-pointer entry points.
   half_store.h) are exported by each extension as ``boundary_codes`` ({enum name: {member name: code}}); an extension
   whose codes differ from these is refused at import, like one built for another Python (see :func:`boundary_errors`).
 * Raw calls: every entry point that takes raw addresses is called from a wrapper here, which checks shape, dtype,
-  device and contiguity first: :func:`native_row_kernel` (``contrastive_rows``, CPU and CUDA) and
-  :func:`store_coefficients` (``store_f32_as``, a test hook of the row kernels' coefficient stores).
+  device, contiguity and lifetime first: :func:`native_row_kernel` (``contrastive_rows``, CPU and CUDA),
+  :func:`add_arrow_chunks` (``NoDupSamplerCore.add_chunk``) and :func:`store_coefficients` (``store_f32_as``, a test
+  hook of the row kernels' coefficient stores).
 """
 
 from __future__ import annotations
@@ -216,3 +217,34 @@ def store_coefficients(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     out = torch.empty(values.shape, dtype=dtype)
     require_cpu_ext().store_f32_as(values.data_ptr(), out.data_ptr(), values.numel(), int(STORE_DTYPES[dtype]))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sampler core (csrc/sampler.cpp): cells are read zero-copy from Arrow buffers.
+
+
+def add_arrow_chunks(core: Any, column: int, chunked: Any) -> None:
+    """Append every chunk of the pyarrow ChunkedArray ``chunked`` (string, large_string, binary or large_binary) to
+    column ``column`` of a ``NoDupSamplerCore``: raw buffer addresses, with each chunk handed to the core as the owner
+    that keeps its buffers alive."""
+    import pyarrow as pa
+
+    for chunk in chunked.chunks:
+        if len(chunk) == 0:
+            continue
+        large = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
+        if not (large or pa.types.is_string(chunk.type) or pa.types.is_binary(chunk.type)):
+            raise TypeError(f"unsupported Arrow type {chunk.type}")
+        validity, offsets, data = chunk.buffers()
+        all_null = chunk.null_count == len(chunk)
+        core.add_chunk(
+            column,
+            validity.address if (validity is not None and chunk.null_count > 0) else 0,
+            offsets.address if offsets is not None else 0,
+            data.address if data is not None else 0,
+            chunk.offset,
+            len(chunk),
+            large,
+            all_null,
+            chunk,
+        )

@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset
 
 import st_fast
 import st_fast.sampler as fast_module
+from st_fast import _compat
 from st_fast.sampler import NoDuplicatesBatchSampler
 
 pytest.importorskip("xxhash")  # the stock hashed mode needs it
@@ -353,9 +354,9 @@ def test_keys_are_the_reference_hash_of_the_canonical_bytes():
         keys = core.keys()
         rows = [data.with_format(None)[i] for i in range(len(data))]
         if fast_module._reads_raw_arrow(data):  # one column per dataset column: the strings, then the Python values
-            expected = [[stock_module._sample_value_str(row[name]) for name in ("text", "n")] for row in rows]
+            expected = [[_compat.sample_value_str(row[name]) for name in ("text", "n")] for row in rows]
         else:  # one column per distinct value of the row, in sorted order
-            expected = [sorted({stock_module._sample_value_str(v) for v in data[i].values()}) for i in range(len(data))]
+            expected = [sorted({_compat.sample_value_str(v) for v in data[i].values()}) for i in range(len(data))]
         assert keys.shape == (len(data), max(len(row) for row in expected))
         for row_keys, row_values in zip(keys.tolist(), expected, strict=True):
             assert row_keys[: len(row_values)] == [wyhash64_reference(v.encode("utf-8")) for v in row_values]
