@@ -33,7 +33,8 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_loss_ptr"),
-        "The contrastive row kernel over fp32 score segments (raw pointers; see st_fast/ops/row_kernel_native.py).",
+        "The contrastive row kernel over fp32 score segments (raw pointers; call through "
+        "st_fast._native.native_row_kernel, which validates).",
         py::call_guard<py::gil_scoped_release>());
 }
 

@@ -1,5 +1,6 @@
 // The always-built CPU extension `st_fast._C`.
 #include "st_fast/bindings.h"
+#include "st_fast/boundary_codes.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -14,8 +15,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
   m.def("openmp_max_threads", []() { return 1; });
 #endif
-  st_fast::bind_hashing(m);
-  st_fast::bind_row_ops(m);
+  m.attr("boundary_codes") = st_fast::boundary_codes();
+  st_fast::bind_half_store(m);
   st_fast::bind_contrastive_row(m);
   st_fast::bind_sampler(m);
 }

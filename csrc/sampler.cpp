@@ -202,15 +202,6 @@ class NoDupCore {
     return out;
   }
 
-  py::bytes cell_bytes(int64_t row, int64_t col) const {
-    if (row < 0 || row >= num_rows_ || col < 0 || col >= num_columns_) throw std::out_of_range("cell out of range");
-    const CellView v = cell(row, col);
-    if (!v.present) return py::bytes();
-    return py::bytes(v.data, static_cast<size_t>(v.size));
-  }
-
-  bool cell_present(int64_t row, int64_t col) const { return cell(row, col).present; }
-
   // Bytes held by this object (keys, flags, chunk tables); the Arrow buffers it reads are not counted.
   int64_t state_bytes() const {
     int64_t total = static_cast<int64_t>(keys_.size() * sizeof(uint64_t) + absent_.capacity());
@@ -472,8 +463,6 @@ class PassResult {
     if (error_) std::rethrow_exception(error_);  // done_ is set: the producer no longer writes
     return ready_.load();
   }
-  py::array flat() { const int64_t b = num_batches(); return copy_to_numpy(flat_.get(), offsets_[b]); }
-  py::array offsets() { const int64_t b = num_batches(); return copy_to_numpy(offsets_.get(), b + 1); }
 
  private:
   static constexpr int64_t kHandOverRows = 1 << 16;
@@ -661,13 +650,6 @@ class PassResult {
     }
   }
 
-  template <typename T>
-  static py::array copy_to_numpy(const T* data, int64_t count) {
-    py::array_t<int64_t> out(static_cast<py::ssize_t>(count));
-    std::copy(data, data + count, out.mutable_data());
-    return out;
-  }
-
   const NoDupCore& core_;
   py::object core_owner_;  // keeps the core (and the Arrow buffers it reads) alive
   py::array perm_;
@@ -704,9 +686,7 @@ void bind_sampler(py::module_& m) {
       .def("take", &PassResult::take, py::arg("max_rows"), py::arg("untracked") = false,
            "The next ready batches (at least one, more while within max_rows rows in all) as lists of ints; [] at "
            "the end. With untracked, the batch lists are left out of the cyclic garbage collector (they hold ints "
-           "only, so they cannot be part of a reference cycle unless a caller puts a container into one).")
-      .def_property_readonly("flat", &PassResult::flat)
-      .def_property_readonly("offsets", &PassResult::offsets);
+           "only, so they cannot be part of a reference cycle unless a caller puts a container into one).");
   py::class_<NoDupCore>(m, "NoDupSamplerCore",
                         "Duplicate-free batch scan over Arrow-layout string cells (see st_fast.sampler).")
       .def(py::init<int64_t, int64_t, int>(), py::arg("num_rows"), py::arg("num_columns"), py::arg("hash_bits") = 64)
@@ -726,8 +706,6 @@ void bind_sampler(py::module_& m) {
           py::arg("perm"), py::arg("batch_size"), py::arg("drop_last"), py::arg("background") = false,
           "One pass over the shuffled order `perm` (int32/int64 permutation of the rows): a NoDupPass.")
       .def("keys", &NoDupCore::keys)
-      .def("cell_bytes", &NoDupCore::cell_bytes, py::arg("row"), py::arg("column"))
-      .def("cell_present", &NoDupCore::cell_present, py::arg("row"), py::arg("column"))
       .def("state_bytes", &NoDupCore::state_bytes)
       .def_property_readonly("num_rows", &NoDupCore::num_rows)
       .def_property_readonly("num_columns", &NoDupCore::num_columns);

@@ -1,26 +1,89 @@
-"""Loading of the compiled extensions and validated wrappers over their raw-pointer entry points.
+"""The Python/C++ boundary: loading of the compiled extensions, the integer codes they share with Python, and the
+validated wrappers over their raw-pointer entry points.
 
 ``st_fast._C`` (C++/pybind11) is always built; ``st_fast._C_cuda`` only where nvcc was available at build time.
-Both take raw data pointers, so every call goes through a wrapper here that checks shape, dtype, device and
-contiguity first.
+
+* Codes: :class:`SegmentKind`, :class:`HardnessKind` and :class:`StoreDtype` are defined here, once, for Python
+  (``st_fast.ops.layout`` re-exports the first two). Their C++ counterparts (csrc/include/st_fast/contrastive_row.h,
+  half_store.h) are exported by each extension as ``boundary_codes`` ({enum name: {member name: code}}); an extension
+  whose codes differ from these is refused at import, like one built for another Python (see :func:`boundary_errors`).
+* Raw calls: every entry point that takes raw addresses is called from a wrapper here, which checks shape, dtype,
+  device, contiguity and lifetime first: :func:`native_row_kernel` (``contrastive_rows``, CPU and CUDA),
+  :func:`add_arrow_chunks` (``NoDupSamplerCore.add_chunk``) and :func:`store_coefficients` (``store_f32_as``, a test
+  hook of the row kernels' coefficient stores).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+from enum import IntEnum
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+if TYPE_CHECKING:
+    from st_fast.ops.spec import ContrastiveSpec
+
+
+class SegmentKind(IntEnum):
+    """The kind of a score segment of the contrastive row kernel (see st_fast/ops/layout.py)."""
+
+    Q2D = 0
+    Q2Q = 1
+    D2Q = 2
+    D2D = 3
+
+
+class HardnessKind(IntEnum):
+    """Which Q2D entries the hardness penalty applies to (see st_fast/ops/layout.py)."""
+
+    NONE = 0
+    IN_BATCH = 1
+    HARD = 2
+    ALL = 3
+
+
+class StoreDtype(IntEnum):
+    """The dtype in which the row kernels store gradient coefficients."""
+
+    FP32 = 0
+    BF16 = 1
+    FP16 = 2
+
+
+STORE_DTYPES = {torch.float32: StoreDtype.FP32, torch.bfloat16: StoreDtype.BF16, torch.float16: StoreDtype.FP16}
+
+BOUNDARY_ENUMS: tuple[type[IntEnum], ...] = (SegmentKind, HardnessKind, StoreDtype)
+
+
+def boundary_errors(ext: ModuleType) -> list[str]:
+    """How ``ext.boundary_codes`` differs from the enums above (empty when they agree)."""
+    exported = getattr(ext, "boundary_codes", None)
+    if not isinstance(exported, dict):
+        return ["it exports no boundary_codes"]
+    errors = []
+    for enum in BOUNDARY_ENUMS:
+        expected = {member.name: int(member) for member in enum}
+        actual = exported.get(enum.__name__)
+        if actual != expected:
+            errors.append(f"{enum.__name__}: the extension has {actual}, st_fast/_native.py has {expected}")
+    unknown = sorted(set(exported) - {enum.__name__ for enum in BOUNDARY_ENUMS})
+    if unknown:
+        errors.append(f"codes unknown to st_fast/_native.py: {unknown}")
+    return errors
 
 
 def _try_import(name: str) -> tuple[ModuleType | None, str | None]:
     try:
-        return importlib.import_module(name), None
+        ext = importlib.import_module(name)
     except ImportError as exc:  # not built, or built for another Python
         return None, str(exc)
+    errors = boundary_errors(ext)
+    if errors:  # built from other sources than this Python code: its kernels would misread the codes
+        return None, f"{name} was built from sources that disagree with st_fast/_native.py ({'; '.join(errors)})"
+    return ext, None
 
 
 cpu_ext, cpu_ext_error = _try_import("st_fast._C")
@@ -70,39 +133,118 @@ def native_info() -> dict[str, Any]:
     }
 
 
-def _check_scores(scores: torch.Tensor) -> None:
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be 2-D (rows, cols), got shape {tuple(scores.shape)}")
-    if scores.stride(1) != 1:
-        raise ValueError("scores must have unit stride along the columns")
+# --------------------------------------------------------------------------------------------------------------------
+# The contrastive row kernel (csrc/include/st_fast/contrastive_row.h): the row kernel of the ``native`` backend, C++
+# (CPU, OpenMP over rows) or CUDA (one warp per row). Same contract as st_fast.ops.row_kernel_torch.torch_row_kernel.
 
 
-def row_logsumexp(scores: torch.Tensor) -> torch.Tensor:
-    """``logsumexp(scores, dim=1)`` in fp32 by the native row kernel. scores: (rows, cols) -> (rows,) fp32.
+def native_row_kernel_available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return cpu_ext is not None and hasattr(cpu_ext, "contrastive_rows")
+    if device.type == "cuda":
+        return cuda_ext is not None and hasattr(cuda_ext, "contrastive_rows")
+    return False
 
-    CPU: fp32 input. CUDA: fp32/fp16/bf16 input, on the current stream.
-    """
-    _check_scores(scores)
-    out = torch.empty(scores.shape[0], dtype=torch.float32, device=scores.device)
-    if scores.device.type == "cpu":
-        if scores.dtype != torch.float32:
-            raise TypeError(f"the CPU row kernel takes float32 scores, got {scores.dtype}")
-        require_cpu_ext().row_logsumexp_f32(
-            scores.data_ptr(), scores.shape[0], scores.shape[1], scores.stride(0), out.data_ptr()
-        )
-    elif scores.device.type == "cuda":
-        if scores.dtype not in _CUDA_DTYPE_CODES:
-            raise TypeError(f"the CUDA row kernel takes float32/float16/bfloat16 scores, got {scores.dtype}")
-        with torch.cuda.device(scores.device):
-            require_cuda_ext().row_logsumexp(
-                _CUDA_DTYPE_CODES[scores.dtype], scores.data_ptr(), scores.shape[0], scores.shape[1],
-                scores.stride(0), out.data_ptr(), torch.cuda.current_stream().cuda_stream,
-            )  # fmt: skip
+
+def _pointer(tensor: torch.Tensor, what: str, length: int, device: torch.device) -> int:
+    if tensor.dtype != torch.float32 or tensor.device != device or tensor.shape != (length,):
+        raise ValueError(f"native row kernel: {what} must be a float32 ({length},) tensor on {device}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"native row kernel: {what} must be contiguous")
+    return tensor.data_ptr()
+
+
+def native_row_kernel(
+    scores: list[torch.Tensor],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    grad_scale: float | None,
+    scales: Sequence[Any] | None = None,
+    coefficients: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Per-row losses (n,) fp32; writes the gradient coefficients into ``coefficients`` (default: over ``scores``)
+    when ``grad_scale`` is given. ``scales``: one ``SegmentScales`` (``.rows`` (n,), ``.columns`` (length,) fp32) per
+    segment, or None."""
+    first = scores[0]
+    rows = first.shape[0]
+    for segment in scores:
+        if segment.dtype != torch.float32 or segment.device != first.device or not segment.is_contiguous():
+            raise ValueError("native row kernel: score segments must be contiguous float32 tensors on one device")
+        if segment.shape[0] != rows:
+            raise ValueError("native row kernel: every score segment must have the same number of rows")
+    if coefficients is None:
+        coefficients = scores
+    out_dtype = coefficients[0].dtype
+    if out_dtype not in STORE_DTYPES:
+        raise ValueError(f"native row kernel: coefficients must be float32, bfloat16 or float16, got {out_dtype}")
+    for out, segment in zip(coefficients, scores, strict=True):
+        same_layout = out.shape == segment.shape and out.device == first.device and out.is_contiguous()
+        if out.dtype != out_dtype or not same_layout:
+            raise ValueError("native row kernel: coefficients must be contiguous, one dtype, shaped as the scores")
+    row_scale_ptrs = col_scale_ptrs = [0] * len(scores)  # 0: no scale
+    if scales is not None:
+        row_scale_ptrs = [_pointer(s.rows, "a row scale", rows, first.device) for s in scales]
+        col_scale_ptrs = [
+            _pointer(s.columns, "a column scale", x.shape[1], first.device) for s, x in zip(scales, scores, strict=True)
+        ]
+    row_loss = torch.empty(rows, dtype=torch.float32, device=first.device)
+    args = (
+        [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
+        [c.data_ptr() for c in coefficients] if grad_scale is not None else [0] * len(scores),
+        int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in spec.kinds], rows,
+        row_start, width, spec.scale, spec.alpha, int(HardnessKind(spec.hardness)), spec.joint,
+        -1.0 if grad_scale is None else float(grad_scale), row_loss.data_ptr(),
+    )  # fmt: skip
+    if first.device.type == "cuda":
+        with torch.cuda.device(first.device):
+            require_cuda_ext().contrastive_rows(*args, torch.cuda.current_stream().cuda_stream)
     else:
-        raise RuntimeError(f"no native row kernel for device {scores.device}")
+        require_cpu_ext().contrastive_rows(*args)
+    return row_loss
+
+
+def store_coefficients(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (fp32, CPU) stored as ``dtype`` element by element exactly as the row kernels store coefficients
+    (round to nearest even; float16 saturates at +-65504). A test hook of csrc/include/st_fast/half_store.h."""
+    if values.dtype != torch.float32 or values.device.type != "cpu":
+        raise ValueError(
+            f"store_coefficients: values must be a float32 CPU tensor, got {values.dtype} on {values.device}"
+        )
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"store_coefficients: dtype must be float32, bfloat16 or float16, got {dtype}")
+    values = values.contiguous()
+    out = torch.empty(values.shape, dtype=dtype)
+    require_cpu_ext().store_f32_as(values.data_ptr(), out.data_ptr(), values.numel(), int(STORE_DTYPES[dtype]))
     return out
 
 
-def xxh64(data: bytes | str, seed: int = 0) -> int:
-    """XXH64 of bytes (or of a str's UTF-8 encoding) as an unsigned 64-bit int; equals ``xxhash.xxh64_intdigest``."""
-    return require_cpu_ext().xxh64(data, seed)
+# --------------------------------------------------------------------------------------------------------------------
+# The sampler core (csrc/sampler.cpp): cells are read zero-copy from Arrow buffers.
+
+
+def add_arrow_chunks(core: Any, column: int, chunked: Any) -> None:
+    """Append every chunk of the pyarrow ChunkedArray ``chunked`` (string, large_string, binary or large_binary) to
+    column ``column`` of a ``NoDupSamplerCore``: raw buffer addresses, with each chunk handed to the core as the owner
+    that keeps its buffers alive."""
+    import pyarrow as pa
+
+    for chunk in chunked.chunks:
+        if len(chunk) == 0:
+            continue
+        large = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
+        if not (large or pa.types.is_string(chunk.type) or pa.types.is_binary(chunk.type)):
+            raise TypeError(f"unsupported Arrow type {chunk.type}")
+        validity, offsets, data = chunk.buffers()
+        all_null = chunk.null_count == len(chunk)
+        core.add_chunk(
+            column,
+            validity.address if (validity is not None and chunk.null_count > 0) else 0,
+            offsets.address if offsets is not None else 0,
+            data.address if data is not None else 0,
+            chunk.offset,
+            len(chunk),
+            large,
+            all_null,
+            chunk,
+        )

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from sentence_transformers.base import sampler as _stock
 
-from st_fast._native import require_cpu_ext
+from st_fast import _compat
+from st_fast._native import add_arrow_chunks, require_cpu_ext
 
 __all__ = ["NoDuplicatesBatchSampler", "forward_set_epoch"]
 
@@ -159,7 +160,8 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
             yield from chunk
             num_yielded += len(chunk)
 
-        if num_yielded >= expected_num_batches:
+        passes = _compat.resample_passes()
+        if num_yielded >= expected_num_batches or passes is None:  # None: the stock sampler makes one pass only
             return
 
         if num_yielded > 0:
@@ -170,7 +172,7 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
                 f"{shortfall} batches are resampled, so at most {shortfall / expected_num_batches:.1%} "
                 "of this epoch's samples are repeats from earlier batches."
             )
-            for _ in range(_stock._MAX_RESAMPLE_PASSES):
+            for _ in range(passes):
                 for chunk in self._native_pass(core, num_rows):
                     missing = expected_num_batches - num_yielded
                     if len(chunk) >= missing:
@@ -200,12 +202,12 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
 # Building the native core from a datasets.Dataset
 
 
-def _is_trainer_dataset_name_transform(dataset) -> bool:
+def _is_trainer_dataset_name_transform(dataset_format: dict) -> bool:
     """The trainer's ``set_transform(partial(add_dataset_name_transform, dataset_name=...))`` only adds the excluded
     ``dataset_name`` column, so the Arrow data can be read directly."""
-    if dataset._format_type != "custom" or set(dataset._format_kwargs) != {"transform"}:
+    if dataset_format["type"] != "custom" or set(dataset_format["format_kwargs"]) != {"transform"}:
         return False
-    transform = dataset._format_kwargs["transform"]
+    transform = dataset_format["format_kwargs"]["transform"]
     func = getattr(transform, "func", None)
     keywords = getattr(transform, "keywords", None) or {}
     return (
@@ -218,35 +220,13 @@ def _is_trainer_dataset_name_transform(dataset) -> bool:
 
 
 def _reads_raw_arrow(dataset) -> bool:
-    if dataset._format_columns is not None or dataset._output_all_columns:
+    dataset_format = dataset.format
+    # "columns" is column_names unless set_format chose columns: choosing all of them, in order, reads the same rows
+    if list(dataset_format["columns"]) != dataset.column_names or dataset_format["output_all_columns"]:
         return False
-    if dataset._format_type is None and not dataset._format_kwargs:
+    if dataset_format["type"] is None and not dataset_format["format_kwargs"]:
         return True
-    return _is_trainer_dataset_name_transform(dataset)
-
-
-def _add_arrow_chunks(core, col: int, chunked) -> None:
-    import pyarrow as pa
-
-    for chunk in chunked.chunks:
-        if len(chunk) == 0:
-            continue
-        large = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
-        if not (large or pa.types.is_string(chunk.type) or pa.types.is_binary(chunk.type)):
-            raise TypeError(f"unsupported Arrow type {chunk.type}")
-        validity, offsets, data = chunk.buffers()
-        all_null = chunk.null_count == len(chunk)
-        core.add_chunk(
-            col,
-            validity.address if (validity is not None and chunk.null_count > 0) else 0,
-            offsets.address if offsets is not None else 0,
-            data.address if data is not None else 0,
-            chunk.offset,
-            len(chunk),
-            large,
-            all_null,
-            chunk,
-        )
+    return _is_trainer_dataset_name_transform(dataset_format)
 
 
 def _canonical_binary(strings: list[str]):
@@ -263,7 +243,7 @@ def _build_core(dataset):
 
     ext = require_cpu_ext()
     num_rows = len(dataset)
-    exclude = _stock._EXCLUDE_DATASET_COLUMNS
+    exclude = _compat.excluded_dataset_columns()
 
     if not _reads_raw_arrow(dataset):
         return _build_core_row_by_row(dataset, ext)
@@ -284,16 +264,16 @@ def _build_core(dataset):
 
     core = ext.NoDupSamplerCore(num_rows, len(names), _HASH_BITS)
     col = 0
-    if arrow_cols and dataset._indices is not None:
-        indices = dataset._indices.column(0).to_numpy().astype(np.int64, copy=False)
+    indices = _compat.dataset_indices(dataset) if arrow_cols else None
+    if indices is not None:
         core.set_indices(np.ascontiguousarray(indices))
     for name in arrow_cols:
-        core.set_column(col, dataset._indices is not None, False)
-        _add_arrow_chunks(core, col, table.column(name))
+        core.set_column(col, indices is not None, False)
+        add_arrow_chunks(core, col, table.column(name))
         col += 1
     if python_cols:
         # Same values as dataset[i] (decoded features, indices mapping applied), read in blocks of rows.
-        plain = dataset if dataset._format_type is None else dataset.with_format(None)
+        plain = dataset if dataset.format["type"] is None else dataset.with_format(None)
         selected = plain.select_columns(python_cols)
         first = col
         for offset in range(len(python_cols)):
@@ -301,8 +281,8 @@ def _build_core(dataset):
         for start in range(0, num_rows, _PY_BLOCK_ROWS):
             block = selected[start : start + _PY_BLOCK_ROWS]
             for offset, name in enumerate(python_cols):
-                array = _canonical_binary([_stock._sample_value_str(value) for value in block[name]])
-                _add_arrow_chunks(core, first + offset, pa.chunked_array([array]))
+                array = _canonical_binary([_compat.sample_value_str(value) for value in block[name]])
+                add_arrow_chunks(core, first + offset, pa.chunked_array([array]))
     core.build(0)
     return core
 
@@ -312,14 +292,14 @@ def _build_core_row_by_row(dataset, ext):
     (``dataset[i]``), padded with absent cells to the widest row."""
     import pyarrow as pa
 
-    exclude = _stock._EXCLUDE_DATASET_COLUMNS
+    exclude = _compat.excluded_dataset_columns()
     num_rows = len(dataset)
     blocks: list[list[list[str]]] = []
     width = 0
     for start in range(0, num_rows, _PY_BLOCK_ROWS):
         rows = []
         for index in range(start, min(start + _PY_BLOCK_ROWS, num_rows)):
-            values = {_stock._sample_value_str(v) for k, v in dataset[index].items() if k not in exclude}
+            values = {_compat.sample_value_str(v) for k, v in dataset[index].items() if k not in exclude}
             rows.append(sorted(values))
             width = max(width, len(values))
         blocks.append(rows)
@@ -330,6 +310,6 @@ def _build_core_row_by_row(dataset, ext):
         for col in range(width):
             cells = [row[col].encode("utf-8", "surrogatepass") if col < len(row) else None for row in rows]
             array = pa.array(cells, type=pa.large_binary())
-            _add_arrow_chunks(core, col, pa.chunked_array([array]))
+            add_arrow_chunks(core, col, pa.chunked_array([array]))
     core.build(0)
     return core

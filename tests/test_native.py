@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+import types
 
 import pytest
 import torch
@@ -24,52 +26,95 @@ def test_cuda_extension_is_built_and_imports_without_a_gpu():
     assert info["cuda_devices_seen_by_extension"] == torch.cuda.device_count()
 
 
-@pytest.mark.parametrize("text", ["", "a", "abc", "hello world!", "x" * 31, "y" * 32, "z" * 33, "ünïcödé " * 17])
-@pytest.mark.parametrize("seed", [0, 1, 2**63 + 5])
-def test_xxh64_matches_the_reference_implementation(text, seed):
-    xxhash = pytest.importorskip("xxhash")
-    assert _native.xxh64(text, seed) == xxhash.xxh64_intdigest(text.encode("utf-8"), seed)
-    assert _native.xxh64(text.encode("utf-8"), seed) == xxhash.xxh64_intdigest(text.encode("utf-8"), seed)
+def _built_extensions():
+    extensions = [_native.require_cpu_ext()]
+    if _native.cuda_ext is not None:  # imports without a GPU
+        extensions.append(_native.cuda_ext)
+    return extensions
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (5, 1000)])
-def test_row_logsumexp_matches_torch(shape):
-    scores = torch.randn(shape) * 30
-    scores[0, 0] = float("-inf")
-    expected = torch.logsumexp(scores.double(), dim=1).float()
-    torch.testing.assert_close(_native.row_logsumexp(scores), expected, rtol=1e-6, atol=1e-5)
+def test_every_built_extension_exports_the_boundary_codes_of_the_python_side():
+    """The enums and dtype codes the kernels read are defined once per side: C++ (contrastive_row.h, half_store.h,
+    exported by name through boundary_codes.h) and Python (st_fast._native). They must agree exactly."""
+    expected = {enum.__name__: {m.name: int(m) for m in enum} for enum in _native.BOUNDARY_ENUMS}
+    assert set(expected) == {"SegmentKind", "HardnessKind", "StoreDtype"}
+    for ext in _built_extensions():
+        assert ext.boundary_codes == expected, ext.__name__
+        assert _native.boundary_errors(ext) == []
 
 
-def test_row_logsumexp_all_masked_row_is_minus_inf_not_nan():
-    scores = torch.full((3, 9), float("-inf"))
-    scores[1, 4] = 2.0
-    out = _native.row_logsumexp(scores)
-    assert out[0] == float("-inf") and out[2] == float("-inf")
-    assert out[1] == pytest.approx(2.0)
+def test_the_ops_use_the_boundary_enums():
+    from st_fast.ops import layout
 
-
-def test_row_logsumexp_strided_rows():
-    base = torch.randn(6, 40)
-    view = base[:, 5:30]
-    torch.testing.assert_close(_native.row_logsumexp(view), torch.logsumexp(view, dim=1), rtol=1e-6, atol=1e-5)
+    assert layout.SegmentKind is _native.SegmentKind
+    assert layout.HardnessKind is _native.HardnessKind
 
 
 @pytest.mark.parametrize(
-    "scores, error",
+    "change",
     [
-        (torch.randn(3), ValueError),
-        (torch.randn(4, 3).t(), ValueError),
-        (torch.randn(3, 4, dtype=torch.float64), TypeError),
+        lambda codes: codes["StoreDtype"].update(BF16=2, FP16=1),  # the old CUDA dtype order
+        lambda codes: codes["SegmentKind"].pop("D2D"),
+        lambda codes: codes["HardnessKind"].update(EXTRA=4),
+        lambda codes: codes.pop("HardnessKind"),
+        lambda codes: codes.update(NewEnum={"A": 0}),
     ],
 )
-def test_row_logsumexp_rejects_bad_input(scores, error):
-    with pytest.raises(error):
-        _native.row_logsumexp(scores)
+def test_an_extension_whose_codes_disagree_is_refused_at_import(monkeypatch, change):
+    codes = {name: dict(table) for name, table in _native.require_cpu_ext().boundary_codes.items()}
+    change(codes)
+    fake = types.ModuleType("st_fast._fake_ext")
+    fake.boundary_codes = codes
+    monkeypatch.setitem(sys.modules, "st_fast._fake_ext", fake)
+    assert _native.boundary_errors(fake)
+    ext, error = _native._try_import("st_fast._fake_ext")
+    assert ext is None and "disagree" in error
+    fake.boundary_codes = _native.require_cpu_ext().boundary_codes
+    assert _native._try_import("st_fast._fake_ext") == (fake, None)
+    del fake.boundary_codes
+    assert _native._try_import("st_fast._fake_ext")[0] is None
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_row_logsumexp_matches_torch(dtype):
-    scores = (torch.randn(37, 1001, device="cuda") * 20).to(dtype)
-    expected = torch.logsumexp(scores.double(), dim=1).float()
-    torch.testing.assert_close(_native.row_logsumexp(scores), expected, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize(
+    "kinds, hardness",
+    [([0, 4], 0), ([0, -1], 0), ([1], 0), ([0], 4), ([0], -1)],
+    ids=["kind4", "kind-1", "q2q-first", "hardness4", "hardness-1"],
+)
+def test_the_row_kernel_rejects_codes_outside_the_enums(kinds, hardness):
+    """The raw entry point checks the codes it is given before it reads any pointer (all null here)."""
+    with pytest.raises(ValueError):
+        _native.require_cpu_ext().contrastive_rows(
+            [0] * len(kinds), [0] * len(kinds), [0] * len(kinds), [0] * len(kinds), 0, [4] * len(kinds), kinds,
+            1, 0, 4, 1.0, 0.0, hardness, True, -1.0, 0,
+        )  # fmt: skip
+
+
+def test_coefficient_store_codes_select_the_matching_dtype():
+    """A swapped StoreDtype code would store bfloat16 bits into a float16 tensor (or the reverse): these values round
+    differently in each dtype, and float16 saturates where bfloat16 does not."""
+    values = torch.tensor([1.0 + 2.0**-9, 1.0 + 2.0**-12, 70000.0, -1.0e6, 3.0e-6, 0.0, -2.5])
+    for dtype in _native.STORE_DTYPES:
+        expected = values.clamp(-65504.0, 65504.0) if dtype == torch.float16 else values
+        out = _native.store_coefficients(values, dtype)
+        assert out.dtype == dtype
+        assert torch.equal(out, expected.to(dtype)), dtype
+    assert torch.equal(_native.store_coefficients(values[::2], torch.bfloat16), values[::2].bfloat16())
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [(torch.ones(3, dtype=torch.float64), torch.float16), (torch.ones(3), torch.float64), (torch.ones(3), torch.int8)],
+)
+def test_coefficient_store_rejects_bad_input(values, dtype):
+    with pytest.raises(ValueError):
+        _native.store_coefficients(values, dtype)
+
+
+def test_test_only_native_code_is_not_shipped():
+    """row_logsumexp and xxh64 only served tests: torch.logsumexp and the xxhash package are their references."""
+    cpu = _native.require_cpu_ext()
+    assert not {"row_logsumexp_f32", "xxh64"} & set(dir(cpu))
+    assert not {"flat", "offsets"} & set(dir(cpu.NoDupPass))
+    assert not {"cell_bytes", "cell_present"} & set(dir(cpu.NoDupSamplerCore))
+    if _native.cuda_ext is not None:
+        assert "row_logsumexp" not in dir(_native.cuda_ext)

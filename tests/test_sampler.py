@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset
 
 import st_fast
 import st_fast.sampler as fast_module
+from st_fast import _compat
 from st_fast.sampler import NoDuplicatesBatchSampler
 
 pytest.importorskip("xxhash")  # the stock hashed mode needs it
@@ -291,6 +292,74 @@ def test_distinct_values_get_distinct_keys():
     dataset = Dataset.from_dict({"text": values})
     keys = NoDuplicatesBatchSampler(dataset, batch_size=8, drop_last=False)._get_core().keys()[:, 0]
     assert len(np.unique(keys)) == len(values)
+
+
+_MASK64 = (1 << 64) - 1
+_WY_SECRETS = (0x2D358DCCAA6C78A5, 0x8BB84B93962EACC9, 0x4B33A62ED433D4A3, 0x4D5A2DA51DE1AA47)
+
+
+def wyhash64_reference(data: bytes) -> int:
+    """Python reference of the sampler's cell keys (csrc/include/st_fast/wyhash64.h), written from its description:
+    16 bytes per 64 x 64 -> 128-bit multiply whose halves are xor-folded, three lanes over 48-byte blocks."""
+    s0, s1, s2, s3 = _WY_SECRETS
+
+    def mix(a: int, b: int) -> int:
+        product = a * b
+        return (product & _MASK64) ^ (product >> 64)
+
+    def read64(i: int) -> int:
+        return int.from_bytes(data[i : i + 8], "little")
+
+    def read32(i: int) -> int:
+        return int.from_bytes(data[i : i + 4], "little")
+
+    n, p = len(data), 0
+    seed = mix(s0, s1)  # seed 0
+    if n <= 16:
+        if n >= 4:
+            step = (n >> 3) << 2
+            a = (read32(0) << 32) | read32(step)
+            b = (read32(n - 4) << 32) | read32(n - 4 - step)
+        elif n > 0:
+            a, b = (data[0] << 16) | (data[n >> 1] << 8) | data[n - 1], 0
+        else:
+            a = b = 0
+    else:
+        i = n
+        if i > 48:
+            lane1 = lane2 = seed
+            while i > 48:
+                seed = mix(read64(p) ^ s1, read64(p + 8) ^ seed)
+                lane1 = mix(read64(p + 16) ^ s2, read64(p + 24) ^ lane1)
+                lane2 = mix(read64(p + 32) ^ s3, read64(p + 40) ^ lane2)
+                p, i = p + 48, i - 48
+            seed ^= lane1 ^ lane2
+        while i > 16:
+            seed = mix(read64(p) ^ s1, read64(p + 8) ^ seed)
+            p, i = p + 16, i - 16
+        a, b = read64(p + i - 16), read64(p + i - 8)
+    product = (a ^ s1) * (b ^ seed)
+    return mix((product & _MASK64) ^ s0 ^ n, (product >> 64) ^ s1)
+
+
+def test_keys_are_the_reference_hash_of_the_canonical_bytes():
+    """Every cell's key is wyhash64 of its canonical string's UTF-8 bytes ("None" for a null string), whichever way
+    the core reads it: zero-copy Arrow strings (with an indices mapping), Python-canonicalized values, or rows of a
+    formatted dataset; lengths 0-130 cover every branch of the hash."""
+    rng = np.random.default_rng(3)
+    texts = ["", "a", "ab", "abc", "ünï", "ünïcödé " * 17] + ["".join(rng.choice(list("xyzé€"), n)) for n in range(131)]
+    dataset = Dataset.from_dict({"text": texts + [None], "n": list(range(len(texts))) + [7]})
+    for data in (dataset, dataset.select(range(len(dataset) - 1, -1, -2)), dataset.with_format("numpy")):
+        core = NoDuplicatesBatchSampler(data, batch_size=4, drop_last=False)._get_core()
+        keys = core.keys()
+        rows = [data.with_format(None)[i] for i in range(len(data))]
+        if fast_module._reads_raw_arrow(data):  # one column per dataset column: the strings, then the Python values
+            expected = [[_compat.sample_value_str(row[name]) for name in ("text", "n")] for row in rows]
+        else:  # one column per distinct value of the row, in sorted order
+            expected = [sorted({_compat.sample_value_str(v) for v in data[i].values()}) for i in range(len(data))]
+        assert keys.shape == (len(data), max(len(row) for row in expected))
+        for row_keys, row_values in zip(keys.tolist(), expected, strict=True):
+            assert row_keys[: len(row_values)] == [wyhash64_reference(v.encode("utf-8")) for v in row_values]
 
 
 def test_int64_permutation(monkeypatch):

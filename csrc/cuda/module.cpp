@@ -8,10 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "st_fast/boundary_codes.h"
 #include "st_fast/contrastive_row_host.h"
 
-extern "C" int st_fast_cuda_row_logsumexp(int dtype_code, const void* scores, int64_t rows, int64_t cols,
-                                          int64_t row_stride, float* out, uintptr_t stream_handle);
 extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle);
 extern "C" int st_fast_cuda_device_count();
 extern "C" const char* st_fast_cuda_error_string(int code);
@@ -26,17 +25,8 @@ void check(int code, const char* what) {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "st_fast CUDA kernels (raw device pointers; call through st_fast._native, which validates)";
+  m.attr("boundary_codes") = st_fast::boundary_codes();
   m.def("device_count", &st_fast_cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
-  m.def(
-      "row_logsumexp",
-      [](int dtype_code, uintptr_t scores, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
-         uintptr_t stream) {
-        check(st_fast_cuda_row_logsumexp(dtype_code, reinterpret_cast<const void*>(scores), rows, cols, row_stride,
-                                         reinterpret_cast<float*>(out), stream),
-              "row_logsumexp");
-      },
-      py::arg("dtype_code"), py::arg("scores_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"),
-      py::arg("out_ptr"), py::arg("stream"));
   m.def(
       "contrastive_rows",
       [](const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,

@@ -1,8 +1,7 @@
 // CUDA side of the portability layer: a row owned by one warp of 32 lanes.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include "st_fast/portability.h"
 
@@ -19,10 +18,6 @@ struct WarpLanes {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
   }
-  __device__ __forceinline__ void sync() const { __syncwarp(); }
 };
-
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 }  // namespace st_fast

@@ -22,22 +22,9 @@ row's own hard negatives), ALL penalizes c != g. The positive entry c == g is ne
 
 from __future__ import annotations
 
-from enum import IntEnum
-
-
-class SegmentKind(IntEnum):
-    Q2D = 0
-    Q2Q = 1
-    D2Q = 2
-    D2D = 3
-
-
-class HardnessKind(IntEnum):
-    NONE = 0
-    IN_BATCH = 1
-    HARD = 2
-    ALL = 3
-
+# The codes are shared with the compiled row kernels: defined once in st_fast._native, which checks them against the
+# extensions' boundary_codes at import.
+from st_fast._native import HardnessKind, SegmentKind
 
 DIRECTION_TO_KIND = {
     "query_to_doc": SegmentKind.Q2D,

@@ -4,8 +4,7 @@
 #include <pybind11/pybind11.h>
 
 namespace st_fast {
-void bind_hashing(pybind11::module_& m);
-void bind_row_ops(pybind11::module_& m);
+void bind_half_store(pybind11::module_& m);
 void bind_contrastive_row(pybind11::module_& m);
 void bind_sampler(pybind11::module_& m);
 }  // namespace st_fast

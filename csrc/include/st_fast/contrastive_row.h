@@ -1,6 +1,7 @@
 // The contrastive row kernel: one row of a chunk of raw similarity scores -> the row's loss and the gradient
 // coefficients of its raw scores. One algorithm source compiled for the CPU (SerialLanes, OpenMP over rows) and for
-// CUDA (WarpLanes, one warp per row). Segment kinds, masks and the hardness penalty follow st_fast/ops/layout.py:
+// CUDA (WarpLanes, one warp per row). Segment kinds, masks and the hardness penalty follow st_fast/ops/layout.py; the
+// codes of SegmentKind and HardnessKind are exported by name (boundary_codes.h) and checked against st_fast/_native.py:
 //
 //   Q2D  columns k·W  positive at c == g; hardness multiplier on the penalized entries
 //   Q2Q  columns W    c == g masked

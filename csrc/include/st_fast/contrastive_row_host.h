@@ -25,7 +25,12 @@ inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers
     throw std::invalid_argument("contrastive_row: 1 to 4 segments, each with scores, scales, coefficients, length, kind");
   if (kinds[0] != kQ2D) throw std::invalid_argument("contrastive_row: the first segment must be query_to_doc");
   if (coefficient_dtype < kStoreFp32 || coefficient_dtype > kStoreFp16)
-    throw std::invalid_argument("contrastive_row: coefficient dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
+    throw std::invalid_argument("contrastive_row: coefficient dtype must be a StoreDtype code (see boundary_codes)");
+  if (hardness < kHardnessNone || hardness > kAll)
+    throw std::invalid_argument("contrastive_row: hardness must be a HardnessKind code (see boundary_codes)");
+  for (const int kind : kinds)
+    if (kind < kQ2D || kind > kD2D)
+      throw std::invalid_argument("contrastive_row: kinds must be SegmentKind codes (see boundary_codes)");
   ContrastiveRowArgs a{};
   a.num_segments = static_cast<int>(count);
   for (size_t x = 0; x < count; ++x) {

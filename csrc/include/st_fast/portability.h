@@ -3,8 +3,7 @@
 // Kernels are written against a `Lanes` object: a row is processed by `lanes.count()` cooperating
 // workers, worker `lanes.id()` visiting elements id, id + count, ...; `lanes.max/sum` reduce a
 // per-worker value across the group. On the CPU a row has one worker (SerialLanes); on CUDA a row
-// is owned by one warp (WarpLanes, in cuda/warp_lanes.cuh); `lanes.sync()` orders memory between passes in which
-// different workers touch the same elements.
+// is owned by one warp (WarpLanes, in cuda/warp_lanes.cuh).
 #pragma once
 
 #include <cmath>
@@ -23,10 +22,6 @@ struct SerialLanes {
   ST_FAST_HD int64_t count() const { return 1; }
   ST_FAST_HD float max(float v) const { return v; }
   ST_FAST_HD float sum(float v) const { return v; }
-  ST_FAST_HD void sync() const {}
 };
-
-ST_FAST_HD float to_float(float v) { return v; }
-ST_FAST_HD float to_float(double v) { return static_cast<float>(v); }
 
 }  // namespace st_fast

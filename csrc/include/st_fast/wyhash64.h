@@ -10,10 +10,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(_MSC_VER) && defined(_M_X64)
-#include <intrin.h>
-#endif
-
 namespace st_fast {
 
 namespace wyhash_detail {
@@ -25,14 +21,10 @@ constexpr uint64_t kSecret3 = 0x4d5a2da51de1aa47ULL;
 inline uint64_t read64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }  // little-endian hosts
 inline uint64_t read32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 
-inline void multiply(uint64_t* a, uint64_t* b) {  // (a, b) = low and high halves of a * b
-#if defined(_MSC_VER) && defined(_M_X64)
-  *a = _umul128(*a, *b, b);
-#else
+inline void multiply(uint64_t* a, uint64_t* b) {  // (a, b) = low and high halves of a * b (GCC/Clang __uint128_t)
   const __uint128_t r = static_cast<__uint128_t>(*a) * *b;
   *a = static_cast<uint64_t>(r);
   *b = static_cast<uint64_t>(r >> 64);
-#endif
 }
 
 inline uint64_t mix(uint64_t a, uint64_t b) {
