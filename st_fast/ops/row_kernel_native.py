@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from st_fast import _native
-from st_fast.ops.row_kernel_torch import SegmentScales
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.mnrl.spec import ContrastiveSpec
+from st_fast.ops.row_kernel import SegmentScales
 
 # Codes of the coefficient dtypes (StoreDtype in csrc/include/st_fast/half_store.h).
 COEFFICIENT_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
