@@ -163,44 +163,73 @@ def _segment_logits(
 
 
 @triton.jit
-def _logit_tile(
-    A, B, GA, GB, offs_a, offs_b, mask_a, mask_b, stride_a, stride_b, stride_ga, stride_gb, D, DG,
-    g, c, shift, threshold, N, width, scale, alpha,
-    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
+def _oriented_score_tile(
+    A_ROWS, A_COLS, offs_m, offs_n, row_mask, col_mask, stride_rows, stride_cols, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
-    """Logits of the (BLOCK_A, BLOCK_B) tile of A-rows x B-rows (a row tile of R x C, or transposed C x R).
+    """The score tile of rows offs_m x columns offs_n: (BLOCK_M, BLOCK_N), or with TRANSPOSED its transpose
+    (BLOCK_N, BLOCK_M), computed as columns x rows directly (so that Pᵀ @ R needs no transpose)."""
+    if TRANSPOSED:
+        s = _score_tile(A_COLS, A_ROWS, offs_n, offs_m, col_mask, row_mask, stride_cols, stride_rows, D,
+                        BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, INPUT_PRECISION)  # fmt: skip
+    else:
+        s = _score_tile(A_ROWS, A_COLS, offs_m, offs_n, row_mask, col_mask, stride_rows, stride_cols, D,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION)  # fmt: skip
+    return s
 
-    g, c, shift and threshold are given broadcast against the tile. Without GUIDED: :func:`_segment_logits` of the
-    score tile. With GUIDED: the same of the shifted scores s - shift, then -inf where the guide tile
-    γ = GA·GBᵀ exceeds the row's threshold, except at the target column c == g when PROTECT.
+
+@triton.jit
+def _per_row(x, TRANSPOSED: tl.constexpr):
+    """A per-row vector broadcast against a tile: along its rows, or along its columns when TRANSPOSED."""
+    if TRANSPOSED:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
+def _per_column(x, TRANSPOSED: tl.constexpr):
+    """A per-column vector broadcast against a tile (the transpose of :func:`_per_row`)."""
+    if TRANSPOSED:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
+
+
+@triton.jit
+def _logit_tile(
+    R, C, GR, GC, SHIFT, THRESH, offs_m, offs_n, M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc,
+    row_start, width, scale, alpha,
+    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
+):  # fmt: skip
+    """Logits L of the tile of rows offs_m x columns offs_n (transposed when TRANSPOSED).
+
+    Without GUIDED: :func:`_segment_logits` of the score tile. With GUIDED: the same of the shifted scores
+    s - shift_i, then -inf where the guide tile γ = GR·GCᵀ exceeds threshold_i, except at the target column c == g
+    when PROTECT. Tail rows and columns (offs >= M, N) have zero scores; tail columns are masked.
     """
-    s = _score_tile(A, B, offs_a, offs_b, mask_a, mask_b, stride_a, stride_b, D,
-                    BLOCK_A, BLOCK_B, BLOCK_K, UPCAST, INPUT_PRECISION)  # fmt: skip
+    row_mask = offs_m < M
+    col_mask = offs_n < N
+    g = _per_row(row_start + offs_m, TRANSPOSED)
+    c = _per_column(offs_n, TRANSPOSED)
+    s = _oriented_score_tile(R, C, offs_m, offs_n, row_mask, col_mask, stride_r, stride_c, D,
+                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION, TRANSPOSED)  # fmt: skip
     if GUIDED:
-        s = s - shift
+        s = s - _per_row(tl.load(SHIFT + offs_m, mask=row_mask, other=0.0), TRANSPOSED)
     logit = _segment_logits(s, g, c, N, width, scale, alpha, KIND, HARDNESS)
     if GUIDED:
-        gamma = _score_tile(GA, GB, offs_a, offs_b, mask_a, mask_b, stride_ga, stride_gb, DG,
-                            BLOCK_A, BLOCK_B, BLOCK_KG, UPCAST, GUIDE_PRECISION)  # fmt: skip
-        false_negative = gamma > threshold
+        gamma = _oriented_score_tile(GR, GC, offs_m, offs_n, row_mask, col_mask, stride_gr, stride_gc, DG,
+                                     BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, GUIDE_PRECISION, TRANSPOSED)  # fmt: skip
+        false_negative = gamma > _per_row(tl.load(THRESH + offs_m, mask=row_mask, other=0.0), TRANSPOSED)
         if PROTECT:
             false_negative = false_negative & (c != g)
         logit = tl.where(false_negative, float("-inf"), logit)
     return logit
-
-
-@triton.jit
-def _guide_rows(SHIFT, THRESH, offs_m, row_mask, GUIDED: tl.constexpr):
-    """(shift, threshold) of the rows offs_m: loaded when GUIDED, zeros otherwise (then unused)."""
-    if GUIDED:
-        shift = tl.load(SHIFT + offs_m, mask=row_mask, other=0.0)
-        threshold = tl.load(THRESH + offs_m, mask=row_mask, other=0.0)
-    else:
-        shift = tl.zeros(offs_m.shape, dtype=tl.float32)
-        threshold = tl.zeros(offs_m.shape, dtype=tl.float32)
-    return shift, threshold
 
 
 @triton.jit
@@ -214,19 +243,16 @@ def _online_lse_step(m_i, l_i, logit):
 
 
 @triton.jit
-def _row_statistics(LSE_REF, W_NORM, offs_m, row_mask):
-    """(lse_ref, ŵ, live) of the rows offs_m; dead rows (ŵ = 0, lse_ref = -inf, tail rows) get lse_ref 0 so that
-    no L - (-inf) is formed, and their P is zeroed by :func:`_p_tile`."""
+def _p_tile(LSE_REF, W_NORM, logit, offs_m, M, TRANSPOSED: tl.constexpr):
+    """P̂ = ŵ·exp(L - lse_ref) of a logit tile whose rows are offs_m (its columns when TRANSPOSED); 0 on dead rows
+    (ŵ = 0, lse_ref = -inf, tail rows), which never form L - (-inf)."""
+    row_mask = offs_m < M
     lse = tl.load(LSE_REF + offs_m, mask=row_mask, other=float("-inf"))
     w = tl.load(W_NORM + offs_m, mask=row_mask, other=0.0)
     live = (w != 0.0) & (lse != float("-inf"))
-    return tl.where(live, lse, 0.0), w, live
-
-
-@triton.jit
-def _p_tile(logit, lse, w, live):
-    """P̂ = ŵ·exp(L - lse_ref), 0 on dead rows; lse, w and live broadcast against the logit tile."""
-    return tl.where(live, tl.exp2((logit - lse) * _LOG2E), 0.0) * w
+    lse = tl.where(live, lse, 0.0)
+    p = tl.exp2((logit - _per_row(lse, TRANSPOSED)) * _LOG2E)
+    return tl.where(_per_row(live, TRANSPOSED), p, 0.0) * _per_row(w, TRANSPOSED)
 
 
 @triton.jit
@@ -259,114 +285,69 @@ def _segment_lse_forward_kernel(
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < M
-    g = row_start + offs_m
-    shift, threshold = _guide_rows(SHIFT, THRESH, offs_m, row_mask, GUIDED)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_begin = pid_s * tiles_per_split * BLOCK_N
     n_end = tl.minimum(N, n_begin + tiles_per_split * BLOCK_N)
     for n0 in range(n_begin, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
         logit = _logit_tile(
-            R, C, GR, GC, offs_m, offs_n, row_mask, offs_n < N, stride_r, stride_c, stride_gr, stride_gc, D, DG,
-            g[:, None], offs_n[None, :], shift[:, None], threshold[:, None], N, width, scale, alpha,
-            KIND, HARDNESS, GUIDED, PROTECT, UPCAST, INPUT_PRECISION, GUIDE_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
+            R, C, GR, GC, SHIFT, THRESH, offs_m, n0 + tl.arange(0, BLOCK_N), M, N, D, DG, stride_r, stride_c,
+            stride_gr, stride_gc, row_start, width, scale, alpha, KIND, HARDNESS, GUIDED, PROTECT, UPCAST,
+            INPUT_PRECISION, GUIDE_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
         )  # fmt: skip
         m_i, l_i = _online_lse_step(m_i, l_i, logit)
 
     # l_i >= 1 wherever m_i is finite (the max term is e^0); a fully masked row has m_i = -inf, l_i = 0: lse = -inf.
     lse = m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0))
-    tl.store(LSE_PART + offs_m.to(tl.int64) * n_split + pid_s, lse, mask=row_mask)
+    tl.store(LSE_PART + offs_m.to(tl.int64) * n_split + pid_s, lse, mask=offs_m < M)
 
 
 @triton.jit
-def _segment_lse_backward_rows_kernel(
-    R, C, GR, GC, SHIFT, THRESH, LSE_REF, W_NORM, GRAD_FACTOR, D_ROWS_PART,
+def _segment_lse_backward_kernel(
+    R, C, GR, GC, SHIFT, THRESH, LSE_REF, W_NORM, GRAD_FACTOR, OUT_PART,
     M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc, row_start, width, scale, alpha, tiles_per_split,
     KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):  # fmt: skip
-    """D_ROWS_PART[split, i, d] = grad_factor · Σ_{c in split} P̂_ic · C[c, d] for a (row tile, D tile).
+    """One (owned tile, D tile) of a gradient, summed over the other operand's tiles of split pid_s:
+
+    * COLUMNS False (dR): OUT_PART[split, i, d] = grad_factor · Σ_{c in split} P̂_ic · C[c, d] for a row tile;
+    * COLUMNS True (dC):  OUT_PART[split, c, d] = grad_factor · Σ_{i in split} P̂_ic · R[i, d] for a column tile,
+      on transposed tiles (Sᵀ = C @ Rᵀ is (BLOCK_N, BLOCK_M), so Pᵀ @ R needs no transpose).
 
     P̂_ic = ŵ_i · exp(L_ic - lse_ref_i) with ŵ = w / max|w| (0 for dead rows and masked entries);
-    grad_factor = scale · max|w|, so the sum over splits is dR = scale · P @ C.
+    grad_factor = scale · max|w|, so the sum over splits is dR = scale · P @ C (dC = scale · Pᵀ @ R).
     """
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    BLOCK_OWNED: tl.constexpr = BLOCK_N if COLUMNS else BLOCK_M
+    BLOCK_LOOP: tl.constexpr = BLOCK_M if COLUMNS else BLOCK_N
+    n_owned = N if COLUMNS else M
+    n_loop = M if COLUMNS else N
+    offs_owned = tl.program_id(0) * BLOCK_OWNED + tl.arange(0, BLOCK_OWNED)
+    offs_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    row_mask = offs_m < M
     d_mask = offs_d < D
-    g = row_start + offs_m
-    shift, threshold = _guide_rows(SHIFT, THRESH, offs_m, row_mask, GUIDED)
-    lse, w, live = _row_statistics(LSE_REF, W_NORM, offs_m, row_mask)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    n_begin = pid_s * tiles_per_split * BLOCK_N
-    n_end = tl.minimum(N, n_begin + tiles_per_split * BLOCK_N)
-    for n0 in range(n_begin, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_mask = offs_n < N
+    acc = tl.zeros((BLOCK_OWNED, BLOCK_DO), dtype=tl.float32)
+    loop_begin = pid_s * tiles_per_split * BLOCK_LOOP
+    loop_end = tl.minimum(n_loop, loop_begin + tiles_per_split * BLOCK_LOOP)
+    for loop0 in range(loop_begin, loop_end, BLOCK_LOOP):
+        offs_loop = loop0 + tl.arange(0, BLOCK_LOOP)
+        offs_m = offs_loop if COLUMNS else offs_owned
+        offs_n = offs_owned if COLUMNS else offs_loop
         logit = _logit_tile(
-            R, C, GR, GC, offs_m, offs_n, row_mask, col_mask, stride_r, stride_c, stride_gr, stride_gc, D, DG,
-            g[:, None], offs_n[None, :], shift[:, None], threshold[:, None], N, width, scale, alpha,
-            KIND, HARDNESS, GUIDED, PROTECT, UPCAST, INPUT_PRECISION, GUIDE_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
+            R, C, GR, GC, SHIFT, THRESH, offs_m, offs_n, M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc,
+            row_start, width, scale, alpha, KIND, HARDNESS, GUIDED, PROTECT, UPCAST, INPUT_PRECISION,
+            GUIDE_PRECISION, COLUMNS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
         )  # fmt: skip
-        p = _p_tile(logit, lse[:, None], w[:, None], live[:, None])  # (BLOCK_M, BLOCK_N)
-        acc = _accumulate_p_product(acc, p, C, offs_n, col_mask, stride_c, offs_d, d_mask, UPCAST, INPUT_PRECISION)
+        p = _p_tile(LSE_REF, W_NORM, logit, offs_m, M, COLUMNS)  # (BLOCK_OWNED, BLOCK_LOOP)
+        other = R if COLUMNS else C  # the operand the owned gradient is a product with
+        stride_other = stride_r if COLUMNS else stride_c
+        acc = _accumulate_p_product(acc, p, other, offs_loop, offs_loop < n_loop, stride_other, offs_d, d_mask,
+                                    UPCAST, INPUT_PRECISION)  # fmt: skip
 
     acc = acc * tl.load(GRAD_FACTOR)
-    out_ptrs = D_ROWS_PART + (pid_s * M + offs_m[:, None]).to(tl.int64) * D + offs_d[None, :]
-    tl.store(out_ptrs, acc, mask=row_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _segment_lse_backward_cols_kernel(
-    R, C, GR, GC, SHIFT, THRESH, LSE_REF, W_NORM, GRAD_FACTOR, D_COLS_PART,
-    M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc, row_start, width, scale, alpha, tiles_per_split,
-    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-):  # fmt: skip
-    """D_COLS_PART[split, c, d] = grad_factor · Σ_{i in split} P̂_ic · R[i, d] for a (column tile, D tile).
-
-    Works on transposed tiles: Sᵀ = C @ Rᵀ is (BLOCK_N, BLOCK_M), so Pᵀ @ R needs no transpose; P̂ and grad_factor
-    as in the rows kernel.
-    """
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    col_mask = offs_n < N
-    d_mask = offs_d < D
-
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    m_begin = pid_s * tiles_per_split * BLOCK_M
-    m_end = tl.minimum(M, m_begin + tiles_per_split * BLOCK_M)
-    for m0 in range(m_begin, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < M
-        g = row_start + offs_m
-        shift, threshold = _guide_rows(SHIFT, THRESH, offs_m, row_mask, GUIDED)
-        lse, w, live = _row_statistics(LSE_REF, W_NORM, offs_m, row_mask)  # live is false on tail rows too
-        logit_t = _logit_tile(
-            C, R, GC, GR, offs_n, offs_m, col_mask, row_mask, stride_c, stride_r, stride_gc, stride_gr, D, DG,
-            g[None, :], offs_n[:, None], shift[None, :], threshold[None, :], N, width, scale, alpha,
-            KIND, HARDNESS, GUIDED, PROTECT, UPCAST, INPUT_PRECISION, GUIDE_PRECISION,
-            BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_KG,
-        )  # fmt: skip
-        p_t = _p_tile(logit_t, lse[None, :], w[None, :], live[None, :])  # P̂ᵀ: (BLOCK_N, BLOCK_M)
-        acc = _accumulate_p_product(acc, p_t, R, offs_m, row_mask, stride_r, offs_d, d_mask, UPCAST, INPUT_PRECISION)
-
-    acc = acc * tl.load(GRAD_FACTOR)
-    out_ptrs = D_COLS_PART + (pid_s * N + offs_n[:, None]).to(tl.int64) * D + offs_d[None, :]
-    tl.store(out_ptrs, acc, mask=col_mask[:, None] & d_mask[None, :])
+    out_ptrs = OUT_PART + (pid_s * n_owned + offs_owned[:, None]).to(tl.int64) * D + offs_d[None, :]
+    tl.store(out_ptrs, acc, mask=(offs_owned < n_owned)[:, None] & d_mask[None, :])

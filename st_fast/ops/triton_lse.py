@@ -22,8 +22,7 @@ import torch
 from st_fast.ops.layout import HardnessKind, SegmentKind
 from st_fast.ops.triton_kernels import (  # noqa: F401 (the kernels are looked up here by the AOT-compile tests)
     TRITON_IMPORT_ERROR,
-    _segment_lse_backward_cols_kernel,
-    _segment_lse_backward_rows_kernel,
+    _segment_lse_backward_kernel,
     _segment_lse_forward_kernel,
     triton,
 )
@@ -306,15 +305,14 @@ def segment_lse_backward(
     sizes = (m, n, d, dg, rows.stride(0), cols.stride(0), stride_gr, stride_gc, row_start, width, float(scale),
              float(alpha))  # fmt: skip
 
-    split_r, tiles_r = _split(col_tiles, row_tiles * d_tiles, rows.device, n_split)
-    d_rows = torch.empty((split_r, m, d), dtype=torch.float32, device=rows.device)
-    _segment_lse_backward_rows_kernel[(row_tiles, d_tiles, split_r)](
-        *operands, d_rows, *sizes, tiles_r, **options, **blocks, num_warps=num_warps, num_stages=2
-    )
-
-    split_c, tiles_c = _split(row_tiles, col_tiles * d_tiles, rows.device, n_split)
-    d_cols = torch.empty((split_c, n, d), dtype=torch.float32, device=rows.device)
-    _segment_lse_backward_cols_kernel[(col_tiles, d_tiles, split_c)](
-        *operands, d_cols, *sizes, tiles_c, **options, **blocks, num_warps=num_warps, num_stages=2
-    )
-    return (d_rows[0] if split_r == 1 else d_rows.sum(0)), (d_cols[0] if split_c == 1 else d_cols.sum(0))
+    gradients = []
+    # dR: programs own (row tile, D tile) and loop over column tiles; dC: own (column tile, D tile), loop over rows
+    for columns, owned_tiles, loop_tiles, owned in ((False, row_tiles, col_tiles, m), (True, col_tiles, row_tiles, n)):
+        splits, tiles_per_split = _split(loop_tiles, owned_tiles * d_tiles, rows.device, n_split)
+        partials = torch.empty((splits, owned, d), dtype=torch.float32, device=rows.device)
+        _segment_lse_backward_kernel[(owned_tiles, d_tiles, splits)](
+            *operands, partials, *sizes, tiles_per_split, **options, COLUMNS=columns, **blocks,
+            num_warps=num_warps, num_stages=2,
+        )  # fmt: skip
+        gradients.append(partials[0] if splits == 1 else partials.sum(0))
+    return gradients[0], gradients[1]

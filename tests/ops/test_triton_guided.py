@@ -59,21 +59,21 @@ from triton.compiler import ASTSource
 from st_fast.ops import triton_lse
 from st_fast.ops.layout import HardnessKind, SegmentKind
 
-POINTERS = {"SHIFT", "THRESH", "LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "D_ROWS_PART", "D_COLS_PART"}
+POINTERS = {"SHIFT", "THRESH", "LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "OUT_PART"}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-VARIANTS = [  # kernel, model dtype, guide dtype, D, D' (M = 4096, N = 8192)
-    ("_segment_lse_forward_kernel", torch.bfloat16, torch.bfloat16, 1024, 384),
-    ("_segment_lse_backward_rows_kernel", torch.bfloat16, torch.bfloat16, 1024, 384),
-    ("_segment_lse_backward_cols_kernel", torch.bfloat16, torch.float32, 1024, 768),
+VARIANTS = [  # kernel, model dtype, guide dtype, D, D', its own constexprs (M = 4096, N = 8192)
+    ("_segment_lse_forward_kernel", torch.bfloat16, torch.bfloat16, 1024, 384, {}),
+    ("_segment_lse_backward_kernel", torch.bfloat16, torch.bfloat16, 1024, 384, {"COLUMNS": False}),
+    ("_segment_lse_backward_kernel", torch.bfloat16, torch.float32, 1024, 768, {"COLUMNS": True}),
 ]
-for name, dtype, guide_dtype, d, dg in VARIANTS:
+for name, dtype, guide_dtype, d, dg, own in VARIANTS:
     kernel = getattr(triton_lse, name)
     params = list(inspect.signature(kernel.fn).parameters)
     rows = torch.empty(4096, d, dtype=dtype, device="meta")
     guide_rows = torch.empty(4096, dg, dtype=guide_dtype, device="meta")
     guide = triton_lse.SegmentGuide(guide_rows, guide_rows, None, None, True)
     options = triton_lse._launch_options(rows, SegmentKind.Q2D, HardnessKind.NONE, guide)
-    options |= triton_lse._blocks(4096, 8192, d)
+    options |= triton_lse._blocks(4096, 8192, d) | own
     constexprs = {key: value for key, value in options.items() if key in params}
     signature = {}
     for param in params:
