@@ -6,7 +6,7 @@ For rows R (M, D), columns C (N, D), row i with global index g = row_start + i a
     L_ic   = scale·s_ic (+ alpha·s_ic where penalized)    (-inf where the kind masks (g, c), or c >= N)
     lse_i  = log Σ_c exp(L_ic)                                               _segment_lse_forward_kernel
     P_ic   = w_i · exp(L_ic - lse_ref_i)                  (0 on masked entries, dead rows)
-    dR     = scale · P @ C,   dC = scale · Pᵀ @ R           _segment_lse_backward_rows / _cols_kernel
+    dR     = scale · P @ C,   dC = scale · Pᵀ @ R           _segment_lse_backward_kernel (COLUMNS off / on)
 
 With ``GUIDED`` (the GISTEmbed op) the guide's rows GR (M, D') and columns GC (N, D'), a per-row shift h_i and a
 per-row threshold t_i enter every tile:
@@ -20,9 +20,11 @@ loss log Z - positive does not cancel two numbers of magnitude scale. The hardne
 recomputes its tiles from R and C (and GR, GC). Without ``GUIDED`` the guide arguments are not read.
 
 Shared pieces (``@triton.jit`` helpers, each used by every kernel that needs it): the score tile
-(:func:`_score_tile`), the logits of a tile with the segment's and the guide's masks (:func:`_logit_tile`), the
-online log-sum-exp step (:func:`_online_lse_step`), a row's backward statistics (:func:`_row_statistics`), the
-P-tile (:func:`_p_tile`) and its product with an operand tile (:func:`_accumulate_p_product`).
+(:func:`_score_tile`, in either orientation :func:`_oriented_score_tile`), the logits of a tile with the segment's
+and the guide's masks (:func:`_logit_tile`), the online log-sum-exp step (:func:`_online_lse_step`), the P-tile
+with its rows' backward statistics (:func:`_p_tile`) and its product with an operand tile
+(:func:`_accumulate_p_product`). Features are constexpr flags: GUIDED, PROTECT, the segment KIND and HARDNESS, and
+TRANSPOSED / COLUMNS for the orientation of the backward's tiles.
 
 Tiling
 ------
@@ -34,12 +36,13 @@ Tiling
 * Forward: grid (row tiles, column splits). Program (m, s) runs an online max / sum-exp over the column
   tiles of split s and writes the partial log-sum-exp of its rows to an (M, n_split) fp32 buffer; torch merges the
   splits with ``logsumexp`` (deterministic). Cost: 2·M·N·D FLOPs (+ 2·M·N·D' guided) and M·N exp2.
-* Backward: two kernels, each recomputing its score tiles over the full D, no atomics (deterministic, no
-  contention): the rows kernel owns (row tile, D-output tile) and loops over column tiles accumulating
-  dR = scale·P @ C; the cols kernel owns (column tile, D-output tile) and loops over row tiles accumulating
-  dC = scale·Pᵀ @ R, computing the transposed tile Sᵀ = C @ Rᵀ directly. A third grid axis splits the loop
+* Backward: one kernel launched twice, each launch recomputing its score tiles over the full D, no atomics
+  (deterministic, no contention): for dR (COLUMNS off) a program owns (row tile, D-output tile) and loops over column
+  tiles accumulating dR = scale·P @ C; for dC (COLUMNS on) it owns (column tile, D-output tile) and loops over row
+  tiles accumulating dC = scale·Pᵀ @ R, computing the transposed tile Sᵀ = C @ Rᵀ directly. A third grid axis
+  splits the loop
   (columns, resp. rows) when the first two do not fill the GPU; the (n_split, ·, D) fp32 partials are summed by
-  torch. Cost: (n_dtiles + 1)·2·M·N·D FLOPs per kernel with n_dtiles = ceil(D / BLOCK_DO), i.e. 8·M·N·D in all for
+  torch. Cost: (n_dtiles + 1)·2·M·N·D FLOPs per launch with n_dtiles = ceil(D / BLOCK_DO), i.e. 8·M·N·D in all for
   D <= 128 (16·M·N·D at D = 384). The D-output tile keeps the fp32 accumulator in registers for any D. Chosen over
   one kernel with fp32 atomics for dR (6·M·N·D, but nondeterministic, and all column-tile programs would hit the
   same row tiles at once) for determinism and simplicity; not measured.

@@ -55,6 +55,11 @@ def fused_mnrl_loss(
         similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings).
+    Raises:
+        TypeError: non-tensor or non-floating embeddings, mixed dtypes; ``native`` / ``triton`` for float64.
+        ValueError: shapes, devices or local rows that do not fit (:func:`st_fast.ops.mnrl.spec.check_embeddings`),
+            an unknown similarity, direction, partition or hardness mode or backend, a scale that is not positive.
+        RuntimeError: a backend that cannot run on the embeddings' device.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
