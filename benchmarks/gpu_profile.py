@@ -12,9 +12,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from st_fast.ops import chunked, fused_mnrl_loss
+from st_fast.ops.mnrl.spec import ContrastiveSpec
+from st_fast.ops.row_kernel import SegmentScales
 from st_fast.ops.row_kernel_native import native_row_kernel
-from st_fast.ops.row_kernel_torch import SegmentScales
-from st_fast.ops.spec import ContrastiveSpec
 
 
 def timed(fn, n=8):

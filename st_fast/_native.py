@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from st_fast.ops.spec import ContrastiveSpec
+    from st_fast.ops.mnrl.spec import ContrastiveSpec
 
 
 class SegmentKind(IntEnum):

@@ -1,4 +1,4 @@
-"""Drop-in GISTEmbedLoss on the guided fused op (st_fast.ops.guided): no (B, N, D) tensors, no B x N scores."""
+"""Drop-in GISTEmbedLoss on the GIST fused op (st_fast.ops.gist): no (B, N, D) tensors, no B x N scores."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from st_fast.losses.stock_contract import (
     warn_once,
     warn_stock_fallback_once,
 )
-from st_fast.ops import BACKENDS
-from st_fast.ops.guided import COSINE_EPS, fused_gist_loss
+from st_fast.ops import BACKENDS, fused_gist_loss
+from st_fast.ops.backends import GIST, drop_in_backend
+from st_fast.ops.gist.spec import COSINE_EPS
 
 
 def plain_cross_entropy(module: Any) -> bool:
@@ -88,11 +89,9 @@ class FusedGISTMixin:
             candidates = [all_gather_with_grad(candidate) for candidate in candidates]
             candidates_guide = [all_gather_with_grad(candidate) for candidate in candidates_guide]
             offset = stock_helper(self, self._replaced_method, "get_rank")() * anchors.shape[0]
-        backend = self.backend
-        if backend == "triton":
-            warn_once(self, "the guided Triton kernels cannot decide masks at their thresholds exactly as stock; "
-                            "computing with backend='torch'")  # fmt: skip
-            backend = "torch"
+        backend, reason = drop_in_backend(self.backend, GIST)
+        if reason is not None:
+            warn_once(self, reason)
         loss = fused_gist_loss(
             anchors, candidates, anchors_guide, candidates_guide, row_offset=offset, temperature=self.temperature,
             margin_strategy=self.margin_strategy, margin=self.margin, contrast_anchors=self.contrast_anchors,
@@ -144,8 +143,8 @@ class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
         contrast_positives, gather_across_devices), plus
         backend: ``"auto"`` (native C++/CUDA row kernel with chunked GEMMs when built, else PyTorch),
             ``"native"`` or ``"torch"``; ``"triton"`` computes with ``"torch"`` (one warning): the guided Triton
-            kernels (:func:`st_fast.ops.guided.fused_gist_loss`) decide masks in float32 tiles and cannot recheck
-            entries at their thresholds (ties) the way stock decides them.
+            kernels (:func:`st_fast.ops.fused_gist_loss`) decide masks in float32 tiles and cannot recheck entries at
+            their thresholds (ties) the way stock decides them.
 
     The guide embedding and re-tokenization are the stock ones (same ``embed_columns`` calls, in the same order).
     Cosine similarities normalize each vector with its norm clamped at 1e-8 (nn.CosineSimilarity's eps), which

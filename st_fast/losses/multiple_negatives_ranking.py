@@ -21,10 +21,12 @@ from st_fast.losses.stock_contract import (
     scalar_problem,
     stock_dtype,
     stock_helper,
+    warn_once,
     warn_stock_fallback_once,
 )
 from st_fast.ops import BACKENDS, fused_mnrl_loss
-from st_fast.ops.spec import check_embeddings
+from st_fast.ops.backends import MNRL, drop_in_backend
+from st_fast.ops.mnrl.spec import check_embeddings
 
 
 class FusedMNRLMixin:
@@ -69,11 +71,14 @@ class FusedMNRLMixin:
             queries = all_gather_with_grad(queries)
             docs = [all_gather_with_grad(doc) for doc in docs]
             offset = stock_helper(self, self._replaced_method, "get_rank")() * batch_size
+        backend, reason = drop_in_backend(self.backend, MNRL)
+        if reason is not None:
+            warn_once(self, reason)
         loss = fused_mnrl_loss(
             queries, docs, row_offset=offset, batch_size=batch_size, scale=self.scale,
             similarity=fused_similarity_name(self.similarity_fct), directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
-            hardness_strength=self.hardness_strength, backend=self.backend,
+            hardness_strength=self.hardness_strength, backend=backend,
         )  # fmt: skip
         return loss.to(dtype)
 

@@ -1,29 +1,37 @@
-"""The backends of the fused contrastive op and the one dispatch point that picks them.
+"""The backends of the fused ops and the one dispatch point that picks them, for every op.
 
-A backend turns (queries (W, D), docs (k·W, D), spec, row offset, local batch size) into the mean loss over the
-local rows, and later into the gradients of both operands:
+A backend turns the two trainable operands (anchors / queries (W or B, D), candidate columns (k·W, D)) and the op's
+problem (spec, local rows, constants) into the mean loss over the local rows, and later into the gradients of both
+operands (:class:`Backend`). Every op has the same three:
 
 * ``torch``:  row-chunked GEMMs + the PyTorch row kernel; gradients computed during the forward (any device).
 * ``native``: row-chunked GEMMs + the C++ row kernel (CPU) or the CUDA row kernel (GPU); same driver.
-  On CUDA both take 16-bit embeddings raw: 16-bit tensor-core GEMMs with fp32 accumulation and output, the cosine
-  normalization applied as row / column scales (see :mod:`st_fast.ops.chunked`); on the CPU (no fast 16-bit
-  GEMMs) they upcast and normalize first, as stock does.
-* ``triton``: fused Triton kernels that never store a score tile: LSE statistics in the forward, recomputed
-  scores in the backward (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
-* ``auto``:   native when its extension is built for the device (CPU or CUDA), else triton on CUDA, else torch;
-  float64 inputs always take torch (the only backend that computes in float64, as stock does for float64).
-  Native is the fastest backend on CUDA (benchmarks/fused_loss.py --gpu; see README, Performance).
+  On CUDA the MNRL op takes 16-bit embeddings raw: 16-bit tensor-core GEMMs with fp32 accumulation and output, the
+  cosine normalization applied as row / column scales (see :mod:`st_fast.ops.mnrl.chunked`); on the CPU (no fast
+  16-bit GEMMs) it upcasts and normalizes first, as stock does.
+* ``triton``: the fused Triton kernel family (:mod:`st_fast.ops.triton_kernels`) that never stores a score tile: LSE
+  statistics in the forward, recomputed scores in the backward (CUDA tensors; CPU tensors only under
+  ``TRITON_INTERPRET=1``).
+* ``auto``:   native when its extension is built for the device (CPU or CUDA), else triton on CUDA where the op's
+  capabilities allow it, else torch; float64 inputs always take torch (the only backend that computes in float64,
+  as stock does for float64). Native is the fastest backend on CUDA (benchmarks/fused_loss.py --gpu; see README,
+  Performance).
+
+What differs between the ops is data (:class:`OpCapabilities`, :data:`MNRL`, :data:`GIST`), read by
+:func:`resolve_backend` and :func:`drop_in_backend`; each op's package holds the same modules
+(``spec``, ``chunked``, ``triton_backend``, ``functional``), which is where the resolver finds its backends.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from st_fast.ops.chunked import LossAndGrad, RowKernel, chunked_loss_and_grad
+from st_fast.ops.chunked import ChunkedBackend
 from st_fast.ops.row_kernel_torch import torch_row_kernel
-from st_fast.ops.spec import ContrastiveSpec, compute_dtype
 
 BACKENDS = ("auto", "triton", "native", "torch")
 
@@ -33,56 +41,54 @@ class Backend(Protocol):
 
     def takes_raw_operands(self, dtype: torch.dtype, device: torch.device) -> bool:
         """True: the backend takes the embeddings as they are and applies the cosine normalization itself
-        (``forward(..., normalize=True)``); False: it takes them normalized, in :meth:`operand_dtype`."""
+        (the problem's ``normalize``); False: it takes them normalized, in :meth:`operand_dtype`."""
         ...
 
-    def operand_dtype(self, dtype: torch.dtype) -> torch.dtype: ...
+    def operand_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the backend takes normalized operands (model or guide embeddings) of ``dtype`` in."""
+        ...
 
     def forward(
-        self, queries: torch.Tensor, docs: torch.Tensor, spec: ContrastiveSpec, row_offset: int, batch_size: int,
-        need_grad: bool, normalize: bool = False,
-    ) -> tuple[torch.Tensor, Any]: ...  # fmt: skip
+        self, anchors: torch.Tensor, candidates: torch.Tensor, problem: Any, need_grad: bool
+    ) -> tuple[torch.Tensor, Any]:
+        """(0-dim mean loss over the local rows, state for :meth:`backward` or None without ``need_grad``)."""
+        ...
 
-    def backward(self, state: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class ChunkedBackend:
-    """Gradients are computed in the forward pass (3 GEMMs per chunk) and scaled by the incoming gradient later.
-    fp16 / bf16 embeddings are taken raw (16-bit GEMMs, see :mod:`st_fast.ops.chunked`) on CUDA only, where 16-bit
-    GEMMs are fast (tests/ops/test_raw_16bit.py patches :meth:`takes_raw_operands` to run that path on the CPU)."""
-
-    def __init__(self, name: str, row_kernel: RowKernel, chunk_bytes: int | None = None) -> None:
-        self.name = name
-        self.row_kernel = row_kernel
-        self.chunk_bytes = chunk_bytes
-
-    def takes_raw_operands(self, dtype: torch.dtype, device: torch.device) -> bool:
-        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-
-    def operand_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return compute_dtype(dtype)
-
-    def forward(self, queries, docs, spec, row_offset, batch_size, need_grad, normalize=False):
-        result = chunked_loss_and_grad(
-            queries, docs, spec, row_offset, batch_size, self.row_kernel, need_grad=need_grad,
-            chunk_bytes=self.chunk_bytes, normalize=normalize,
-        )  # fmt: skip
-        return result.loss, result
-
-    def backward(self, state: LossAndGrad, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return state.grad_queries * grad_loss, state.grad_docs * grad_loss
+    def backward(self, state: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d loss / d anchors, d loss / d candidates) times ``grad_loss``, fp32 (fp64 for fp64 operands)."""
+        ...
 
 
-def _native_backend() -> ChunkedBackend:
-    from st_fast.ops.row_kernel_native import native_row_kernel
+@dataclass(frozen=True)
+class OpCapabilities:
+    """What one op's backends can do: the data :func:`resolve_backend` and :func:`drop_in_backend` decide by.
 
-    return ChunkedBackend("native", native_row_kernel)
+    package: the op's package; its ``chunked.loss_and_grad`` is the chunked driver and its
+        ``triton_backend.TritonBackend`` the Triton backend.
+    auto_picks_triton: ``auto`` may take Triton on CUDA when native is not built (only once it has been measured
+        and checked on a GPU for that op).
+    raw_16bit_operands: the chunked driver takes raw fp16 / bf16 embeddings on CUDA (see :class:`ChunkedBackend`).
+    triton_mask_dtypes: the dtypes the Triton kernels decide the op's masks in (float32 tiles); with another mask
+        dtype ``triton`` computes with ``torch``, which decides them as stock does. None: the op has no such masks.
+    triton_inexact: why the Triton kernels' results may differ from stock's decisions (None: they do not); a
+        drop-in loss then computes ``triton`` with ``torch`` (:func:`drop_in_backend`).
+    """
+
+    package: str
+    auto_picks_triton: bool
+    raw_16bit_operands: bool
+    triton_mask_dtypes: tuple[torch.dtype, ...] | None = None
+    triton_inexact: str | None = None
 
 
-def _triton_backend() -> Backend:
-    from st_fast.ops.triton_backend import TritonBackend
-
-    return TritonBackend()
+MNRL = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True)
+GIST = OpCapabilities(
+    "st_fast.ops.gist",
+    auto_picks_triton=False,  # not measured nor checked on a GPU yet: auto takes native (or torch) on every device
+    raw_16bit_operands=False,
+    triton_mask_dtypes=(torch.float32,),
+    triton_inexact="the guided Triton kernels cannot decide masks at their thresholds exactly as stock",
+)
 
 
 def native_available(device: torch.device) -> bool:
@@ -93,8 +99,36 @@ def native_available(device: torch.device) -> bool:
     return native_row_kernel_available(device)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend object for ``name`` on ``device``; raises a clear error for one that cannot run there."""
+def _chunked_backend(name: str, op: OpCapabilities) -> ChunkedBackend:
+    if name == "native":
+        from st_fast.ops.row_kernel_native import native_row_kernel as row_kernel
+    else:
+        row_kernel = torch_row_kernel
+    driver = importlib.import_module(f"{op.package}.chunked").loss_and_grad
+    return ChunkedBackend(name, row_kernel, driver, raw_16bit=op.raw_16bit_operands)
+
+
+def _triton_backend(op: OpCapabilities) -> Backend:
+    return importlib.import_module(f"{op.package}.triton_backend").TritonBackend()
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    op: OpCapabilities = MNRL,
+    *,
+    mask_dtype: torch.dtype | None = None,
+) -> Backend:
+    """The backend object of ``op`` for ``backend=name`` on ``device`` with embeddings of ``dtype`` (and, for an op
+    with guide masks, masks decided in ``mask_dtype``).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+        TypeError: ``native`` or ``triton`` for float64 embeddings (use ``torch``).
+        RuntimeError: ``native`` where its extension is not built, ``triton`` where Triton cannot run (no triton, or
+            CPU tensors without ``TRITON_INTERPRET=1``).
+    """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
@@ -103,15 +137,28 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
         elif native_available(device):
             name = "native"
         else:
-            name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return ChunkedBackend("torch", torch_row_kernel)
+            name = "triton" if device.type == "cuda" and op.auto_picks_triton else "torch"
+    if name == "triton":
+        if dtype == torch.float64:
+            raise TypeError("the triton backend takes float32/float16/bfloat16; use backend='torch' for float64")
+        from st_fast.ops.triton_lse import triton_available_for
+
+        triton_available_for(torch.empty(0, device=device))
+        if op.triton_mask_dtypes is None or mask_dtype in op.triton_mask_dtypes:
+            return _triton_backend(op)
+        name = "torch"  # the Triton kernels decide masks in float32 only
     if name == "native":
         if dtype == torch.float64:
             raise TypeError("the native backend computes in float32; use backend='torch' for float64 embeddings")
         if not native_available(device):
             raise RuntimeError(f"the native backend is not available on {device} (see st_fast.native_info())")
-        return _native_backend()
-    if dtype == torch.float64:
-        raise TypeError("the triton backend takes float32/float16/bfloat16; use backend='torch' for float64")
-    return _triton_backend()
+    return _chunked_backend(name, op)
+
+
+def drop_in_backend(name: str, op: OpCapabilities) -> tuple[str, str | None]:
+    """(backend name, reason) for a drop-in loss of ``op`` asked for ``backend=name``: a drop-in loss takes every
+    decision as stock takes it, so where the op's Triton kernels cannot (``op.triton_inexact``) it computes with
+    ``torch`` and gives the reason (the loss warns once); otherwise ``(name, None)``."""
+    if name == "triton" and op.triton_inexact is not None:
+        return "torch", f"{op.triton_inexact}; computing with backend='torch'"
+    return name, None

@@ -37,6 +37,12 @@ def _supports_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
     return _out_dtype_support[key]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused ops compute in, as stock does: cos_sim / dot_score upcast floating dtypes narrower than
+    32 bits to float32 and keep float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (n, d) and ``b`` (d, m) of one dtype: fp32 result for fp32 and 16-bit operands
     (fp32 accumulation), fp64 for fp64. ``out`` (n, m) of the result dtype, when given, receives it."""

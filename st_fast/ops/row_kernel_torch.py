@@ -26,21 +26,13 @@ Q2D and +w/2 in D2Q, which leave a rounding residue once the gradient GEMMs add 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from st_fast.ops.layout import HardnessKind, SegmentKind
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.mnrl.spec import ContrastiveSpec
+from st_fast.ops.row_kernel import SegmentScales
 
 FLOAT16_MAX = 65504.0
-
-
-class SegmentScales(NamedTuple):
-    """Scales of one segment's raw scores: per row (n,) and per column (L,), fp32."""
-
-    rows: torch.Tensor
-    columns: torch.Tensor
 
 
 def _apply_scales(s: torch.Tensor, scales: SegmentScales | None) -> torch.Tensor:

@@ -28,8 +28,8 @@ from parity import assert_parity, float64_copies, loss_and_grads, relative_error
 from sentence_transformers.sentence_transformer import losses as stock_losses
 
 from st_fast import losses as fast_losses
+from st_fast.ops import fused_gist_loss
 from st_fast.ops.backends import native_available
-from st_fast.ops.guided import fused_gist_loss
 
 FP32_RTOL = 1e-5
 BACKENDS = ["torch"] + (["native"] if native_available(torch.device("cpu")) else [])

@@ -75,9 +75,10 @@ def test_gpu_backend_matches_stock(backend, dtype, batch, dim, config):
 @pytest.mark.parametrize("rows, width", [(1, 1), (37, 37), (300, 4096)])
 @pytest.mark.parametrize("coefficient_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width, coefficient_dtype):
+    from st_fast.ops.mnrl.spec import ContrastiveSpec
+    from st_fast.ops.row_kernel import SegmentScales
     from st_fast.ops.row_kernel_native import native_row_kernel
-    from st_fast.ops.row_kernel_torch import SegmentScales, torch_row_kernel
-    from st_fast.ops.spec import ContrastiveSpec
+    from st_fast.ops.row_kernel_torch import torch_row_kernel
 
     spec = ContrastiveSpec.from_loss_config(
         scale=20.0, directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),

@@ -24,8 +24,9 @@ from st_fast import _native
 from st_fast.ops import fused_mnrl_loss
 from st_fast.ops.backends import ChunkedBackend, resolve_backend
 from st_fast.ops.mixed_matmul import as_float16_operand, matmul_fp32
-from st_fast.ops.row_kernel_torch import SegmentScales, torch_row_kernel
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.mnrl.spec import ContrastiveSpec
+from st_fast.ops.row_kernel import SegmentScales
+from st_fast.ops.row_kernel_torch import torch_row_kernel
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 CONFIGS = [

@@ -1,5 +1,6 @@
-"""The guided Triton kernels (st_fast.ops.triton_guided) through ``fused_gist_loss(backend="triton")``: against the
-torch backend in the Triton interpreter, and compiled ahead of time for sm_90 without a GPU."""
+"""The Triton kernel family with the guide flag on (st_fast.ops.triton_kernels, GUIDED=True) through
+``fused_gist_loss(backend="triton")``: against the torch backend in the Triton interpreter, and compiled ahead of time
+for sm_90 without a GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from gist_cases import gist_columns
 from parity import relative_error
 
-from st_fast.ops.guided import fused_gist_loss
+from st_fast.ops import fused_gist_loss
 
 REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("triton")
@@ -55,21 +56,24 @@ AOT_COMPILE = """
 import inspect, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from st_fast.ops import triton_guided, triton_lse
+from st_fast.ops import triton_lse
+from st_fast.ops.layout import HardnessKind, SegmentKind
 
-POINTERS = {"SHIFT", "THRESH", "LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "D_ROWS_PART", "D_COLS_PART"}
+POINTERS = {"SHIFT", "THRESH", "LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "OUT_PART"}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-VARIANTS = [  # kernel, model dtype, guide dtype, D, D' (M = 4096, N = 8192)
-    ("_guided_lse_forward_kernel", torch.bfloat16, torch.bfloat16, 1024, 384),
-    ("_guided_lse_backward_rows_kernel", torch.bfloat16, torch.bfloat16, 1024, 384),
-    ("_guided_lse_backward_cols_kernel", torch.bfloat16, torch.float32, 1024, 768),
+VARIANTS = [  # kernel, model dtype, guide dtype, D, D', its own constexprs (M = 4096, N = 8192)
+    ("_segment_lse_forward_kernel", torch.bfloat16, torch.bfloat16, 1024, 384, {}),
+    ("_segment_lse_backward_kernel", torch.bfloat16, torch.bfloat16, 1024, 384, {"COLUMNS": False}),
+    ("_segment_lse_backward_kernel", torch.bfloat16, torch.float32, 1024, 768, {"COLUMNS": True}),
 ]
-for name, dtype, guide_dtype, d, dg in VARIANTS:
-    kernel = getattr(triton_guided, name)
+for name, dtype, guide_dtype, d, dg, own in VARIANTS:
+    kernel = getattr(triton_lse, name)
     params = list(inspect.signature(kernel.fn).parameters)
     rows = torch.empty(4096, d, dtype=dtype, device="meta")
     guide_rows = torch.empty(4096, dg, dtype=guide_dtype, device="meta")
-    options = triton_guided._options(rows, guide_rows, True, dg) | triton_lse._blocks(4096, 8192, d)
+    guide = triton_lse.SegmentGuide(guide_rows, guide_rows, None, None, True)
+    options = triton_lse._launch_options(rows, SegmentKind.Q2D, HardnessKind.NONE, guide)
+    options |= triton_lse._blocks(4096, 8192, d) | own
     constexprs = {key: value for key, value in options.items() if key in params}
     signature = {}
     for param in params:
@@ -80,7 +84,7 @@ for name, dtype, guide_dtype, d, dg in VARIANTS:
         elif param in ("GR", "GC"):
             signature[param] = "*" + SHORT[guide_dtype]
         else:
-            signature[param] = "*fp32" if param in POINTERS else "fp32" if param == "scale" else "i32"
+            signature[param] = "*fp32" if param in POINTERS else "fp32" if param in ("scale", "alpha") else "i32"
     num_warps = 8 if constexprs.get("BLOCK_DO", 0) > 128 else 4
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

@@ -378,19 +378,20 @@ from triton.compiler import ASTSource
 from st_fast.ops import triton_lse
 from st_fast.ops.layout import HardnessKind, SegmentKind
 
-POINTERS = {"LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "D_ROWS_PART", "D_COLS_PART"}
+POINTERS = {"LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "OUT_PART"}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-VARIANTS = [  # kernel, input dtype, D (M = N = 4096; Q2D with ALL hardness)
-    ("_segment_lse_forward_kernel", torch.bfloat16, 384),
-    ("_segment_lse_backward_rows_kernel", torch.bfloat16, 384),
-    ("_segment_lse_backward_cols_kernel", torch.bfloat16, 384),
-    ("_segment_lse_backward_cols_kernel", torch.float32, 768),  # ieee fp32 dots, BLOCK_DO = 256, 8 warps
+VARIANTS = [  # kernel, input dtype, D, its own constexprs (M = N = 4096; Q2D with ALL hardness)
+    ("_segment_lse_forward_kernel", torch.bfloat16, 384, {}),
+    ("_segment_lse_backward_kernel", torch.bfloat16, 384, {"COLUMNS": False}),  # dR
+    ("_segment_lse_backward_kernel", torch.bfloat16, 384, {"COLUMNS": True}),  # dC
+    ("_segment_lse_backward_kernel", torch.float32, 768, {"COLUMNS": True}),  # ieee fp32 dots, BLOCK_DO = 256, 8 warps
 ]
-for name, dtype, d in VARIANTS:
+for name, dtype, d, own in VARIANTS:
     kernel = getattr(triton_lse, name)
     params = list(inspect.signature(kernel.fn).parameters)
     rows = torch.empty(4096, d, dtype=dtype, device="meta")
     options = triton_lse._launch_options(rows, SegmentKind.Q2D, HardnessKind.ALL) | triton_lse._blocks(4096, 4096, d)
+    options |= own
     constexprs = {key: value for key, value in options.items() if key in params}
     signature = {}
     for param in params:

@@ -1,4 +1,4 @@
-"""The ``triton`` backend of the fused contrastive op: composes the segment primitive of :mod:`triton_lse`.
+"""The ``triton`` backend of the MNRL op: composes the segment launchers of :mod:`st_fast.ops.triton_lse`.
 
 Forward: one ``segment_lse_forward`` per selected direction gives lse_x (B,) fp32; log Z = logsumexp_x lse_x (joint)
 or mean_x lse_x (per_direction); the positive logit scale·<q_g, d_g> is an O(B·D) row-wise dot here.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE
-from st_fast.ops.spec import ContrastiveSpec
+from st_fast.ops.mnrl.spec import ContrastiveProblem, ContrastiveSpec
 from st_fast.ops.triton_lse import segment_lse_backward, segment_lse_forward, triton_available_for
 
 
@@ -22,9 +22,7 @@ from st_fast.ops.triton_lse import segment_lse_backward, segment_lse_forward, tr
 class TritonState:
     queries: torch.Tensor
     docs: torch.Tensor
-    spec: ContrastiveSpec
-    row_offset: int
-    batch_size: int
+    problem: ContrastiveProblem
     segment_lse: torch.Tensor  # (#directions, B) fp32
     log_z: torch.Tensor  # (B,) fp32
 
@@ -44,15 +42,13 @@ class TritonBackend:
     def operand_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
 
-    def forward(
-        self, queries, docs, spec: ContrastiveSpec, row_offset: int, batch_size: int, need_grad: bool,
-        normalize: bool = False,
-    ):  # fmt: skip
-        if normalize:
+    def forward(self, queries, docs, problem: ContrastiveProblem, need_grad: bool):
+        if problem.normalize:
             raise ValueError("the triton backend takes normalized operands")
         triton_available_for(queries)
+        spec, row_offset = problem.spec, problem.row_offset
         operands = {"queries": queries, "docs": docs}
-        local = slice(row_offset, row_offset + batch_size)
+        local = slice(row_offset, row_offset + problem.batch_size)
         args = _segment_args(spec, row_offset, queries.shape[0])
         segment_lse = torch.stack(
             [
@@ -63,15 +59,15 @@ class TritonBackend:
         log_z = torch.logsumexp(segment_lse, dim=0) if spec.joint else segment_lse.mean(dim=0)
         positive = spec.scale * (queries[local].float() * docs[local].float()).sum(dim=1)
         loss = (log_z - positive).mean()
-        state = TritonState(queries, docs, spec, row_offset, batch_size, segment_lse, log_z) if need_grad else None
+        state = TritonState(queries, docs, problem, segment_lse, log_z) if need_grad else None
         return loss, state
 
     def backward(self, state: TritonState, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec, batch_size = state.spec, state.batch_size
+        spec, row_offset, batch_size = state.problem.spec, state.problem.row_offset, state.problem.batch_size
         operands = {"queries": state.queries, "docs": state.docs}
         grads = {name: torch.zeros(x.shape, dtype=torch.float32, device=x.device) for name, x in operands.items()}
-        local = slice(state.row_offset, state.row_offset + batch_size)
-        args = _segment_args(spec, state.row_offset, state.queries.shape[0])
+        local = slice(row_offset, row_offset + batch_size)
+        args = _segment_args(spec, row_offset, state.queries.shape[0])
         row_grad = grad_loss.float() / batch_size
         for x, kind in enumerate(spec.kinds):
             lse_ref = state.log_z if spec.joint else state.segment_lse[x]

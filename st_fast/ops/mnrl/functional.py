@@ -1,9 +1,11 @@
-"""The fused in-batch contrastive op: MultipleNegativesRankingLoss without a B x N score matrix.
+"""The MNRL op, functional form: MultipleNegativesRankingLoss with in-batch negatives and no B x N score matrix.
 
     loss = mean_i [ log Z_i - scale · sim(q_g, d_g) ],   g = row_offset + i,  i < batch_size
 
 where log Z_i is the joint (or per-direction mean) log-partition over the selected directions; see
-:mod:`st_fast.ops.layout` for the segments and masks and :mod:`st_fast.ops.backends` for how it is computed.
+:mod:`st_fast.ops.layout` for the segments and masks and :mod:`st_fast.ops.backends` for how it is computed. This
+module only checks the inputs, builds the spec, resolves the backend, prepares the operands and applies
+:class:`st_fast.ops.autograd.FusedLoss`.
 """
 
 from __future__ import annotations
@@ -13,45 +15,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from st_fast.ops.backends import Backend, resolve_backend
-from st_fast.ops.learnable_scale import as_scale_gradient, learnable, score_coefficient_sum
-from st_fast.ops.spec import SIMILARITIES, ContrastiveSpec, check_embeddings, compute_dtype
-
-
-class FusedContrastiveLoss(torch.autograd.Function):
-    """queries (W, D), docs (k·W, D) -> 0-dim loss; the backend computes loss and gradients. With ``normalize`` the
-    operands are raw embeddings and the backend applies (and differentiates) the cosine normalization itself, so
-    that the gradient is rounded to the input dtype once. ``scale`` is the loss's scale tensor when it needs a
-    gradient (None otherwise); see :mod:`st_fast.ops.learnable_scale`."""
-
-    @staticmethod
-    def forward(
-        ctx, queries, docs, scale, spec: ContrastiveSpec, row_offset: int, batch_size: int, backend: Backend,
-        normalize: bool,
-    ):  # fmt: skip
-        need_grad = any(ctx.needs_input_grad[:3])
-        with torch.autocast(queries.device.type, enabled=False):  # fp32 math whatever the autocast context
-            loss, state = backend.forward(queries, docs, spec, row_offset, batch_size, need_grad, normalize=normalize)
-        ctx.backend, ctx.state, ctx.spec = backend, state, spec
-        ctx.input_dtypes = (queries.dtype, docs.dtype)
-        if ctx.needs_input_grad[2]:
-            ctx.save_for_backward(queries, docs, scale)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.state is None:
-            raise RuntimeError("st_fast fused loss: backward called twice on the same graph")
-        with torch.autocast(grad_loss.device.type, enabled=False):
-            grad_queries, grad_docs = ctx.backend.backward(ctx.state, grad_loss)
-        ctx.state = None  # a second backward through the same graph is an error, as for stock autograd
-        grad_scale = None
-        if ctx.needs_input_grad[2]:
-            queries, docs, scale = ctx.saved_tensors
-            total = score_coefficient_sum((queries, docs), (grad_queries, grad_docs))
-            grad_scale = as_scale_gradient(total / ctx.spec.scale, scale)
-        grads = grad_queries.to(ctx.input_dtypes[0]), grad_docs.to(ctx.input_dtypes[1])
-        return *grads, grad_scale, None, None, None, None, None
+from st_fast.ops.autograd import FusedLoss
+from st_fast.ops.backends import MNRL, resolve_backend
+from st_fast.ops.learnable_scale import learnable
+from st_fast.ops.mixed_matmul import compute_dtype
+from st_fast.ops.mnrl.spec import SIMILARITIES, ContrastiveProblem, ContrastiveSpec, check_embeddings
 
 
 def prepare_operand(x: torch.Tensor, similarity: str, operand_dtype: torch.dtype) -> torch.Tensor:
@@ -87,6 +55,11 @@ def fused_mnrl_loss(
         similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings).
+    Raises:
+        TypeError: non-tensor or non-floating embeddings, mixed dtypes; ``native`` / ``triton`` for float64.
+        ValueError: shapes, devices or local rows that do not fit (:func:`st_fast.ops.mnrl.spec.check_embeddings`),
+            an unknown similarity, direction, partition or hardness mode or backend, a scale that is not positive.
+        RuntimeError: a backend that cannot run on the embeddings' device.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
@@ -99,7 +72,7 @@ def fused_mnrl_loss(
         scale=scale, directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
         hardness_strength=hardness_strength,
     )  # fmt: skip
-    chosen = resolve_backend(backend, queries.device, queries.dtype)
+    chosen = resolve_backend(backend, queries.device, queries.dtype, MNRL)
     doc_columns = torch.cat(list(docs), dim=0)
     scale_input = scale if learnable(scale) else None
     # a learnable scale takes its gradient from the normalized operands' (Euler's identity needs bilinear scores)
@@ -110,6 +83,5 @@ def fused_mnrl_loss(
         query_operand = prepare_operand(queries, similarity, operand_dtype)
         doc_operand = prepare_operand(doc_columns, similarity, operand_dtype)
         normalize = False
-    return FusedContrastiveLoss.apply(
-        query_operand, doc_operand, scale_input, spec, row_offset, batch_size, chosen, normalize
-    )
+    problem = ContrastiveProblem(spec, row_offset, batch_size, normalize)
+    return FusedLoss.apply(query_operand, doc_operand, scale_input, problem, chosen)

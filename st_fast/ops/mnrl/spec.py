@@ -1,9 +1,10 @@
-"""What the fused contrastive op computes: the loss configuration and the checks on its inputs."""
+"""What the MNRL op computes: the loss configuration, one call's problem and the checks on its inputs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,8 @@ class ContrastiveSpec:
     scale: float
     hardness: HardnessKind
     alpha: float
+
+    loss_label: ClassVar[str] = "fused loss"
 
     @classmethod
     def from_loss_config(
@@ -61,10 +64,23 @@ class ContrastiveSpec:
     def needs_query_columns(self) -> bool:
         return SegmentKind.Q2Q in self.kinds or SegmentKind.D2Q in self.kinds
 
+    def scale_gradient(self, score_coefficient_sum: torch.Tensor) -> torch.Tensor:
+        """d loss / d scale from Σ C⊙S (:mod:`st_fast.ops.learnable_scale`): logits = scale · S, so Σ C⊙S / scale."""
+        return score_coefficient_sum / self.scale
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Stock cos_sim / dot_score upcast floating dtypes narrower than 32 bits to float32 and keep float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
+@dataclass(frozen=True)
+class ContrastiveProblem:
+    """One call of the MNRL op, as its backends see it besides the two operands queries (W, D) and docs (k·W, D):
+    the local rows ``row_offset .. row_offset + batch_size`` and whether the operands are raw embeddings whose
+    cosine normalization the backend applies itself (``normalize``). ``chunk_bytes`` sizes the row chunks of the
+    chunked backends (default: st_fast.ops.chunked.DEFAULT_CHUNK_BYTES)."""
+
+    spec: ContrastiveSpec
+    row_offset: int
+    batch_size: int
+    normalize: bool = False
+    chunk_bytes: int | None = None
 
 
 def check_embeddings(queries: torch.Tensor, docs: Sequence[torch.Tensor]) -> None:
