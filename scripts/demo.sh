@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
-HF_HUB_OFFLINE=1 python -m st_fast.demo "$@"
+HF_HUB_OFFLINE=1 python -m examples.demo "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build ``st_fast/data/debian_pairs.tsv.gz`` from Debian ``Translation-en`` package description lists.
+"""Build ``examples/debian_pairs.tsv.gz`` from Debian ``Translation-en`` package description lists.
 
 Each row is (anchor, positive, package): the package's one-line synopsis, its cleaned long description, and its
 name. Natural near-duplicates (``-dev``/``-doc``/``-data`` siblings sharing a synopsis or description) are kept on
@@ -9,7 +9,7 @@ Usage (after ``apt-get update -o Acquire::Languages=en`` on Debian bookworm)::
 
     python scripts/make_debian_pairs.py \\
         /var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en.lz4 \\
-        -o st_fast/data/debian_pairs.tsv.gz
+        -o examples/debian_pairs.tsv.gz
 
 Inputs may be ``.lz4`` (decompressed with the ``lz4`` command-line tool), ``.gz``, ``.xz`` or plain text. The output
 depends only on the input text and the options, so it is byte-for-byte reproducible (gzip mtime is 0).
@@ -141,7 +141,7 @@ def write_tsv_gz(rows: list[tuple[str, str, str]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", type=Path, help="Translation-en list file(s): .lz4, .gz, .xz or plain")
-    ap.add_argument("-o", "--output", type=Path, default=Path("st_fast/data/debian_pairs.tsv.gz"))
+    ap.add_argument("-o", "--output", type=Path, default=Path("examples/debian_pairs.tsv.gz"))
     ap.add_argument("--target", type=int, default=4000, help="number of rows to write")
     ap.add_argument("--run", type=int, default=1, help="consecutive packages (name order) per selected run")
     ap.add_argument("--max-chars", type=int, default=400, help="cap on the positive's length")

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${ST_FAST_CUDA:-}" ] && command -v nvcc >/dev/null 2>&1; then export ST_FAST_CUDA=1; fi
 source scripts/env.sh
-python -m ruff check st_fast tests benchmarks setup.py
+python -m ruff check st_fast tests benchmarks examples scripts setup.py
 TRITON_INTERPRET=1 python -m pytest -q tests "$@"

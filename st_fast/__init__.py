@@ -17,6 +17,7 @@ __all__ = [
     "SentenceTransformerTrainer",
     "StFastConfig",
     "__version__",
+    "is_patched",
     "native_info",
     "patch",
     "unpatch",
@@ -32,7 +33,6 @@ def __getattr__(name: str):
         return NoDuplicatesBatchSampler
     if name in ("SentenceTransformerTrainer", "StFastConfig"):
         return getattr(importlib.import_module("st_fast.trainer"), name)
-    if name in ("patch", "unpatch"):
-        # Importing the submodule binds it to `st_fast.patch`; it is callable (see st_fast/patch.py).
-        return getattr(importlib.import_module("st_fast.patch"), name)
+    if name in ("patch", "unpatch", "is_patched"):
+        return getattr(importlib.import_module("st_fast._patching"), name)
     raise AttributeError(f"module 'st_fast' has no attribute {name!r}")

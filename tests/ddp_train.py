@@ -89,8 +89,8 @@ def main() -> None:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
+    from examples.debian_pairs import load_debian_pairs
     from st_fast import SentenceTransformerTrainer as FastTrainer
-    from st_fast.data import load_debian_pairs
     from st_fast.sampler import NoDuplicatesBatchSampler
 
     trainer_class = StockTrainer if options.stock else FastTrainer

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from st_fast.data import debian_pairs_path, load_debian_pairs, read_debian_pairs
+from examples.debian_pairs import debian_pairs_path, load_debian_pairs, read_debian_pairs
 
 
 @pytest.fixture(scope="module")

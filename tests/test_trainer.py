@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import types
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ from sentence_transformers.sentence_transformer.training_args import SentenceTra
 from transformers import TrainerCallback
 
 import st_fast
+from examples.debian_pairs import load_debian_pairs
 from st_fast import losses as fast_losses
-from st_fast.data import load_debian_pairs
 from st_fast.sampler import NoDuplicatesBatchSampler
 from st_fast.trainer import SentenceTransformerTrainer as FastTrainer
 from st_fast.trainer import StFastConfig
@@ -315,11 +316,22 @@ def test_resume_from_checkpoint_gives_the_same_batches(minilm_path, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def test_patch_is_a_plain_function_sharing_the_trainers_swaps():
+    import st_fast._patching as patching
+    import st_fast.swaps as swaps
+    import st_fast.trainer as trainer_module
+
+    assert isinstance(st_fast.patch, types.FunctionType) and st_fast.patch is patching.patch
+    assert st_fast.unpatch is patching.unpatch and st_fast.is_patched is patching.is_patched
+    for name in ("fuse_loss", "fast_batch_sampler", "finish_init"):  # one implementation of each swap
+        assert getattr(patching, name) is getattr(swaps, name) is getattr(trainer_module, name)
+
+
 def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path):
     originals = {name: BaseTrainer.__dict__[name] for name in ("prepare_loss", "call_model_init", "get_batch_sampler")}
     st_fast.patch()
     st_fast.patch()  # idempotent
-    assert st_fast.patch.is_patched()
+    assert st_fast.is_patched()
     trainer = StockTrainer(
         model=tiny_model, args=_args(tmp_path, "patched", max_steps=2), train_dataset=_pairs(64),
         loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
@@ -338,7 +350,7 @@ def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path):
 
     st_fast.unpatch()
     st_fast.unpatch()  # a no-op when not patched
-    assert not st_fast.patch.is_patched()
+    assert not st_fast.is_patched()
     assert {name: BaseTrainer.__dict__[name] for name in originals} == originals
     trainer = StockTrainer(
         model=tiny_model, args=_args(tmp_path, "unpatched", max_steps=2), train_dataset=_pairs(64),
@@ -388,6 +400,9 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     script = str(Path(__file__).with_name("ddp_train.py"))
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )  # examples
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for command in (
         [*torchrun, script, str(tmp_path / "two")],

@@ -1,13 +1,13 @@
-"""Small real-text data sets shipped with st_fast (usable offline).
+"""The Debian pairs: 4000 real (anchor, positive, package) text rows for the demo, tests and benchmarks (offline).
 
-``debian_pairs.tsv.gz``: 4000 (anchor, positive, package) rows built from Debian bookworm package descriptions
-(synopsis -> cleaned long description). See ``README.md`` next to this file for source, licence and regeneration.
+``debian_pairs.tsv.gz`` next to this file holds rows built from Debian bookworm package descriptions (synopsis ->
+cleaned long description). See ``README.md`` next to this file for source, licence and regeneration. Part of the
+source checkout, not of the installed package.
 """
 
 from __future__ import annotations
 
 import gzip
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,11 +21,10 @@ _COLUMNS = ("anchor", "positive", "package")
 
 
 def debian_pairs_path() -> Path:
-    """Filesystem path of the shipped ``debian_pairs.tsv.gz`` (works from a source checkout or an installed wheel)."""
-    resource = resources.files(__name__).joinpath(_DEBIAN_PAIRS)
-    path = Path(str(resource))
+    """Filesystem path of ``debian_pairs.tsv.gz`` (next to this module, in the source checkout's ``examples/``)."""
+    path = Path(__file__).with_name(_DEBIAN_PAIRS)
     if not path.is_file():
-        raise FileNotFoundError(f"{_DEBIAN_PAIRS} is missing from the st_fast.data package ({path})")
+        raise FileNotFoundError(f"{_DEBIAN_PAIRS} is missing next to {__file__}")
     return path
 
 

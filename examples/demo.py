@@ -70,7 +70,7 @@ def _train(flavour: str, args, train, evaluator) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m st_fast.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mini-batch-size", type=int, default=8)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer
 
     import st_fast
-    from st_fast.data import load_debian_pairs
+    from examples.debian_pairs import load_debian_pairs
 
     print("st_fast", st_fast.__version__, json.dumps(st_fast.native_info()))
     pairs = load_debian_pairs().select_columns(["anchor", "positive"])

@@ -11,16 +11,15 @@ CrossEncoderTrainer, whose losses st_fast leaves as they are). Trainers construc
 (they are fused in ``__init__``); the sampler is chosen when a dataloader is built, so it follows the patch state at
 that time. ``patch()`` is idempotent (a second call only updates the options); ``unpatch()`` puts the original
 methods back. :class:`st_fast.SentenceTransformerTrainer` is unaffected either way (it applies its own ``st_fast=``).
+The swaps themselves are the functions of :mod:`st_fast.swaps`, shared with that class.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from typing import Any
 
-from st_fast.trainer import (
+from st_fast.swaps import (
     StFastConfig,
     fast_batch_sampler,
     fast_multi_dataset_batch_sampler,
@@ -147,14 +146,3 @@ def unpatch() -> None:
 def is_patched() -> bool:
     """Whether :func:`patch` is in effect."""
     return bool(_originals)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing the submodule ``st_fast.patch`` binds it to the package attribute ``st_fast.patch``, shadowing the
-    lazily exported function of the same name; calling the module calls the function, so both spellings work."""
-
-    def __call__(self, st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
-        patch(st_fast)
-
-
-sys.modules[__name__].__class__ = _CallableModule
