@@ -162,9 +162,9 @@ def test_float16_zero_embedding_keeps_the_other_rows_finite_and_right():
         assert error <= 1e-2 * float(ref_grad[keep].norm())
 
 
-@pytest.mark.parametrize("dtype, code", [(torch.float32, 0), (torch.bfloat16, 1), (torch.float16, 2)])
-def test_coefficient_stores_round_to_nearest_even_like_torch(dtype, code):
-    generator = torch.Generator().manual_seed(code)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_coefficient_stores_round_to_nearest_even_like_torch(dtype):
+    generator = torch.Generator().manual_seed(int(_native.STORE_DTYPES[dtype]))
     finfo = torch.finfo(torch.float16)
     values = torch.cat([
         torch.randn(20000, generator=generator) * 10.0 ** torch.randint(-9, 6, (20000,), generator=generator),
@@ -172,17 +172,14 @@ def test_coefficient_stores_round_to_nearest_even_like_torch(dtype, code):
                       2.0**-25, 3 * 2.0**-26, 2.0**-25 + 2.0**-40, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8,
                       1.0 + 3 * 2.0**-8, 3.0e38]),
     ]).float()  # fmt: skip
-    out = torch.empty(values.shape, dtype=dtype)
-    _native.require_cpu_ext().store_f32_as(values.data_ptr(), out.data_ptr(), values.numel(), code)
+    out = _native.store_coefficients(values, dtype)
     expected = values.to(dtype)
     if dtype == torch.float16:  # the coefficient store saturates instead of overflowing
         expected = values.clamp(-finfo.max, finfo.max).to(dtype)
     assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        expected.view(torch.int16 if dtype != torch.float32 else torch.int32))  # fmt: skip
     nan = torch.tensor([float("nan")])
-    out = torch.empty(1, dtype=dtype)
-    _native.require_cpu_ext().store_f32_as(nan.data_ptr(), out.data_ptr(), 1, code)
-    assert torch.isnan(out).all()
+    assert torch.isnan(_native.store_coefficients(nan, dtype)).all()
 
 
 ROW_KERNEL_LAYOUTS = {  # directions, partition, segment lengths in units of the width
