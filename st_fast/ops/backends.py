@@ -121,7 +121,9 @@ def resolve_backend(
     mask_dtype: torch.dtype | None = None,
 ) -> Backend:
     """The backend object of ``op`` for ``backend=name`` on ``device`` with embeddings of ``dtype`` (and, for an op
-    with guide masks, masks decided in ``mask_dtype``).
+    with guide masks, masks decided in ``mask_dtype``). ``auto``: ``torch`` for float64, else ``native`` where its
+    extension is built for ``device``, else ``triton`` on CUDA where Triton is importable (and ``op`` lets auto pick
+    it), else ``torch``.
 
     Raises:
         ValueError: ``name`` is not one of :data:`BACKENDS`.
@@ -136,14 +138,18 @@ def resolve_backend(
             name = "torch"
         elif native_available(device):
             name = "native"
+        elif device.type == "cuda" and op.auto_picks_triton and _triton_runs_on(device):
+            name = "triton"
         else:
-            name = "triton" if device.type == "cuda" and op.auto_picks_triton else "torch"
+            name = "torch"
     if name == "triton":
         if dtype == torch.float64:
             raise TypeError("the triton backend takes float32/float16/bfloat16; use backend='torch' for float64")
-        from st_fast.ops.triton_lse import triton_available_for
+        from st_fast.ops.triton_lse import triton_unavailable_reason
 
-        triton_available_for(torch.empty(0, device=device))
+        reason = triton_unavailable_reason(device.type)
+        if reason is not None:
+            raise RuntimeError(reason)
         if op.triton_mask_dtypes is None or mask_dtype in op.triton_mask_dtypes:
             return _triton_backend(op)
         name = "torch"  # the Triton kernels decide masks in float32 only
@@ -153,6 +159,12 @@ def resolve_backend(
         if not native_available(device):
             raise RuntimeError(f"the native backend is not available on {device} (see st_fast.native_info())")
     return _chunked_backend(name, op)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    from st_fast.ops.triton_lse import triton_unavailable_reason
+
+    return triton_unavailable_reason(device.type) is None
 
 
 def drop_in_backend(name: str, op: OpCapabilities) -> tuple[str, str | None]:

@@ -45,31 +45,36 @@ class SegmentGuide(NamedTuple):
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def triton_available_for(tensor: torch.Tensor) -> None:
-    """Raise RuntimeError unless the Triton kernels can run on ``tensor``'s device.
-
-    They run on CUDA tensors, and on CPU tensors only under the interpreter (``TRITON_INTERPRET=1``, set before
-    triton is imported).
-    """
+def triton_unavailable_reason(device_type: str) -> str | None:
+    """Why the Triton kernels cannot run on tensors of ``device_type`` (``"cuda"``, ``"cpu"``, ...), or None when
+    they can: on CUDA, and on CPU only under the interpreter (``TRITON_INTERPRET=1``, set before triton is
+    imported)."""
     if _TRITON_IMPORT_ERROR is not None:
-        raise RuntimeError(
+        return (
             f"the triton backend needs triton, which is not importable ({_TRITON_IMPORT_ERROR}); "
             'use backend="torch" or "native"'
         )
-    device_type = tensor.device.type
     if device_type == "cuda":
-        return
+        return None
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return
-        raise RuntimeError(
+            return None
+        return (
             "Triton runs on CUDA tensors, or on CPU only under TRITON_INTERPRET=1 (set before importing triton); "
             'use backend="torch" or "native" for CPU tensors'
         )
-    raise RuntimeError(
+    return (
         f"Triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), not on {device_type!r} tensors; "
         'use backend="torch" or "native"'
     )
+
+
+def triton_available_for(tensor: torch.Tensor) -> None:
+    """Raise RuntimeError (with :func:`triton_unavailable_reason`) unless the Triton kernels can run on
+    ``tensor``'s device."""
+    reason = triton_unavailable_reason(tensor.device.type)
+    if reason is not None:
+        raise RuntimeError(reason)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,17 @@ def test_guided_triton_falls_back_to_torch_for_masks_in_another_dtype():
     assert triton.name == "triton" and not isinstance(triton, ChunkedBackend)
     fallback = backends.resolve_backend("triton", cpu, torch.float32, backends.GIST, mask_dtype=torch.bfloat16)
     assert isinstance(fallback, ChunkedBackend) and fallback.name == "torch"
+
+
+@pytest.mark.parametrize("triton_runs", [True, False])
+def test_auto_on_cuda_without_the_native_extension(monkeypatch, triton_runs):
+    """auto takes triton on CUDA where it can run, else torch (an install without triton must still train)."""
+    import st_fast.ops.triton_lse as triton_lse
+
+    monkeypatch.setattr(backends, "native_available", lambda device: False)
+    monkeypatch.setattr(triton_lse, "triton_unavailable_reason", lambda device_type: None if triton_runs else "absent")
+    cuda = torch.device("cuda")
+    backend = backends.resolve_backend("auto", cuda, torch.bfloat16, backends.MNRL)
+    assert backend.name == ("triton" if triton_runs else "torch")
+    assert backends.resolve_backend("auto", cuda, torch.bfloat16, backends.GIST).name == "torch"
+    assert backends.resolve_backend("auto", cuda, torch.float64, backends.MNRL).name == "torch"
