@@ -1,8 +1,9 @@
 """``st_fast.patch()`` / ``st_fast.unpatch()``: st_fast's swaps for trainers built by code you do not own.
 
 ``patch()`` wraps five methods of the stock ``sentence_transformers.base.trainer.BaseTrainer`` — ``__init__`` (the
-model card names fused losses by their stock classes), ``prepare_loss``, ``call_model_init``, ``get_batch_sampler``
-and ``get_multi_dataset_batch_sampler`` — with the hooks of :class:`st_fast.SentenceTransformerTrainer`.
+fused losses' backends checked on the model, the model card naming them by their stock classes, the swap report's
+callback), ``prepare_loss``, ``call_model_init``, ``get_batch_sampler`` and ``get_multi_dataset_batch_sampler`` —
+with the hooks of :class:`st_fast.SentenceTransformerTrainer`, and adds the ``st_fast_report`` property.
 Patching the methods rather than the exported names covers every way a trainer is built: a direct
 ``SentenceTransformerTrainer(...)`` whatever module it was imported from (even before ``patch()``), the legacy
 ``model.fit(...)`` (which builds one internally), user subclasses that do not override those methods, and the
@@ -10,8 +11,8 @@ other 6.x trainers (SparseEncoderTrainer, whose SparseMultipleNegativesRankingLo
 CrossEncoderTrainer, whose losses st_fast leaves as they are). Trainers constructed while patched get fused losses
 (they are fused in ``__init__``); the sampler is chosen when a dataloader is built, so it follows the patch state at
 that time. ``patch()`` is idempotent (a second call only updates the options); ``unpatch()`` puts the original
-methods back. :class:`st_fast.SentenceTransformerTrainer` is unaffected either way (it applies its own ``st_fast=``).
-The swaps themselves are the functions of :mod:`st_fast.swaps`, shared with that class.
+methods back and removes the property. :class:`st_fast.SentenceTransformerTrainer` is unaffected either way (it
+applies its own ``st_fast=``). The swaps themselves are the functions of :mod:`st_fast.swaps`, shared with that class.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from st_fast.swaps import (
     finish_init,
     fuse_loss,
     fuse_trainer_losses,
+    swap_report,
 )
 
 _PATCHED_METHODS = (
@@ -50,7 +52,7 @@ def _wrap_init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         if not _owned(self):
-            finish_init(self)
+            finish_init(self, _config)
 
     return __init__
 
@@ -115,10 +117,15 @@ _WRAPPERS = {
 }
 
 
+_REPORT_PROPERTY = "st_fast_report"
+
+
 def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
     """Make the stock trainers swap in st_fast's fused losses and sampler (see the module docstring).
 
-    ``st_fast`` takes the same options as ``st_fast.SentenceTransformerTrainer(st_fast=...)``. Idempotent.
+    ``st_fast`` takes the same options as ``st_fast.SentenceTransformerTrainer(st_fast=...)``, validated here
+    (TypeError / ValueError); a backend that cannot run on a trainer's model fails when that trainer is built.
+    Patched trainers show the swap report at train start and have ``trainer.st_fast_report``. Idempotent.
     """
     global _config
     _config = StFastConfig.coerce(st_fast)
@@ -131,6 +138,9 @@ def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
             continue
         _originals[name] = original
         setattr(base, name, _WRAPPERS[name](original))
+    if _REPORT_PROPERTY not in base.__dict__:
+        _originals[_REPORT_PROPERTY] = None  # added, not replaced: unpatch() deletes it
+        setattr(base, _REPORT_PROPERTY, property(swap_report, doc=swap_report.__doc__))
 
 
 def unpatch() -> None:
@@ -138,9 +148,17 @@ def unpatch() -> None:
     global _config
     base = _base_trainer()
     for name, original in _originals.items():
-        setattr(base, name, original)
+        if original is None:
+            delattr(base, name)
+        else:
+            setattr(base, name, original)
     _originals.clear()
     _config = StFastConfig()
+
+
+def current_config() -> StFastConfig:
+    """The options of the last :func:`patch` (the defaults when not patched)."""
+    return _config
 
 
 def is_patched() -> bool:

@@ -19,8 +19,19 @@ get_batch_sampler / call_model_init):
   which yields the same batches. The per-dataset samplers inside the multi-dataset samplers (round robin,
   proportional) are built by the same hook, so they are swapped too, for train and eval dataloaders alike.
 
-What was swapped, and what was left stock and why, is logged once (INFO, logger ``st_fast.trainer``) at train begin.
-``st_fast=`` turns parts off: ``SentenceTransformerTrainer(..., st_fast={"loss": False})`` or ``st_fast=False``.
+At each ``train()`` start, on the main process only, one or two lines on stderr say what st_fast swapped in, with the
+backend that will run on the model's device and dtype (``native`` for a float32 model on a CPU), and what it left
+stock and why; no logging configuration is needed. They are a log record of logger ``st_fast.trainer`` (INFO), so an
+application that configures logging gets them through its own handlers instead (see
+:func:`st_fast.swaps.emit_report`). ``trainer.st_fast_report`` holds the same as a dict (part -> description).
+
+``st_fast=`` takes a :class:`StFastConfig` or a dict of its fields: ``{"loss": False}``, ``{"sampler": False}``,
+``{"backend": "torch"}``, ``{"report": False}`` (no report), or ``st_fast=False`` (the stock trainer exactly, without
+the report). The options are checked when the trainer is built: an unknown option or backend name (ValueError), a
+flag that is not a bool (TypeError), and a backend that cannot run on the model's device or dtype (RuntimeError for
+``"triton"`` on a CPU without ``TRITON_INTERPRET=1`` or ``"native"`` where its extension is not built, TypeError for
+either with float64 embeddings) fail in the constructor, not at the first step.
+
 :func:`st_fast.patch` applies the same hooks to the stock trainer classes (for code you do not own); both call the
 swap functions of :mod:`st_fast.swaps`.
 """
@@ -40,6 +51,7 @@ from st_fast.swaps import (
     finish_init,
     fuse_loss,
     fuse_trainer_losses,
+    swap_report,
 )
 
 __all__ = ["SentenceTransformerTrainer", "StFastConfig"]
@@ -49,7 +61,7 @@ class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
     """Drop-in for :class:`sentence_transformers.SentenceTransformerTrainer` that swaps in st_fast's parts.
 
     Same constructor, plus the keyword ``st_fast``: a :class:`StFastConfig`, a dict with its fields (``loss``,
-    ``sampler``, ``backend``) or a bool (``False``: the stock trainer exactly). See the module docstring.
+    ``sampler``, ``backend``, ``report``) or a bool (``False``: the stock trainer exactly). See the module docstring.
 
     Example::
 
@@ -66,7 +78,14 @@ class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
     def __init__(self, *args: Any, st_fast: StFastConfig | dict[str, Any] | bool | None = None, **kwargs: Any):
         self.st_fast_config = StFastConfig.coerce(st_fast)  # before the stock __init__, which calls prepare_loss
         super().__init__(*args, **kwargs)
-        finish_init(self)
+        finish_init(self, self.st_fast_config)
+
+    @property
+    def st_fast_report(self) -> dict[str, str]:
+        """Part (``loss`` or ``loss[<dataset>]``, ``batch sampler``, ``multi-dataset batch sampler``) -> what st_fast
+        does with it: the st_fast class and the backend that will run (resolved for the model's device and dtype),
+        or why it was left stock. What the report at train start shows."""
+        return swap_report(self)
 
     def prepare_loss(self, loss, model):
         return fuse_loss(self, super().prepare_loss(loss, model), self.st_fast_config)

@@ -7,6 +7,7 @@ equal losses also show that st_fast consumes the RNG exactly as the stock code d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -140,9 +141,12 @@ def test_real_model_stock_vs_st_fast(minilm_path, tmp_path, stock_class, kwargs,
         f"\n{stock_class.__name__}: stock {stock.step_losses}\n  st_fast max rel diff {_max_rel_diff(stock, fast):.2e}"
     )
 
-    # Logged once at train begin; the model card names the same loss and tags st_fast.
+    # Reported once at train begin; the model card names the same loss and tags st_fast.
     reports = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
-    assert len(reports) == 1 and "fused" in reports[0] and "st_fast.NoDuplicatesBatchSampler" in reports[0]
+    assert len(reports) == 1
+    assert f"loss: st_fast {fast_class.__name__}, " in reports[0]
+    assert "backend native (auto; cpu, float32)" in reports[0]
+    assert "batch sampler: st_fast NoDuplicatesBatchSampler" in reports[0]
     card = fast.model.model_card_data
     assert f"loss:{stock_class.__name__}" in card.tags and "st_fast" in card.tags
     assert "st_fast" not in stock.model.model_card_data.tags
@@ -199,6 +203,10 @@ class UserSubclassLoss(stock_losses.MultipleNegativesRankingLoss):
     pass
 
 
+def _reports(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+
+
 def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
     from sentence_transformers import util
 
@@ -206,19 +214,210 @@ def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
         "a": stock_losses.MultipleNegativesRankingLoss(tiny_model, similarity_fct=util.euclidean_sim),
         "b": stock_losses.CoSENTLoss(tiny_model),
         "c": UserSubclassLoss(tiny_model),
+        "d": stock_losses.MatryoshkaLoss(
+            tiny_model, stock_losses.MultipleNegativesRankingLoss(tiny_model), matryoshka_dims=[32, 16]
+        ),
+        "e": stock_losses.MatryoshkaLoss(tiny_model, stock_losses.CoSENTLoss(tiny_model), matryoshka_dims=[32, 16]),
     }
     trainer = FastTrainer(
         model=tiny_model, args=_args(tmp_path, "report", max_steps=1, batch_sampler="batch_sampler"),
         train_dataset=DatasetDict({"a": _pairs(64)}), loss=losses,  # a loss dict may name more datasets
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="st_fast.trainer"):
-        trainer.train()
-    (report,) = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
-    assert "similarity_fct=euclidean_sim has no fused kernel" in report
-    assert "CoSENTLoss: left stock" in report
-    assert "batch sampler: batch_sampler left stock" in report
-    assert "UserSubclassLoss: left stock (a subclass of MultipleNegativesRankingLoss" in report
+    trainer.train()
+    (report,) = _reports(caplog)
+    swapped, stock = report.splitlines()  # one line of what st_fast computes, one of what it left stock
+    assert swapped == (
+        "[st_fast] loss[d]: MatryoshkaLoss around st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, "
+        "float32); multi-dataset batch sampler: proportional: set_epoch forwarded to the per-dataset samplers under "
+        "DDP sharding"
+    )  # fmt: skip
+    assert stock.startswith("[st_fast] loss[a]: MultipleNegativesRankingLoss left stock (MultipleNegativesRankingLoss "
+                            "computes stock: similarity_fct=euclidean_sim has no fused kernel")  # fmt: skip
+    assert "; loss[b]: CoSENTLoss left stock (CoSENTLoss has no st_fast equivalent); " in stock
+    assert "; loss[c]: UserSubclassLoss left stock (a subclass of MultipleNegativesRankingLoss: " in stock
+    assert "; loss[e]: MatryoshkaLoss(CoSENTLoss) left stock (CoSENTLoss has no st_fast equivalent); " in stock
+    assert stock.endswith(
+        "; batch sampler: batch_sampler left stock (st_fast replaces only no_duplicates / no_duplicates_hashed)"
+    )
     assert type(trainer.loss["b"]) is stock_losses.CoSENTLoss and type(trainer.loss["c"]) is UserSubclassLoss
+    assert trainer.st_fast_report["loss[b]"] == "CoSENTLoss left stock (CoSENTLoss has no st_fast equivalent)"
+    assert list(trainer.st_fast_report) == [
+        "loss[a]", "loss[b]", "loss[c]", "loss[d]", "loss[e]", "batch sampler", "multi-dataset batch sampler"
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_logging_configured():
+    """No handler anywhere (pytest's capture handlers taken off the root logger): a plain script's logging."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    for handler in saved:
+        root.removeHandler(handler)
+    try:
+        assert not logging.getLogger("st_fast.trainer").hasHandlers()
+        assert logging.getLogger("st_fast.trainer").getEffectiveLevel() == logging.WARNING  # Python's default
+        yield
+    finally:
+        for handler in saved:
+            root.addHandler(handler)
+
+
+def test_report_shown_without_logging_configuration_once_per_train(tiny_model, tmp_path, capsys):
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "shown", max_steps=1), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
+    )  # fmt: skip
+    expected = {
+        "loss": "st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32)",
+        "batch sampler": "st_fast NoDuplicatesBatchSampler (same batches as stock's)",
+    }
+    assert trainer.st_fast_report == expected  # before training: the decisions the dataloader will get
+    line = "[st_fast] loss: " + expected["loss"] + "; batch sampler: " + expected["batch sampler"]
+    with _no_logging_configured():
+        capsys.readouterr()
+        trainer.train()
+        first = capsys.readouterr()
+        trainer.train()
+        second = capsys.readouterr()
+    for captured in (first, second):  # once per train(), on stderr, and all of it is that one line
+        assert [text for text in captured.err.splitlines() if "st_fast" in text] == [line]
+        assert "st_fast" not in captured.out
+    assert trainer.st_fast_report == expected
+
+
+def test_report_goes_through_configured_logging_once(tiny_model, tmp_path, caplog, capsys):
+    """With a handler configured (pytest's, on the root logger, which stays at WARNING) the report is one INFO record
+    of ``st_fast.trainer`` and st_fast's own stderr handler stays out (not shown twice); a level above INFO on the
+    ``st_fast`` logger silences it."""
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "logged", max_steps=1), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
+    )  # fmt: skip
+    assert logging.getLogger().level == logging.WARNING
+    capsys.readouterr()
+    trainer.train()
+    (record,) = [record for record in caplog.records if record.name == "st_fast.trainer"]
+    assert record.levelno == logging.INFO and "backend native (auto; cpu, float32)" in record.getMessage()
+    assert "[st_fast]" not in capsys.readouterr().err
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="st_fast")
+    trainer.train()
+    assert _reports(caplog) == []
+
+
+def test_report_off_and_on_the_main_process_only(tiny_model, tmp_path, caplog):
+    def build(name: str, **kwargs):
+        return FastTrainer(
+            model=tiny_model, args=_args(tmp_path, name, max_steps=1), train_dataset=_pairs(64),
+            loss=stock_losses.MultipleNegativesRankingLoss(tiny_model), **kwargs,
+        )  # fmt: skip
+
+    quiet = build("quiet", st_fast={"report": False})
+    quiet.train()
+    assert _reports(caplog) == []
+    assert quiet.st_fast_report["loss"] == "st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32)"
+    build("stock", st_fast=False).train()  # the stock trainer exactly: no report either
+    assert _reports(caplog) == []
+    other_rank = build("rank1", st_fast=StFastConfig(backend="torch"))
+    other_rank.is_world_process_zero = lambda: False  # what a process of rank > 0 answers
+    other_rank.train()
+    assert _reports(caplog) == []
+    assert other_rank.st_fast_report["loss"] == (
+        "st_fast MultipleNegativesRankingLoss, backend torch (asked; cpu, float32)"
+    )
+    loud = build("loud")
+    loud.is_world_process_zero = lambda: True
+    loud.train()
+    assert len(_reports(caplog)) == 1
+
+
+def test_options_are_validated(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="'backend' must be one of 'auto', 'triton', 'native', 'torch', got 'cuda'"):
+        StFastConfig(backend="cuda")
+    for bad in ({"loss": "yes"}, {"sampler": 1}, {"report": None}):
+        with pytest.raises(TypeError, match=f"st_fast option '{next(iter(bad))}' must be True or False"):
+            StFastConfig(**bad)
+    with pytest.raises(TypeError, match="must be True or False"):
+        StFastConfig.coerce({"report": "no"})
+    with pytest.raises(ValueError, match="unknown option.*known: loss, sampler, backend, report"):
+        StFastConfig.coerce({"reports": False})
+    with pytest.raises(ValueError, match="must be one of"):
+        FastTrainer(
+            model=tiny_model, args=_args(tmp_path, "cuda"), train_dataset=_pairs(64),
+            loss=stock_losses.MultipleNegativesRankingLoss(tiny_model), st_fast={"backend": "cuda"},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="must be one of"):
+        st_fast.patch({"backend": "cuda"})
+    assert not st_fast.is_patched()
+    with pytest.raises(TypeError, match="'report' must be True or False"):
+        st_fast.patch({"report": 0})
+    assert not st_fast.is_patched()
+
+
+def _mnrl_trainer(model, tmp_path, name: str, trainer_class=FastTrainer, **kwargs):
+    return trainer_class(
+        model=model, args=_args(tmp_path, name, max_steps=1), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(model), **kwargs,
+    )  # fmt: skip
+
+
+def test_a_backend_that_cannot_run_on_the_model_fails_at_construction(tiny_model, tmp_path, monkeypatch):
+    import st_fast.ops.backends as backends
+
+    # triton on CPU tensors without the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"the loss \(MultipleNegativesRankingLoss\) cannot run with "
+                                           r"backend='triton' on cpu with float32 embeddings: "):  # fmt: skip
+        _mnrl_trainer(tiny_model, tmp_path, "triton", st_fast={"backend": "triton"})
+    st_fast.patch({"backend": "triton"})  # patch(): the stock trainer's constructor fails the same way
+    with pytest.raises(RuntimeError, match="backend='triton' on cpu"):
+        _mnrl_trainer(tiny_model, tmp_path, "triton-patched", trainer_class=StockTrainer)
+    st_fast.unpatch()
+
+    # native where its extension is not built for the device; auto then takes torch
+    monkeypatch.setattr(backends, "native_available", lambda device: False)
+    with pytest.raises(RuntimeError, match="backend='native' on cpu.*native backend is not available on cpu"):
+        _mnrl_trainer(tiny_model, tmp_path, "native", st_fast={"backend": "native"})
+    trainer = _mnrl_trainer(tiny_model, tmp_path, "auto")
+    assert trainer.st_fast_report["loss"] == "st_fast MultipleNegativesRankingLoss, backend torch (auto; cpu, float32)"
+    monkeypatch.undo()
+
+    # float64 embeddings: native / triton compute in float32 only; auto takes torch
+    tiny_model.double()
+    with pytest.raises(TypeError, match="backend='native' on cpu with float64 embeddings: .*use backend='torch'"):
+        _mnrl_trainer(tiny_model, tmp_path, "f64", st_fast={"backend": "native"})
+    trainer = _mnrl_trainer(tiny_model, tmp_path, "f64-auto")
+    assert trainer.st_fast_report["loss"] == "st_fast MultipleNegativesRankingLoss, backend torch (auto; cpu, float64)"
+    # a user's st_fast loss is checked as well, whatever st_fast= says
+    with pytest.raises(TypeError, match="float64"):
+        FastTrainer(
+            model=tiny_model, args=_args(tmp_path, "own"), train_dataset=_pairs(64), st_fast={"loss": False},
+            loss=fast_losses.MultipleNegativesRankingLoss(tiny_model, backend="native"),
+        )  # fmt: skip
+
+
+@pytest.mark.skipif(not st_fast.native_info()["triton"], reason="needs triton (the interpreter runs it on CPU)")
+def test_report_names_the_backend_each_loss_computes_with(minilm_path, tiny_model, tmp_path, monkeypatch):
+    """Under TRITON_INTERPRET=1 triton runs on CPU tensors: MNRL computes with it; the drop-in GIST loss computes
+    what its Triton kernels cannot decide exactly with torch, and says so; a cached loss's stage is named."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    guide = make_tiny_model(minilm_path, seed=1)
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "gist"), train_dataset=DatasetDict({"m": _pairs(64)}),
+        st_fast={"backend": "triton"}, loss={
+            "m": stock_losses.MultipleNegativesRankingLoss(tiny_model),
+            "c": stock_losses.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=8),
+            "g": stock_losses.GISTEmbedLoss(tiny_model, guide),
+        },
+    )  # fmt: skip
+    report = trainer.st_fast_report
+    assert report["loss[m]"] == "st_fast MultipleNegativesRankingLoss, backend triton (asked; cpu, float32)"
+    assert report["loss[c]"] == (
+        "st_fast CachedMultipleNegativesRankingLoss, loss stage on backend triton (asked; cpu, float32)"
+    )
+    assert report["loss[g]"].startswith(
+        "st_fast GISTEmbedLoss, backend torch (triton asked: the guided Triton kernels cannot decide masks"
+    ) and report["loss[g]"].endswith("; cpu, float32)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,7 +527,7 @@ def test_patch_is_a_plain_function_sharing_the_trainers_swaps():
         assert getattr(patching, name) is getattr(swaps, name) is getattr(trainer_module, name)
 
 
-def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path):
+def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path, caplog):
     originals = {name: BaseTrainer.__dict__[name] for name in ("prepare_loss", "call_model_init", "get_batch_sampler")}
     st_fast.patch()
     st_fast.patch()  # idempotent
@@ -340,16 +539,25 @@ def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path):
     assert type(trainer.loss) is fast_losses.MultipleNegativesRankingLoss
     assert isinstance(trainer.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
     trainer.train()
+    (report,) = _reports(caplog)  # the patched stock trainer reports too, once
+    assert report.startswith("[st_fast] loss: st_fast MultipleNegativesRankingLoss, backend native (auto; cpu")
+    assert trainer.st_fast_report["loss"] in report
 
     # The st_fast trainer keeps its own options while patched (no second fusing, one report).
+    caplog.clear()
     trainer = FastTrainer(
         model=tiny_model, args=_args(tmp_path, "both", max_steps=2), train_dataset=_pairs(64),
         loss=stock_losses.MultipleNegativesRankingLoss(tiny_model), st_fast={"loss": False},
     )  # fmt: skip
     assert type(trainer.loss) is stock_losses.MultipleNegativesRankingLoss
     assert isinstance(trainer.get_train_dataloader().batch_sampler, NoDuplicatesBatchSampler)
+    trainer.train()
+    (report,) = _reports(caplog)
+    assert "loss: MultipleNegativesRankingLoss left stock (st_fast loss=False)" in report
 
     st_fast.unpatch()
+    assert not hasattr(trainer, "st_fast_report") or isinstance(trainer, FastTrainer)
+    assert "st_fast_report" not in BaseTrainer.__dict__
     st_fast.unpatch()  # a no-op when not patched
     assert not st_fast.is_patched()
     assert {name: BaseTrainer.__dict__[name] for name in originals} == originals
@@ -411,6 +619,11 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-4000:]
+        # the swap report, with no logging configured, shown by the main process only (torchrun forwards both)
+        reports = [line for line in done.stderr.splitlines() if line.startswith("[st_fast] loss: ")]
+        assert len(reports) == 1 and reports[0].startswith(
+            "[st_fast] loss: st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32)"
+        ), reports
 
     ranks = [json.loads((tmp_path / "two" / f"losses-rank{rank}.json").read_text()) for rank in (0, 1)]
     one = json.loads((tmp_path / "one" / "losses-rank0.json").read_text())
