@@ -4,6 +4,7 @@ means what st_fast assumes. Run it under every supported sentence-transformers (
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,9 @@ ST_VERSION = Version(sentence_transformers.__version__)
 
 def test_the_installed_sentence_transformers_is_supported():
     assert Version("6.0") <= ST_VERSION < Version("7"), ST_VERSION
+    expected = os.environ.get("ST_FAST_EXPECT_ST_VERSION")  # set by scripts/test_stock_versions.sh
+    if expected:
+        assert ST_VERSION == Version(expected), (sentence_transformers.__file__, ST_VERSION)
 
 
 def test_sample_value_str_is_the_stock_canonical_string():
