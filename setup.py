@@ -6,6 +6,10 @@
   ``ST_FAST_CUDA=1``, or when nvcc is found and ``ST_FAST_CUDA`` is not ``0``; skipped with a message otherwise.
   ``ST_FAST_CUDA_ARCHS`` (e.g. ``90``, or ``80;90``) narrows the targets to those architectures plus PTX of the
   newest, for a quicker build on one known GPU (``benchmarks/gpu_check.sh`` builds for the GPU it runs on).
+  A build with the CUDA extension says so in its version, a PEP 440 local label naming the toolkit and the SASS
+  targets (``0.1.0+cu130.sm80.sm90``), and in ``st_fast.native_info()`` (``cuda_version``, ``cuda_archs``).
+* Extension binaries that this build did not make (a ``_C_cuda`` left in ``build/lib`` or in the source tree by an
+  earlier CUDA build when this one has ``ST_FAST_CUDA=0``) are deleted, so a wheel carries exactly what was built.
 
 The C++ and CUDA translation units compile in parallel (``ST_FAST_BUILD_JOBS`` jobs, default: the CPU count).
 """
@@ -33,14 +37,19 @@ DEFAULT_CUDA_ARCHS = ("80", "90")  # A100, H100/H200; PTX of the last one for ne
 BUILD_JOBS_ENV = "ST_FAST_BUILD_JOBS"
 
 
-def cuda_arch_flags(archs: str | None = None) -> list[str]:
-    """nvcc ``-gencode`` flags: SASS for each architecture in ``archs`` (``ST_FAST_CUDA_ARCHS``, separated by ``;``,
-    ``,`` or spaces, e.g. ``90`` or ``8.0;9.0``; default 80 and 90) and PTX for the newest of them."""
+def cuda_archs(archs: str | None = None) -> list[str]:
+    """The SASS targets, ascending: ``archs`` (``ST_FAST_CUDA_ARCHS``, separated by ``;``, ``,`` or spaces, e.g.
+    ``90`` or ``8.0;9.0``; default 80 and 90) as compute capabilities without the dot (``["80", "90"]``)."""
     archs = os.environ.get("ST_FAST_CUDA_ARCHS", "") if archs is None else archs
     wanted = [a.replace(".", "") for a in re.split(r"[;, ]+", archs.strip()) if a] or list(DEFAULT_CUDA_ARCHS)
     if not all(a.isdigit() for a in wanted):
         raise ValueError(f"ST_FAST_CUDA_ARCHS={archs!r}: expected compute capabilities such as '90' or '8.0;9.0'")
-    wanted = sorted(set(wanted), key=int)
+    return sorted(set(wanted), key=int)
+
+
+def cuda_arch_flags(archs: str | None = None) -> list[str]:
+    """nvcc ``-gencode`` flags: SASS for each architecture of :func:`cuda_archs` and PTX for the newest of them."""
+    wanted = cuda_archs(archs)
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in wanted]
     return [*flags, f"-gencode=arch=compute_{wanted[-1]},code=compute_{wanted[-1]}"]
 
@@ -54,9 +63,8 @@ def _log(message: str) -> None:
 
 
 def _openmp_flags() -> tuple[list[str], list[str]]:
-    """(compile, link) flags for OpenMP, or empty lists when the C++ compiler cannot use it."""
-    if sys.platform == "win32":
-        return ["/openmp"], []
+    """(compile, link) flags for OpenMP (GCC/Clang ``-fopenmp``: the extension then needs ``libgomp.so.1``, which is
+    the one torch has loaded by the time st_fast imports it), or empty lists when the C++ compiler cannot use it."""
     compiler = sysconfig.get_config_var("CXX") or "c++"
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "omp.cpp")
@@ -87,6 +95,30 @@ def _find_cuda_home(nvcc: str) -> str | None:
     return None
 
 
+def _nvcc_release(nvcc: str) -> str:
+    """The toolkit release of ``nvcc`` (``"13.0"``), from ``nvcc --version``."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"cannot read the CUDA release from `{nvcc} --version`:\n{out}")
+    return f"{match[1]}.{match[2]}"
+
+
+def _base_version() -> str:
+    """``__version__`` of st_fast/__init__.py, the one place the version is written."""
+    with open(os.path.join(ROOT, "st_fast", "__init__.py")) as f:
+        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M)
+    if match is None:
+        raise RuntimeError("no __version__ in st_fast/__init__.py")
+    return match[1]
+
+
+def cuda_local_label(release: str, archs: list[str]) -> str:
+    """The PEP 440 local version label of a build with the CUDA extension: ``cu130.sm80.sm90`` for CUDA 13.0 with
+    SASS for sm_80 and sm_90 (the PTX of the newest is implied). torch labels its builds the same way (``+cu128``)."""
+    return ".".join([f"cu{release.replace('.', '')}", *(f"sm{a}" for a in archs)])
+
+
 def _want_cuda() -> str | None:
     """Path to nvcc when the CUDA extension should be built, else None (with the reason logged)."""
     setting = os.environ.get("ST_FAST_CUDA", "")
@@ -113,10 +145,40 @@ class CudaExtension(Pybind11Extension):
 
 
 class BuildExt(build_ext):
+    # the module names of st_fast's extensions (built or not by this build)
+    EXTENSION_NAMES = ("st_fast._C", "st_fast._C_cuda")
+
+    def run(self):
+        super().run()
+        self._remove_stale_extensions()
+
+    def _remove_stale_extensions(self) -> None:
+        """Delete the binaries of st_fast's extensions that this build did not make, where this build puts its own
+        (``build/lib.*`` for a wheel, the source tree for ``--inplace`` / editable installs): a ``_C_cuda`` left there
+        by an earlier CUDA build would otherwise be packed into a ``ST_FAST_CUDA=0`` wheel, or imported."""
+        built = {ext.name for ext in self.extensions}
+        for name in self.EXTENSION_NAMES:
+            path = self.get_ext_fullpath(name)
+            if name not in built and os.path.exists(path):
+                _log(f"removing {path}: {name} is not part of this build")
+                os.remove(path)
+
     def build_extension(self, ext):
         if isinstance(ext, CudaExtension):
+            ext.depends = [*ext.depends, self._cuda_config_stamp(ext)]
             ext.extra_objects = self._compile_cuda(ext)
         super().build_extension(ext)
+
+    def _cuda_config_stamp(self, ext: CudaExtension) -> str:
+        """A file in build_temp holding the CUDA release and targets, rewritten when they change. It is one of the
+        extension's depends, so a tree built before for other targets relinks (and reports the new targets)."""
+        stamp = os.path.join(self.build_temp, "cuda", "config.txt")
+        config = f"{ext.define_macros}\n"
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        if not os.path.exists(stamp) or open(stamp).read() != config:
+            with open(stamp, "w") as f:
+                f.write(config)
+        return stamp
 
     def _compile_cuda(self, ext: CudaExtension) -> list[str]:
         out_dir = os.path.join(self.build_temp, "cuda")
@@ -138,7 +200,8 @@ class BuildExt(build_ext):
             return list(pool.map(compile_one, ext.cuda_sources))
 
 
-def _extensions() -> list[Pybind11Extension]:
+def _extensions() -> tuple[list[Pybind11Extension], str]:
+    """(the extensions, the version: ``__version__``, plus the CUDA label when the CUDA extension is built)."""
     omp_compile, omp_link = _openmp_flags()
     cpu = Pybind11Extension(
         "st_fast._C",
@@ -159,7 +222,10 @@ def _extensions() -> list[Pybind11Extension]:
             (d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)),
             os.path.join(cuda_home, "lib64"),
         )
-        _log(f"building the CUDA extension with {nvcc} (toolkit {cuda_home})")
+        release, archs = _nvcc_release(nvcc), cuda_archs()
+        targets = [*(f"sm_{a}" for a in archs), f"compute_{archs[-1]}"]
+        label = cuda_local_label(release, archs)
+        _log(f"building the CUDA extension with {nvcc} (toolkit {cuda_home}, CUDA {release}, {' '.join(targets)})")
         extensions.append(
             CudaExtension(
                 "st_fast._C_cuda",
@@ -171,12 +237,19 @@ def _extensions() -> list[Pybind11Extension]:
                 include_dirs=[INCLUDE_DIR, os.path.join(cuda_home, "include")],
                 library_dirs=[lib_dir],
                 libraries=["cudart_static", "rt", "pthread", "dl"],
+                # what native_info() reports (csrc/cuda/module.cpp: cuda_version, cuda_archs)
+                define_macros=[
+                    ("ST_FAST_CUDA_VERSION", f'"{release}"'),
+                    ("ST_FAST_CUDA_ARCHS", f'"{" ".join(targets)}"'),
+                ],
                 extra_compile_args=["-O3"],
                 cxx_std=17,
             )
         )
-    return extensions
+        return extensions, f"{_base_version()}+{label}"
+    return extensions, _base_version()
 
 
 ParallelCompile(BUILD_JOBS_ENV, default=_build_jobs()).install()  # the C++ units of each extension in parallel
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+EXTENSIONS, VERSION = _extensions()
+setup(version=VERSION, ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildExt})

@@ -111,7 +111,7 @@ def require_cuda_ext() -> ModuleType:
 def triton_status() -> tuple[bool, str]:
     """(importable, why not) for Triton, without importing it when it is absent."""
     if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
+        return False, "triton is not installed (pip install 'st-fast[triton]', or a CUDA build of torch, brings it)"
     return True, ""
 
 
@@ -126,6 +126,10 @@ def native_info() -> dict[str, Any]:
         "cuda_extension": cuda_ext is not None,
         "cuda_extension_error": cuda_ext_error,
         "cuda_devices_seen_by_extension": cuda_ext.device_count() if cuda_ext is not None else 0,
+        # the CUDA release and gencode targets the extension was compiled for, e.g. "13.0", ["sm_80", "sm_90",
+        # "compute_90"] (PTX of the newest target, which newer GPUs JIT-compile)
+        "cuda_version": getattr(cuda_ext, "cuda_version", None),
+        "cuda_archs": getattr(cuda_ext, "cuda_archs", "").split() if cuda_ext is not None else [],
         "torch": torch.__version__,
         "torch_cuda_available": torch.cuda.is_available(),
         "triton": triton_ok,

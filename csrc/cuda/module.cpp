@@ -17,6 +17,14 @@ extern "C" const char* st_fast_cuda_error_string(int code);
 
 namespace py = pybind11;
 
+// Set by setup.py: the toolkit release and the gencode targets this extension was compiled for.
+#ifndef ST_FAST_CUDA_VERSION
+#define ST_FAST_CUDA_VERSION "unknown"
+#endif
+#ifndef ST_FAST_CUDA_ARCHS
+#define ST_FAST_CUDA_ARCHS ""
+#endif
+
 namespace {
 void check(int code, const char* what) {
   if (code != 0) throw std::runtime_error(std::string(what) + ": " + st_fast_cuda_error_string(code));
@@ -26,6 +34,8 @@ void check(int code, const char* what) {
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "st_fast CUDA kernels (raw device pointers; call through st_fast._native, which validates)";
   m.attr("boundary_codes") = st_fast::boundary_codes();
+  m.attr("cuda_version") = ST_FAST_CUDA_VERSION;  // e.g. "13.0"
+  m.attr("cuda_archs") = ST_FAST_CUDA_ARCHS;      // e.g. "sm_80 sm_90 compute_90"
   m.def("device_count", &st_fast_cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
   m.def(
       "contrastive_rows",
