@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download the wheels that benchmarks/gpu_check.sh needs on the GPU machine and that its image lacks, into the
-# folder .whl/ (git-ignored through .git/info/exclude): the public anchors of the fused-loss benchmark and `datasets`
-# with the two packages of it that the image does not hold. The GPU machine has Python 3.12 and no network; the
-# device tool carries .whl (64 MiB at most: these are about 2 MB).
+# folder .whl/ (git-ignored through .git/info/exclude): the public anchors of the fused-loss benchmark, `datasets`
+# with the two packages of it that the image does not hold, and a setuptools new enough to build st_fast. The GPU
+# machine has Python 3.12 and no network; the device tool carries .whl (64 MiB at most: these are about 3 MB).
 #
 #   bash scripts/gpu_wheels.sh            # then: device run 'bash benchmarks/gpu_check.sh "$OUT"', carry ['.whl']
 #
@@ -19,6 +19,7 @@ WHEELS=(
     datasets==5.2.0
     dill==0.4.1
     multiprocess==0.70.19
+    setuptools==80.9.0  # pyproject's SPDX license string needs setuptools>=77 to build; the image's may be older
 )
 EXCLUDE=.git/info/exclude
 if [ -d .git ] && ! grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null; then
