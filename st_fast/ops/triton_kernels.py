@@ -36,16 +36,20 @@ Tiling
 * Forward: grid (row tiles, column splits). Program (m, s) runs an online max / sum-exp over the column
   tiles of split s and writes the partial log-sum-exp of its rows to an (M, n_split) fp32 buffer; torch merges the
   splits with ``logsumexp`` (deterministic). Cost: 2·M·N·D FLOPs (+ 2·M·N·D' guided) and M·N exp2.
-* Backward: one kernel launched twice, each launch recomputing its score tiles over the full D, no atomics
-  (deterministic, no contention): for dR (COLUMNS off) a program owns (row tile, D-output tile) and loops over column
-  tiles accumulating dR = scale·P @ C; for dC (COLUMNS on) it owns (column tile, D-output tile) and loops over row
-  tiles accumulating dC = scale·Pᵀ @ R, computing the transposed tile Sᵀ = C @ Rᵀ directly. A third grid axis
-  splits the loop
-  (columns, resp. rows) when the first two do not fill the GPU; the (n_split, ·, D) fp32 partials are summed by
-  torch. Cost: (n_dtiles + 1)·2·M·N·D FLOPs per launch with n_dtiles = ceil(D / BLOCK_DO), i.e. 8·M·N·D in all for
-  D <= 128 (16·M·N·D at D = 384). The D-output tile keeps the fp32 accumulator in registers for any D. Chosen over
-  one kernel with fp32 atomics for dR (6·M·N·D, but nondeterministic, and all column-tile programs would hit the
-  same row tiles at once) for determinism and simplicity; not measured.
+* Backward: one kernel launched twice, no atomics (deterministic, no contention), each program computing every
+  score tile it visits once: for dR (COLUMNS off) a program owns a row tile and a D window and loops over column
+  tiles accumulating dR = scale·P @ C; for dC (COLUMNS on) it owns a column tile and a D window and loops over row
+  tiles accumulating dC = scale·Pᵀ @ R, computing the transposed tile Sᵀ = C @ Rᵀ directly. The score tile's dots
+  loop over all of D in BLOCK_K chunks; its P tile is then multiplied into the whole window, held as two fp32
+  accumulators (a power of two BLOCK_DO and a power-of-two tail BLOCK_DT, so D = 384 and 768 are not padded).
+  The window is all of D up to D = 1024 (the launcher's per-D tile table keeps it in registers without spills at
+  sm_90); wider D is split into windows across programs, each recomputing the score tiles. A third grid axis
+  splits the loop (columns, resp. rows) when the first two do not fill the GPU; the (n_split, ·, D) fp32
+  partials are summed by torch. Cost: 4·M·N·D FLOPs per launch, 8·M·N·D in all (+ 4·M·N·D' guided), for
+  D <= 1024 ((ceil(D / 1024) + 1)·2·M·N·D per launch beyond). A single launch accumulating dR with fp32 atomics
+  (or dC: each program would own a row tile, compute each score tile once in all, and add its Pᵀ @ R into the
+  column tiles' rows) would cost 6·M·N·D, a quarter less, but with a nondeterministic summation order and all
+  row-tile programs hitting the same column-tile rows at once; two launches chosen for determinism, not measured.
 * Before the P·C products, P is normalized by max_i |w_i| (so that P ∈ [-1, 1] does not underflow in fp16) and cast
   to the input dtype; the accumulator is multiplied back by scale·max|w| at the end.
 
@@ -114,19 +118,17 @@ def _score_tile(
 ):
     """S[a, b] = Σ_k A[offs_a[a], k] · B[offs_b[b], k] over the full D: fp32 (BLOCK_A, BLOCK_B), 0 off the masks."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_a[:, None].to(tl.int64) * stride_a + offs_k[None, :]  # (BLOCK_A, BLOCK_K)
-    b_ptrs = b_ptr + offs_b[None, :].to(tl.int64) * stride_b + offs_k[:, None]  # (BLOCK_K, BLOCK_B): Bᵀ
+    a_rows = a_ptr + offs_a.to(tl.int64) * stride_a  # row base pointers (BLOCK_A,)
+    b_rows = b_ptr + offs_b.to(tl.int64) * stride_b  # (BLOCK_B,)
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_mask = (k0 + offs_k) < D
-        a = tl.load(a_ptrs, mask=mask_a[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & mask_b[None, :], other=0.0)
+        a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=mask_a[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_rows[None, :] + (k0 + offs_k)[:, None], mask=k_mask[:, None] & mask_b[None, :], other=0.0)  # Bᵀ
         if UPCAST:  # bf16 under the interpreter: compute in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
     return acc
 
 
@@ -313,13 +315,19 @@ def _segment_lse_backward_kernel(
     KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    BLOCK_DO: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):  # fmt: skip
-    """One (owned tile, D tile) of a gradient, summed over the other operand's tiles of split pid_s:
+    """One owned tile's gradient over a D window of BLOCK_DO + BLOCK_DT columns (all of D for D <= the launcher's
+    window), summed over the other operand's tiles of split pid_s:
 
     * COLUMNS False (dR): OUT_PART[split, i, d] = grad_factor · Σ_{c in split} P̂_ic · C[c, d] for a row tile;
     * COLUMNS True (dC):  OUT_PART[split, c, d] = grad_factor · Σ_{i in split} P̂_ic · R[i, d] for a column tile,
       on transposed tiles (Sᵀ = C @ Rᵀ is (BLOCK_N, BLOCK_M), so Pᵀ @ R needs no transpose).
+
+    Each score tile is computed once per program (its dot products loop over all of D in BLOCK_K chunks) and its
+    P̂ tile is multiplied into the whole window: a power-of-two main part BLOCK_DO and, when BLOCK_DT > 0, a
+    power-of-two tail part (D = 384 = 256 + 128, 768 = 512 + 256 without padding to the next power of two), two
+    fp32 accumulators held by the program for the whole loop.
 
     P̂_ic = ŵ_i · exp(L_ic - lse_ref_i) with ŵ = w / max|w| (0 for dead rows and masked entries);
     grad_factor = scale · max|w|, so the sum over splits is dR = scale · P @ C (dC = scale · Pᵀ @ R).
@@ -329,11 +337,16 @@ def _segment_lse_backward_kernel(
     n_owned = N if COLUMNS else M
     n_loop = M if COLUMNS else N
     offs_owned = tl.program_id(0) * BLOCK_OWNED + tl.arange(0, BLOCK_OWNED)
-    offs_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_begin = tl.program_id(1) * (BLOCK_DO + BLOCK_DT)
     pid_s = tl.program_id(2)
+    offs_d = d_begin + tl.arange(0, BLOCK_DO)
     d_mask = offs_d < D
-
     acc = tl.zeros((BLOCK_OWNED, BLOCK_DO), dtype=tl.float32)
+    if BLOCK_DT > 0:  # the window's tail part
+        offs_dt = d_begin + BLOCK_DO + tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt < D
+        acc_t = tl.zeros((BLOCK_OWNED, BLOCK_DT), dtype=tl.float32)
+
     loop_begin = pid_s * tiles_per_split * BLOCK_LOOP
     loop_end = tl.minimum(n_loop, loop_begin + tiles_per_split * BLOCK_LOOP)
     for loop0 in range(loop_begin, loop_end, BLOCK_LOOP):
@@ -348,9 +361,16 @@ def _segment_lse_backward_kernel(
         p = _p_tile(LSE_REF, W_NORM, logit, offs_m, M, COLUMNS)  # (BLOCK_OWNED, BLOCK_LOOP)
         other = R if COLUMNS else C  # the operand the owned gradient is a product with
         stride_other = stride_r if COLUMNS else stride_c
-        acc = _accumulate_p_product(acc, p, other, offs_loop, offs_loop < n_loop, stride_other, offs_d, d_mask,
+        loop_mask = offs_loop < n_loop
+        acc = _accumulate_p_product(acc, p, other, offs_loop, loop_mask, stride_other, offs_d, d_mask,
                                     UPCAST, INPUT_PRECISION)  # fmt: skip
+        if BLOCK_DT > 0:
+            acc_t = _accumulate_p_product(acc_t, p, other, offs_loop, loop_mask, stride_other, offs_dt, dt_mask,
+                                          UPCAST, INPUT_PRECISION)  # fmt: skip
 
-    acc = acc * tl.load(GRAD_FACTOR)
-    out_ptrs = OUT_PART + (pid_s * n_owned + offs_owned[:, None]).to(tl.int64) * D + offs_d[None, :]
-    tl.store(out_ptrs, acc, mask=(offs_owned < n_owned)[:, None] & d_mask[None, :])
+    grad_factor = tl.load(GRAD_FACTOR)
+    out_rows = (pid_s * n_owned + offs_owned[:, None]).to(tl.int64) * D
+    owned_mask = (offs_owned < n_owned)[:, None]
+    tl.store(OUT_PART + out_rows + offs_d[None, :], acc * grad_factor, mask=owned_mask & d_mask[None, :])
+    if BLOCK_DT > 0:
+        tl.store(OUT_PART + out_rows + offs_dt[None, :], acc_t * grad_factor, mask=owned_mask & dt_mask[None, :])

@@ -150,7 +150,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _blocks(m: int, n: int, d: int) -> dict[str, int]:
-    """One config per shape: tiles of at most 64 x 64, BLOCK_K <= 64 along D, D-output tiles of 128 (256 for D >= 512).
+    """The forward's config (and the interpreter's backward tiles): tiles of at most 64 x 64, BLOCK_K <= 64 along D.
 
     ``tl.dot`` needs every tile dimension >= 16.
     """
@@ -159,8 +159,70 @@ def _blocks(m: int, n: int, d: int) -> dict[str, int]:
         "BLOCK_M": min(64, max(16, pow2(m))),
         "BLOCK_N": min(64, max(16, pow2(n))),
         "BLOCK_K": min(64, max(16, pow2(d))),
-        "BLOCK_DO": min(256 if d >= 512 else 128, max(16, pow2(d))),
     }
+
+
+class BackwardConfig(NamedTuple):
+    """Tiles of the backward kernel: the owned tile (rows for dR, columns for dC), the loop tile, the D window
+    (BLOCK_DO + BLOCK_DT columns of the gradient held by one program), BLOCK_K along D in the score tile's dots."""
+
+    block_owned: int
+    block_loop: int
+    block_k: int
+    block_do: int
+    block_dt: int
+    num_warps: int
+    num_stages: int
+
+    def blocks(self, columns: bool) -> dict[str, int]:
+        """The kernel's BLOCK_M / BLOCK_N / BLOCK_K / BLOCK_DO / BLOCK_DT for dR (columns False) or dC (True)."""
+        block_m, block_n = (self.block_loop, self.block_owned) if columns else (self.block_owned, self.block_loop)
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": self.block_k, "BLOCK_DO": self.block_do,
+                "BLOCK_DT": self.block_dt}  # fmt: skip
+
+
+# Backward tiles on CUDA per operand size (2: fp16 / bf16, 4: fp32) and D range:
+# (largest D, owned tile, loop tile, BLOCK_K, num_warps, num_stages).
+# NOT YET MEASURED ON A GPU: chosen so that every kernel compiles for sm_90 without register spills and within
+# the shared memory of one SM (tests/triton_aot.py, run by tests/ops/test_triton_lse.py); benchmarks/gpu_check.sh
+# is to measure their speed and replace them.
+_CUDA_BACKWARD_TILES = {
+    2: ((128, 64, 64, 64, 4, 2), (256, 64, 64, 64, 8, 2), (512, 32, 64, 64, 8, 2), (1024, 16, 64, 64, 8, 2)),
+    4: ((128, 64, 32, 32, 8, 2), (256, 32, 32, 32, 8, 2), (512, 16, 32, 32, 8, 2), (1024, 16, 16, 16, 8, 2)),
+}
+# The widest D window one program holds; larger D is split into windows of this many columns across programs,
+# each recomputing the score tiles (once per window, i.e. ceil(D / 1024) times).
+_MAX_D_WINDOW = 1024
+
+
+def _d_window(d: int, max_window: int) -> tuple[int, int, int]:
+    """(BLOCK_DO, BLOCK_DT, number of windows): a window of BLOCK_DO + BLOCK_DT >= min(d, max_window) columns as a
+    power of two plus a power-of-two tail (0 when the tail would not save anything over the next power of two)."""
+    pow2 = triton.next_power_of_2
+    if d >= max_window:
+        return max_window, 0, triton.cdiv(d, max_window)
+    if d <= 16:
+        return 16, 0, 1
+    main = pow2(d) // 2 if pow2(d) != d else d
+    tail = 0 if main == d else max(16, pow2(d - main))
+    if main + tail >= pow2(d):
+        return pow2(d), 0, 1
+    return main, tail, 1
+
+
+def _backward_config(m: int, n: int, d: int, device_type: str, element_size: int, guided: bool) -> BackwardConfig:
+    """One config under the interpreter (the forward's tiles); on CUDA the row of :data:`_CUDA_BACKWARD_TILES`
+    for the operands' element size and D (its last row beyond 1024), with half the loop tile when guided (the
+    guide's score tile takes registers too)."""
+    block_do, block_dt, _ = _d_window(d, _MAX_D_WINDOW)
+    if device_type != "cuda":
+        blocks = _blocks(m, n, d)
+        return BackwardConfig(blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"], block_do, block_dt, 4, 1)
+    table = _CUDA_BACKWARD_TILES[4 if element_size >= 4 else 2]
+    _, owned, loop, block_k, num_warps, num_stages = next((row for row in table if d <= row[0]), table[-1])
+    if guided:
+        loop = max(16, loop // 2)
+    return BackwardConfig(owned, loop, block_k, block_do, block_dt, num_warps, num_stages)
 
 
 @functools.lru_cache(maxsize=16)
@@ -193,6 +255,8 @@ def _launch_options(
     size is the smallest (the guide operands are not read)."""
     guide_rows = rows if guide is None else guide.rows
     upcast = rows.device.type == "cpu" and torch.bfloat16 in (rows.dtype, guide_rows.dtype)
+    # fp32 guide tiles take registers (64 spills at sm_90 next to fp32 operands; 32 spills next to fp32 D = 1024)
+    block_kg = 64 if guide_rows.dtype != torch.float32 else 32 if rows.dtype != torch.float32 else 16
     return {
         "KIND": int(kind),
         "HARDNESS": int(hardness),
@@ -201,7 +265,7 @@ def _launch_options(
         "UPCAST": upcast,
         "INPUT_PRECISION": _input_precision(rows.dtype),
         "GUIDE_PRECISION": _input_precision(guide_rows.dtype),
-        "BLOCK_KG": 16 if guide is None else min(64, max(16, triton.next_power_of_2(guide_rows.shape[1]))),
+        "BLOCK_KG": 16 if guide is None else min(block_kg, max(16, triton.next_power_of_2(guide_rows.shape[1]))),
     }
 
 
@@ -247,7 +311,6 @@ def segment_lse_forward(
     )
     (m, d), n = rows.shape, cols.shape[0]
     blocks = _blocks(m, n, d)
-    del blocks["BLOCK_DO"]
     row_tiles = triton.cdiv(m, blocks["BLOCK_M"])
     n_split, tiles_per_split = _split(triton.cdiv(n, blocks["BLOCK_N"]), row_tiles, rows.device, n_split)
 
@@ -301,23 +364,25 @@ def segment_lse_backward(
     w_norm = (row_weight / w_max).contiguous()
     grad_factor = (w_max * float(scale)).reshape(1)
 
-    blocks = _blocks(m, n, d)
-    num_warps = 8 if blocks["BLOCK_DO"] > 128 else 4
-    row_tiles, col_tiles = triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"])
-    d_tiles = triton.cdiv(d, blocks["BLOCK_DO"])
+    config = _backward_config(m, n, d, rows.device.type, rows.element_size(), guide is not None)
+    d_windows = _d_window(d, _MAX_D_WINDOW)[2]
     dg, stride_gr, stride_gc = guide_sizes
     operands = (rows, cols, *guide_pointers, lse_ref, w_norm, grad_factor)
     sizes = (m, n, d, dg, rows.stride(0), cols.stride(0), stride_gr, stride_gc, row_start, width, float(scale),
              float(alpha))  # fmt: skip
 
     gradients = []
-    # dR: programs own (row tile, D tile) and loop over column tiles; dC: own (column tile, D tile), loop over rows
-    for columns, owned_tiles, loop_tiles, owned in ((False, row_tiles, col_tiles, m), (True, col_tiles, row_tiles, n)):
-        splits, tiles_per_split = _split(loop_tiles, owned_tiles * d_tiles, rows.device, n_split)
+    # dR: programs own (row tile, D window) and loop over column tiles; dC: own (column tile, D window), loop over
+    # row tiles. Two launches, no atomics: deterministic. (One launch computing each score tile once in all would
+    # accumulate dR or dC with fp32 atomics: 6·M·N·D FLOPs instead of 8, but a nondeterministic summation order.)
+    for columns, owned, looped in ((False, m, n), (True, n, m)):
+        owned_tiles = triton.cdiv(owned, config.block_owned)
+        loop_tiles = triton.cdiv(looped, config.block_loop)
+        splits, tiles_per_split = _split(loop_tiles, owned_tiles * d_windows, rows.device, n_split)
         partials = torch.empty((splits, owned, d), dtype=torch.float32, device=rows.device)
-        _segment_lse_backward_kernel[(owned_tiles, d_tiles, splits)](
-            *operands, partials, *sizes, tiles_per_split, **options, COLUMNS=columns, **blocks,
-            num_warps=num_warps, num_stages=2,
+        _segment_lse_backward_kernel[(owned_tiles, d_windows, splits)](
+            *operands, partials, *sizes, tiles_per_split, **options, COLUMNS=columns, **config.blocks(columns),
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         gradients.append(partials[0] if splits == 1 else partials.sum(0))
     return gradients[0], gradients[1]
