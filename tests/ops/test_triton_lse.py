@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton_aot  # noqa: E402 (tests/triton_aot.py)
+
 from st_fast.ops import triton_lse  # noqa: E402
 from st_fast.ops.layout import HardnessKind, SegmentKind  # noqa: E402
 from st_fast.ops.triton_lse import segment_lse_backward, segment_lse_forward, triton_available_for  # noqa: E402
@@ -180,6 +182,52 @@ def test_split_loops_merge_to_the_same_result(n_split):
     exp_rows, exp_cols = reference_backward(rows, cols, lse_ref, row_weight, **seg)
     assert rel_err(d_rows, exp_rows) < 1e-5
     assert rel_err(d_cols, exp_cols) < 1e-5
+
+
+@pytest.mark.parametrize(("kind", "hardness", "d"), [(Q2D, ALL, 200), (D2D, NONE, 48), (Q2Q, NONE, 80)])
+def test_backward_d_windows_across_programs(monkeypatch, kind, hardness, d):
+    """D wider than one program's window (1024 on CUDA; 32 here) is split into windows across programs, each
+    recomputing the score tiles: D = 200 in 7 windows (the last one 8 wide), 48 and 80 in 2 and 3."""
+    monkeypatch.setattr(triton_lse, "_MAX_D_WINDOW", 32)
+    m, k, width = 7, 2 if kind != Q2Q else 1, 33
+    rows, cols = make_segment(m, k, width, d)
+    seg = dict(kind=kind, scale=20.0, row_start=width - m, width=width, hardness=hardness, alpha=0.5)
+    logits = reference_logits(rows, cols, **seg)
+    lse_ref, row_weight = joint_lse_ref(logits), torch.rand(m) + 0.1
+    d_rows, d_cols = segment_lse_backward(rows, cols, lse_ref, row_weight, **seg)
+    exp_rows, exp_cols = reference_backward(rows, cols, lse_ref, row_weight, **seg)
+    assert rel_err(d_rows, exp_rows) < 1e-5 and rel_err(d_cols, exp_cols) < 1e-5
+
+
+def test_d_window_is_a_power_of_two_plus_a_tail():
+    """One program holds all of D up to 1024 (each score tile computed once per (row tile, column tile)): a power of
+    two plus a power-of-two tail where that saves over padding to the next power of two (384 = 256 + 128)."""
+    window = triton_lse._d_window
+    assert window(16, 1024) == (16, 0, 1) and window(7, 1024) == (16, 0, 1)
+    assert window(48, 1024) == (32, 16, 1) and window(80, 1024) == (64, 16, 1)
+    assert window(100, 1024) == (128, 0, 1) and window(256, 1024) == (256, 0, 1)
+    assert window(384, 1024) == (256, 128, 1) and window(768, 1024) == (512, 256, 1)
+    assert window(1000, 1024) == (1024, 0, 1) and window(1024, 1024) == (1024, 0, 1)
+    assert window(1100, 1024) == (1024, 0, 2) and window(4096, 1024) == (1024, 0, 4)
+    for d in range(1, 1025):
+        main, tail, count = window(d, 1024)
+        assert count == 1 and main + tail >= d and main >= 16 and (tail == 0 or tail >= 16)
+        assert main & (main - 1) == 0 and tail & (tail - 1) == 0
+
+
+def test_backward_tile_table():
+    """The CUDA table covers D up to 1024 per operand size, tiles >= 16 (tl.dot); the interpreter takes one config."""
+    for element_size, table in triton_lse._CUDA_BACKWARD_TILES.items():
+        assert [row[0] for row in table] == [128, 256, 512, 1024], element_size
+        for d in (16, 128, 129, 384, 768, 1024, 4096):
+            for guided in (False, True):
+                config = triton_lse._backward_config(4096, 8192, d, "cuda", element_size, guided)
+                assert min(config.block_owned, config.block_loop, config.block_k) >= 16
+                dr, dc = config.blocks(False), config.blocks(True)
+                assert (dr["BLOCK_M"], dr["BLOCK_N"]) == (dc["BLOCK_N"], dc["BLOCK_M"]) == (
+                    config.block_owned, config.block_loop)  # fmt: skip
+    cpu = triton_lse._backward_config(7, 66, 48, "cpu", 4, False)
+    assert cpu == triton_lse.BackwardConfig(16, 64, 64, 32, 16, 4, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,54 +419,15 @@ def test_cpu_without_interpreter_raises_in_a_clean_process(preamble, message):
 # Compiled mode without a GPU: the interpreter runs Python, so it accepts code that the compiler would reject
 # ----------------------------------------------------------------------------------------------------------------
 
-AOT_COMPILE = """
-import inspect, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from st_fast.ops import triton_lse
-from st_fast.ops.layout import HardnessKind, SegmentKind
-
-POINTERS = {"LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "OUT_PART"}
-SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-VARIANTS = [  # kernel, input dtype, D, its own constexprs (M = N = 4096; Q2D with ALL hardness)
-    ("_segment_lse_forward_kernel", torch.bfloat16, 384, {}),
-    ("_segment_lse_backward_kernel", torch.bfloat16, 384, {"COLUMNS": False}),  # dR
-    ("_segment_lse_backward_kernel", torch.bfloat16, 384, {"COLUMNS": True}),  # dC
-    ("_segment_lse_backward_kernel", torch.float32, 768, {"COLUMNS": True}),  # ieee fp32 dots, BLOCK_DO = 256, 8 warps
-]
-for name, dtype, d, own in VARIANTS:
-    kernel = getattr(triton_lse, name)
-    params = list(inspect.signature(kernel.fn).parameters)
-    rows = torch.empty(4096, d, dtype=dtype, device="meta")
-    options = triton_lse._launch_options(rows, SegmentKind.Q2D, HardnessKind.ALL) | triton_lse._blocks(4096, 4096, d)
-    options |= own
-    constexprs = {key: value for key, value in options.items() if key in params}
-    signature = {}
-    for param in params:
-        if param in constexprs:
-            signature[param] = "constexpr"
-        elif param in ("R", "C"):
-            signature[param] = "*" + SHORT[dtype]
-        else:
-            signature[param] = "*fp32" if param in POINTERS else "fp32" if param in ("scale", "alpha") else "i32"
-    num_warps = 8 if constexprs.get("BLOCK_DO", 0) > 128 else 4
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert compiled.asm["cubin"]
-    print("compiled", name, SHORT[dtype], d)
-"""
-
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """Ahead-of-time compilation to H100 cubins with the launchers' constexprs, in a process without the interpreter
-    (which runs kernels as Python and so accepts code that the compiler would reject)."""
+def test_kernels_compile_for_sm90_without_spills():
+    """Ahead-of-time compilation to H100 cubins with the launchers' constexprs and tiles (every row of the backward's
+    CUDA tile table, both directions, bf16 / fp16 / fp32 with ieee and tf32 dots, D > 1024 in windows), in a process
+    without the interpreter (which runs kernels as Python and so accepts code that the compiler would reject); the
+    register spills are read from ptxas -v (tests/triton_aot.py)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", AOT_COMPILE], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and out.stdout.count("compiled") == 4, out.stdout + out.stderr[-3000:]
+    triton_aot.assert_no_spills(triton_aot.compile_in_subprocess("mnrl"), len(triton_aot.MNRL_VARIANTS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
