@@ -191,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--device", default="cuda" if _cuda() else "cpu")
     training.add_argument("--threads", default="auto",
                           help="torch CPU threads for the training runs: a number, or auto (default): torch's own "
-                               "count, or 1 when the load average already fills the cores (other processes hold "
-                               "them; a multi-threaded op's workers would then wait on each other)")  # fmt: skip
+                               "count, or 1 when the load average is at least the core count + 1 (other "
+                               "processes hold the cores; a multi-threaded op's workers would then wait on each "
+                               "other)")  # fmt: skip
     training.add_argument("--seed", type=int, default=42)
     training.add_argument("--output-dir", default="demo_out")
     parts = parser.add_argument_group("the replaced parts at scale")
