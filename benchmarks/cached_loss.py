@@ -16,6 +16,7 @@ one warm-up; peak memory of one call (as in the fused_loss part);
 then the two gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)) alone, fp32, measured in the same run, and
 ``x_gemm3`` = time / gemm3_ms (1.0 would be the GEMM floor). For half-precision cases ``gemm3_dtype_ms`` times the
 same GEMMs in the case's dtype. ``loss_err`` / ``grad_err``: largest absolute differences from stock.
+``--cached-no-memory`` / ``--cached-no-gemm3`` leave the memory / GEMM columns empty (the demo's short run).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cached-threads", type=int, default=None,
                        help="torch CPU threads for this part (default: torch's own count)")  # fmt: skip
     group.add_argument("--cached-no-stock", action="store_true", help="skip the stock loss (x_vs_stock left empty)")
+    group.add_argument("--cached-no-memory", action="store_true",
+                       help="no peak-memory measurement (the warm-up call runs without the profiler)")  # fmt: skip
+    group.add_argument("--cached-no-gemm3", action="store_true", help="skip the GEMM-floor columns (gemm3_*)")
 
 
 def cached_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
@@ -153,8 +157,10 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         backends = available_backends(device, dtype, args.cached_backends)
         losses = make_cached_losses(backends, mini_batch_size, with_stock=not args.cached_no_stock)
         n = k * batch
-        gemm3 = gemm3_seconds(batch, n, dim, torch.float32, device, repeats)
-        gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device, repeats) if dtype != torch.float32 else None
+        gemm3 = None if args.cached_no_gemm3 else gemm3_seconds(batch, n, dim, torch.float32, device, repeats)
+        gemm3_dtype = None
+        if dtype != torch.float32 and not args.cached_no_gemm3:
+            gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device, repeats)
         free_memory(device)
         reps = make_reps(make_embeddings(batch, k, dim, dtype, device), mini_batch_size)
         results: dict[str, dict[str, Any]] = {}
@@ -162,7 +168,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             result = measure(
                 lambda: _loss_stage(losses[name], reps),  # noqa: B023
                 lambda: _grads(reps),  # noqa: B023
-                device, repeats, args.cached_time_budget,
+                device, repeats, args.cached_time_budget, memory=not args.cached_no_memory,
             )  # fmt: skip
             for column in reps:
                 for chunk in column:
@@ -175,10 +181,10 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update(dict.fromkeys(["time_ms", "peak_mb", "x_vs_stock", "gemm3_ms", "x_gemm3", "gemm3_dtype_ms"]))
             row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
             row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
-            row["gemm3_ms"] = gemm3 * 1e3
+            row["gemm3_ms"] = None if gemm3 is None else gemm3 * 1e3
             row["gemm3_dtype_ms"] = None if gemm3_dtype is None else gemm3_dtype * 1e3
             row.update(result_columns(name, result, stock, "x_vs_stock"))
-            if not result.get("oom"):
+            if not result.get("oom") and gemm3 is not None:
                 row["x_gemm3"] = result["seconds"] / gemm3
             rows.append(row)
         reps = losses = results = None  # free this case's tensors before the next one

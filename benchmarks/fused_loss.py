@@ -219,13 +219,19 @@ def timed_runs(fn: Callable[[], Any], repeats: int, device: torch.device, budget
 
 
 def measure(fn: Callable[[], torch.Tensor], grads: Callable[[], list[torch.Tensor]], device: torch.device,
-            repeats: int, budget_s: float) -> dict[str, Any]:  # fmt: skip
+            repeats: int, budget_s: float, memory: bool = True) -> dict[str, Any]:  # fmt: skip
     """One untimed call under the memory measurement (it is also the warm-up and gives the loss and the gradients
-    that the error columns compare), then the timed calls; ``{"oom": True}`` when the device ran out of memory."""
+    that the error columns compare), then the timed calls; ``{"oom": True}`` when the device ran out of memory.
+    ``memory=False``: a plain warm-up call instead (peak None; the CPU profiler slows the stock losses' many small
+    ops down by about 2x)."""
     result: dict[str, Any] = {}
     try:
         holder: list[torch.Tensor] = []
-        result["peak"], result["memory_by"] = peak_mb(lambda: holder.append(fn()), device)
+        if memory:
+            result["peak"], result["memory_by"] = peak_mb(lambda: holder.append(fn()), device)
+        else:
+            holder.append(fn())
+            result["peak"], result["memory_by"] = None, None
         result["loss"] = float(holder[0])
         result["grads"] = [g.detach().clone() for g in grads()]
         result["seconds"], result["runs"] = timed_runs(fn, repeats, device, budget_s)

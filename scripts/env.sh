@@ -2,9 +2,61 @@
 # Sourced by the other scripts: create or reuse ./.venv, install torch==2.13.0 only when no torch is importable
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then build and install st_fast (editable) with the
 # extras given in ST_FAST_EXTRAS (default: test). Set ST_FAST_CUDA=0/1 to skip/force the CUDA extension.
+#
+# The build is skipped when the installed one is current: .venv/st_fast-build.stamp holds the stamp of the last
+# successful install (st_fast_build_stamp below: a hash of setup.py, pyproject.toml, every file under csrc/, the
+# extras and the CUDA settings), and st_fast (with st_fast._C, and st_fast._C_cuda when it is built) imports from
+# this checkout. Python changes need no rebuild (editable install); a change to csrc/ or the packaging does. A fresh
+# clone has no .venv, so it always builds (CI). ST_FAST_REBUILD=1 forces the build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
+ST_FAST_STAMP_FILE=".venv/st_fast-build.stamp"
+
+# nvcc as setup.py finds it ($CUDA_HOME/bin, $CUDA_PATH/bin, then PATH), or nothing.
+st_fast_nvcc() {
+  local home
+  for home in "${CUDA_HOME:-}" "${CUDA_PATH:-}"; do
+    if [ -n "$home" ] && [ -e "$home/bin/nvcc" ]; then echo "$home/bin/nvcc"; return; fi
+  done
+  command -v nvcc || true
+}
+
+# 1 when the build will include the CUDA extension (ST_FAST_CUDA=1, or unset with nvcc found), else 0: unset and 1
+# give the same build where nvcc exists, so scripts/test.sh (which sets 1 there) and scripts/demo.sh share a stamp.
+st_fast_cuda_wanted() {
+  if [ "${ST_FAST_CUDA:-}" = "0" ] || { [ "${ST_FAST_CUDA:-}" != "1" ] && [ -z "$(st_fast_nvcc)" ]; }; then
+    echo 0
+  else
+    echo 1
+  fi
+}
+
+# Prints the stamp of what an install from the current directory would build: sha256 over the build settings and
+# the path and content of every build input.
+st_fast_build_stamp() {
+  {
+    echo "extras=${ST_FAST_EXTRAS:-test} cuda=$(st_fast_cuda_wanted) nvcc=$(st_fast_nvcc)"
+    echo "ST_FAST_CUDA_ARCHS=${ST_FAST_CUDA_ARCHS:-} CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-}"
+    local path
+    for path in setup.py setup.cfg pyproject.toml MANIFEST.in csrc; do
+      if [ -e "$path" ]; then find "$path" -type f -print0; fi
+    done | LC_ALL=C sort -z | xargs -0 -r sha256sum
+  } | sha256sum | cut -d' ' -f1
+}
+
+# True when the installed st_fast is this checkout's, its compiled parts import, and the stamp matches.
+st_fast_build_current() {
+  [ "${ST_FAST_REBUILD:-0}" != "1" ] && [ -f "$ST_FAST_STAMP_FILE" ] \
+    && [ "$(cat "$ST_FAST_STAMP_FILE")" = "$1" ] \
+    && "$VENV_PY" - "$PWD" "$(st_fast_cuda_wanted)" >/dev/null 2>&1 <<'EOF'
+import importlib.util, os, sys
+import st_fast, st_fast._C
+inside = os.path.realpath(st_fast.__file__).startswith(os.path.join(os.path.realpath(sys.argv[1]), ""))
+sys.exit(0 if inside and (sys.argv[2] != "1" or importlib.util.find_spec("st_fast._C_cuda")) else 1)
+EOF
+}
+
 if [ ! -x .venv/bin/python ]; then
   echo "[st_fast] creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
@@ -15,7 +67,14 @@ if ! "$VENV_PY" -c "import torch" >/dev/null 2>&1; then
   "$VENV_PY" -m pip install --quiet --upgrade pip
   "$VENV_PY" -m pip install --quiet torch==2.13.0
 fi
-"$VENV_PY" -m pip install --quiet "setuptools>=69" wheel "pybind11>=2.12"
-echo "[st_fast] building and installing st_fast[${ST_FAST_EXTRAS:-test}]"
-"$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]"
+ST_FAST_STAMP="$(st_fast_build_stamp)"
+if st_fast_build_current "$ST_FAST_STAMP"; then
+  echo "[st_fast] st_fast[${ST_FAST_EXTRAS:-test}] is installed and current (build stamp ${ST_FAST_STAMP:0:12}): not rebuilding"
+else
+  rm -f "$ST_FAST_STAMP_FILE"
+  "$VENV_PY" -m pip install --quiet "setuptools>=69" wheel "pybind11>=2.12"
+  echo "[st_fast] building and installing st_fast[${ST_FAST_EXTRAS:-test}]"
+  "$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]"
+  echo "$ST_FAST_STAMP" > "$ST_FAST_STAMP_FILE"
+fi
 export PATH="$PWD/.venv/bin:$PATH"
