@@ -72,7 +72,7 @@ if st_fast_build_current "$ST_FAST_STAMP"; then
   echo "[st_fast] st_fast[${ST_FAST_EXTRAS:-test}] is installed and current (build stamp ${ST_FAST_STAMP:0:12}): not rebuilding"
 else
   rm -f "$ST_FAST_STAMP_FILE"
-  "$VENV_PY" -m pip install --quiet "setuptools>=69" wheel "pybind11>=2.12"
+  "$VENV_PY" -m pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
   echo "[st_fast] building and installing st_fast[${ST_FAST_EXTRAS:-test}]"
   "$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]"
   echo "$ST_FAST_STAMP" > "$ST_FAST_STAMP_FILE"
