@@ -26,6 +26,12 @@ from st_fast.ops.row_kernel import RowKernel
 # full and the launches and syncs per chunk few.
 DEFAULT_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 2048 * 2**20}
 
+# The symmetric path of the MNRL op (query_to_doc with doc_to_query, st_fast.ops.mnrl.chunked) needs every row's
+# statistics before any coefficient: it keeps the whole score tile when it fits this budget (one score GEMM instead
+# of two), else it recomputes each chunk (of DEFAULT_CHUNK_BYTES) in the coefficient pass. Measured on 1 CPU thread
+# (B = 4096, k = 1, D = 384, a 64 MiB tile): see benchmarks/fused_loss.py --symmetric.
+DEFAULT_KEEP_BYTES = {"cpu": 128 * 2**20, "cuda": 2048 * 2**20}
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
