@@ -11,7 +11,9 @@ B 64, D 32). Cosine, scale 20, random embeddings. Rows per case and st_fast back
 * ``CMNRL stage`` (st_fast) and ``CMNSRL stage`` (st_fast and stock): ``calculate_loss(reps, with_backward=True)``
   of the cached losses on mini-batches of ``--cached-mini-batch-size`` (default 32).
 
-Columns: ``time_ms`` (median of up to ``--repeats`` calls within ``--fused-time-budget`` s, after one warm-up),
+Columns: ``time_ms`` (median of up to ``--repeats`` calls within ``--fused-time-budget`` s per implementation, after
+one warm-up; the calls after the first run round-robin over the implementations, so that a change in the machine's
+load reaches all of them),
 ``x_one_direction`` = time / the same backend's one-direction time (MNRL for MNSRL, CMNRL stage for the CMNSRL
 stage; goal <= 1.15), ``speedup_vs_stock`` = stock's time of the same loss / time (goal >= 2), ``floor_fraction`` =
 (GEMM floor FLOPs / time) / the measured (B, D) x (D, N) matmul rate, with the floor of the loss from
@@ -24,6 +26,7 @@ plain fused_loss part).
 from __future__ import annotations
 
 import argparse
+import statistics
 import warnings
 from typing import Any
 
@@ -38,6 +41,7 @@ from benchmarks.fused_loss import (
     bench_device,
     cpu_threads,
     dtype_name,
+    elapsed_seconds,
     free_memory,
     make_embeddings,
     matmul_tflops,
@@ -115,9 +119,18 @@ def run_symmetric(args: argparse.Namespace) -> list[dict[str, Any]]:
             embeddings = make_embeddings(batch, k, dim, dtype, device)
             reps = make_reps(embeddings, mini_batch_size)
             results: dict[tuple[str, str], dict[str, Any]] = {}
-            for (loss_name, impl), loss in losses.items():  # stock first: the reference of the error columns
-                fn, grads = _call(loss_name, loss, embeddings, reps, _loss_stage, _grads)
-                results[(loss_name, impl)] = measure(fn, grads, device, repeats, args.fused_time_budget)
+            calls = {key: _call(key[0], loss, embeddings, reps, _loss_stage, _grads) for key, loss in losses.items()}
+            for key, (fn, grads) in calls.items():  # stock first: the reference of the error columns
+                results[key] = measure(fn, grads, device, 1, args.fused_time_budget)
+                results[key]["times"] = [results[key].get("seconds")]
+            # the other timed calls round-robin, so that a change of the machine's load hits every implementation
+            for _ in range(repeats - 1):
+                for key, (fn, _) in calls.items():
+                    if not results[key].get("oom") and sum(results[key]["times"]) <= args.fused_time_budget:
+                        results[key]["times"].append(elapsed_seconds(fn, device))
+            for result in results.values():
+                if not result.get("oom"):
+                    result["seconds"], result["runs"] = statistics.median(result["times"]), len(result["times"])
             for (loss_name, impl), result in results.items():
                 directions = SYMMETRIC if loss_name in ONE_DIRECTION else ("query_to_doc",)
                 row: dict[str, Any] = {"loss": loss_name, "backend": impl, "B": batch, "k": k, "N": k * batch,

@@ -4,7 +4,8 @@ chunked driver and the backend object around a driver and a row kernel.
 Each op has its own driver (:func:`st_fast.ops.mnrl.chunked.loss_and_grad`, :func:`st_fast.ops.gist.chunked.
 loss_and_grad`): for each chunk of local rows it computes the score GEMMs, lets the row kernel
 (:mod:`st_fast.ops.row_kernel`) turn the scores into per-row losses and gradient coefficients, and accumulates the
-gradient GEMMs, so that no B x N score matrix exists at once. The gradients are computed during the forward pass and
+gradient GEMMs, so that no B x N score matrix exists at once (the MNRL op's symmetric path keeps the B x N tile
+when it fits :data:`DEFAULT_KEEP_BYTES`, see :mod:`st_fast.ops.mnrl.chunked`). The gradients are computed during the forward pass and
 scaled by the incoming gradient in the backward.
 """
 
@@ -67,7 +68,8 @@ Driver = Callable[..., LossAndGrad]
 
 class ChunkedBackend:
     """A chunked driver with a row kernel behind the :class:`st_fast.ops.backends.Backend` protocol. Gradients are
-    computed in the forward pass (3 GEMMs per chunk and segment) and scaled by the incoming gradient later.
+    computed in the forward pass (3 GEMMs per chunk and segment; the MNRL op's symmetric path: a statistics pass, then
+    the coefficients on the kept tile or recomputed chunks) and scaled by the incoming gradient later.
 
     ``raw_16bit``: the op's driver can take fp16 / bf16 embeddings raw (16-bit GEMMs with fp32 output, the cosine
     normalization applied by the row kernel, see :mod:`st_fast.ops.mnrl.chunked`); it does so on CUDA only, where

@@ -215,3 +215,25 @@ def test_symmetric_loss_is_the_mean_of_both_directions():
     forward = fused_mnrl_loss(queries, [docs], backend="torch")
     backward = fused_mnrl_loss(docs, [queries], backend="torch")
     torch.testing.assert_close(symmetric, (forward + backward) / 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("partition", ["joint", "per_direction"])
+def test_learnable_scale_gets_stocks_gradient(backend, partition):
+    """The scale's gradient comes from the operand gradients (Euler's identity), which the symmetric path's
+    combined coefficients must give exactly as the separate directions did."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    embeddings = random_columns(9, 16, 3, seed=11)
+    grads = {}
+    for name, dtype in (("stock", torch.float64), ("fast", torch.float32)):
+        scale = torch.tensor(17.0, dtype=dtype, requires_grad=True)
+        inputs = [x.detach().to(dtype) for x in embeddings]
+        if name == "stock":
+            loss = MultipleNegativesRankingLoss(None, scale=scale, directions=SYMMETRIC, partition_mode=partition)
+            value = loss.compute_loss_from_embeddings(inputs, None)
+        else:
+            value = fused_mnrl_loss(inputs[0], inputs[1:], scale=scale, directions=SYMMETRIC, partition_mode=partition,
+                                    backend=backend)  # fmt: skip
+        (grads[name],) = torch.autograd.grad(value, [scale])
+    torch.testing.assert_close(grads["fast"].double(), grads["stock"], rtol=1e-5, atol=1e-7)

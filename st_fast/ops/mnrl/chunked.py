@@ -66,9 +66,10 @@ NORMALIZE_EPS = 1e-12  # F.normalize's default, used by stock cos_sim
 def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales: list[torch.Tensor]) -> float:
     """The factor γ the coefficients are stored with before the gradient GEMMs divide it out again.
 
-    |coefficient| <= scale · r_max² (softmax weights are <= 1; r: the inverse norms, 1 without), so float16
-    coefficients are stored with γ = 2^(14 - ceil(log2(scale · r_max²))), a power of two (exact) that keeps them
-    within 2^14 (float16 overflows past 65504) and leaves 38 binades below the largest before subnormals; every
+    |coefficient| <= scale · r_max² (softmax weights are <= 1; r: the inverse norms, 1 without; twice that on the
+    symmetric path's positive block, a row-softmax plus a column-softmax term), so float16 coefficients are stored
+    with γ = 2^(14 - ceil(log2(scale · r_max²))), a power of two (exact) that keeps them within 2^14 (2^15 on the
+    positive block; float16 overflows past 65504) and leaves 38 binades below the largest before subnormals; every
     other dtype stores them with γ = 1.
     Zero-norm rows (r = 1/eps) are left out of r_max: their coefficients saturate at the float16 maximum and multiply
     the zero vector, instead of flushing every other row's coefficients to zero.
