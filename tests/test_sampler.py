@@ -12,6 +12,7 @@ from datasets import Dataset, concatenate_datasets
 from sentence_transformers.base import sampler as stock_module
 from sentence_transformers.base.sampler import NoDuplicatesBatchSampler as StockSampler
 from sentence_transformers.base.sampler import ProportionalBatchSampler, RoundRobinBatchSampler
+from stock_behaviour import multi_sampler_forwards_set_epoch
 from torch.utils.data import ConcatDataset
 
 import st_fast
@@ -431,10 +432,14 @@ def test_inside_multi_dataset_samplers(multi_cls, drop_last):
 
     fast, stock = run(NoDuplicatesBatchSampler), run(StockSampler)
     assert fast == stock
-    assert fast[0] != fast[1]
+    if multi_sampler_forwards_set_epoch(multi_cls) or multi_cls is ProportionalBatchSampler:
+        assert fast[0] != fast[1]  # the epoch reached the samplers (6.0.x round robin: each epoch is the same)
 
 
-def _shard_epochs(sampler_cls, dataset, rank, epochs=3):
+def _shard_epochs(sampler_cls, dataset, rank, epochs=3, *, tell_sampler=False):
+    """Each epoch's batches of rank ``rank`` of 2 under accelerate's batch-sampler sharding, which calls
+    ``set_epoch`` on the loader only. ``tell_sampler``: also call the batch sampler's ``set_epoch`` (the reference:
+    what a sampler that sees its epoch yields there)."""
     from accelerate.data_loader import prepare_data_loader
 
     sampler = sampler_cls(dataset, batch_size=4, drop_last=True, generator=torch.Generator().manual_seed(0), seed=0)
@@ -443,18 +448,22 @@ def _shard_epochs(sampler_cls, dataset, rank, epochs=3):
     out = []
     for epoch in range(epochs):
         sharded.set_epoch(epoch)  # what transformers' Trainer calls at each epoch
+        if tell_sampler:
+            sampler.set_epoch(epoch)
         out.append([list(batch) for batch in sharded])
     return sampler, out
 
 
 def test_accelerate_sharding_reshuffles_every_epoch():
     dataset = triplets(64, anchors=64, positives=64, negatives=64)
-    reference = epoch_batches(StockSampler, dataset, epochs=range(3), batch_size=4, drop_last=True)
     for rank in (0, 1):
+        _, reference = _shard_epochs(StockSampler, dataset, rank, tell_sampler=True)
         sampler, per_epoch = _shard_epochs(NoDuplicatesBatchSampler, dataset, rank)
         assert sampler.epoch == 2
-        assert per_epoch == [epoch[rank::2] for epoch in reference]
+        assert per_epoch == reference
         assert per_epoch[0] != per_epoch[1]
+        _, stock_alone = _shard_epochs(StockSampler, dataset, rank)
+        assert stock_alone[0] == stock_alone[1]  # the stock sampler never learns the epoch there
 
 
 def test_forward_set_epoch_helper_for_other_samplers():
@@ -465,7 +474,9 @@ def test_forward_set_epoch_helper_for_other_samplers():
         ProportionalBatchSampler(ConcatDataset([first, second]), batch_samplers=children, generator=generator)
     )
     multi.sampler.set_epoch(3)
-    assert multi.epoch == 3 and all(child.epoch == 3 for child in children)
+    # the children get what the stock sampler's own set_epoch gives them (6.0.x: nothing)
+    child_epoch = 3 if multi_sampler_forwards_set_epoch(ProportionalBatchSampler) else 0
+    assert multi.epoch == 3 and [child.epoch for child in children] == [child_epoch, child_epoch]
 
 
 def test_trainer_accepts_the_class(tiny_model, tmp_path):
@@ -483,9 +494,15 @@ def test_trainer_accepts_the_class(tiny_model, tmp_path):
     loader = trainer.get_train_dataloader()
     assert isinstance(loader.batch_sampler, NoDuplicatesBatchSampler)
     fast = list(loader.batch_sampler)
-    stock = list(StockSampler(dataset, batch_size=4, drop_last=False, generator=torch.Generator(), seed=11,
-                              valid_label_columns=["label", "labels", "score", "scores"]))  # fmt: skip
-    assert fast == stock
+    # the stock class given the same way gets the trainer's arguments (seed: args.seed from 6.1, 0 in 6.0.x)
+    stock_args = SentenceTransformerTrainingArguments(**{**args.to_dict(), "batch_sampler": StockSampler})
+    stock_trainer = SentenceTransformerTrainer(
+        model=tiny_model, args=stock_args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(tiny_model)
+    )
+    stock_sampler = stock_trainer.get_train_dataloader().batch_sampler
+    assert type(stock_sampler) is StockSampler
+    stock = list(stock_sampler)
+    assert len(stock) >= 8 and fast == stock
     trainer.train()
 
 

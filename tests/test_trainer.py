@@ -22,6 +22,7 @@ from sentence_transformers.base import sampler as stock_sampler
 from sentence_transformers.base.trainer import BaseTrainer
 from sentence_transformers.sentence_transformer import losses as stock_losses
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+from stock_behaviour import multi_sampler_forwards_set_epoch
 from transformers import TrainerCallback
 
 import st_fast
@@ -454,22 +455,35 @@ def test_bf16_mixed_precision_training(minilm_path, tmp_path, stock_class, kwarg
 
 def test_multi_dataset_sampler_reshuffles_every_epoch_under_ddp_sharding(tiny_model, tmp_path):
     """accelerate's batch-sampler sharding calls ``batch_sampler.sampler.set_epoch`` only; the trainer makes that
-    reach the round-robin sampler and, through it, st_fast's per-dataset samplers, so each epoch reshuffles."""
+    reach the round-robin sampler and, through it (as its own ``set_epoch`` does: sentence-transformers >= 6.1),
+    st_fast's per-dataset samplers, so each epoch yields what the samplers yield when told the epoch directly."""
     from accelerate.data_loader import prepare_data_loader
+    from sentence_transformers.base.sampler import RoundRobinBatchSampler
 
     data = DatasetDict({"first": _pairs(48), "second": _pairs(96).select(range(48, 96))})
     args = _args(tmp_path, "multi", per_device_train_batch_size=4, multi_dataset_batch_sampler="round_robin")
-    trainer = FastTrainer(
-        model=tiny_model, args=args, train_dataset=data, loss=stock_losses.MultipleNegativesRankingLoss(tiny_model)
-    )
-    multi = trainer.get_train_dataloader().batch_sampler
-    multi = getattr(multi, "batch_sampler", multi)
-    assert all(isinstance(child, NoDuplicatesBatchSampler) for child in multi.batch_samplers)
-    loader = torch.utils.data.DataLoader(range(96), batch_sampler=multi, collate_fn=list)
-    sharded = prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False, even_batches=False)
-    epochs = []
-    for epoch in range(2):
-        sharded.set_epoch(epoch)
-        epochs.append([list(batch) for batch in sharded])
-    assert multi.epoch == 1 and all(child.epoch == 1 for child in multi.batch_samplers)
-    assert epochs[0] and epochs[0] != epochs[1]
+
+    def sharded_epochs(tell_sampler: bool):
+        trainer = FastTrainer(
+            model=tiny_model, args=args, train_dataset=data, loss=stock_losses.MultipleNegativesRankingLoss(tiny_model)
+        )
+        multi = trainer.get_train_dataloader().batch_sampler
+        multi = getattr(multi, "batch_sampler", multi)
+        assert all(isinstance(child, NoDuplicatesBatchSampler) for child in multi.batch_samplers)
+        loader = torch.utils.data.DataLoader(range(96), batch_sampler=multi, collate_fn=list)
+        sharded = prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False, even_batches=False)
+        epochs = []
+        for epoch in range(2):
+            sharded.set_epoch(epoch)
+            if tell_sampler:
+                multi.set_epoch(epoch)
+            epochs.append([list(batch) for batch in sharded])
+        return multi, epochs
+
+    multi, epochs = sharded_epochs(tell_sampler=False)
+    _, reference = sharded_epochs(tell_sampler=True)
+    assert epochs[0] and epochs == reference
+    assert multi.epoch == 1
+    if multi_sampler_forwards_set_epoch(RoundRobinBatchSampler):
+        assert all(child.epoch == 1 for child in multi.batch_samplers)
+        assert epochs[0] != epochs[1]

@@ -6,6 +6,7 @@ models (dropout replay, the re-tokenization path with a guide whose tokenizer di
 from __future__ import annotations
 
 import pytest
+import sentence_transformers
 import torch
 from gist_cases import (
     CONTRASTS,
@@ -16,6 +17,7 @@ from gist_cases import (
     permuted_vocab_model,
     simulate_rank1,
 )
+from packaging.version import Version
 from parity import assert_parity, relative_error, train_step
 from sentence_transformers.sentence_transformer import losses as stock_losses
 
@@ -151,6 +153,14 @@ def test_real_model_with_a_retokenizing_guide_matches_stock(stage_model, minilm_
     fast = fast_losses.CachedGISTEmbedLoss(tiny_model, guide, backend="auto", **config)
     assert stock.must_retokenize and fast.must_retokenize
     features = [tiny_model.preprocess(column) for column in TEXTS[:3]]
+    if Version(sentence_transformers.__version__) < Version("6.1"):
+        # stock 6.0.x's CachedGISTEmbedLoss cannot retokenize: its mini-batch embedding calls .to() on every value
+        # the guide's preprocess returns, strings included. st_fast keeps stock's mini-batch embedding, so it fails
+        # the same way (GISTEmbedLoss retokenizes there: tests/losses/test_gist_embed.py)
+        for loss in (stock, fast):
+            with pytest.raises(AttributeError, match="'str' object has no attribute 'to'"):
+                train_step(tiny_model, loss, features, seed=1)
+        return
     ref_loss, ref_grads = train_step(tiny_model, stock, features, seed=1)
     loss, grads = train_step(tiny_model, fast, features, seed=1)
     assert relative_error(loss, ref_loss) < FP32_RTOL
