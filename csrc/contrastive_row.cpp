@@ -70,13 +70,15 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
                                   const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
                                   float scale, float alpha, int hardness, bool joint, float grad_scale,
                                   uintptr_t row_ref, int64_t block_begin, int64_t block_count, uintptr_t col_ref,
-                                  int directions) {
+                                  int directions, uintptr_t row_factor, uintptr_t col_factor) {
   ContrastiveRowArgs a =
       make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
                                 rows, row_start, width, scale, alpha, hardness, joint, grad_scale, 0);
   SymmetricPointers p;
   p.row_ref = row_ref;
   p.col_ref = col_ref;
+  p.row_factor = row_factor;
+  p.col_factor = col_factor;
   set_symmetric_args(a, p, block_begin, block_count, directions);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_coefficient_rows<decltype(out)>(a); });
 }
@@ -101,7 +103,7 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"),
-        py::arg("block_count"), py::arg("col_ref_ptr"), py::arg("directions"),
+        py::arg("block_count"), py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
         "The symmetric path's coefficient pass (raw pointers; call through "
         "st_fast._native.native_row_coefficients).",
         py::call_guard<py::gil_scoped_release>());

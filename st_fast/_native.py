@@ -276,16 +276,23 @@ def native_row_coefficients(
     column_ref: torch.Tensor,
     scales: Sequence[Any] | None = None,
     coefficients: list[torch.Tensor] | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """The symmetric path's coefficient pass (contract: st_fast.ops.row_kernel): writes the coefficients into
     ``coefficients`` (default: over ``scores``) from the references ``row_ref`` (n, segments) and ``column_ref``
-    (block.count,), fp32."""
+    (block.count,), fp32, and the optional ``factors`` (row (n,), column (block.count,))."""
     first = scores[0]
     rows, device = first.shape[0], first.device
     if coefficients is None:
         coefficients = scores
     out_dtype = _check_segments(scores, coefficients)
     row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
+    factor_ptrs = [0, 0]  # 0: no factors
+    if factors is not None:
+        factor_ptrs = [
+            _float_pointer(factors[0], "the row factors", (rows,), device),
+            _float_pointer(factors[1], "the column factors", (block.count,), device),
+        ]
     _call(
         "contrastive_coefficients", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [c.data_ptr() for c in coefficients], int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores],
@@ -293,6 +300,7 @@ def native_row_coefficients(
         int(HardnessKind(spec.hardness)), spec.joint, float(grad_scale),
         _float_pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
         _float_pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
+        *factor_ptrs,
     )  # fmt: skip
 
 

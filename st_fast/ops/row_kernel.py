@@ -17,7 +17,7 @@ passes instead, through :class:`RowKernel`'s ``statistics`` and ``coefficients``
     statistics(scores, kinds, spec, row_start, width, block, column_max, column_sum, scales=None)
         -> (row_lse (n, len(kinds)) fp32, positive (n,) fp32)
     coefficients(scores, kinds, spec, row_start, width, grad_scale, block, row_ref, column_ref, scales=None,
-                 coefficients=None) -> None
+                 coefficients=None, factors=None) -> None
 
 ``kinds`` are the row segments' kinds (Q2D first; D2Q only as the other ranks' queries, with the local columns
 ``block`` holding -inf), ``block`` the :class:`PositiveBlock` whose columns of the Q2D segment are the D2Q rows:
@@ -25,7 +25,8 @@ passes instead, through :class:`RowKernel`'s ``statistics`` and ``coefficients``
 block's columns (``column_max``, ``column_sum``, (count,) fp32, updated in place, rows in order); ``coefficients``
 writes one coefficient per entry from the references ``row_ref`` (n, len(kinds)) and ``column_ref`` (count,) (log_z,
 or the direction's LSE in per_direction; :func:`combine_partitions`): the row-softmax term, plus the column-softmax
-term on the block, minus the positive's one-hot shares on its diagonal.
+term on the block, minus the positive's one-hot shares on its diagonal. ``factors``: optional (row factors (n,),
+column factors (count,)) from :func:`reference_factors`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,21 @@ class PositiveBlock(NamedTuple):
 def combine_partitions(lses: torch.Tensor, joint: bool) -> torch.Tensor:
     """log Z per row from the segments' LSEs (..., segments): their log-add-exp (joint) or their mean."""
     return torch.logsumexp(lses, dim=-1) if joint else lses.mean(dim=-1)
+
+
+FACTOR_RANGE = 8.0
+
+
+def reference_factors(q2d_ref: torch.Tensor, column_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row factors exp(q2d_ref - K), column factors exp(K - column_ref)) for K the median column reference, each 0
+    where it is not within e^±8: the coefficient pass then takes an unpenalized entry's column term as
+    row term · row factor · column factor (one exp per entry instead of two; see contrastive_row.h)."""
+    shift = column_ref.median()
+
+    def factor(exponent: torch.Tensor) -> torch.Tensor:
+        return torch.where(exponent.abs() <= FACTOR_RANGE, torch.exp(exponent), 0.0).contiguous()
+
+    return factor(q2d_ref - shift), factor(shift - column_ref)
 
 
 def column_lse(column_max: torch.Tensor, column_sum: torch.Tensor) -> torch.Tensor:

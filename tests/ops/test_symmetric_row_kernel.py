@@ -4,8 +4,9 @@ kernel level and in the chunked driver.
 1. The row kernel's two passes (csrc/include/st_fast/contrastive_row.h: CPU build here, CUDA build under the ``gpu``
    marker) against the PyTorch reference (st_fast/ops/row_kernel_torch.py) on float64 copies of the same scores:
    the statistics row by row (each row segment's LSE, the positive logit) and column by column (each column's LSE
-   from its online max / sum, continued over several row chunks), the coefficients entry by entry; the reference's
-   column statistics against a plain logsumexp over the columns.
+   from its online max / sum, continued over several row chunks), the coefficients entry by entry (with and without
+   the row / column factors of the one-exp column term); the reference's column statistics against a plain
+   logsumexp over the columns.
 2. The driver: the kept tile and the recomputed chunks against the one-pass driver (every direction its own GEMMs,
    the path the parity grids checked before), with local rows inside a wider gathered block (the other ranks'
    queries before and after them), and the doc_to_query GEMM restricted to the other ranks' queries.
@@ -23,7 +24,7 @@ from st_fast.ops.backends import native_available
 from st_fast.ops.layout import SegmentKind
 from st_fast.ops.mnrl import chunked as mnrl_chunked
 from st_fast.ops.mnrl.spec import ContrastiveSpec
-from st_fast.ops.row_kernel import PositiveBlock, SegmentScales, column_lse
+from st_fast.ops.row_kernel import PositiveBlock, SegmentScales, column_lse, reference_factors
 from st_fast.ops.row_kernel_torch import torch_row_coefficients, torch_row_statistics
 
 SYMMETRIC = ("query_to_doc", "doc_to_query")
@@ -123,15 +124,20 @@ def test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
     directions_lse = torch.cat([ref_lse[:, :-1], d2q_lse[:, None]], dim=1)
     if spec.joint:
         log_z = torch.logsumexp(directions_lse, dim=1)
-        row_ref, column_ref = log_z[:, None].expand(-1, len(kinds)).contiguous(), log_z
+        row_ref, column_ref = log_z[:, None].expand(-1, len(kinds)).contiguous(), log_z.clone()
     else:
-        row_ref, column_ref = directions_lse, d2q_lse
+        row_ref, column_ref = directions_lse.clone(), d2q_lse.clone()
+    # one row and one column far above the others: their factors are 0 and take the direct exp
+    row_ref[1] += 30.0
+    column_ref[2] += 30.0
+    factors = [f.float() for f in reference_factors(row_ref[:, 0].float(), column_ref.float())]
+    assert factors[0][1] == 0 and factors[1][2] == 0 and (factors[0] > 0).sum() > 1 and (factors[1] > 0).sum() > 1
     grad_scale = 1.0 / batch
     expected = [torch.empty_like(s) for s in ref_scores]
     torch_row_coefficients(
         ref_scores, kinds, spec, offset, width, grad_scale, block, row_ref, column_ref, ref_scales, expected
     )
-    for dtype in (torch.float32, torch.float16):
+    for dtype, with_factors in ((torch.float32, False), (torch.float32, True), (torch.float16, True)):
         actual = [torch.full(s.shape, float("nan"), device=device).to(dtype) for s in scores]
         for begin in range(0, batch, chunk):
             rows = slice(begin, min(batch, begin + chunk))
@@ -140,6 +146,7 @@ def test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
             native_row_coefficients(
                 part, kinds, spec, offset + begin, width, grad_scale, block, row_ref[rows].float().contiguous(),
                 column_ref.float().contiguous(), part_scales, outputs,
+                (factors[0][rows], factors[1]) if with_factors else None,
             )  # fmt: skip
             for out, piece in zip(actual, outputs, strict=True):
                 out[rows] = piece

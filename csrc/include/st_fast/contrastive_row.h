@@ -83,6 +83,10 @@ struct ContrastiveRowArgs {
   float* col_max;          // (block_count,) statistics: running max of the column's D2Q logits, updated
   float* col_sum;          // (block_count,) statistics: running sum of exp(logit - col_max), updated
   const float* col_ref;    // (block_count,) coefficients: the reference of column j's D2Q softmax
+  // coefficients, optional (null: none): exp(row_ref[r, Q2D] - K) per row and exp(K - col_ref[j]) per column for a
+  // shift K, 0 where that factor is not within e^±8 (see contrastive_row_coefficients)
+  const float* row_factor;  // (rows,)
+  const float* col_factor;  // (block_count,)
   int directions;          // coefficients: the loss's number of directions (per_direction weight 1 / directions)
 };
 
@@ -293,24 +297,34 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
     const float bulk = bulk_multiplier(a, kind);
     const float ref = a.row_ref[r * a.num_segments + x];
     const bool q2d = kind == kQ2D;
-    // the column-softmax term of entry c of the Q2D row (0 outside the positive block)
-    auto column_term = [&](int64_t c, float s) {
+    // The column-softmax term of entry c of the Q2D row (0 outside the positive block), given the row term's
+    // exp(l - ref) for the logit l = mult·s. Where the logit is unpenalized (mult == scale) and both factors exist,
+    // exp(scale·s - col_ref[j]) = exp(l - ref) · exp(ref - K) · exp(K - col_ref[j]): one exp per entry instead of
+    // two (a relative error of a few fp32 roundings; with both factors within e^±8, an exp(l - ref) that underflows
+    // leaves out a column term below e^-87).
+    const float row_factor = q2d && a.row_factor ? a.row_factor[r] : 0.0f;
+    auto column_term = [&](int64_t c, float s, float mult, float row_exp) {
       if (!q2d || c < a.block_begin || c >= block_end) return 0.0f;
-      return weight * expf(s * a.scale - a.col_ref[c - a.block_begin]);
+      const int64_t j = c - a.block_begin;
+      const float col_factor = a.col_factor ? a.col_factor[j] : 0.0f;
+      if (mult == a.scale && row_factor > 0.0f && col_factor > 0.0f) return weight * (row_exp * (row_factor * col_factor));
+      return weight * expf(s * a.scale - a.col_ref[j]);
     };
     for_each_segment_column(
         v, n, a.width, g, lanes,
         [&](int64_t c, float value) {
           const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
           const float s = value * scales;
-          Out::put(out, out_offset + c, (weight * expf(s * bulk - ref) + column_term(c, s)) * scales);
+          const float row_exp = expf(s * bulk - ref);
+          Out::put(out, out_offset + c, (weight * row_exp + column_term(c, s, bulk, row_exp)) * scales);
         },
         [&](int64_t c, int64_t j, float value) {
           const float mult = own_column_multiplier(a, kind, j);
           const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
           const float s = value * scales;
-          float coefficient = mult == 0.0f ? 0.0f : weight * expf(s * mult - ref);
-          float column = column_term(c, s);
+          const float row_exp = mult == 0.0f ? 0.0f : expf(s * mult - ref);
+          float coefficient = weight * row_exp;
+          float column = column_term(c, s, mult, row_exp);
           if (q2d && j == 0) {  // the diagonal: the positive of row g in both directions
             coefficient -= positive_share;
             if (d2q_holds) column -= positive_share;

@@ -59,7 +59,8 @@ inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers
 // The two-pass (symmetric) fields of ContrastiveRowArgs: the positive block's columns and the statistics /
 // reference arrays of each pass (0: absent; the Python wrapper st_fast._native validates their shapes).
 struct SymmetricPointers {
-  uintptr_t row_lse = 0, row_positive = 0, row_ref = 0, col_max = 0, col_sum = 0, col_ref = 0;
+  uintptr_t row_lse = 0, row_positive = 0, row_ref = 0, col_max = 0, col_sum = 0, col_ref = 0, row_factor = 0,
+            col_factor = 0;
 };
 
 inline void set_symmetric_args(ContrastiveRowArgs& a, const SymmetricPointers& p, int64_t block_begin,
@@ -77,6 +78,8 @@ inline void set_symmetric_args(ContrastiveRowArgs& a, const SymmetricPointers& p
   a.col_max = reinterpret_cast<float*>(p.col_max);
   a.col_sum = reinterpret_cast<float*>(p.col_sum);
   a.col_ref = reinterpret_cast<const float*>(p.col_ref);
+  a.row_factor = reinterpret_cast<const float*>(p.row_factor);
+  a.col_factor = reinterpret_cast<const float*>(p.col_factor);
   a.block_begin = block_begin;
   a.block_count = block_count;
   a.directions = directions;

@@ -58,7 +58,14 @@ from st_fast.ops.chunked import DEFAULT_KEEP_BYTES, LossAndGrad, chunk_rows_for_
 from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE, SegmentKind
 from st_fast.ops.mixed_matmul import accumulate_product, as_float16_operand, compute_dtype, matmul_fp32
 from st_fast.ops.mnrl.spec import ContrastiveProblem, ContrastiveSpec
-from st_fast.ops.row_kernel import PositiveBlock, RowKernel, SegmentScales, column_lse, combine_partitions
+from st_fast.ops.row_kernel import (
+    PositiveBlock,
+    RowKernel,
+    SegmentScales,
+    column_lse,
+    combine_partitions,
+    reference_factors,
+)
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, used by stock cos_sim
 
@@ -272,6 +279,7 @@ def _symmetric_passes(
         row_ref = direction_lses if remote else direction_lses[:, :own]
         column_ref = d2q_lse.contiguous()
     row_ref = row_ref.contiguous()
+    row_factor, column_factor = reference_factors(row_ref[:, 0], column_ref)
     coefficient_buffers = ops.buffers(chunk, lengths, ops.coefficient_dtype) if ops.separate_coefficients else None
     coefficient_buffers = coefficient_buffers or score_buffers
     for begin in range(0, batch_size, chunk):
@@ -285,7 +293,7 @@ def _symmetric_passes(
         coefficients = [buffer[:n] for buffer in coefficient_buffers]
         row_kernel.coefficients(
             scores, kinds, spec, local_rows.start, width, gamma, block, row_ref[begin : begin + n], column_ref,
-            scales, coefficients,
+            scales, coefficients, (row_factor[begin : begin + n], column_factor),
         )  # fmt: skip
         for kind, coefficient, columns in zip(kinds, coefficients, ranges, strict=True):
             ops.accumulate(kind, local_rows, coefficient, 1.0 / (batch_size * gamma), columns)
