@@ -103,7 +103,8 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"),
-        py::arg("block_count"), py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
+        py::arg("block_count"), py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"),
+        py::arg("col_factor_ptr"),
         "The symmetric path's coefficient pass (raw pointers; call through "
         "st_fast._native.native_row_coefficients).",
         py::call_guard<py::gil_scoped_release>());

@@ -90,5 +90,6 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("coefficient_dtype"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
       py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("joint"),
       py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"), py::arg("block_count"),
-      py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"), py::arg("col_factor_ptr"), py::arg("stream"));
+      py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
+      py::arg("stream"));
 }

@@ -5,8 +5,8 @@ Each op has its own driver (:func:`st_fast.ops.mnrl.chunked.loss_and_grad`, :fun
 loss_and_grad`): for each chunk of local rows it computes the score GEMMs, lets the row kernel
 (:mod:`st_fast.ops.row_kernel`) turn the scores into per-row losses and gradient coefficients, and accumulates the
 gradient GEMMs, so that no B x N score matrix exists at once (the MNRL op's symmetric path keeps the B x N tile
-when it fits :data:`DEFAULT_KEEP_BYTES`, see :mod:`st_fast.ops.mnrl.chunked`). The gradients are computed during the forward pass and
-scaled by the incoming gradient in the backward.
+when it fits :data:`DEFAULT_KEEP_BYTES`, see :mod:`st_fast.ops.mnrl.chunked`). The gradients are computed during the
+forward pass and scaled by the incoming gradient in the backward.
 """
 
 from __future__ import annotations

@@ -307,7 +307,8 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
       if (!q2d || c < a.block_begin || c >= block_end) return 0.0f;
       const int64_t j = c - a.block_begin;
       const float col_factor = a.col_factor ? a.col_factor[j] : 0.0f;
-      if (mult == a.scale && row_factor > 0.0f && col_factor > 0.0f) return weight * (row_exp * (row_factor * col_factor));
+      if (mult == a.scale && row_factor > 0.0f && col_factor > 0.0f)
+        return weight * (row_exp * (row_factor * col_factor));
       return weight * expf(s * a.scale - a.col_ref[j]);
     };
     for_each_segment_column(

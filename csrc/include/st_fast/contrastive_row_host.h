@@ -65,8 +65,8 @@ struct SymmetricPointers {
 
 inline void set_symmetric_args(ContrastiveRowArgs& a, const SymmetricPointers& p, int64_t block_begin,
                                int64_t block_count, int directions) {
-  if (block_begin < 0 || block_count < 0 || block_begin + block_count > a.width || block_begin + block_count >
-      a.lengths[0])
+  const int64_t block_end = block_begin + block_count;
+  if (block_begin < 0 || block_count < 0 || block_end > a.width || block_end > a.lengths[0])
     throw std::invalid_argument("contrastive_row: the positive block must lie within the first column block");
   if (a.row_start < block_begin || a.row_start + a.rows > block_begin + block_count)
     throw std::invalid_argument("contrastive_row: the rows must be rows of the positive block");
