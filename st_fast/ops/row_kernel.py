@@ -26,7 +26,8 @@ block's columns (``column_max``, ``column_sum``, (count,) fp32, updated in place
 writes one coefficient per entry from the references ``row_ref`` (n, len(kinds)) and ``column_ref`` (count,) (log_z,
 or the direction's LSE in per_direction; :func:`combine_partitions`): the row-softmax term, plus the column-softmax
 term on the block, minus the positive's one-hot shares on its diagonal. ``factors``: optional (row factors (n,),
-column factors (count,)) from :func:`reference_factors`.
+column factors (count,)) from :func:`reference_factors`, which a kernel may use (the native one does) to take
+an unpenalized entry's column term as row term · row factor · column factor, one exp per entry instead of two.
 """
 
 from __future__ import annotations

@@ -180,7 +180,9 @@ def torch_row_coefficients(
 ) -> None:
     """The symmetric path's coefficient pass (:mod:`st_fast.ops.row_kernel`): writes into ``coefficients``
     (default: over ``scores``) the row-softmax term, plus the column-softmax term on the positive block, minus the
-    positive's one-hot shares (Q2D's, and D2Q's in per_direction) on the diagonal."""
+    positive's one-hot shares (Q2D's, and D2Q's in per_direction) on the diagonal. ``factors`` (the native
+    kernel's one-exp form of the column term, :func:`st_fast.ops.row_kernel.reference_factors`) are accepted and
+    not used: the reference computes every column term with its own exp."""
     n = scores[0].shape[0]
     scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
@@ -191,20 +193,10 @@ def torch_row_coefficients(
     share = base if spec.joint else base / 2  # Q2D's and (per_direction) D2Q's one-hot shares
     outputs = scores if coefficients is None else coefficients
     for x, (kind, out, s, logit, masked) in enumerate(zip(kinds, outputs, similarities, logits, masks, strict=True)):
-        row_exp = torch.exp(logit - row_ref[:, x, None])
-        coefficient = row_exp * weight
+        coefficient = torch.exp(logit - row_ref[:, x, None]) * weight
         if kind == SegmentKind.Q2D:
             columns = slice(block.begin, block.begin + block.count)
-            column_exp = torch.exp(spec.scale * s[:, columns] - column_ref[None, :])
-            if factors is not None:  # unpenalized entries: row term · row factor · column factor (as the native kernel)
-                _, penalized = segment_mask_and_penalty(kind, s.shape[1], rows_global, width, spec)
-                unpenalized = torch.ones_like(column_exp, dtype=torch.bool)
-                if penalized is not None:
-                    unpenalized = ~penalized[:, columns]
-                row_factor, column_factor = factors[0][:, None], factors[1][None, :]
-                factored = unpenalized & (row_factor > 0) & (column_factor > 0)
-                column_exp = torch.where(factored, row_exp[:, columns] * (row_factor * column_factor), column_exp)
-            coefficient[:, columns] += column_exp * weight
+            coefficient[:, columns] += torch.exp(spec.scale * s[:, columns] - column_ref[None, :]) * weight
             coefficient[local, rows_global] -= share
             if not spec.joint:
                 coefficient[local, rows_global] -= share
