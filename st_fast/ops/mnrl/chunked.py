@@ -38,8 +38,8 @@ positive block, so it is not computed again. Two passes over the row chunks:
    coefficient per entry: row-softmax term + column-softmax term on the positive block, minus the one-hot
    positives on its diagonal (the native kernel takes an unpenalized entry's column term as its row term times a
    row and a column factor, st_fast.ops.row_kernel.reference_factors: one exp per entry); then the two gradient
-   GEMMs of each row segment (the D2Q one on the other ranks' columns only). The coefficients of the other ranks' queries go back to them through the gather's backward, as
-   with stock.
+   GEMMs of each row segment (the D2Q one on the other ranks' columns only). The coefficients of the other ranks'
+   queries go back to them through the gather's backward, as with stock.
 
 GEMM FLOPs per forward + backward (B local rows, W columns per block, k blocks, D; :func:`gemm_flops`): each row
 segment of L columns costs 2·B·L·D for its scores, again in the coefficient pass unless the tile is kept, and 4·B·L·D
