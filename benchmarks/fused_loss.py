@@ -311,6 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "CCE, Liger) on the same inputs, with errors against a float64 reference")  # fmt: skip
     group.add_argument("--fused-anchors", nargs="+", choices=public.ANCHOR_NAMES, default=None,
                        help="with --anchors: which public kernels (default: all)")  # fmt: skip
+    group.add_argument("--symmetric", action="store_true",
+                       help="the symmetric loss and the cached symmetric stage vs one direction and stock "
+                            "(benchmarks/fused_symmetric.py; CPU default: 1 thread, B 4096, k 1, D 384)")  # fmt: skip
 
 
 def fused_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
@@ -380,6 +383,10 @@ def skipped_rows(names: list[str], columns: dict[str, Any], note: str = "skipped
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if getattr(args, "symmetric", False):
+        from benchmarks.fused_symmetric import run_symmetric
+
+        return run_symmetric(args)
     with cpu_threads(args.fused_threads):
         return _run_anchors(args) if getattr(args, "anchors", False) else _run(args)
 

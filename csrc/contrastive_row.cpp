@@ -1,6 +1,8 @@
 // CPU build of the contrastive row kernel (csrc/include/st_fast/contrastive_row.h): OpenMP over rows.
 #include <pybind11/stl.h>
 
+#include <algorithm>
+
 #include "st_fast/bindings.h"
 #include "st_fast/contrastive_row_host.h"
 
@@ -26,6 +28,60 @@ void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vecto
                                 rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_rows<decltype(out)>(a); });
 }
+
+// Columns of the positive block per OpenMP task in the column statistics: rows are read 64 floats at a time.
+constexpr int64_t kColumnBlock = 64;
+
+void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
+                                const std::vector<uintptr_t>& col_scales, const std::vector<int64_t>& lengths,
+                                const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
+                                float scale, float alpha, int hardness, uintptr_t row_lse, uintptr_t row_positive,
+                                int64_t block_begin, int64_t block_count, uintptr_t col_max, uintptr_t col_sum) {
+  ContrastiveRowArgs a = make_contrastive_row_args(
+      {scores, row_scales, col_scales, std::vector<uintptr_t>(scores.size(), 0)}, kStoreFp32, lengths, kinds, rows,
+      row_start, width, scale, alpha, hardness, true, -1.0f, 0);
+  SymmetricPointers p;
+  p.row_lse = row_lse;
+  p.row_positive = row_positive;
+  p.col_max = col_max;
+  p.col_sum = col_sum;
+  set_symmetric_args(a, p, block_begin, block_count, 1);
+  const SerialLanes lanes;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) contrastive_row_statistics(a, r, lanes);
+  const int64_t blocks = (block_count + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kColumnBlock;
+    contrastive_column_statistics(a, begin, std::min(block_count, begin + kColumnBlock));
+  }
+}
+
+template <class Out>
+void run_coefficient_rows(const ContrastiveRowArgs& a) {
+  const SerialLanes lanes;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) contrastive_row_coefficients<Out>(a, r, lanes);
+}
+
+void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
+                                  const std::vector<uintptr_t>& col_scales, const std::vector<uintptr_t>& coefficients,
+                                  int coefficient_dtype, const std::vector<int64_t>& lengths,
+                                  const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
+                                  float scale, float alpha, int hardness, bool joint, float grad_scale,
+                                  uintptr_t row_ref, int64_t block_begin, int64_t block_count, uintptr_t col_ref,
+                                  int directions, uintptr_t row_factor, uintptr_t col_factor) {
+  ContrastiveRowArgs a =
+      make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
+                                rows, row_start, width, scale, alpha, hardness, joint, grad_scale, 0);
+  SymmetricPointers p;
+  p.row_ref = row_ref;
+  p.col_ref = col_ref;
+  p.row_factor = row_factor;
+  p.col_factor = col_factor;
+  set_symmetric_args(a, p, block_begin, block_count, directions);
+  dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_coefficient_rows<decltype(out)>(a); });
+}
 }  // namespace
 
 void bind_contrastive_row(py::module_& m) {
@@ -35,6 +91,22 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_loss_ptr"),
         "The contrastive row kernel over fp32 score segments (raw pointers; call through "
         "st_fast._native.native_row_kernel, which validates).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("contrastive_statistics", &contrastive_statistics_cpu, py::arg("scores_ptrs"), py::arg("row_scale_ptrs"),
+        py::arg("col_scale_ptrs"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
+        py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("row_lse_ptr"),
+        py::arg("row_positive_ptr"), py::arg("block_begin"), py::arg("block_count"), py::arg("col_max_ptr"),
+        py::arg("col_sum_ptr"),
+        "The symmetric path's statistics pass (raw pointers; call through st_fast._native.native_row_statistics).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("contrastive_coefficients", &contrastive_coefficients_cpu, py::arg("scores_ptrs"), py::arg("row_scale_ptrs"),
+        py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
+        py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
+        py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"),
+        py::arg("block_count"), py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"),
+        py::arg("col_factor_ptr"),
+        "The symmetric path's coefficient pass (raw pointers; call through "
+        "st_fast._native.native_row_coefficients).",
         py::call_guard<py::gil_scoped_release>());
 }
 

@@ -9,6 +9,8 @@ validated wrappers over their raw-pointer entry points.
   whose codes differ from these is refused at import, like one built for another Python (see :func:`boundary_errors`).
 * Raw calls: every entry point that takes raw addresses is called from a wrapper here, which checks shape, dtype,
   device, contiguity and lifetime first: :func:`native_row_kernel` (``contrastive_rows``, CPU and CUDA),
+  :func:`native_row_statistics` / :func:`native_row_coefficients` (``contrastive_statistics`` /
+  ``contrastive_coefficients``, the symmetric path's two passes),
   :func:`add_arrow_chunks` (``NoDupSamplerCore.add_chunk``) and :func:`store_coefficients` (``store_f32_as``, a test
   hook of the row kernels' coefficient stores).
 """
@@ -142,11 +144,12 @@ def native_info() -> dict[str, Any]:
 # (CPU, OpenMP over rows) or CUDA (one warp per row). Same contract as st_fast.ops.row_kernel_torch.torch_row_kernel.
 
 
+_ROW_KERNEL_ENTRY_POINTS = ("contrastive_rows", "contrastive_statistics", "contrastive_coefficients")
+
+
 def native_row_kernel_available(device: torch.device) -> bool:
-    if device.type == "cpu":
-        return cpu_ext is not None and hasattr(cpu_ext, "contrastive_rows")
-    if device.type == "cuda":
-        return cuda_ext is not None and hasattr(cuda_ext, "contrastive_rows")
+    ext = {"cpu": cpu_ext, "cuda": cuda_ext}.get(device.type)
+    return ext is not None and all(hasattr(ext, name) for name in _ROW_KERNEL_ENTRY_POINTS)
     return False
 
 
@@ -156,6 +159,46 @@ def _pointer(tensor: torch.Tensor, what: str, length: int, device: torch.device)
     if not tensor.is_contiguous():
         raise ValueError(f"native row kernel: {what} must be contiguous")
     return tensor.data_ptr()
+
+
+def _check_segments(scores: list[torch.Tensor], coefficients: list[torch.Tensor] | None) -> torch.dtype | None:
+    """Checks the score segments (contiguous fp32, one device, one row count) and the coefficient outputs (one
+    dtype, shaped as the scores); returns the coefficients' dtype (None without them)."""
+    first = scores[0]
+    for segment in scores:
+        if segment.dtype != torch.float32 or segment.device != first.device or not segment.is_contiguous():
+            raise ValueError("native row kernel: score segments must be contiguous float32 tensors on one device")
+        if segment.shape[0] != first.shape[0]:
+            raise ValueError("native row kernel: every score segment must have the same number of rows")
+    if coefficients is None:
+        return None
+    out_dtype = coefficients[0].dtype
+    if out_dtype not in STORE_DTYPES:
+        raise ValueError(f"native row kernel: coefficients must be float32, bfloat16 or float16, got {out_dtype}")
+    for out, segment in zip(coefficients, scores, strict=True):
+        same_layout = out.shape == segment.shape and out.device == first.device and out.is_contiguous()
+        if out.dtype != out_dtype or not same_layout:
+            raise ValueError("native row kernel: coefficients must be contiguous, one dtype, shaped as the scores")
+    return out_dtype
+
+
+def _scale_pointers(scores: list[torch.Tensor], scales: Sequence[Any] | None) -> tuple[list[int], list[int]]:
+    first = scores[0]
+    if scales is None:
+        return [0] * len(scores), [0] * len(scores)  # 0: no scale
+    row_scale_ptrs = [_pointer(s.rows, "a row scale", first.shape[0], first.device) for s in scales]
+    col_scale_ptrs = [
+        _pointer(s.columns, "a column scale", x.shape[1], first.device) for s, x in zip(scales, scores, strict=True)
+    ]
+    return row_scale_ptrs, col_scale_ptrs
+
+
+def _call(name: str, device: torch.device, *args: Any) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            getattr(require_cuda_ext(), name)(*args, torch.cuda.current_stream().cuda_stream)
+    else:
+        getattr(require_cpu_ext(), name)(*args)
 
 
 def native_row_kernel(
@@ -172,26 +215,10 @@ def native_row_kernel(
     segment, or None."""
     first = scores[0]
     rows = first.shape[0]
-    for segment in scores:
-        if segment.dtype != torch.float32 or segment.device != first.device or not segment.is_contiguous():
-            raise ValueError("native row kernel: score segments must be contiguous float32 tensors on one device")
-        if segment.shape[0] != rows:
-            raise ValueError("native row kernel: every score segment must have the same number of rows")
     if coefficients is None:
         coefficients = scores
-    out_dtype = coefficients[0].dtype
-    if out_dtype not in STORE_DTYPES:
-        raise ValueError(f"native row kernel: coefficients must be float32, bfloat16 or float16, got {out_dtype}")
-    for out, segment in zip(coefficients, scores, strict=True):
-        same_layout = out.shape == segment.shape and out.device == first.device and out.is_contiguous()
-        if out.dtype != out_dtype or not same_layout:
-            raise ValueError("native row kernel: coefficients must be contiguous, one dtype, shaped as the scores")
-    row_scale_ptrs = col_scale_ptrs = [0] * len(scores)  # 0: no scale
-    if scales is not None:
-        row_scale_ptrs = [_pointer(s.rows, "a row scale", rows, first.device) for s in scales]
-        col_scale_ptrs = [
-            _pointer(s.columns, "a column scale", x.shape[1], first.device) for s, x in zip(scales, scores, strict=True)
-        ]
+    out_dtype = _check_segments(scores, coefficients)
+    row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
     row_loss = torch.empty(rows, dtype=torch.float32, device=first.device)
     args = (
         [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
@@ -200,12 +227,85 @@ def native_row_kernel(
         row_start, width, spec.scale, spec.alpha, int(HardnessKind(spec.hardness)), spec.joint,
         -1.0 if grad_scale is None else float(grad_scale), row_loss.data_ptr(),
     )  # fmt: skip
-    if first.device.type == "cuda":
-        with torch.cuda.device(first.device):
-            require_cuda_ext().contrastive_rows(*args, torch.cuda.current_stream().cuda_stream)
-    else:
-        require_cpu_ext().contrastive_rows(*args)
+    _call("contrastive_rows", first.device, *args)
     return row_loss
+
+
+def _float_pointer(tensor: torch.Tensor, what: str, shape: tuple[int, ...], device: torch.device) -> int:
+    if tensor.dtype != torch.float32 or tensor.device != device or tuple(tensor.shape) != shape:
+        raise ValueError(f"native row kernel: {what} must be a float32 {shape} tensor on {device}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"native row kernel: {what} must be contiguous")
+    return tensor.data_ptr()
+
+
+def native_row_statistics(
+    scores: list[torch.Tensor],
+    kinds: Sequence[int],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    block: Any,
+    column_max: torch.Tensor,
+    column_sum: torch.Tensor,
+    scales: Sequence[Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric path's statistics pass (contract: st_fast.ops.row_kernel): (row LSEs (n, segments), positive
+    logits (n,)) fp32; ``column_max`` / ``column_sum`` ((block.count,) fp32) are continued in place."""
+    first = scores[0]
+    rows, device = first.shape[0], first.device
+    _check_segments(scores, None)
+    row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
+    row_lse = torch.empty(rows, len(scores), dtype=torch.float32, device=device)
+    positive = torch.empty(rows, dtype=torch.float32, device=device)
+    column_ptrs = [_float_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
+    _call(
+        "contrastive_statistics", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
+        [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale,
+        spec.alpha, int(HardnessKind(spec.hardness)), row_lse.data_ptr(), positive.data_ptr(), block.begin,
+        block.count, *column_ptrs,
+    )  # fmt: skip
+    return row_lse, positive
+
+
+def native_row_coefficients(
+    scores: list[torch.Tensor],
+    kinds: Sequence[int],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    grad_scale: float,
+    block: Any,
+    row_ref: torch.Tensor,
+    column_ref: torch.Tensor,
+    scales: Sequence[Any] | None = None,
+    coefficients: list[torch.Tensor] | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """The symmetric path's coefficient pass (contract: st_fast.ops.row_kernel): writes the coefficients into
+    ``coefficients`` (default: over ``scores``) from the references ``row_ref`` (n, segments) and ``column_ref``
+    (block.count,), fp32, and the optional ``factors`` (row (n,), column (block.count,))."""
+    first = scores[0]
+    rows, device = first.shape[0], first.device
+    if coefficients is None:
+        coefficients = scores
+    out_dtype = _check_segments(scores, coefficients)
+    row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
+    factor_ptrs = [0, 0]  # 0: no factors
+    if factors is not None:
+        factor_ptrs = [
+            _float_pointer(factors[0], "the row factors", (rows,), device),
+            _float_pointer(factors[1], "the column factors", (block.count,), device),
+        ]
+    _call(
+        "contrastive_coefficients", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
+        [c.data_ptr() for c in coefficients], int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores],
+        [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale, spec.alpha,
+        int(HardnessKind(spec.hardness)), spec.joint, float(grad_scale),
+        _float_pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
+        _float_pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
+        *factor_ptrs,
+    )  # fmt: skip
 
 
 def store_coefficients(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

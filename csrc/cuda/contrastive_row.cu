@@ -16,6 +16,28 @@ __global__ void contrastive_row_kernel(ContrastiveRowArgs args) {
   contrastive_row<Out>(args, row, WarpLanes{});
 }
 
+template <class Out>
+__global__ void contrastive_coefficient_kernel(ContrastiveRowArgs args) {
+  const int64_t row = warp_row();
+  if (row >= args.rows) return;
+  contrastive_row_coefficients<Out>(args, row, WarpLanes{});
+}
+
+__global__ void contrastive_row_statistics_kernel(ContrastiveRowArgs args) {
+  const int64_t row = warp_row();
+  if (row >= args.rows) return;
+  contrastive_row_statistics(args, row, WarpLanes{});
+}
+
+// One thread per column of the positive block, the chunk's rows in order (adjacent threads read adjacent columns).
+constexpr int kColumnThreads = 256;
+
+__global__ void contrastive_column_statistics_kernel(ContrastiveRowArgs args) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
+  if (j >= args.block_count) return;
+  contrastive_column_statistics(args, j, j + 1);
+}
+
 }  // namespace st_fast
 
 extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle) {
@@ -24,6 +46,30 @@ extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* 
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
     contrastive_row_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
+  });
+  return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle) {
+  using namespace st_fast;
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  if (args->rows > 0) {
+    contrastive_row_statistics_kernel<<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
+    if (args->block_count > 0) {
+      const auto blocks = static_cast<unsigned>((args->block_count + kColumnThreads - 1) / kColumnThreads);
+      contrastive_column_statistics_kernel<<<blocks, kColumnThreads, 0, stream>>>(*args);
+    }
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle) {
+  using namespace st_fast;
+  if (args->rows == 0) return 0;
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
+    contrastive_coefficient_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(
+        *args);
   });
   return static_cast<int>(cudaGetLastError());
 }

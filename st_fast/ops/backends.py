@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from st_fast.ops.chunked import ChunkedBackend
-from st_fast.ops.row_kernel_torch import torch_row_kernel
+from st_fast.ops.row_kernel_torch import TORCH_ROW_KERNEL
 
 BACKENDS = ("auto", "triton", "native", "torch")
 
@@ -101,9 +101,9 @@ def native_available(device: torch.device) -> bool:
 
 def _chunked_backend(name: str, op: OpCapabilities) -> ChunkedBackend:
     if name == "native":
-        from st_fast.ops.row_kernel_native import native_row_kernel as row_kernel
+        from st_fast.ops.row_kernel_native import NATIVE_ROW_KERNEL as row_kernel
     else:
-        row_kernel = torch_row_kernel
+        row_kernel = TORCH_ROW_KERNEL
     driver = importlib.import_module(f"{op.package}.chunked").loss_and_grad
     return ChunkedBackend(name, row_kernel, driver, raw_16bit=op.raw_16bit_operands)
 

@@ -4,8 +4,9 @@ chunked driver and the backend object around a driver and a row kernel.
 Each op has its own driver (:func:`st_fast.ops.mnrl.chunked.loss_and_grad`, :func:`st_fast.ops.gist.chunked.
 loss_and_grad`): for each chunk of local rows it computes the score GEMMs, lets the row kernel
 (:mod:`st_fast.ops.row_kernel`) turn the scores into per-row losses and gradient coefficients, and accumulates the
-gradient GEMMs, so that no B x N score matrix exists at once. The gradients are computed during the forward pass and
-scaled by the incoming gradient in the backward.
+gradient GEMMs, so that no B x N score matrix exists at once (the MNRL op's symmetric path keeps the B x N tile
+when it fits :data:`DEFAULT_KEEP_BYTES`, see :mod:`st_fast.ops.mnrl.chunked`). The gradients are computed during the
+forward pass and scaled by the incoming gradient in the backward.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from st_fast.ops.row_kernel import RowKernel
 # 5.87 ms, 2 GiB 5.51 ms (one chunk; peak 1984 MiB, stock 4353 MiB): few large chunks keep the row kernel's waves
 # full and the launches and syncs per chunk few.
 DEFAULT_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 2048 * 2**20}
+
+# The symmetric path of the MNRL op (query_to_doc with doc_to_query, st_fast.ops.mnrl.chunked) needs every row's
+# statistics before any coefficient: it keeps the whole score tile when it fits this budget (one score GEMM instead
+# of two), else it recomputes each chunk (of DEFAULT_CHUNK_BYTES) in the coefficient pass. Measured on 1 CPU thread
+# (B = 4096, k = 1, D = 384, a 64 MiB tile): see benchmarks/fused_loss.py --symmetric.
+DEFAULT_KEEP_BYTES = {"cpu": 128 * 2**20, "cuda": 2048 * 2**20}
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -61,7 +68,8 @@ Driver = Callable[..., LossAndGrad]
 
 class ChunkedBackend:
     """A chunked driver with a row kernel behind the :class:`st_fast.ops.backends.Backend` protocol. Gradients are
-    computed in the forward pass (3 GEMMs per chunk and segment) and scaled by the incoming gradient later.
+    computed in the forward pass (3 GEMMs per chunk and segment; the MNRL op's symmetric path: a statistics pass, then
+    the coefficients on the kept tile or recomputed chunks) and scaled by the incoming gradient later.
 
     ``raw_16bit``: the op's driver can take fp16 / bf16 embeddings raw (16-bit GEMMs with fp32 output, the cosine
     normalization applied by the row kernel, see :mod:`st_fast.ops.mnrl.chunked`); it does so on CUDA only, where

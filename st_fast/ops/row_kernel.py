@@ -10,16 +10,80 @@ coefficients d loss / d scores (:func:`st_fast.ops.row_kernel_torch.torch_row_ke
 :mod:`st_fast.ops.layout`), ``row_start`` is the global index of the chunk's first row, ``width`` the block width W,
 ``grad_scale`` None (loss only) or the factor of the coefficients, written into ``coefficients`` (default: over
 ``scores``); ``scales`` the optional per-segment :class:`SegmentScales`.
+
+The symmetric path (query_to_doc with doc_to_query, :mod:`st_fast.ops.mnrl.chunked`) calls a row kernel in two
+passes instead, through :class:`RowKernel`'s ``statistics`` and ``coefficients``::
+
+    statistics(scores, kinds, spec, row_start, width, block, column_max, column_sum, scales=None)
+        -> (row_lse (n, len(kinds)) fp32, positive (n,) fp32)
+    coefficients(scores, kinds, spec, row_start, width, grad_scale, block, row_ref, column_ref, scales=None,
+                 coefficients=None, factors=None) -> None
+
+``kinds`` are the row segments' kinds (Q2D first; D2Q only as the other ranks' queries, with the local columns
+``block`` holding -inf), ``block`` the :class:`PositiveBlock` whose columns of the Q2D segment are the D2Q rows:
+``statistics`` returns each row segment's LSE and the positive logit and continues the online max / sum of the
+block's columns (``column_max``, ``column_sum``, (count,) fp32, updated in place, rows in order); ``coefficients``
+writes one coefficient per entry from the references ``row_ref`` (n, len(kinds)) and ``column_ref`` (count,) (log_z,
+or the direction's LSE in per_direction; :func:`combine_partitions`): the row-softmax term, plus the column-softmax
+term on the block, minus the positive's one-hot shares on its diagonal. ``factors``: optional (row factors (n,),
+column factors (count,)) from :func:`reference_factors`, which a kernel may use (the native one does) to take
+an unpenalized entry's column term as row term · row factor · column factor, one exp per entry instead of two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-RowKernel = Callable[..., torch.Tensor]
+
+@dataclass(frozen=True)
+class RowKernel:
+    """One row kernel's entry points: calling it is the one-pass kernel (``rows``); ``statistics`` and
+    ``coefficients`` are the two passes of the symmetric path (see the module docstring)."""
+
+    rows: Callable[..., torch.Tensor]
+    statistics: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    coefficients: Callable[..., None]
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.rows(*args, **kwargs)
+
+
+class PositiveBlock(NamedTuple):
+    """Columns ``begin .. begin + count`` of the Q2D segment (the local rows' positives, begin = row offset): column
+    ``begin + j`` over the tile's rows is the doc_to_query segment of local row j restricted to this rank's
+    queries."""
+
+    begin: int
+    count: int
+
+
+def combine_partitions(lses: torch.Tensor, joint: bool) -> torch.Tensor:
+    """log Z per row from the segments' LSEs (..., segments): their log-add-exp (joint) or their mean."""
+    return torch.logsumexp(lses, dim=-1) if joint else lses.mean(dim=-1)
+
+
+FACTOR_RANGE = 8.0
+
+
+def reference_factors(q2d_ref: torch.Tensor, column_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row factors exp(q2d_ref - K), column factors exp(K - column_ref)) for K the median column reference, each 0
+    where it is not within e^±8: the coefficient pass then takes an unpenalized entry's column term as
+    row term · row factor · column factor (one exp per entry instead of two; see contrastive_row.h)."""
+    shift = column_ref.median()
+
+    def factor(exponent: torch.Tensor) -> torch.Tensor:
+        return torch.where(exponent.abs() <= FACTOR_RANGE, torch.exp(exponent), 0.0).contiguous()
+
+    return factor(q2d_ref - shift), factor(shift - column_ref)
+
+
+def column_lse(column_max: torch.Tensor, column_sum: torch.Tensor) -> torch.Tensor:
+    """The LSE of each column from its online statistics (max + log sum; -inf for a column without entries)."""
+    return torch.where(column_sum == 0, float("-inf"), column_max + torch.log(column_sum))
 
 
 class SegmentScales(NamedTuple):

@@ -7,6 +7,20 @@ keeps the names the ops import.
 
 from __future__ import annotations
 
-from st_fast._native import native_row_kernel, native_row_kernel_available
+from st_fast._native import (
+    native_row_coefficients,
+    native_row_kernel,
+    native_row_kernel_available,
+    native_row_statistics,
+)
+from st_fast.ops.row_kernel import RowKernel
 
-__all__ = ["native_row_kernel", "native_row_kernel_available"]
+NATIVE_ROW_KERNEL = RowKernel(native_row_kernel, native_row_statistics, native_row_coefficients)
+
+__all__ = [
+    "NATIVE_ROW_KERNEL",
+    "native_row_coefficients",
+    "native_row_kernel",
+    "native_row_kernel_available",
+    "native_row_statistics",
+]

@@ -22,6 +22,11 @@ D2Q (s_d2q[r, g] = s(d_g, q_g), the same function of the embeddings, so the spli
 every direction hold the positive, so there p_x = w_x: each direction's coefficients are its own softmax minus one-hot,
 and a coefficient that is 0 in exact math (B = 1: a single-column softmax) comes out as w·1 - w = 0 instead of -w/2 in
 Q2D and +w/2 in D2Q, which leave a rounding residue once the gradient GEMMs add up their products with the embeddings.
+
+The two passes of the symmetric path (:func:`torch_row_statistics`, :func:`torch_row_coefficients`; contract in
+:mod:`st_fast.ops.row_kernel`) use the same logits; the D2Q logits of the positive block's column j are
+scale · s_q2d[:, begin + j] (no penalty, nothing masked), and the coefficient of a block entry [r, begin + j] adds
+w · exp(scale · s - column_ref_j), with the D2Q share of the one-hot term (per_direction) on the diagonal.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 from st_fast.ops.layout import HardnessKind, SegmentKind
 from st_fast.ops.mnrl.spec import ContrastiveSpec
-from st_fast.ops.row_kernel import SegmentScales
+from st_fast.ops.row_kernel import PositiveBlock, RowKernel, SegmentScales, combine_partitions
 
 FLOAT16_MAX = 65504.0
 
@@ -68,6 +73,30 @@ def holds_positive(kind: SegmentKind, spec: ContrastiveSpec) -> bool:
     return kind == SegmentKind.Q2D or (not spec.joint and kind == SegmentKind.D2Q)
 
 
+def _segment_logits(
+    scores: list[torch.Tensor],
+    kinds: tuple[SegmentKind, ...],
+    spec: ContrastiveSpec,
+    rows_global: torch.Tensor,
+    width: int,
+    scales: list[SegmentScales | None],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+    """(similarities, logits, masks) of each segment: s with its scales, scale·s (+ the penalty, -inf where masked)."""
+    similarities, logits, masks = [], [], []
+    for kind, raw, segment_scales in zip(kinds, scores, scales, strict=True):
+        s = _apply_scales(raw, segment_scales)
+        masked, penalized = segment_mask_and_penalty(kind, s.shape[1], rows_global, width, spec)
+        logit = s * spec.scale
+        if penalized is not None:
+            logit = logit + spec.alpha * s * penalized
+        if masked is not None:
+            logit = logit.masked_fill(masked, float("-inf"))
+        similarities.append(s)
+        logits.append(logit)
+        masks.append(masked)
+    return similarities, logits, masks
+
+
 def torch_row_kernel(
     scores: list[torch.Tensor],
     spec: ContrastiveSpec,
@@ -82,20 +111,9 @@ def torch_row_kernel(
     n = scores[0].shape[0]
     scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
-    similarities, logits, masks = [], [], []
-    for kind, raw, segment_scales in zip(spec.kinds, scores, scales, strict=True):
-        s = _apply_scales(raw, segment_scales)
-        masked, penalized = segment_mask_and_penalty(kind, s.shape[1], rows_global, width, spec)
-        logit = s * spec.scale
-        if penalized is not None:
-            logit = logit + spec.alpha * s * penalized
-        if masked is not None:
-            logit = logit.masked_fill(masked, float("-inf"))
-        similarities.append(s)
-        logits.append(logit)
-        masks.append(masked)
+    similarities, logits, masks = _segment_logits(scores, spec.kinds, spec, rows_global, width, scales)
     lses = torch.stack([torch.logsumexp(logit, dim=1) for logit in logits])  # (segments, n)
-    log_z = torch.logsumexp(lses, dim=0) if spec.joint else lses.mean(dim=0)
+    log_z = combine_partitions(lses.T, spec.joint)
     local = torch.arange(n, device=scores[0].device)
     positive = spec.scale * similarities[0][local, rows_global]  # kinds[0] is always Q2D
     row_loss = log_z - positive
@@ -117,3 +135,77 @@ def torch_row_kernel(
                 coefficient = coefficient.clamp(-FLOAT16_MAX, FLOAT16_MAX)
             out.copy_(coefficient)
     return row_loss
+
+
+def torch_row_statistics(
+    scores: list[torch.Tensor],
+    kinds: tuple[SegmentKind, ...],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    block: PositiveBlock,
+    column_max: torch.Tensor,
+    column_sum: torch.Tensor,
+    scales: list[SegmentScales] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric path's statistics pass (:mod:`st_fast.ops.row_kernel`): (row LSEs (n, segments), positive
+    logits (n,)), and the block's column statistics continued over this chunk's rows."""
+    n = scores[0].shape[0]
+    scales = scales or [None] * len(scores)
+    rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
+    similarities, logits, _ = _segment_logits(scores, kinds, spec, rows_global, width, scales)
+    row_lse = torch.stack([torch.logsumexp(logit, dim=1) for logit in logits], dim=1)
+    positive = spec.scale * similarities[0][torch.arange(n, device=rows_global.device), rows_global]
+    block_logits = spec.scale * similarities[0][:, block.begin : block.begin + block.count]
+    top = torch.maximum(column_max, block_logits.max(dim=0).values)
+    shift = torch.where(top == float("-inf"), 0.0, top)  # no entries yet: keep exp(-inf - shift) = 0
+    column_sum.mul_(torch.exp(column_max - shift)).add_(torch.exp(block_logits - shift).sum(dim=0))
+    column_max.copy_(top)
+    return row_lse, positive
+
+
+def torch_row_coefficients(
+    scores: list[torch.Tensor],
+    kinds: tuple[SegmentKind, ...],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    grad_scale: float,
+    block: PositiveBlock,
+    row_ref: torch.Tensor,
+    column_ref: torch.Tensor,
+    scales: list[SegmentScales] | None = None,
+    coefficients: list[torch.Tensor] | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """The symmetric path's coefficient pass (:mod:`st_fast.ops.row_kernel`): writes into ``coefficients``
+    (default: over ``scores``) the row-softmax term, plus the column-softmax term on the positive block, minus the
+    positive's one-hot shares (Q2D's, and D2Q's in per_direction) on the diagonal. ``factors`` (the native
+    kernel's one-exp form of the column term, :func:`st_fast.ops.row_kernel.reference_factors`) are accepted and
+    not used: the reference computes every column term with its own exp."""
+    n = scores[0].shape[0]
+    scales = scales or [None] * len(scores)
+    rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
+    local = torch.arange(n, device=rows_global.device)
+    similarities, logits, masks = _segment_logits(scores, kinds, spec, rows_global, width, scales)
+    base = grad_scale * spec.scale
+    weight = base if spec.joint else base / len(spec.kinds)
+    share = base if spec.joint else base / 2  # Q2D's and (per_direction) D2Q's one-hot shares
+    outputs = scores if coefficients is None else coefficients
+    for x, (kind, out, s, logit, masked) in enumerate(zip(kinds, outputs, similarities, logits, masks, strict=True)):
+        coefficient = torch.exp(logit - row_ref[:, x, None]) * weight
+        if kind == SegmentKind.Q2D:
+            columns = slice(block.begin, block.begin + block.count)
+            coefficient[:, columns] += torch.exp(spec.scale * s[:, columns] - column_ref[None, :]) * weight
+            coefficient[local, rows_global] -= share
+            if not spec.joint:
+                coefficient[local, rows_global] -= share
+        coefficient = _apply_scales(coefficient, scales[x])
+        if masked is not None:
+            coefficient = coefficient.masked_fill(masked, 0.0)
+        if out.dtype == torch.float16:
+            coefficient = coefficient.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        out.copy_(coefficient)
+
+
+TORCH_ROW_KERNEL = RowKernel(torch_row_kernel, torch_row_statistics, torch_row_coefficients)

@@ -39,6 +39,8 @@ CONFIGS = {
     "default": {},
     "all4-joint": dict(directions=ALL_FOUR),
     "q2d+d2q-per_direction": dict(directions=SYMMETRIC, partition_mode="per_direction"),
+    # the symmetric path: doc_to_query from this rank's query_to_doc columns plus a GEMM over the other ranks' queries
+    "q2d+d2q-joint-hard_negatives-5": dict(directions=SYMMETRIC, hardness_mode="hard_negatives", hardness_strength=5.0),
     "all_negatives-5": dict(hardness_mode="all_negatives", hardness_strength=5.0),
     "in_batch_negatives-9": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
     "hard_negatives-5": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
@@ -155,7 +157,7 @@ def test_upstream_duplicate_gather_equals_doubled_batch(monkeypatch, backend):
 # --------------------------------------------------------------------------------------------------------------------
 
 WORLD_SIZE, RANK_BATCH, DIST_DIM, DIST_COLUMNS = 2, 3, 16, 3  # 3 rows per rank, one hard negative
-DIST_CONFIGS = ["default", "all4-joint", "q2d+d2q-per_direction", "all_negatives-5"]
+DIST_CONFIGS = ["default", "all4-joint", "q2d+d2q-per_direction", "q2d+d2q-joint-hard_negatives-5", "all_negatives-5"]
 # "stock" runs the stock class in the same workers: it checks the harness itself (the identities below hold for it).
 DIST_BACKENDS = ["stock", *CPU_BACKENDS]
 DIST_DEADLINE_S = 180.0  # generous (imports of 2 processes on 2 cores); only reached if something hangs

@@ -123,11 +123,12 @@ def test_16bit_path_covers_every_direction_and_partition(directions, partition_m
 @pytest.mark.usefixtures("raw_16bit_on_cpu")
 @pytest.mark.parametrize("chunk_bytes", [None, 6 * 8 * 69])
 def test_16bit_path_in_chunks_with_a_row_offset(monkeypatch, chunk_bytes):
-    """Local rows 5 .. 16 of 23 (the gathered layout), in one chunk or in chunks of 8 rows, against the float64
-    torch backend on the same rounded values."""
+    """Local rows 5 .. 16 of 23 (the gathered layout), in one chunk (the symmetric path's kept tile) or in chunks of
+    8 rows (recomputed in its coefficient pass), against the float64 torch backend on the same rounded values."""
     from st_fast.ops import chunked
 
     monkeypatch.setitem(chunked.DEFAULT_CHUNK_BYTES, "cpu", chunk_bytes or chunked.DEFAULT_CHUNK_BYTES["cpu"])
+    monkeypatch.setitem(chunked.DEFAULT_KEEP_BYTES, "cpu", chunk_bytes or chunked.DEFAULT_KEEP_BYTES["cpu"])
     config = dict(directions=("query_to_doc", "doc_to_query"), offset=5, batch=11)
     embeddings = random_columns(23, 32, 3, dtype=torch.bfloat16, seed=3)
     reference = [x.detach().double().requires_grad_() for x in embeddings]

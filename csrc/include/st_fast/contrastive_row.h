@@ -26,6 +26,25 @@
 //
 // Two passes over each segment's row: an online max / sum of exp (one exp per entry), then the coefficients. The
 // coefficients may alias the fp32 scores: every entry is read and then written by the same lane.
+//
+// Symmetric directions from one score tile (query_to_doc with doc_to_query, see st_fast/ops/mnrl/chunked.py): the
+// D2Q segment of local row j (global o + j) is column o + j of the Q2D tile's positive block, over the rows of the
+// tile (this rank's queries), so the caller computes no D2Q GEMM for those columns and calls the kernel in two
+// passes over the row chunks of one tile:
+//   contrastive_row_statistics    per row of the row segments (Q2D, Q2Q, D2D, and a W-wide D2Q segment for the
+//                                 other ranks' queries whose local columns o .. o+B hold -inf): each segment's LSE
+//                                 and the positive logit (no loss, no coefficients);
+//   contrastive_column_statistics per column j of the positive block (Q2D columns block_begin + j): the online
+//                                 max / sum of exp(scale·s) over the chunk's rows, continued across the chunks in
+//                                 row order (fp32, one thread per column or column block: a deterministic order);
+// then the caller forms each row's log-partition from both (joint: log-add-exp; per_direction: mean) and its
+// references (row_ref: per row and segment, log_z or the direction's LSE; col_ref: per column, log_z or the D2Q LSE
+// of row j), and
+//   contrastive_row_coefficients  writes one coefficient per entry: the row-softmax term w·exp(l - row_ref) plus, on
+//                                 the positive block, the column-softmax term w·exp(scale·s - col_ref[j]), minus the
+//                                 positive's one-hot shares at the diagonal (Q2D's, and D2Q's in per_direction), so
+//                                 that the caller's two gradient GEMMs per segment cover both directions.
+// A D2Q row segment in the coefficient pass holds no share of the one-hot term (its positive is the diagonal).
 #pragma once
 
 #include "st_fast/half_store.h"
@@ -55,6 +74,20 @@ struct ContrastiveRowArgs {
   int joint;
   float grad_scale;  // < 0: loss only
   float* row_loss;   // (rows,)
+  // The two-pass (symmetric) entry points only; null / 0 in the one-pass kernel.
+  float* row_lse;          // (rows, num_segments) statistics: each row segment's LSE
+  float* row_positive;     // (rows,) statistics: the positive logit scale·s_q2d[g]
+  const float* row_ref;    // (rows, num_segments) coefficients: the reference of each row segment's softmax
+  int64_t block_begin;     // the Q2D positive-block columns block_begin .. block_begin + block_count, whose columns
+  int64_t block_count;     //   are the D2Q rows block_begin + j
+  float* col_max;          // (block_count,) statistics: running max of the column's D2Q logits, updated
+  float* col_sum;          // (block_count,) statistics: running sum of exp(logit - col_max), updated
+  const float* col_ref;    // (block_count,) coefficients: the reference of column j's D2Q softmax
+  // coefficients, optional (null: none): exp(row_ref[r, Q2D] - K) per row and exp(K - col_ref[j]) per column for a
+  // shift K, 0 where that factor is not within e^±8 (see contrastive_row_coefficients)
+  const float* row_factor;  // (rows,)
+  const float* col_factor;  // (block_count,)
+  int directions;          // coefficients: the loss's number of directions (per_direction weight 1 / directions)
 };
 
 // Multiplier of the similarity for the bulk of a segment's entries.
@@ -127,31 +160,39 @@ ST_FAST_HD void for_each_segment_column(const float* v, int64_t n, int64_t width
   }
 }
 
+// s = v · (row_scale · col_scale): the scale product commutes, so s_q2d[i, g] and s_d2q[i, g] agree to the bit.
+ST_FAST_HD float scaled(const ContrastiveRowArgs& a, int x, float row_scale, int64_t c, float value) {
+  return value * (row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f));
+}
+
+// The LSE of segment x of row r (all lanes get it); lane 0's `positive` receives the positive logit for Q2D.
+template <class Lanes>
+ST_FAST_HD float segment_lse(const ContrastiveRowArgs& a, int64_t r, int x, const Lanes& lanes, float& positive) {
+  const int64_t g = a.row_start + r;
+  const float* v = a.scores[x] + r * a.lengths[x];
+  const int kind = a.kinds[x];
+  const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
+  const float bulk = bulk_multiplier(a, kind);
+  OnlineLogSumExp acc;
+  for_each_segment_column(
+      v, a.lengths[x], a.width, g, lanes,
+      [&](int64_t c, float value) { acc.add(scaled(a, x, row_scale, c, value) * bulk); },
+      [&](int64_t c, int64_t j, float value) {
+        const float mult = own_column_multiplier(a, kind, j);
+        if (mult == 0.0f) return;
+        const float logit = scaled(a, x, row_scale, c, value) * mult;
+        if (kind == kQ2D && j == 0) positive = logit;
+        acc.add(logit);
+      });
+  return acc.reduce(lanes);
+}
+
 template <class Out, class Lanes>
 ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const Lanes& lanes) {
   const int64_t g = a.row_start + r;
   float seg_lse[kMaxSegments];
   float positive = 0.0f;  // lane 0's
-  for (int x = 0; x < a.num_segments; ++x) {
-    const float* v = a.scores[x] + r * a.lengths[x];
-    const float* col_scale = a.col_scale[x];
-    const int kind = a.kinds[x];
-    const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
-    const float bulk = bulk_multiplier(a, kind);
-    OnlineLogSumExp acc;
-    // s = v · (row_scale · col_scale): the scale product commutes, so s_q2d[i, g] and s_d2q[i, g] agree to the bit
-    for_each_segment_column(
-        v, a.lengths[x], a.width, g, lanes,
-        [&](int64_t c, float value) { acc.add(value * (row_scale * (col_scale ? col_scale[c] : 1.0f)) * bulk); },
-        [&](int64_t c, int64_t j, float value) {
-          const float mult = own_column_multiplier(a, kind, j);
-          if (mult == 0.0f) return;
-          const float logit = value * (row_scale * (col_scale ? col_scale[c] : 1.0f)) * mult;
-          if (kind == kQ2D && j == 0) positive = logit;
-          acc.add(logit);
-        });
-    seg_lse[x] = acc.reduce(lanes);
-  }
+  for (int x = 0; x < a.num_segments; ++x) seg_lse[x] = segment_lse(a, r, x, lanes, positive);
   float log_z;
   if (a.joint) {
     float top = -INFINITY;
@@ -196,6 +237,100 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
           float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * scales * mult - ref);
           if (holder && j == 0) coefficient -= positive_share;  // the positive's one-hot term
           Out::put(out, out_offset + c, coefficient * scales);
+        });
+  }
+}
+
+// Two-pass (symmetric) statistics of row r: each row segment's LSE into row_lse, the positive logit into
+// row_positive. The D2Q direction of the positive block's columns is contrastive_column_statistics'.
+template <class Lanes>
+ST_FAST_HD void contrastive_row_statistics(const ContrastiveRowArgs& a, int64_t r, const Lanes& lanes) {
+  float positive = 0.0f;  // lane 0's
+  for (int x = 0; x < a.num_segments; ++x) {
+    const float lse = segment_lse(a, r, x, lanes, positive);
+    if (lanes.id() == 0) a.row_lse[r * a.num_segments + x] = lse;
+  }
+  if (lanes.id() == 0) a.row_positive[r] = positive;
+}
+
+// The D2Q logit scale·s of the positive block's column j at tile row r (segment 0, Q2D).
+ST_FAST_HD float column_logit(const ContrastiveRowArgs& a, int64_t r, int64_t j) {
+  const int64_t c = a.block_begin + j;
+  const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
+  return scaled(a, 0, row_scale, c, a.scores[0][r * a.lengths[0] + c]) * a.scale;
+}
+
+// Continues the online max / sum of the D2Q logits of columns j_begin .. j_end of the positive block over the
+// chunk's rows, in row order (deterministic: one worker per column range, the rows of each column in order).
+ST_FAST_HD void contrastive_column_statistics(const ContrastiveRowArgs& a, int64_t j_begin, int64_t j_end) {
+  for (int64_t r = 0; r < a.rows; ++r) {
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      OnlineLogSumExp acc;
+      acc.max = a.col_max[j];
+      acc.sum = a.col_sum[j];
+      acc.add(column_logit(a, r, j));
+      a.col_max[j] = acc.max;
+      a.col_sum[j] = acc.sum;
+    }
+  }
+}
+
+// Two-pass (symmetric) coefficients of row r from the references row_ref (per row and segment) and col_ref (per
+// column of the positive block): see the top of this file.
+template <class Out, class Lanes>
+ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_t r, const Lanes& lanes) {
+  const int64_t g = a.row_start + r;
+  const float base = a.grad_scale * a.scale;
+  const float weight = a.joint ? base : base / static_cast<float>(a.directions);
+  // the one-hot shares: Q2D's, and D2Q's (the column term's) in per_direction, each the same expression as the
+  // weight there, so that a single-column softmax gives weight·1 - share = 0 exactly
+  const bool d2q_holds = !a.joint;
+  const float positive_share = base / (d2q_holds ? 2.0f : 1.0f);
+  const int64_t block_end = a.block_begin + a.block_count;
+  for (int x = 0; x < a.num_segments; ++x) {
+    const int64_t n = a.lengths[x];
+    const float* v = a.scores[x] + r * n;
+    void* out = a.coefficients[x];
+    const int64_t out_offset = r * n;
+    const int kind = a.kinds[x];
+    const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
+    const float bulk = bulk_multiplier(a, kind);
+    const float ref = a.row_ref[r * a.num_segments + x];
+    const bool q2d = kind == kQ2D;
+    // The column-softmax term of entry c of the Q2D row (0 outside the positive block), given the row term's
+    // exp(l - ref) for the logit l = mult·s. Where the logit is unpenalized (mult == scale) and both factors exist,
+    // exp(scale·s - col_ref[j]) = exp(l - ref) · exp(ref - K) · exp(K - col_ref[j]): one exp per entry instead of
+    // two (a relative error of a few fp32 roundings; with both factors within e^±8, an exp(l - ref) that underflows
+    // leaves out a column term below e^-87).
+    const float row_factor = q2d && a.row_factor ? a.row_factor[r] : 0.0f;
+    auto column_term = [&](int64_t c, float s, float mult, float row_exp) {
+      if (!q2d || c < a.block_begin || c >= block_end) return 0.0f;
+      const int64_t j = c - a.block_begin;
+      const float col_factor = a.col_factor ? a.col_factor[j] : 0.0f;
+      if (mult == a.scale && row_factor > 0.0f && col_factor > 0.0f)
+        return weight * (row_exp * (row_factor * col_factor));
+      return weight * expf(s * a.scale - a.col_ref[j]);
+    };
+    for_each_segment_column(
+        v, n, a.width, g, lanes,
+        [&](int64_t c, float value) {
+          const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
+          const float s = value * scales;
+          const float row_exp = expf(s * bulk - ref);
+          Out::put(out, out_offset + c, (weight * row_exp + column_term(c, s, bulk, row_exp)) * scales);
+        },
+        [&](int64_t c, int64_t j, float value) {
+          const float mult = own_column_multiplier(a, kind, j);
+          const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
+          const float s = value * scales;
+          const float row_exp = mult == 0.0f ? 0.0f : expf(s * mult - ref);
+          float coefficient = weight * row_exp;
+          float column = column_term(c, s, mult, row_exp);
+          if (q2d && j == 0) {  // the diagonal: the positive of row g in both directions
+            coefficient -= positive_share;
+            if (d2q_holds) column -= positive_share;
+          }
+          Out::put(out, out_offset + c, (coefficient + column) * scales);
         });
   }
 }

@@ -56,4 +56,33 @@ inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers
   return a;
 }
 
+// The two-pass (symmetric) fields of ContrastiveRowArgs: the positive block's columns and the statistics /
+// reference arrays of each pass (0: absent; the Python wrapper st_fast._native validates their shapes).
+struct SymmetricPointers {
+  uintptr_t row_lse = 0, row_positive = 0, row_ref = 0, col_max = 0, col_sum = 0, col_ref = 0, row_factor = 0,
+            col_factor = 0;
+};
+
+inline void set_symmetric_args(ContrastiveRowArgs& a, const SymmetricPointers& p, int64_t block_begin,
+                               int64_t block_count, int directions) {
+  const int64_t block_end = block_begin + block_count;
+  if (block_begin < 0 || block_count < 0 || block_end > a.width || block_end > a.lengths[0])
+    throw std::invalid_argument("contrastive_row: the positive block must lie within the first column block");
+  if (a.row_start < block_begin || a.row_start + a.rows > block_begin + block_count)
+    throw std::invalid_argument("contrastive_row: the rows must be rows of the positive block");
+  if (directions < 1 || directions > kMaxSegments)
+    throw std::invalid_argument("contrastive_row: directions must be 1 to 4");
+  a.row_lse = reinterpret_cast<float*>(p.row_lse);
+  a.row_positive = reinterpret_cast<float*>(p.row_positive);
+  a.row_ref = reinterpret_cast<const float*>(p.row_ref);
+  a.col_max = reinterpret_cast<float*>(p.col_max);
+  a.col_sum = reinterpret_cast<float*>(p.col_sum);
+  a.col_ref = reinterpret_cast<const float*>(p.col_ref);
+  a.row_factor = reinterpret_cast<const float*>(p.row_factor);
+  a.col_factor = reinterpret_cast<const float*>(p.col_factor);
+  a.block_begin = block_begin;
+  a.block_count = block_count;
+  a.directions = directions;
+}
+
 }  // namespace st_fast

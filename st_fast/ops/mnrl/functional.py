@@ -55,6 +55,19 @@ def fused_mnrl_loss(
         similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings).
+
+    GEMM FLOPs per forward + backward of the ``torch`` / ``native`` backends (B local rows, N = k·W candidates,
+    W = B without gathering; :func:`st_fast.ops.mnrl.chunked.gemm_flops`)::
+
+        directions                          tile kept      tile recomputed
+        query_to_doc                        6·B·N·D        6·B·N·D   (one pass)
+        + doc_to_query (symmetric, GTE)     6·B·N·D        8·B·N·D   (+ 6·B·(W-B)·D with gathered columns)
+        + query_to_query                    + 6·B·W·D      + 8·B·W·D
+        + doc_to_doc                        + 6·B·N·D      + 8·B·N·D
+
+    (without doc_to_query every segment is one pass: 6·B·L·D for L columns). The doc_to_query direction is derived
+    from the query_to_doc tile's columns (see :mod:`st_fast.ops.mnrl.chunked`); computed as its own segment it
+    would add 6·B·W·D (12·B·N·D in all for k = 1, as before).
     Raises:
         TypeError: non-tensor or non-floating embeddings, mixed dtypes; ``native`` / ``triton`` for float64.
         ValueError: shapes, devices or local rows that do not fit (:func:`st_fast.ops.mnrl.spec.check_embeddings`),

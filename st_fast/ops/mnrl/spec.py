@@ -61,6 +61,12 @@ class ContrastiveSpec:
         )
 
     @property
+    def fuses_doc_to_query(self) -> bool:
+        """query_to_doc with doc_to_query: the chunked driver derives doc_to_query from the query_to_doc tile's
+        columns (the symmetric path of :mod:`st_fast.ops.mnrl.chunked`)."""
+        return SegmentKind.D2Q in self.kinds
+
+    @property
     def needs_query_columns(self) -> bool:
         return SegmentKind.Q2Q in self.kinds or SegmentKind.D2Q in self.kinds
 
