@@ -748,6 +748,77 @@ def test_replaced_module_gives_stock_answer_with_one_warning(replacement, model,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Values and layouts only stock computes: a scale / temperature set to 0, a negative number or NaN after construction
+# (the fused ops take positive ones), an empty batch, candidate columns with more rows than the anchors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_or_same_nonfinite(actual: Outcome, expected: Outcome) -> None:
+    if torch.isfinite(expected.loss):
+        _assert_same(actual, expected)
+    else:  # NaN is not equal to itself: the same kind of non-finite value
+        assert actual.loss.dtype == expected.loss.dtype
+        assert bool(torch.isnan(actual.loss)) == bool(torch.isnan(expected.loss)), (actual.loss, expected.loss)
+        assert bool(torch.isinf(actual.loss)) == bool(torch.isinf(expected.loss)), (actual.loss, expected.loss)
+
+
+@pytest.mark.parametrize("value", [0.0, -20.0, float("nan")], ids=["zero", "negative", "nan"])
+@pytest.mark.parametrize("name", ["MNRL", "CMNRL", "GIST", "CachedGIST"])
+def test_a_nonpositive_scale_or_temperature_set_later_computes_stock(name, value, model, guide, caplog):
+    case = CASES[name]
+    attribute = "temperature" if case.guided else "scale"
+    loss, reference = fast_loss(case, model, guide), stock_loss(case, model, guide)
+    for target in (loss, reference):
+        setattr(target, attribute, value)
+    expected = _run(model, reference)
+    with caplog.at_level(logging.WARNING):
+        actual = _run(model, loss)
+        _run(model, loss)
+    _assert_same_or_same_nonfinite(actual, expected)
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("st_fast") and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"{attribute}={value} is not positive" in warned[0], warned
+    setattr(loss, attribute, 0.05 if case.guided else 20.0)
+    assert loss.fallback_reason() is None  # and a positive value is fused again
+
+
+def _call(loss, columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]] | type:
+    """(loss, gradients of the columns) of ``loss.compute_loss_from_embeddings``, or the type of what it raised."""
+    inputs = [column.clone().requires_grad_(True) for column in columns]
+    try:
+        value = loss.compute_loss_from_embeddings(inputs, None)
+    except Exception as exc:  # noqa: BLE001 - stock's exception type is the expected answer
+        return type(exc)
+    if torch.isfinite(value):
+        value.backward()
+    return value.detach(), [column.grad for column in inputs]
+
+
+@pytest.mark.parametrize(
+    "rows", [(0, 0), (6, 12), (6, 12, 12)], ids=["empty-batch", "more-candidates", "more-candidates-and-negatives"]
+)
+@pytest.mark.parametrize("name", ["MNRL", "MNSRL"])
+def test_layouts_only_stock_computes_give_stocks_answer(name, rows, model, guide, caplog):
+    case = CASES[name]
+    generator = torch.Generator().manual_seed(3)
+    columns = [torch.randn(n, 8, generator=generator, dtype=torch.float64) for n in rows]
+    expected = _call(stock_loss(case, model, guide), columns)
+    with caplog.at_level(logging.WARNING):
+        actual = _call(fast_loss(case, model, guide), columns)
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("st_fast") and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "stock" in warned[0], warned
+    if isinstance(expected, type):  # stock raises: so does st_fast (the stock code runs), the same way
+        assert actual is expected
+        return
+    (expected_loss, expected_grads), (loss_value, grads) = expected, actual
+    if torch.isfinite(expected_loss):
+        assert relative_error(loss_value, expected_loss) < 1e-12
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            assert relative_error(grad, expected_grad) < 1e-12
+    else:
+        assert bool(torch.isnan(loss_value)) and bool(torch.isnan(expected_loss))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # SparseMultipleNegativesRankingLoss on a SparseEncoder (inside SpladeLoss, as it is used)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -790,3 +861,31 @@ def test_sparse_mnrl_in_splade_loss_gives_stock_loss_and_gradients(how, splade_m
         assert relative_error(_run(model, reference, columns=2).loss, unchanged) > 1e-3  # the change matters
     _assert_is_st_fast(loss)
     _assert_same(_run(model, loss, columns=2), _run(model, reference, columns=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deprecation warnings: stock's, where stock gives them, and none of st_fast's own making
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_importing_st_fast_warns_nothing_deprecated():
+    """Defining st_fast's subclasses of the deprecated symmetric aliases must not warn at import (under
+    ``-W error::DeprecationWarning`` the stock trainer works, so must st_fast's)."""
+    import subprocess
+    import sys
+
+    code = "import st_fast, st_fast.losses, st_fast.trainer, st_fast.swaps"
+    done = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["MNSRL", "CMNSRL"])
+def test_the_deprecated_aliases_warn_as_stock_does(name, model, guide):
+    case = CASES[name]
+    with pytest.warns(DeprecationWarning, match="is deprecated and will be removed") as stock_warnings:
+        case.stock(model, **case.kwargs)
+    with pytest.warns(DeprecationWarning, match="is deprecated and will be removed") as fast_warnings:
+        case.fast(model, **case.kwargs)
+    assert [str(w.message) for w in fast_warnings] == [str(w.message) for w in stock_warnings]

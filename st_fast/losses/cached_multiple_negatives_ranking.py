@@ -14,7 +14,11 @@ from torch import Tensor
 
 from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
 from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin
-from st_fast.losses.stock_contract import warn_stock_fallback_once
+from st_fast.losses.stock_contract import (
+    subclassing_deprecated_stock,
+    warn_deprecated_like_stock,
+    warn_stock_fallback_once,
+)
 
 
 class FusedCachedLossStageMixin(FusedMNRLMixin):
@@ -63,12 +67,15 @@ class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedM
         self.backend = backend
 
 
-class CachedMultipleNegativesSymmetricRankingLoss(
-    FusedCachedLossStageMixin, StockCachedMultipleNegativesSymmetricRankingLoss
-):
-    """Deprecated upstream alias (CMNRL with ``directions=("query_to_doc", "doc_to_query")``,
-    ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+with subclassing_deprecated_stock():
 
-    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
+    class CachedMultipleNegativesSymmetricRankingLoss(
+        FusedCachedLossStageMixin, StockCachedMultipleNegativesSymmetricRankingLoss
+    ):
+        """Deprecated upstream alias (CMNRL with ``directions=("query_to_doc", "doc_to_query")``,
+        ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+
+        def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+            warn_deprecated_like_stock(StockCachedMultipleNegativesSymmetricRankingLoss)
+            super().__init__(*args, **kwargs)
+            self.backend = backend

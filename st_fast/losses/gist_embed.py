@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from st_fast.losses.stock_contract import (
     BackendOption,
     autocast_state,
+    positive_problem,
     scalar_kind,
     scalar_problem,
     stock_dtype,
@@ -61,6 +62,7 @@ class FusedGISTMixin:
             )
         # stock's margin only decides masks, so it gets no gradient there either
         temperature = scalar_problem("temperature", self.temperature, differentiable=True)
+        temperature = temperature or positive_problem("temperature", self.temperature)
         return temperature or scalar_problem("margin", self.margin, differentiable=True)
 
     def guide_features(self, sentence_feature: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -17,10 +17,14 @@ from st_fast.losses.similarity import fused_similarity_name
 from st_fast.losses.stock_contract import (
     BackendOption,
     autocast_state,
+    positive_problem,
     scalar_kind,
     scalar_problem,
     stock_dtype,
     stock_helper,
+    stock_only_layout,
+    subclassing_deprecated_stock,
+    warn_deprecated_like_stock,
     warn_once,
     warn_stock_fallback_once,
 )
@@ -45,13 +49,13 @@ class FusedMNRLMixin:
         if fused_similarity_name(self.similarity_fct) is None:
             name = getattr(self.similarity_fct, "__name__", repr(self.similarity_fct))
             return f"similarity_fct={name} has no fused kernel (only cos_sim and dot_score do)"
-        problem = scalar_problem("scale", self.scale, differentiable=True)
+        problem = scalar_problem("scale", self.scale, differentiable=True) or positive_problem("scale", self.scale)
         if problem is None and self.hardness_mode is not None:
             problem = scalar_problem("hardness_strength", self.hardness_strength, differentiable=False)
         return problem
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
-        reason = self.fallback_reason()
+        reason = self.fallback_reason() or stock_only_layout(embeddings)
         if reason is not None:
             warn_stock_fallback_once(self, reason)
             return super().compute_loss_from_embeddings(embeddings, labels)
@@ -136,10 +140,13 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
         self.backend = backend
 
 
-class MultipleNegativesSymmetricRankingLoss(FusedMNRLMixin, StockMultipleNegativesSymmetricRankingLoss):
-    """Deprecated upstream alias (MNRL with ``directions=("query_to_doc", "doc_to_query")`` and
-    ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+with subclassing_deprecated_stock():
 
-    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
+    class MultipleNegativesSymmetricRankingLoss(FusedMNRLMixin, StockMultipleNegativesSymmetricRankingLoss):
+        """Deprecated upstream alias (MNRL with ``directions=("query_to_doc", "doc_to_query")`` and
+        ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+
+        def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+            warn_deprecated_like_stock(StockMultipleNegativesSymmetricRankingLoss)
+            super().__init__(*args, **kwargs)
+            self.backend = backend

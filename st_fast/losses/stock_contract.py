@@ -17,9 +17,11 @@ stock attributes and the stock modules, never from a copy taken earlier:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Hashable
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +58,51 @@ def scalar_problem(name: str, value: Any, *, differentiable: bool) -> str | None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{name} is a {type(value).__name__}, not a number"
     return None
+
+
+def positive_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` (a number or a one-element tensor) cannot be the fused ops' ``scale`` / ``temperature`` (None
+    when it can): they take positive values only; stock computes any (0: a uniform softmax, negative: an inverted
+    one, NaN: a NaN loss). For a CUDA tensor this reads its value (one host sync, as the op's own check does)."""
+    positive = bool((value.detach() > 0).all()) if isinstance(value, torch.Tensor) else value > 0
+    return None if positive else f"{name}={float(value)} is not positive"
+
+
+def stock_only_layout(embeddings: Sequence[Any]) -> str | None:
+    """Why the embedding columns are a layout only stock computes (None for the fused layout: every column 2-D with
+    the anchors' rows, at least one row): an empty batch (stock: a NaN loss) or candidate columns with other row
+    counts than the anchors (stock scores every candidate row; row i's positive is row i). Malformed inputs (1-D,
+    mixed dtypes or devices) are left to the fused op's clear errors."""
+    if len(embeddings) < 2 or not all(isinstance(e, torch.Tensor) and e.dim() == 2 for e in embeddings):
+        return None
+    rows = embeddings[0].shape[0]
+    if rows == 0:
+        return "an empty batch (0 anchor rows)"
+    if any(e.shape[0] != rows for e in embeddings[1:]):
+        shapes = ", ".join(str(tuple(e.shape)) for e in embeddings)
+        return f"candidate columns with other row counts than the anchors ({shapes})"
+    return None
+
+
+@contextlib.contextmanager
+def subclassing_deprecated_stock() -> Iterator[None]:
+    """Define st_fast's subclasses of a stock class marked ``@typing_extensions.deprecated`` (the symmetric aliases)
+    inside this block: the decorator warns at subclass creation, i.e. at ``import st_fast.losses``, where a user who
+    never touches those classes (and runs with ``-W error::DeprecationWarning``) would get stock's warning. Only that
+    warning is ignored; the subclasses warn when instantiated, as stock's do (:func:`warn_deprecated_like_stock`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The \w+ is deprecated and will be removed", category=DeprecationWarning
+        )
+        yield
+
+
+def warn_deprecated_like_stock(stock_class: type) -> None:
+    """Give the DeprecationWarning that instantiating ``stock_class`` gives (its ``@deprecated`` message), from the
+    ``__init__`` of an st_fast subclass: the decorator warns only for the decorated class itself."""
+    message = getattr(stock_class, "__deprecated__", None)
+    if message:
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
 
 
 def warn_once(loss: Any, message: str) -> None:
