@@ -80,7 +80,12 @@ def boundary_errors(ext: ModuleType) -> list[str]:
 def _try_import(name: str) -> tuple[ModuleType | None, str | None]:
     try:
         ext = importlib.import_module(name)
-    except ImportError as exc:  # not built, or built for another Python
+    except ModuleNotFoundError as exc:  # not built into this install
+        if exc.name != name:
+            return None, str(exc)
+        how = "ST_FAST_CUDA=1 pip install ." if "_cuda" in name.rsplit(".", 1)[-1] else "pip install ."
+        return None, f"not built into this install (e.g. a CPU-only wheel or build); build it with `{how}`"
+    except ImportError as exc:  # built for another Python, or a missing shared library
         return None, str(exc)
     errors = boundary_errors(ext)
     if errors:  # built from other sources than this Python code: its kernels would misread the codes

@@ -118,3 +118,12 @@ def test_test_only_native_code_is_not_shipped():
     assert not {"cell_bytes", "cell_present"} & set(dir(cpu.NoDupSamplerCore))
     if _native.cuda_ext is not None:
         assert "row_logsumexp" not in dir(_native.cuda_ext)
+
+
+def test_an_extension_missing_from_the_install_says_so():
+    from st_fast import _native
+
+    ext, why = _native._try_import("st_fast._C_not_built")
+    assert ext is None and "not built into this install" in why and "pip install ." in why
+    ext, why = _native._try_import("st_fast._C_cuda_not_built")
+    assert ext is None and "ST_FAST_CUDA=1 pip install ." in why
