@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsame model: {'yes' if same else 'NO'}: step losses agree to {worst:.2e} (relative); NDCG@10 "
           f"{before:.4f} before -> stock {stock['ndcg@10']:.4f}, st_fast {fast['ndcg@10']:.4f} after")  # fmt: skip
     print(f"whole training run: {stock['train_seconds'] / fast['train_seconds']:.2f}x (at batch {args.batch_size} "
-          "a CPU step is the encoder's; the parts above are where st_fast's time goes down, and they grow with the "
+          "a CPU step is the encoder's, which st_fast does not change: one run each, stock first, so this ratio is "
+          "mostly the machine's load; the parts above are where st_fast's time goes down, and they grow with the "
           "batch and the data)")  # fmt: skip
     print(f"demo: {time.perf_counter() - demo_start:.0f} s in Python (set-up not included)")
     return 0

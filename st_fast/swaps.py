@@ -502,10 +502,12 @@ def emit_report(trainer: Any) -> bool:
 
 
 def _ensure_report_callback(trainer: Any) -> None:
-    """Add the trainer's :class:`SwapReportCallback` (one per trainer, whoever asks first)."""
+    """Add the trainer's :class:`SwapReportCallback` (one per trainer, whoever asks first), first in the callback
+    list, so that the report is shown before the progress callback draws its bar (not appended to the bar's line)."""
     callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
     if callbacks is not None and not any(isinstance(cb, SwapReportCallback) for cb in callbacks):
         trainer.add_callback(SwapReportCallback(trainer))
+        callbacks.insert(0, callbacks.pop())
 
 
 class SwapReportCallback(TrainerCallback):

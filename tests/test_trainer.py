@@ -272,6 +272,8 @@ def test_report_shown_without_logging_configuration_once_per_train(tiny_model, t
         "batch sampler": "st_fast NoDuplicatesBatchSampler (same batches as stock's)",
     }
     assert trainer.st_fast_report == expected  # before training: the decisions the dataloader will get
+    # first among the callbacks: the report is printed before the progress bar is drawn, not onto its line
+    assert type(trainer.callback_handler.callbacks[0]).__name__ == "SwapReportCallback"
     line = "[st_fast] loss: " + expected["loss"] + "; batch sampler: " + expected["batch sampler"]
     with _no_logging_configured():
         capsys.readouterr()
