@@ -181,27 +181,27 @@ constexpr int64_t kRangeTile = 256;  // coefficients are staged per tile in a lo
 
 // The logit v[c]·(row_scale·col_scale[c])·mult of a bulk entry (the same expression as scaled(...)·mult).
 template <bool kColScale>
-ST_FAST_HD float range_logit(const float* v, const float* col_scale, float row_scale, float mult, int64_t c) {
+ST_FAST_HD_VEC float range_logit(const float* v, const float* col_scale, float row_scale, float mult, int64_t c) {
   return v[c] * (row_scale * (kColScale ? col_scale[c] : 1.0f)) * mult;
 }
 
-// max(m, the logits of columns [begin, end)); NaN logits are skipped (their exp in range_sum_exp propagates).
+// max(m, the logits of columns [begin, end)); NaN logits are skipped (their exp in range_sum_exp propagates). The
+// running max is elementwise over kMaxLanes accumulators, tile by tile (GCC vectorizes this form of a max, not a
+// fixed 16-lane reduction, whose unrolled selects it leaves scalar), then reduced.
+constexpr int64_t kMaxLanes = 64;
 template <bool kColScale>
 ST_FAST_HD float range_max(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
                            int64_t end, float m) {
-  float lane[kVectorLanes];
-  for (int l = 0; l < kVectorLanes; ++l) lane[l] = -INFINITY;
-  int64_t c = begin;
-  for (; c + kVectorLanes <= end; c += kVectorLanes)
-    for (int l = 0; l < kVectorLanes; ++l) {
-      const float x = range_logit<kColScale>(v, col_scale, row_scale, mult, c + l);
+  float lane[kMaxLanes];
+  for (int64_t l = 0; l < kMaxLanes; ++l) lane[l] = -INFINITY;
+  for (int64_t c0 = begin; c0 < end; c0 += kMaxLanes) {
+    const int64_t count = end - c0 < kMaxLanes ? end - c0 : kMaxLanes;
+    for (int64_t l = 0; l < count; ++l) {
+      const float x = range_logit<kColScale>(v, col_scale, row_scale, mult, c0 + l);
       lane[l] = x > lane[l] ? x : lane[l];
     }
-  for (; c < end; ++c) {
-    const float x = range_logit<kColScale>(v, col_scale, row_scale, mult, c);
-    m = x > m ? x : m;
   }
-  for (int l = 0; l < kVectorLanes; ++l) m = lane[l] > m ? lane[l] : m;
+  for (int64_t l = 0; l < kMaxLanes; ++l) m = lane[l] > m ? lane[l] : m;
   return m;
 }
 

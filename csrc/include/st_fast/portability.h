@@ -16,6 +16,16 @@
 #define ST_FAST_HD inline
 #endif
 
+// For the small functions called inside the CPU build's vectorizable loops: a call the inliner leaves out (its
+// budget runs out in the larger template instantiations) stops the loop's vectorization, so they are always inlined.
+#if defined(__CUDACC__)
+#define ST_FAST_HD_VEC ST_FAST_HD
+#elif defined(__GNUC__)
+#define ST_FAST_HD_VEC inline __attribute__((always_inline))
+#else
+#define ST_FAST_HD_VEC inline
+#endif
+
 namespace st_fast {
 
 struct SerialLanes {
@@ -29,7 +39,7 @@ struct SerialLanes {
 };
 
 // c ? a : b on the bits: branch-free, so that loops calling it vectorize.
-ST_FAST_HD float select_float(bool c, float a, float b) {
+ST_FAST_HD_VEC float select_float(bool c, float a, float b) {
   uint32_t a_bits, b_bits;
   std::memcpy(&a_bits, &a, sizeof a_bits);
   std::memcpy(&b_bits, &b, sizeof b_bits);
@@ -49,7 +59,7 @@ ST_FAST_HD float select_float(bool c, float a, float b) {
 // underflow as glibc), and overflow gives +inf like expf. Measured max relative error vs float64 exp over
 // [-87.3, 88.7]: see tests/test_row_expf.py (bound 2 ulp = 2.4e-7). Special values: exp(-inf) = 0 (x < -104
 // clamps to -104, whose exp rounds to 0), x > 88.73 (+inf included) -> +inf, NaN -> NaN.
-ST_FAST_HD float row_expf(float x) {
+ST_FAST_HD_VEC float row_expf(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
