@@ -29,8 +29,6 @@ void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vecto
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_rows<decltype(out)>(a); });
 }
 
-// Columns of the positive block per OpenMP task in the column statistics: rows are read 64 floats at a time.
-constexpr int64_t kColumnBlock = 64;
 
 void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
                                 const std::vector<uintptr_t>& col_scales, const std::vector<int64_t>& lengths,
@@ -49,11 +47,16 @@ void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std:
   const SerialLanes lanes;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < a.rows; ++r) contrastive_row_statistics(a, r, lanes);
-  const int64_t blocks = (block_count + kColumnBlock - 1) / kColumnBlock;
+  // one OpenMP task per tile of kColumnTile columns of the positive block: rows are read 64 floats at a time
+  const int64_t blocks = (block_count + kColumnTile - 1) / kColumnTile;
+  const bool col_scaled = a.col_scale[0] != nullptr;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kColumnBlock;
-    contrastive_column_statistics(a, begin, std::min(block_count, begin + kColumnBlock));
+    const int64_t begin = b * kColumnTile, end = std::min(block_count, begin + kColumnTile);
+    if (col_scaled)
+      contrastive_column_statistics_tile<true>(a, begin, end);
+    else
+      contrastive_column_statistics_tile<false>(a, begin, end);
   }
 }
 
@@ -82,6 +85,12 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
   set_symmetric_args(a, p, block_begin, block_count, directions);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_coefficient_rows<decltype(out)>(a); });
 }
+// row_expf over n floats (the kernels' exp, in a loop as they use it: vectorized), for the accuracy tests.
+void row_expf_cpu(uintptr_t input, uintptr_t output, int64_t n) {
+  const float* in = reinterpret_cast<const float*>(input);
+  float* out = reinterpret_cast<float*>(output);
+  for (int64_t i = 0; i < n; ++i) out[i] = row_expf(in[i]);
+}
 }  // namespace
 
 void bind_contrastive_row(py::module_& m) {
@@ -107,6 +116,9 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("col_factor_ptr"),
         "The symmetric path's coefficient pass (raw pointers; call through "
         "st_fast._native.native_row_coefficients).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("row_expf", &row_expf_cpu, py::arg("input_ptr"), py::arg("output_ptr"), py::arg("n"),
+        "The row kernels' CPU exp over n contiguous fp32 values (raw pointers; call through st_fast._native.row_expf).",
         py::call_guard<py::gil_scoped_release>());
 }
 

@@ -328,6 +328,17 @@ def store_coefficients(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return out
 
 
+def row_expf(values: torch.Tensor) -> torch.Tensor:
+    """exp of ``values`` (fp32, CPU) by the CPU row kernels' own exp (``row_expf`` in
+    csrc/include/st_fast/portability.h: a vectorizable polynomial; the CUDA build uses expf). A test hook."""
+    if values.dtype != torch.float32 or values.device.type != "cpu":
+        raise ValueError(f"row_expf: values must be a float32 CPU tensor, got {values.dtype} on {values.device}")
+    values = values.contiguous()
+    out = torch.empty_like(values)
+    require_cpu_ext().row_expf(values.data_ptr(), out.data_ptr(), values.numel())
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The sampler core (csrc/sampler.cpp): cells are read zero-copy from Arrow buffers.
 

@@ -25,7 +25,11 @@
 // a confident row (softmax weight ~1 at the positive) keeps a coefficient accurate relative to its small value.
 //
 // Two passes over each segment's row: an online max / sum of exp (one exp per entry), then the coefficients. The
-// coefficients may alias the fp32 scores: every entry is read and then written by the same lane.
+// coefficients may alias the fp32 scores: every entry is read and then written by the same lane. The CPU build
+// (SerialLanes::kContiguous) runs the same math as branch-free loops over the contiguous column ranges between a
+// row's own columns, which GCC -O3 vectorizes: the row max, then the sum of exp (still one exp per entry), and the
+// coefficients through a local tile; exp is row_expf (portability.h: a vectorizable polynomial on the CPU, expf on
+// CUDA).
 //
 // Symmetric directions from one score tile (query_to_doc with doc_to_query, see st_fast/ops/mnrl/chunked.py): the
 // D2Q segment of local row j (global o + j) is column o + j of the Q2D tile's positive block, over the rows of the
@@ -49,6 +53,8 @@
 
 #include "st_fast/half_store.h"
 #include "st_fast/portability.h"
+
+#include <type_traits>
 
 namespace st_fast {
 
@@ -117,16 +123,16 @@ struct OnlineLogSumExp {
   ST_FAST_HD void add(float logit) {
     if (logit == -INFINITY) return;
     if (logit > max) {
-      sum = sum * expf(max - logit) + 1.0f;
+      sum = sum * row_expf(max - logit) + 1.0f;
       max = logit;
     } else {
-      sum += expf(logit - max);
+      sum += row_expf(logit - max);
     }
   }
   template <class Lanes>
   ST_FAST_HD float reduce(const Lanes& lanes) const {
     const float top = lanes.max(max);
-    const float total = lanes.sum(max == -INFINITY ? 0.0f : sum * expf(max - top));
+    const float total = lanes.sum(max == -INFINITY ? 0.0f : sum * row_expf(max - top));
     return top == -INFINITY ? -INFINITY : top + logf(total);
   }
 };
@@ -165,9 +171,138 @@ ST_FAST_HD float scaled(const ContrastiveRowArgs& a, int x, float row_scale, int
   return value * (row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f));
 }
 
+// ---- The serial (CPU) build's range loops (Lanes::kContiguous). A row's bulk entries form contiguous column
+// ranges between its own columns; these loops over one range have no per-element branches and keep their
+// reductions in kVectorLanes independent accumulators, so that GCC -O3 vectorizes them (without -ffast-math, a
+// single running max / sum would be a serial dependence). The online max / sum of the warp build becomes two
+// passes here: the range's max, then the sum of row_expf(l - max) (one exp per entry either way).
+constexpr int kVectorLanes = 16;
+constexpr int64_t kRangeTile = 256;  // coefficients are staged per tile in a local buffer: the output may alias v
+
+// The logit v[c]·(row_scale·col_scale[c])·mult of a bulk entry (the same expression as scaled(...)·mult).
+template <bool kColScale>
+ST_FAST_HD_VEC float range_logit(const float* v, const float* col_scale, float row_scale, float mult, int64_t c) {
+  return v[c] * (row_scale * (kColScale ? col_scale[c] : 1.0f)) * mult;
+}
+
+// max(m, the logits of columns [begin, end)); NaN logits are skipped (their exp in range_sum_exp propagates). The
+// running max is elementwise over kMaxLanes accumulators, tile by tile (GCC vectorizes this form of a max, not a
+// fixed 16-lane reduction, whose unrolled selects it leaves scalar), then reduced.
+constexpr int64_t kMaxLanes = 64;
+template <bool kColScale>
+ST_FAST_HD float range_max(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
+                           int64_t end, float m) {
+  float lane[kMaxLanes];
+  for (int64_t l = 0; l < kMaxLanes; ++l) lane[l] = -INFINITY;
+  for (int64_t c0 = begin; c0 < end; c0 += kMaxLanes) {
+    const int64_t count = end - c0 < kMaxLanes ? end - c0 : kMaxLanes;
+    for (int64_t l = 0; l < count; ++l) {
+      const float x = range_logit<kColScale>(v, col_scale, row_scale, mult, c0 + l);
+      lane[l] = x > lane[l] ? x : lane[l];
+    }
+  }
+  for (int64_t l = 0; l < kMaxLanes; ++l) m = lane[l] > m ? lane[l] : m;
+  return m;
+}
+
+// The sum of row_expf(l - shift) over the logits of columns [begin, end).
+template <bool kColScale>
+ST_FAST_HD float range_sum_exp(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
+                               int64_t end, float shift) {
+  float lane[kVectorLanes];
+  for (int l = 0; l < kVectorLanes; ++l) lane[l] = 0.0f;
+  int64_t c = begin;
+  for (; c + kVectorLanes <= end; c += kVectorLanes)
+    for (int l = 0; l < kVectorLanes; ++l)
+      lane[l] += row_expf(range_logit<kColScale>(v, col_scale, row_scale, mult, c + l) - shift);
+  float total = 0.0f;
+  for (; c < end; ++c) total += row_expf(range_logit<kColScale>(v, col_scale, row_scale, mult, c) - shift);
+  for (int l = 0; l < kVectorLanes; ++l) total += lane[l];
+  return total;
+}
+
+// Writes Out(tile values) for the columns [begin, end) (at out_offset + c), tile by tile: fill(c0, count, tile)
+// computes the values of columns c0 .. c0 + count into a local buffer first, so that its loop vectorizes even where
+// the output aliases the scores.
+template <class Out, class Fill>
+ST_FAST_HD void range_store_tiles(void* out, int64_t out_offset, int64_t begin, int64_t end, Fill&& fill) {
+  float tile[kRangeTile];
+  for (int64_t c0 = begin; c0 < end; c0 += kRangeTile) {
+    const int64_t count = end - c0 < kRangeTile ? end - c0 : kRangeTile;
+    fill(c0, count, tile);
+    for (int64_t i = 0; i < count; ++i) Out::put(out, out_offset + c0 + i, tile[i]);
+  }
+}
+
+// range_store_tiles with a value term(c) per column.
+template <class Out, class Term>
+ST_FAST_HD void range_store(void* out, int64_t out_offset, int64_t begin, int64_t end, Term&& term) {
+  range_store_tiles<Out>(out, out_offset, begin, end, [&](int64_t c0, int64_t count, float* tile) {
+    for (int64_t i = 0; i < count; ++i) tile[i] = term(c0 + i);
+  });
+}
+
+// Calls range(begin, end) for the bulk column ranges of a row and own(c, j) for its own columns (c % W == g,
+// j = c / W), in column order.
+template <class Range, class Own>
+ST_FAST_HD void for_each_segment_range(int64_t n, int64_t width, int64_t g, Range&& range, Own&& own) {
+  for (int64_t block = 0; block < n; block += width) {
+    const int64_t own_column = block + g;
+    range(block, own_column);
+    range(own_column + 1, block + width);
+    own(own_column, block / width);
+  }
+}
+
+// A finite shift for exp(l - shift): the max itself, or 0 where it is ±inf (all entries -inf: the sum is 0 and the
+// LSE -inf; a +inf logit: the sum and the LSE +inf).
+ST_FAST_HD float finite_shift(float m) { return m - m == 0.0f ? m : 0.0f; }
+
+// segment_lse of the serial build: two passes over the row's ranges.
+template <bool kColScale>
+ST_FAST_HD float segment_lse_ranges(const ContrastiveRowArgs& a, int64_t r, int x, float& positive) {
+  const int64_t g = a.row_start + r;
+  const float* v = a.scores[x] + r * a.lengths[x];
+  const float* col_scale = a.col_scale[x];
+  const int kind = a.kinds[x];
+  const float row_scale = a.row_scale[x] ? a.row_scale[x][r] : 1.0f;
+  const float bulk = bulk_multiplier(a, kind);
+  auto own_logit = [&](int64_t c, int64_t j, float& logit) {
+    const float mult = own_column_multiplier(a, kind, j);
+    if (mult == 0.0f) return false;
+    logit = scaled(a, x, row_scale, c, v[c]) * mult;
+    return true;
+  };
+  float m = -INFINITY;
+  for_each_segment_range(
+      a.lengths[x], a.width, g,
+      [&](int64_t begin, int64_t end) { m = range_max<kColScale>(v, col_scale, row_scale, bulk, begin, end, m); },
+      [&](int64_t c, int64_t j) {
+        float logit;
+        if (!own_logit(c, j, logit)) return;
+        if (kind == kQ2D && j == 0) positive = logit;
+        m = logit > m ? logit : m;
+      });
+  const float shift = finite_shift(m);
+  float total = 0.0f;
+  for_each_segment_range(
+      a.lengths[x], a.width, g,
+      [&](int64_t begin, int64_t end) {
+        total += range_sum_exp<kColScale>(v, col_scale, row_scale, bulk, begin, end, shift);
+      },
+      [&](int64_t c, int64_t j) {
+        float logit;
+        if (own_logit(c, j, logit)) total += row_expf(logit - shift);
+      });
+  return shift + logf(total);
+}
+
 // The LSE of segment x of row r (all lanes get it); lane 0's `positive` receives the positive logit for Q2D.
 template <class Lanes>
 ST_FAST_HD float segment_lse(const ContrastiveRowArgs& a, int64_t r, int x, const Lanes& lanes, float& positive) {
+  if constexpr (Lanes::kContiguous) {
+    return a.col_scale[x] ? segment_lse_ranges<true>(a, r, x, positive) : segment_lse_ranges<false>(a, r, x, positive);
+  } else {
   const int64_t g = a.row_start + r;
   const float* v = a.scores[x] + r * a.lengths[x];
   const int kind = a.kinds[x];
@@ -185,6 +320,7 @@ ST_FAST_HD float segment_lse(const ContrastiveRowArgs& a, int64_t r, int x, cons
         acc.add(logit);
       });
   return acc.reduce(lanes);
+  }
 }
 
 template <class Out, class Lanes>
@@ -198,7 +334,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     float top = -INFINITY;
     for (int x = 0; x < a.num_segments; ++x) top = fmaxf(top, seg_lse[x]);
     float total = 0.0f;
-    for (int x = 0; x < a.num_segments; ++x) total += seg_lse[x] == -INFINITY ? 0.0f : expf(seg_lse[x] - top);
+    for (int x = 0; x < a.num_segments; ++x) total += seg_lse[x] == -INFINITY ? 0.0f : row_expf(seg_lse[x] - top);
     log_z = top == -INFINITY ? -INFINITY : top + logf(total);
   } else {
     log_z = 0.0f;
@@ -225,19 +361,39 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     const float ref = a.joint ? log_z : seg_lse[x];
     const float weight = a.joint ? base : base / static_cast<float>(a.num_segments);
     const bool holder = holds_positive(a, kind);
-    for_each_segment_column(
-        v, n, a.width, g, lanes,
-        [&](int64_t c, float value) {
-          const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
-          Out::put(out, out_offset + c, weight * expf(value * scales * bulk - ref) * scales);
-        },
-        [&](int64_t c, int64_t j, float value) {
-          const float mult = own_column_multiplier(a, kind, j);
-          const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
-          float coefficient = mult == 0.0f ? 0.0f : weight * expf(value * scales * mult - ref);
-          if (holder && j == 0) coefficient -= positive_share;  // the positive's one-hot term
-          Out::put(out, out_offset + c, coefficient * scales);
-        });
+    auto own = [&](int64_t c, int64_t j, float value) {
+      const float mult = own_column_multiplier(a, kind, j);
+      const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
+      float coefficient = mult == 0.0f ? 0.0f : weight * row_expf(value * scales * mult - ref);
+      if (holder && j == 0) coefficient -= positive_share;  // the positive's one-hot term
+      Out::put(out, out_offset + c, coefficient * scales);
+    };
+    if constexpr (Lanes::kContiguous) {
+      auto store_rows = [&](auto has_col_scale) {
+        constexpr bool kColScale = decltype(has_col_scale)::value;
+        for_each_segment_range(
+            n, a.width, g,
+            [&](int64_t begin, int64_t end) {
+              range_store<Out>(out, out_offset, begin, end, [&](int64_t c) {
+                const float scales = row_scale * (kColScale ? col_scale[c] : 1.0f);
+                return weight * row_expf(v[c] * scales * bulk - ref) * scales;
+              });
+            },
+            [&](int64_t c, int64_t j) { own(c, j, v[c]); });
+      };
+      if (col_scale)
+        store_rows(std::true_type{});
+      else
+        store_rows(std::false_type{});
+    } else {
+      for_each_segment_column(
+          v, n, a.width, g, lanes,
+          [&](int64_t c, float value) {
+            const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
+            Out::put(out, out_offset + c, weight * row_expf(value * scales * bulk - ref) * scales);
+          },
+          own);
+    }
   }
 }
 
@@ -275,6 +431,43 @@ ST_FAST_HD void contrastive_column_statistics(const ContrastiveRowArgs& a, int64
   }
 }
 
+// contrastive_column_statistics of the serial (CPU) build, for at most kColumnTile columns [j_begin, j_end): the
+// chunk's column max over its rows, then the sum of exp(logit - shift) with the running sum rescaled once, each a
+// loop over the contiguous columns of a row (vectorized; one exp per entry, as the online form). Deterministic:
+// the rows of each column in order.
+constexpr int64_t kColumnTile = 64;
+template <bool kColScale>
+ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, int64_t j_begin, int64_t j_end) {
+  const int64_t count = j_end - j_begin;
+  const float* col_scale = a.col_scale[0] ? a.col_scale[0] + a.block_begin + j_begin : nullptr;
+  float top[kColumnTile], shift[kColumnTile], total[kColumnTile];
+  for (int64_t j = 0; j < count; ++j) top[j] = a.col_max[j_begin + j];
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* v = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
+    const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
+    for (int64_t j = 0; j < count; ++j) {
+      const float x = range_logit<kColScale>(v, col_scale, row_scale, a.scale, j);
+      top[j] = x > top[j] ? x : top[j];
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    shift[j] = finite_shift(top[j]);
+    const float sum = a.col_sum[j_begin + j];
+    // the running sum, rescaled to the new shift (0 while the column has no entries: col_max -inf)
+    total[j] = sum == 0.0f ? 0.0f : sum * row_expf(a.col_max[j_begin + j] - shift[j]);
+  }
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* v = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
+    const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
+    for (int64_t j = 0; j < count; ++j)
+      total[j] += row_expf(range_logit<kColScale>(v, col_scale, row_scale, a.scale, j) - shift[j]);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    a.col_max[j_begin + j] = top[j];
+    a.col_sum[j_begin + j] = total[j];
+  }
+}
+
 // Two-pass (symmetric) coefficients of row r from the references row_ref (per row and segment) and col_ref (per
 // column of the positive block): see the top of this file.
 template <class Out, class Lanes>
@@ -309,29 +502,85 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
       const float col_factor = a.col_factor ? a.col_factor[j] : 0.0f;
       if (mult == a.scale && row_factor > 0.0f && col_factor > 0.0f)
         return weight * (row_exp * (row_factor * col_factor));
-      return weight * expf(s * a.scale - a.col_ref[j]);
+      return weight * row_expf(s * a.scale - a.col_ref[j]);
     };
-    for_each_segment_column(
-        v, n, a.width, g, lanes,
-        [&](int64_t c, float value) {
-          const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
-          const float s = value * scales;
-          const float row_exp = expf(s * bulk - ref);
-          Out::put(out, out_offset + c, (weight * row_exp + column_term(c, s, bulk, row_exp)) * scales);
-        },
-        [&](int64_t c, int64_t j, float value) {
-          const float mult = own_column_multiplier(a, kind, j);
-          const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
-          const float s = value * scales;
-          const float row_exp = mult == 0.0f ? 0.0f : expf(s * mult - ref);
-          float coefficient = weight * row_exp;
-          float column = column_term(c, s, mult, row_exp);
-          if (q2d && j == 0) {  // the diagonal: the positive of row g in both directions
-            coefficient -= positive_share;
-            if (d2q_holds) column -= positive_share;
-          }
-          Out::put(out, out_offset + c, (coefficient + column) * scales);
-        });
+    auto own = [&](int64_t c, int64_t j, float value) {
+      const float mult = own_column_multiplier(a, kind, j);
+      const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
+      const float s = value * scales;
+      const float row_exp = mult == 0.0f ? 0.0f : row_expf(s * mult - ref);
+      float coefficient = weight * row_exp;
+      float column = column_term(c, s, mult, row_exp);
+      if (q2d && j == 0) {  // the diagonal: the positive of row g in both directions
+        coefficient -= positive_share;
+        if (d2q_holds) column -= positive_share;
+      }
+      Out::put(out, out_offset + c, (coefficient + column) * scales);
+    };
+    if constexpr (Lanes::kContiguous) {
+      const float* col_scale = a.col_scale[x];
+      auto store_rows = [&](auto has_col_scale) {
+        constexpr bool kColScale = decltype(has_col_scale)::value;
+        // the row term alone (outside the positive block, and every non-Q2D segment)
+        auto row_only = [&](int64_t begin, int64_t end) {
+          range_store<Out>(out, out_offset, begin, end, [&](int64_t c) {
+            const float scales = row_scale * (kColScale ? col_scale[c] : 1.0f);
+            return weight * row_expf(v[c] * scales * bulk - ref) * scales;
+          });
+        };
+        // the row and column terms of the positive block's columns [begin, end): column_term's two forms, the
+        // one-exp (factor) form for a tile whose column factors are all positive, else the column's own exp
+        auto with_column = [&](int64_t begin, int64_t end) {
+          const bool factor_form = bulk == a.scale && row_factor > 0.0f && a.col_factor;
+          range_store_tiles<Out>(out, out_offset, begin, end, [&](int64_t c0, int64_t count, float* tile) {
+            const float* col_factor = a.col_factor ? a.col_factor + (c0 - a.block_begin) : nullptr;
+            const float* col_ref = a.col_ref + (c0 - a.block_begin);
+            int unusable = factor_form ? 0 : 1;
+            if (factor_form)
+              for (int64_t i = 0; i < count; ++i) unusable |= col_factor[i] > 0.0f ? 0 : 1;
+            if (!unusable) {
+              for (int64_t i = 0; i < count; ++i) {
+                const float scales = row_scale * (kColScale ? col_scale[c0 + i] : 1.0f);
+                const float row_exp = row_expf(v[c0 + i] * scales * bulk - ref);
+                tile[i] = (weight * row_exp + weight * (row_exp * (row_factor * col_factor[i]))) * scales;
+              }
+            } else {
+              for (int64_t i = 0; i < count; ++i) {
+                const float scales = row_scale * (kColScale ? col_scale[c0 + i] : 1.0f);
+                const float s = v[c0 + i] * scales;
+                const float row_exp = row_expf(s * bulk - ref);
+                tile[i] = (weight * row_exp + weight * row_expf(s * a.scale - col_ref[i])) * scales;
+              }
+            }
+          });
+        };
+        for_each_segment_range(
+            n, a.width, g,
+            [&](int64_t begin, int64_t end) {
+              if (!q2d || end <= a.block_begin || begin >= block_end) return row_only(begin, end);
+              const int64_t inner_begin = begin > a.block_begin ? begin : a.block_begin;
+              const int64_t inner_end = end < block_end ? end : block_end;
+              row_only(begin, inner_begin);
+              with_column(inner_begin, inner_end);
+              row_only(inner_end, end);
+            },
+            [&](int64_t c, int64_t j) { own(c, j, v[c]); });
+      };
+      if (col_scale)
+        store_rows(std::true_type{});
+      else
+        store_rows(std::false_type{});
+    } else {
+      for_each_segment_column(
+          v, n, a.width, g, lanes,
+          [&](int64_t c, float value) {
+            const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
+            const float s = value * scales;
+            const float row_exp = row_expf(s * bulk - ref);
+            Out::put(out, out_offset + c, (weight * row_exp + column_term(c, s, bulk, row_exp)) * scales);
+          },
+          own);
+    }
   }
 }
 
