@@ -8,7 +8,7 @@
 #   device run: command 'bash benchmarks/gpu_check.sh "$OUT"', carry ['.whl'], timeout_s 600
 #
 # Steps, in order, with their time limits at the default budget of 500 s (a fresh H200: 16 cores, no warm caches):
-#   machine       15 s  GPU, driver, nvcc, python, torch, triton, sentence-transformers
+#   machine       30 s  GPU, driver, nvcc, python, torch, triton, sentence-transformers
 #   wheels        45 s  pip install .whl/*.whl into a private --target folder (only when .whl/ holds wheels)
 #   build        150 s  ST_FAST_CUDA=1 ST_FAST_CUDA_ARCHS=<this GPU's> pip install -e . (both extensions)
 #   native_info   20 s  both extensions import
@@ -114,7 +114,7 @@ bench() {
         --budget-s \$((LIMIT > 50 ? LIMIT - 25 : LIMIT / 2))"
 }
 
-step machine 15 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo 'no nvidia-smi';
+step machine 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo 'no nvidia-smi';
     nvcc --version 2>&1 | tail -n 2; uname -srm; nproc;
     '$PY' -c 'import sys, torch; print(sys.version.split()[0], \"torch\", torch.__version__, torch.version.cuda,
         torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")';
