@@ -158,14 +158,6 @@ def native_row_kernel_available(device: torch.device) -> bool:
     return False
 
 
-def _pointer(tensor: torch.Tensor, what: str, length: int, device: torch.device) -> int:
-    if tensor.dtype != torch.float32 or tensor.device != device or tensor.shape != (length,):
-        raise ValueError(f"native row kernel: {what} must be a float32 ({length},) tensor on {device}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"native row kernel: {what} must be contiguous")
-    return tensor.data_ptr()
-
-
 def _check_segments(scores: list[torch.Tensor], coefficients: list[torch.Tensor] | None) -> torch.dtype | None:
     """Checks the score segments (contiguous fp32, one device, one row count) and the coefficient outputs (one
     dtype, shaped as the scores); returns the coefficients' dtype (None without them)."""
@@ -191,9 +183,9 @@ def _scale_pointers(scores: list[torch.Tensor], scales: Sequence[Any] | None) ->
     first = scores[0]
     if scales is None:
         return [0] * len(scores), [0] * len(scores)  # 0: no scale
-    row_scale_ptrs = [_pointer(s.rows, "a row scale", first.shape[0], first.device) for s in scales]
+    row_scale_ptrs = [_pointer(s.rows, "a row scale", (first.shape[0],), first.device) for s in scales]
     col_scale_ptrs = [
-        _pointer(s.columns, "a column scale", x.shape[1], first.device) for s, x in zip(scales, scores, strict=True)
+        _pointer(s.columns, "a column scale", (x.shape[1],), first.device) for s, x in zip(scales, scores, strict=True)
     ]
     return row_scale_ptrs, col_scale_ptrs
 
@@ -236,7 +228,8 @@ def native_row_kernel(
     return row_loss
 
 
-def _float_pointer(tensor: torch.Tensor, what: str, shape: tuple[int, ...], device: torch.device) -> int:
+def _pointer(tensor: torch.Tensor, what: str, shape: tuple[int, ...], device: torch.device) -> int:
+    """The data pointer of a contiguous float32 tensor of ``shape`` on ``device`` (clear errors otherwise)."""
     if tensor.dtype != torch.float32 or tensor.device != device or tuple(tensor.shape) != shape:
         raise ValueError(f"native row kernel: {what} must be a float32 {shape} tensor on {device}")
     if not tensor.is_contiguous():
@@ -263,7 +256,7 @@ def native_row_statistics(
     row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
     row_lse = torch.empty(rows, len(scores), dtype=torch.float32, device=device)
     positive = torch.empty(rows, dtype=torch.float32, device=device)
-    column_ptrs = [_float_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
+    column_ptrs = [_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
     _call(
         "contrastive_statistics", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale,
@@ -299,16 +292,16 @@ def native_row_coefficients(
     factor_ptrs = [0, 0]  # 0: no factors
     if factors is not None:
         factor_ptrs = [
-            _float_pointer(factors[0], "the row factors", (rows,), device),
-            _float_pointer(factors[1], "the column factors", (block.count,), device),
+            _pointer(factors[0], "the row factors", (rows,), device),
+            _pointer(factors[1], "the column factors", (block.count,), device),
         ]
     _call(
         "contrastive_coefficients", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [c.data_ptr() for c in coefficients], int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores],
         [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale, spec.alpha,
         int(HardnessKind(spec.hardness)), spec.joint, float(grad_scale),
-        _float_pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
-        _float_pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
+        _pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
+        _pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
         *factor_ptrs,
     )  # fmt: skip
 
