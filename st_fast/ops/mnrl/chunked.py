@@ -60,6 +60,7 @@ from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE, SegmentKind
 from st_fast.ops.mixed_matmul import accumulate_product, as_float16_operand, compute_dtype, matmul_fp32
 from st_fast.ops.mnrl.spec import ContrastiveProblem, ContrastiveSpec
 from st_fast.ops.row_kernel import (
+    DuplicateLabels,
     PositiveBlock,
     RowKernel,
     SegmentScales,
@@ -172,6 +173,14 @@ def loss_and_grad(
     return result
 
 
+def _duplicate_labels(problem: ContrastiveProblem, kinds: tuple[SegmentKind, ...]) -> DuplicateLabels | None:
+    """The row kernels' form of ``problem.labels`` (mask_duplicates) for the row segments ``kinds``."""
+    if problem.labels is None:
+        return None
+    by_source = {"queries": problem.labels[0], "docs": problem.labels[1]}
+    return DuplicateLabels(tuple(by_source[COLUMN_SOURCE[kind]] for kind in kinds), problem.labels[0])
+
+
 def _one_pass(
     ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel, gamma: float, need_grad: bool
 ) -> torch.Tensor:
@@ -186,6 +195,7 @@ def _one_pass(
     coefficient_buffers = ops.buffers(chunk, lengths, ops.coefficient_dtype) if ops.separate_coefficients else None
     coefficient_buffers = coefficient_buffers or score_buffers
     loss_sum = torch.zeros((), dtype=ops.math_dtype, device=device)
+    labels = _duplicate_labels(problem, spec.kinds)
     for begin in range(0, batch_size, chunk):
         n = min(chunk, batch_size - begin)
         rows_start = row_offset + begin
@@ -197,7 +207,7 @@ def _one_pass(
         segment_scales = [ops.segment_scales(kind, local_rows) for kind in spec.kinds] if problem.normalize else None
         coefficients = [buffer[:n] for buffer in coefficient_buffers]
         row_losses = row_kernel(
-            scores, spec, rows_start, width, gamma if need_grad else None, segment_scales, coefficients
+            scores, spec, rows_start, width, gamma if need_grad else None, segment_scales, coefficients, labels=labels
         )
         loss_sum += row_losses.sum()
         if need_grad:
@@ -235,6 +245,7 @@ def _symmetric_passes(
     ranges = [remote if kind == SegmentKind.D2Q else None for kind in kinds]
     lengths = [ops.columns(kind) for kind in kinds]
     block = PositiveBlock(offset, batch_size)
+    labels = _duplicate_labels(problem, kinds)
     # keep the whole tile when it fits (no recompute: 6·B·N·D FLOPs of GEMMs for Q2D + D2Q, instead of 8)
     keep_budget = problem.chunk_bytes or DEFAULT_KEEP_BYTES.get(device.type, DEFAULT_KEEP_BYTES["cpu"])
     if batch_size * sum(lengths) * ops.bytes_per_score <= keep_budget:
@@ -260,7 +271,7 @@ def _symmetric_passes(
         n = min(chunk, batch_size - begin)
         local_rows, scores, scales = chunk_scores(begin, n)
         lse, pos = row_kernel.statistics(
-            scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, scales
+            scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, scales, labels=labels
         )
         row_lse[begin : begin + n], positive[begin : begin + n] = lse, pos
     # D2Q of row j: its column of the positive block (this rank's queries) with the other ranks' queries
@@ -294,7 +305,7 @@ def _symmetric_passes(
         coefficients = [buffer[:n] for buffer in coefficient_buffers]
         row_kernel.coefficients(
             scores, kinds, spec, local_rows.start, width, gamma, block, row_ref[begin : begin + n], column_ref,
-            scales, coefficients, (row_factor[begin : begin + n], column_factor),
+            scales, coefficients, (row_factor[begin : begin + n], column_factor), labels=labels,
         )  # fmt: skip
         for kind, coefficient, columns in zip(kinds, coefficients, ranges, strict=True):
             ops.accumulate(kind, local_rows, coefficient, 1.0 / (batch_size * gamma), columns)
