@@ -190,6 +190,30 @@ def _scale_pointers(scores: list[torch.Tensor], scales: Sequence[Any] | None) ->
     return row_scale_ptrs, col_scale_ptrs
 
 
+def _label_pointers(scores: list[torch.Tensor], labels: Any | None, *, two_pass: bool) -> list[Any]:
+    """The label arguments of the row kernels' entry points: (one pointer per segment,) plus the query labels'
+    pointer for the two-pass ones; 0 without ``labels`` (a ``st_fast.ops.row_kernel.DuplicateLabels``: contiguous
+    int64 tensors, ``segments[x]`` of segment x's length, on the scores' device)."""
+    if labels is None:
+        pointers = [[0] * len(scores)]
+        return pointers + [0] if two_pass else pointers
+    device = scores[0].device
+
+    def pointer(tensor: torch.Tensor, what: str, length: int | None) -> int:
+        if tensor.dtype != torch.int64 or tensor.device != device or tensor.dim() != 1:
+            raise ValueError(f"native row kernel: {what} must be a 1-D int64 tensor on {device}")
+        if (length is not None and tensor.shape[0] != length) or not tensor.is_contiguous():
+            raise ValueError(f"native row kernel: {what} must be contiguous, of the segment's length {length}")
+        return tensor.data_ptr()
+
+    if len(labels.segments) != len(scores):
+        raise ValueError("native row kernel: one label tensor per score segment")
+    segment_ptrs = [pointer(t, "segment labels", x.shape[1]) for t, x in zip(labels.segments, scores, strict=True)]
+    if not two_pass:
+        return [segment_ptrs]
+    return [segment_ptrs, pointer(labels.queries, "query labels", None)]
+
+
 def _call(name: str, device: torch.device, *args: Any) -> None:
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -206,10 +230,11 @@ def native_row_kernel(
     grad_scale: float | None,
     scales: Sequence[Any] | None = None,
     coefficients: list[torch.Tensor] | None = None,
+    labels: Any | None = None,
 ) -> torch.Tensor:
     """Per-row losses (n,) fp32; writes the gradient coefficients into ``coefficients`` (default: over ``scores``)
     when ``grad_scale`` is given. ``scales``: one ``SegmentScales`` (``.rows`` (n,), ``.columns`` (length,) fp32) per
-    segment, or None."""
+    segment, or None; ``labels``: mask_duplicates' ``DuplicateLabels`` (int64), or None."""
     first = scores[0]
     rows = first.shape[0]
     if coefficients is None:
@@ -223,6 +248,7 @@ def native_row_kernel(
         int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in spec.kinds], rows,
         row_start, width, spec.scale, spec.alpha, int(HardnessKind(spec.hardness)), spec.joint,
         -1.0 if grad_scale is None else float(grad_scale), row_loss.data_ptr(),
+        *_label_pointers(scores, labels, two_pass=False),
     )  # fmt: skip
     _call("contrastive_rows", first.device, *args)
     return row_loss
@@ -247,6 +273,7 @@ def native_row_statistics(
     column_max: torch.Tensor,
     column_sum: torch.Tensor,
     scales: Sequence[Any] | None = None,
+    labels: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric path's statistics pass (contract: st_fast.ops.row_kernel): (row LSEs (n, segments), positive
     logits (n,)) fp32; ``column_max`` / ``column_sum`` ((block.count,) fp32) are continued in place."""
@@ -261,7 +288,7 @@ def native_row_statistics(
         "contrastive_statistics", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale,
         spec.alpha, int(HardnessKind(spec.hardness)), row_lse.data_ptr(), positive.data_ptr(), block.begin,
-        block.count, *column_ptrs,
+        block.count, *column_ptrs, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
     return row_lse, positive
 
@@ -279,6 +306,7 @@ def native_row_coefficients(
     scales: Sequence[Any] | None = None,
     coefficients: list[torch.Tensor] | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: Any | None = None,
 ) -> None:
     """The symmetric path's coefficient pass (contract: st_fast.ops.row_kernel): writes the coefficients into
     ``coefficients`` (default: over ``scores``) from the references ``row_ref`` (n, segments) and ``column_ref``
@@ -302,7 +330,7 @@ def native_row_coefficients(
         int(HardnessKind(spec.hardness)), spec.joint, float(grad_scale),
         _pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
         _pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
-        *factor_ptrs,
+        *factor_ptrs, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
 
 
