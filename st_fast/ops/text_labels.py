@@ -19,7 +19,7 @@ Cost: O(M·L) elementwise work, one sort of M keys and one host sync (torch.uniq
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 import torch
@@ -46,7 +46,7 @@ def _powers(length: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def token_rows(features: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+def token_rows(features: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """The texts of every feature dict (the loss's input columns, in order) as one (M, L) int64 matrix: row i holds
     text i's non-padding ids left-aligned, then -1; M = the sum of the columns' batch sizes, L = the longest text.
 
@@ -55,7 +55,7 @@ def token_rows(features: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
     """
     rows = []
     for column, feature in enumerate(features):
-        ids = feature.get("input_ids") if isinstance(feature, dict) else None
+        ids = feature.get("input_ids") if isinstance(feature, Mapping) else None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError(
                 "mask_duplicates compares the texts' token ids, but input column "
@@ -109,7 +109,7 @@ def exact_labels(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return _first_of_group(inverse, unique_rows.shape[0])
 
 
-def text_labels(features: Sequence[dict[str, torch.Tensor]], *, key_bits: int = 64) -> torch.Tensor:
+def text_labels(features: Sequence[Mapping[str, torch.Tensor]], *, key_bits: int = 64) -> torch.Tensor:
     """Labels (M,) int64 of every text of ``features`` (the columns in order, M = their total batch size), equal
     iff the token ids are equal. Raises ValueError for features without ``input_ids`` (:func:`token_rows`)."""
     rows = token_rows(features)
