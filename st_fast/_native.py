@@ -193,15 +193,15 @@ def _scale_pointers(scores: list[torch.Tensor], scales: Sequence[Any] | None) ->
 def _label_pointers(scores: list[torch.Tensor], labels: Any | None, *, two_pass: bool) -> list[Any]:
     """The label arguments of the row kernels' entry points: (one pointer per segment,) plus the query labels'
     pointer for the two-pass ones; 0 without ``labels`` (a ``st_fast.ops.row_kernel.DuplicateLabels``: contiguous
-    int64 tensors, ``segments[x]`` of segment x's length, on the scores' device)."""
+    int32 tensors, ``segments[x]`` of segment x's length, on the scores' device)."""
     if labels is None:
         pointers = [[0] * len(scores)]
         return pointers + [0] if two_pass else pointers
     device = scores[0].device
 
     def pointer(tensor: torch.Tensor, what: str, length: int | None) -> int:
-        if tensor.dtype != torch.int64 or tensor.device != device or tensor.dim() != 1:
-            raise ValueError(f"native row kernel: {what} must be a 1-D int64 tensor on {device}")
+        if tensor.dtype != torch.int32 or tensor.device != device or tensor.dim() != 1:
+            raise ValueError(f"native row kernel: {what} must be a 1-D int32 tensor on {device}")
         if (length is not None and tensor.shape[0] != length) or not tensor.is_contiguous():
             raise ValueError(f"native row kernel: {what} must be contiguous, of the segment's length {length}")
         return tensor.data_ptr()
@@ -234,7 +234,7 @@ def native_row_kernel(
 ) -> torch.Tensor:
     """Per-row losses (n,) fp32; writes the gradient coefficients into ``coefficients`` (default: over ``scores``)
     when ``grad_scale`` is given. ``scales``: one ``SegmentScales`` (``.rows`` (n,), ``.columns`` (length,) fp32) per
-    segment, or None; ``labels``: mask_duplicates' ``DuplicateLabels`` (int64), or None."""
+    segment, or None; ``labels``: mask_duplicates' ``DuplicateLabels`` (int32), or None."""
     first = scores[0]
     rows = first.shape[0]
     if coefficients is None:

@@ -93,10 +93,10 @@ def column_lse(column_max: torch.Tensor, column_sum: torch.Tensor) -> torch.Tens
 
 
 class DuplicateLabels(NamedTuple):
-    """``mask_duplicates``' text labels as a row kernel takes them (int64, equal iff the texts are equal; see
-    :mod:`st_fast.ops.layout`): ``segments[x]`` (L_x,) the labels of segment x's columns (the doc labels (k·W,) or
-    the query labels (W,)), whose entry g is row g's reference text; ``queries`` (W,) the query labels (the symmetric
-    path's column softmax)."""
+    """``mask_duplicates``' text labels as a row kernel takes them (int32, equal iff the texts are equal; the
+    chunked driver renumbers the op's int64 labels to 0 .. texts - 1, see :mod:`st_fast.ops.layout`): ``segments[x]``
+    (L_x,) the labels of segment x's columns (the doc labels (k·W,) or the query labels (W,)), whose entry g is row
+    g's reference text; ``queries`` (W,) the query labels (the symmetric path's column softmax)."""
 
     segments: tuple[torch.Tensor, ...]
     queries: torch.Tensor

@@ -50,7 +50,7 @@
 //                                 that the caller's two gradient GEMMs per segment cover both directions.
 // A D2Q row segment in the coefficient pass holds no share of the one-hot term (its positive is the diagonal).
 //
-// Duplicate masking (mask_duplicates, optional; st_fast/ops/layout.py): with labels[x] (one int64 per column of
+// Duplicate masking (mask_duplicates, optional; st_fast/ops/layout.py): with labels[x] (one Label per column of
 // segment x, equal iff the texts are equal), column c of segment x is masked for row g (as -inf, coefficient 0) when
 // labels[x][c] == labels[x][g] and c != g (the target is never masked). On the symmetric path the column softmax of
 // the positive block takes its own mask from query_labels: entry (r, c) as D2Q row c, column g, is masked when
@@ -68,6 +68,10 @@ namespace st_fast {
 constexpr int kMaxSegments = 4;
 enum SegmentKind : int { kQ2D = 0, kQ2Q = 1, kD2Q = 2, kD2D = 3 };
 enum HardnessKind : int { kHardnessNone = 0, kInBatch = 1, kHard = 2, kAll = 3 };
+
+// mask_duplicates' text labels: dense int32 (the op renumbers any int64 labels to 0 .. texts - 1), so that the CPU
+// range loops compare them in the floats' lane width (SSE2 has no 64-bit integer compare).
+using Label = int32_t;
 
 struct ContrastiveRowArgs {
   int num_segments;
@@ -102,9 +106,9 @@ struct ContrastiveRowArgs {
   const float* col_factor;  // (block_count,)
   int directions;          // coefficients: the loss's number of directions (per_direction weight 1 / directions)
   // mask_duplicates, optional (null: none): (lengths[x],) the labels of segment x's columns; (width,) the query
-  // labels of the positive block's column softmax (two-pass entry points)
-  const int64_t* labels[kMaxSegments];
-  const int64_t* query_labels;
+  // labels of the positive block's column softmax (two-pass entry points); equal iff the texts are equal
+  const Label* labels[kMaxSegments];
+  const Label* query_labels;
 };
 
 // Multiplier of the similarity for the bulk of a segment's entries.
@@ -200,25 +204,18 @@ ST_FAST_HD float scaled(const ContrastiveRowArgs& a, int x, float row_scale, int
 constexpr int kVectorLanes = 16;
 constexpr int64_t kRangeTile = 256;  // coefficients are staged per tile in a local buffer: the output may alias v
 
-// l == ref on the 32-bit halves of l ^ ref: x86-64's baseline SSE2 has no 64-bit integer compare, so GCC leaves a
-// loop with an int64 == scalar; this form vectorizes.
-ST_FAST_HD_VEC bool same_label(int64_t l, int64_t ref) {
-  const uint64_t d = static_cast<uint64_t>(l ^ ref);
-  return (static_cast<uint32_t>(d) | static_cast<uint32_t>(d >> 32)) == 0u;
-}
-
 // mask_duplicates in the range loops (kLabels): `masked` where column c's label equals the row's reference label
 // `ref` (a bulk column is never the row's target), else value; a branch-free select, so that the loops vectorize.
 template <bool kLabels>
-ST_FAST_HD_VEC float unless_duplicate(const int64_t* labels, int64_t ref, int64_t c, float value, float masked) {
-  return kLabels ? select_float(same_label(labels[c], ref), masked, value) : value;
+ST_FAST_HD_VEC float unless_duplicate(const Label* labels, Label ref, int64_t c, float value, float masked) {
+  return kLabels ? select_float(labels[c] == ref, masked, value) : value;
 }
 
 // The logit v[c]·(row_scale·col_scale[c])·mult of a bulk entry (the same expression as scaled(...)·mult); -inf for
 // a duplicate (kLabels).
 template <bool kColScale, bool kLabels = false>
 ST_FAST_HD_VEC float range_logit(const float* v, const float* col_scale, float row_scale, float mult, int64_t c,
-                                 const int64_t* labels = nullptr, int64_t ref = 0) {
+                                 const Label* labels = nullptr, Label ref = 0) {
   const float logit = v[c] * (row_scale * (kColScale ? col_scale[c] : 1.0f)) * mult;
   return unless_duplicate<kLabels>(labels, ref, c, logit, -INFINITY);
 }
@@ -229,7 +226,7 @@ ST_FAST_HD_VEC float range_logit(const float* v, const float* col_scale, float r
 constexpr int64_t kMaxLanes = 64;
 template <bool kColScale, bool kLabels>
 ST_FAST_HD float range_max(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
-                           int64_t end, float m, const int64_t* labels, int64_t ref) {
+                           int64_t end, float m, const Label* labels, Label ref) {
   float lane[kMaxLanes];
   for (int64_t l = 0; l < kMaxLanes; ++l) lane[l] = -INFINITY;
   for (int64_t c0 = begin; c0 < end; c0 += kMaxLanes) {
@@ -246,7 +243,7 @@ ST_FAST_HD float range_max(const float* v, const float* col_scale, float row_sca
 // The sum of row_expf(l - shift) over the logits of columns [begin, end) (row_expf(-inf) = 0: duplicates add 0).
 template <bool kColScale, bool kLabels>
 ST_FAST_HD float range_sum_exp(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
-                               int64_t end, float shift, const int64_t* labels, int64_t ref) {
+                               int64_t end, float shift, const Label* labels, Label ref) {
   float lane[kVectorLanes];
   for (int l = 0; l < kVectorLanes; ++l) lane[l] = 0.0f;
   int64_t c = begin;
@@ -314,8 +311,8 @@ ST_FAST_HD void dispatch_range_flags(bool first, bool second, F&& f) {
 template <bool kColScale, bool kLabels>
 ST_FAST_HD float segment_lse_ranges(const ContrastiveRowArgs& a, int64_t r, int x, float& positive) {
   const int64_t g = a.row_start + r;
-  const int64_t* labels = a.labels[x];
-  const int64_t ref_label = kLabels ? labels[g] : 0;
+  const Label* labels = a.labels[x];
+  const Label ref_label = kLabels ? labels[g] : 0;
   const float* v = a.scores[x] + r * a.lengths[x];
   const float* col_scale = a.col_scale[x];
   const int kind = a.kinds[x];
@@ -423,7 +420,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     const float ref = a.joint ? log_z : seg_lse[x];
     const float weight = a.joint ? base : base / static_cast<float>(a.num_segments);
     const bool holder = holds_positive(a, kind);
-    const int64_t* labels = a.labels[x];
+    const Label* labels = a.labels[x];
     auto own = [&](int64_t c, int64_t j, float value) {
       const float mult = own_column_multiplier(a, kind, j);
       const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
@@ -433,7 +430,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
       Out::put(out, out_offset + c, coefficient * scales);
     };
     if constexpr (Lanes::kContiguous) {
-      const int64_t ref_label = labels ? labels[g] : 0;
+      const Label ref_label = labels ? labels[g] : 0;
       auto store_rows = [&](auto has_col_scale, auto has_labels) {
         constexpr bool kColScale = decltype(has_col_scale)::value;
         constexpr bool kLabels = decltype(has_labels)::value;
@@ -508,8 +505,8 @@ ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, 
   // mask_duplicates: the block columns' query labels; entry (r, j) is masked when its label equals row r's and j is
   // not row r's own column (the diagonal, the positive pair): the loops mask every equal label, and row r's diagonal
   // entry (when in the tile) is then added on its own, at the same point of the column's row order
-  const int64_t* labels = kLabels ? a.query_labels + a.block_begin + j_begin : nullptr;
-  auto row_label = [&](int64_t r) { return kLabels ? a.query_labels[a.row_start + r] : 0; };
+  const Label* labels = kLabels ? a.query_labels + a.block_begin + j_begin : nullptr;
+  auto row_label = [&](int64_t r) { return kLabels ? a.query_labels[a.row_start + r] : Label{0}; };
   auto diagonal_of = [&](int64_t r) {
     const int64_t d = a.row_start + r - a.block_begin - j_begin;
     return kLabels && d >= 0 && d < count ? d : -1;
@@ -519,7 +516,7 @@ ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, 
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* v = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
     const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
-    const int64_t ref = row_label(r);
+    const Label ref = row_label(r);
     for (int64_t j = 0; j < count; ++j) {
       const float x = range_logit<kColScale, kLabels>(v, col_scale, row_scale, a.scale, j, labels, ref);
       top[j] = x > top[j] ? x : top[j];
@@ -539,7 +536,7 @@ ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, 
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* v = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
     const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
-    const int64_t ref = row_label(r);
+    const Label ref = row_label(r);
     for (int64_t j = 0; j < count; ++j)
       total[j] += row_expf(range_logit<kColScale, kLabels>(v, col_scale, row_scale, a.scale, j, labels, ref) - shift[j]);
     const int64_t d = diagonal_of(r);
@@ -579,7 +576,7 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
     // two (a relative error of a few fp32 roundings; with both factors within e^±8, an exp(l - ref) that underflows
     // leaves out a column term below e^-87).
     const float row_factor = q2d && a.row_factor ? a.row_factor[r] : 0.0f;
-    const int64_t* labels = a.labels[x];
+    const Label* labels = a.labels[x];
     auto column_term = [&](int64_t c, float s, float mult, float row_exp) {
       if (!q2d || c < a.block_begin || c >= block_end || column_duplicate(a, c, g)) return 0.0f;
       const int64_t j = c - a.block_begin;
@@ -605,9 +602,9 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
     if constexpr (Lanes::kContiguous) {
       const float* col_scale = a.col_scale[x];
       // mask_duplicates: the row term's labels (the segment's) and the column term's (the query labels)
-      const int64_t ref_label = labels ? labels[g] : 0;
-      const int64_t* query_labels = a.query_labels;
-      const int64_t query_ref = query_labels ? query_labels[g] : 0;
+      const Label ref_label = labels ? labels[g] : 0;
+      const Label* query_labels = a.query_labels;
+      const Label query_ref = query_labels ? query_labels[g] : 0;
       auto store_rows = [&](auto has_col_scale, auto has_labels) {
         constexpr bool kColScale = decltype(has_col_scale)::value;
         constexpr bool kLabels = decltype(has_labels)::value;

@@ -174,11 +174,15 @@ def loss_and_grad(
 
 
 def _duplicate_labels(problem: ContrastiveProblem, kinds: tuple[SegmentKind, ...]) -> DuplicateLabels | None:
-    """The row kernels' form of ``problem.labels`` (mask_duplicates) for the row segments ``kinds``."""
+    """The row kernels' form of ``problem.labels`` (mask_duplicates) for the row segments ``kinds``: the int64
+    labels renumbered to int32 0 .. texts - 1 (exact: one sort of the W·(k+1) labels, a host sync on CUDA), which
+    the native CPU kernel compares in the floats' lane width."""
     if problem.labels is None:
         return None
-    by_source = {"queries": problem.labels[0], "docs": problem.labels[1]}
-    return DuplicateLabels(tuple(by_source[COLUMN_SOURCE[kind]] for kind in kinds), problem.labels[0])
+    queries, docs = problem.labels
+    dense = torch.unique(torch.cat([queries, docs]), return_inverse=True)[1].to(torch.int32)
+    by_source = {"queries": dense[: queries.shape[0]], "docs": dense[queries.shape[0] :]}
+    return DuplicateLabels(tuple(by_source[COLUMN_SOURCE[kind]] for kind in kinds), by_source["queries"])
 
 
 def _one_pass(
