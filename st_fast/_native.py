@@ -343,10 +343,12 @@ def native_row_exp_statistics(
     column_max: torch.Tensor,
     column_sum: torch.Tensor,
     shift: float,
+    labels: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric path's statistics pass in the fixed-shift form (contract: st_fast.ops.row_kernel; CPU only):
     as :func:`native_row_statistics` without scales or hardness, and every score is replaced by
-    e = exp(scale · score - shift) (0 where masked), the input of :func:`native_row_exp_coefficients`."""
+    e = exp(scale · score - shift) (0 where masked; mask_duplicates' duplicates keep their e), the input of
+    :func:`native_row_exp_coefficients`."""
     first = scores[0]
     rows, device = first.shape[0], first.device
     if device.type != "cpu":
@@ -358,7 +360,7 @@ def native_row_exp_statistics(
     require_cpu_ext().contrastive_exp_statistics(
         [s.data_ptr() for s in scores], [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows,
         row_start, width, spec.scale, float(shift), row_lse.data_ptr(), positive.data_ptr(), block.begin,
-        block.count, *column_ptrs,
+        block.count, *column_ptrs, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
     return row_lse, positive
 
@@ -374,6 +376,7 @@ def native_row_exp_coefficients(
     row_factor: torch.Tensor,
     column_factor: torch.Tensor,
     coefficients: list[torch.Tensor] | None = None,
+    labels: Any | None = None,
 ) -> None:
     """The symmetric path's coefficient pass in the fixed-shift form (CPU only): from e (the output of
     :func:`native_row_exp_statistics`), ``row_factor`` = exp(shift - row_ref) (n, segments) and ``column_factor`` =
@@ -392,6 +395,7 @@ def native_row_exp_coefficients(
         spec.joint, float(grad_scale), block.begin, block.count, len(spec.kinds),
         _pointer(row_factor, "the row factors", (rows, len(exps)), device),
         _pointer(column_factor, "the column factors", (block.count,), device),
+        *_label_pointers(exps, labels, two_pass=True),
     )  # fmt: skip
 
 

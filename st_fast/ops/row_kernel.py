@@ -39,16 +39,16 @@ A row kernel may also offer the fixed-shift form of the two passes (the native C
 tiles whose logits all lie within [-shift, shift] with 2·shift <= :data:`FIXED_SHIFT_LIMIT` and no hardness penalty
 or scales (:func:`st_fast.ops.mnrl.chunked.fixed_shift` decides)::
 
-    exp_statistics(scores, kinds, spec, row_start, width, block, column_max, column_sum, shift)
+    exp_statistics(scores, kinds, spec, row_start, width, block, column_max, column_sum, shift, labels=None)
         -> (row_lse, positive), as statistics, and each score replaced by e = exp(scale·score - shift) (0 where
            masked)
     exp_coefficients(exps, kinds, spec, row_start, width, grad_scale, block, row_factor, column_factor,
-                     coefficients=None) -> None, the coefficients of ``coefficients`` from e, with row_factor =
-           exp(shift - row_ref) (n, len(kinds)) and column_factor = exp(shift - column_ref) (count,)
+                     coefficients=None, labels=None) -> None, the coefficients of ``coefficients`` from e, with
+           row_factor = exp(shift - row_ref) (n, len(kinds)) and column_factor = exp(shift - column_ref) (count,)
 
 One shift serves every row and column, so one exp per entry gives both the row and the column statistics and the
-coefficients need none (see csrc/include/st_fast/contrastive_row.h). It takes no ``labels`` (mask_duplicates takes
-the general form).
+coefficients need none (see csrc/include/st_fast/contrastive_row.h). Both take ``labels=`` as the general form
+(the duplicates keep their e; each sum and coefficient term leaves out the entries its softmax masks).
 """
 
 from __future__ import annotations

@@ -155,3 +155,34 @@ def test_key_collisions_never_give_distinct_texts_one_label(key_bits):
 def test_features_without_input_ids_get_a_clear_error():
     with pytest.raises(ValueError, match="no 2-D 'input_ids'"):
         text_labels([{"pixel_values": torch.zeros(2, 3, 4, 4)}])
+
+
+@pytest.mark.skipif("native" not in CPU_BACKENDS, reason="the native extension is not built")
+@pytest.mark.parametrize("partition", ["joint", "per_direction"])
+def test_fixed_shift_form_takes_the_labels(monkeypatch, partition):
+    """The native CPU kernel's fixed-shift symmetric passes (no hardness, cosine at scale 20) run with the labels:
+    counted here, against the reference."""
+    import dataclasses
+
+    import st_fast.ops.row_kernel_native as native
+
+    calls = []
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            calls.append(kwargs.get("labels"))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    kernel = native.NATIVE_ROW_KERNEL
+    monkeypatch.setattr(
+        native,
+        "NATIVE_ROW_KERNEL",
+        dataclasses.replace(
+            kernel, exp_statistics=counted(kernel.exp_statistics), exp_coefficients=counted(kernel.exp_coefficients)
+        ),
+    )
+    config = _config(("query_to_doc", "doc_to_query"), partition, None, "cos")
+    _check("native", config, 9, 2, 12, seed=11)
+    assert len(calls) == 2 and all(labels is not None for labels in calls)

@@ -691,9 +691,15 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
 //                                    the positive block)), minus the one-hot shares on the diagonal, where the
 //                                    caller passes row_factor = exp(K - row_ref) (rows, num_segments) and
 //                                    col_factor = exp(K - col_ref) (block_count,).
+// With mask_duplicates' labels the tile keeps every entry's e (an entry may be masked in its row softmax and not in
+// its column one): each sum and each coefficient term leaves out the entries its own softmax masks, by a
+// branch-free select (template kLabels).
 
-// e = row_expf(v[c]·mult - shift) written over v[c] for c in [begin, end); returns Σ e.
-ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begin, int64_t end) {
+// e = row_expf(v[c]·mult - shift) written over v[c] for c in [begin, end); returns Σ e (without the duplicates of
+// the row's reference label `ref`, kLabels).
+template <bool kLabels = false>
+ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begin, int64_t end,
+                                 const Label* labels = nullptr, Label ref = 0) {
   float lane[kVectorLanes];
   for (int l = 0; l < kVectorLanes; ++l) lane[l] = 0.0f;
   int64_t c = begin;
@@ -701,14 +707,14 @@ ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begi
     for (int l = 0; l < kVectorLanes; ++l) {
       const float e = row_expf(v[c + l] * mult - shift);
       v[c + l] = e;
-      lane[l] += e;
+      lane[l] += unless_duplicate<kLabels>(labels, ref, c + l, e, 0.0f);
     }
   }
   float total = 0.0f;
   for (; c < end; ++c) {
     const float e = row_expf(v[c] * mult - shift);
     v[c] = e;
-    total += e;
+    total += unless_duplicate<kLabels>(labels, ref, c, e, 0.0f);
   }
   for (int l = 0; l < kVectorLanes; ++l) total += lane[l];
   return total;
@@ -721,9 +727,16 @@ ST_FAST_HD void contrastive_row_exp_statistics(const ContrastiveRowArgs& a, int6
     const int64_t n = a.lengths[x];
     float* v = const_cast<float*>(a.scores[x]) + r * n;  // the scores are replaced by their e
     const int kind = a.kinds[x];
+    const Label* labels = a.labels[x];
     float total = 0.0f;
     for_each_segment_range(
-        n, a.width, g, [&](int64_t begin, int64_t end) { total += range_exp_store(v, a.scale, shift, begin, end); },
+        n, a.width, g,
+        [&](int64_t begin, int64_t end) {
+          if (labels)
+            total += range_exp_store<true>(v, a.scale, shift, begin, end, labels, labels[g]);
+          else
+            total += range_exp_store(v, a.scale, shift, begin, end);
+        },
         [&](int64_t c, int64_t j) {
           const float mult = own_column_multiplier(a, kind, j);  // unpenalized: scale, or 0 where masked
           if (mult == 0.0f) {
@@ -733,21 +746,26 @@ ST_FAST_HD void contrastive_row_exp_statistics(const ContrastiveRowArgs& a, int6
           const float logit = v[c] * mult;
           if (kind == kQ2D && j == 0) positive = logit;
           v[c] = row_expf(logit - shift);
-          total += v[c];
+          if (!duplicate(a, x, c, g)) total += v[c];  // (a duplicate own column is outside the positive block)
         });
     a.row_lse[r * a.num_segments + x] = shift + logf(total);
   }
   a.row_positive[r] = positive;
 }
 
+template <bool kLabels = false>
 ST_FAST_HD void contrastive_column_exp_sums_tile(const ContrastiveRowArgs& a, int64_t j_begin, int64_t j_end,
                                                  float shift) {
   const int64_t count = j_end - j_begin;
+  const Label* labels = kLabels ? a.query_labels + a.block_begin + j_begin : nullptr;  // as the general tile
   float total[kColumnTile];
   for (int64_t j = 0; j < count; ++j) total[j] = 0.0f;
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* e = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
-    for (int64_t j = 0; j < count; ++j) total[j] += e[j];
+    const Label ref = kLabels ? a.query_labels[a.row_start + r] : Label{0};
+    for (int64_t j = 0; j < count; ++j) total[j] += unless_duplicate<kLabels>(labels, ref, j, e[j], 0.0f);
+    const int64_t d = a.row_start + r - a.block_begin - j_begin;  // row r's own column: never masked
+    if (kLabels && d >= 0 && d < count) total[d] += e[d];
   }
   for (int64_t j = 0; j < count; ++j) {
     const float sum = a.col_sum[j_begin + j];
@@ -756,7 +774,7 @@ ST_FAST_HD void contrastive_column_exp_sums_tile(const ContrastiveRowArgs& a, in
   }
 }
 
-template <class Out>
+template <class Out, bool kLabels = false>
 ST_FAST_HD void contrastive_row_exp_coefficients(const ContrastiveRowArgs& a, int64_t r) {
   const int64_t g = a.row_start + r;
   const float base = a.grad_scale * a.scale;
@@ -770,17 +788,25 @@ ST_FAST_HD void contrastive_row_exp_coefficients(const ContrastiveRowArgs& a, in
     void* out = a.coefficients[x];
     const int64_t out_offset = r * n;
     const float row_term = weight * a.row_factor[r * a.num_segments + x];
+    const Label* labels = a.labels[x];
+    const Label ref = kLabels ? labels[g] : Label{0};
+    const Label query_ref = kLabels ? a.query_labels[g] : Label{0};
     auto row_only = [&](int64_t begin, int64_t end) {
-      range_store<Out>(out, out_offset, begin, end, [&](int64_t c) { return e[c] * row_term; });
+      range_store<Out>(out, out_offset, begin, end,
+                       [&](int64_t c) { return unless_duplicate<kLabels>(labels, ref, c, e[c] * row_term, 0.0f); });
     };
+    // (row_only's label test also takes a non-Q2D segment's own column c == g, whose e is 0: masked, or -inf in
+    // the other ranks' D2Q segment)
     if (a.kinds[x] != kQ2D) {
       row_only(0, n);
       continue;
     }
     const float* col_factor = a.col_factor - a.block_begin;  // indexed by the column c
     auto with_column = [&](int64_t begin, int64_t end) {
-      range_store<Out>(out, out_offset, begin, end,
-                       [&](int64_t c) { return e[c] * row_term + e[c] * (weight * col_factor[c]); });
+      range_store<Out>(out, out_offset, begin, end, [&](int64_t c) {
+        const float row = unless_duplicate<kLabels>(labels, ref, c, e[c] * row_term, 0.0f);
+        return row + unless_duplicate<kLabels>(a.query_labels, query_ref, c, e[c] * (weight * col_factor[c]), 0.0f);
+      });
     };
     row_only(0, a.block_begin);
     with_column(a.block_begin, g);

@@ -290,7 +290,7 @@ def _symmetric_passes(
         local_rows, scores, scales = chunk_scores(begin, n)
         if shift is not None:  # the scores become their e = exp(scale·score - shift)
             lse, pos = row_kernel.exp_statistics(
-                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, shift
+                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, shift, labels=labels
             )
         else:
             lse, pos = row_kernel.statistics(
@@ -329,7 +329,7 @@ def _symmetric_passes(
         if shift is not None and chunk == batch_size:  # the kept tile holds e
             row_kernel.exp_coefficients(
                 scores, kinds, spec, local_rows.start, width, gamma, block, torch.exp(shift - row_ref),
-                torch.exp(shift - column_ref), coefficients,
+                torch.exp(shift - column_ref), coefficients, labels=labels,
             )  # fmt: skip
         else:
             row_kernel.coefficients(
@@ -343,8 +343,7 @@ def _symmetric_passes(
 
 def fixed_shift(ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel) -> float | None:
     """The shift of the symmetric path's fixed-shift form (:mod:`st_fast.ops.row_kernel`), or None where it does not
-    apply: a row kernel that offers it, CPU float32 operands without scales (``normalize``), no hardness penalty, no
-    mask_duplicates labels (one e per entry cannot serve a row and a column softmax that mask it differently),
+    apply: a row kernel that offers it, CPU float32 operands without scales (``normalize``), no hardness penalty,
     at least 2 columns per row (a single-column softmax keeps its exact 0 gradient in the general form), and a
     bound K = scale · max(||q||, ||d||)² >= |logit| (Cauchy-Schwarz) with 2K <= FIXED_SHIFT_LIMIT: cosine
     similarity at scale <= 40 (stock's default is 20). Reads two norms from the CPU operands (no device sync)."""
@@ -356,7 +355,6 @@ def fixed_shift(ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKern
         or ops.coefficient_dtype != torch.float32
         or problem.normalize
         or problem.spec.hardness != HardnessKind.NONE
-        or problem.labels is not None
         or queries.shape[0] < 2
     ):
         return None
