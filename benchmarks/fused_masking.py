@@ -5,7 +5,7 @@ Default case: CPU, 1 thread (``--fused-threads`` to change), B = 4096, k = 2, D 
 B = 16384, D = 1024, bf16; ``--fused-batch-sizes / --fused-k / --fused-dim / --fused-dtypes`` replace them (smoke:
 B 64, D 32). Cosine, scale 20, random embeddings; the labels give about 5 % of the texts a twin (so that masked
 entries exist, as in a real batch). Directions: query_to_doc (one pass) and query_to_doc + doc_to_query (the
-symmetric path), each on the st_fast backends that take labels (``--fused-backends``; triton does not).
+symmetric path), each on the st_fast backends (``--fused-backends``; triton on CUDA, or on the CPU interpreter).
 
 Rows: ``mask`` off / on per case, directions and backend, with ``time_ms`` (median of up to ``--repeats`` calls
 within ``--fused-time-budget`` s, after one warm-up, the calls round-robin over the rows of a case so that a change
@@ -91,7 +91,7 @@ def run_masking(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with cpu_threads(threads):
         for batch, k, dim, dtype in progress(masking_cases(args), desc="fused_loss --mask-duplicates"):
-            backends = [b for b in available_backends(device, dtype, args.fused_backends) if b != "triton"]
+            backends = available_backends(device, dtype, args.fused_backends)
             embeddings = make_embeddings(batch, k, dim, dtype, device)
             texts = twin_texts((k + 1) * batch, device)
             features = [{"input_ids": texts, "attention_mask": torch.ones_like(texts)}]

@@ -32,8 +32,7 @@ MNRL-family loss leaves candidates whose text equals the row's positive or ancho
 exactly, without the report). The options are checked when the trainer is built: an unknown option or backend name
 (ValueError), a flag that is not a bool (TypeError), and a backend that cannot run on the model's device or dtype
 (RuntimeError for ``"triton"`` on a CPU without ``TRITON_INTERPRET=1`` or ``"native"`` where its extension is not
-built, TypeError for either with float64 embeddings, ValueError for ``"triton"`` with ``mask_duplicates``) fail in the
-constructor, not at the first step.
+built, TypeError for either with float64 embeddings) fail in the constructor, not at the first step.
 
 :func:`st_fast.patch` applies the same hooks to the stock trainer classes (for code you do not own); both call the
 swap functions of :mod:`st_fast.swaps`.

@@ -159,7 +159,7 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
             (query_to_query, doc_to_query) is left out of that row's softmax, as stock leaves out a row's own
             document in doc_to_doc; the target is never masked. Needs the features (call the loss, not
             ``compute_loss_from_embeddings``: RuntimeError); a configuration the fused op cannot compute (see
-            below) raises ValueError instead of falling back to stock; ``backend="triton"`` raises ValueError.
+            below) raises ValueError instead of falling back to stock.
             ``get_config_dict()`` then has ``mask_duplicates: True`` (and so the model card).
 
     Every attribute is read at call time, as stock does. ``scale`` may be a tensor; one that requires grad gets

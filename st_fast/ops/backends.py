@@ -85,7 +85,7 @@ class OpCapabilities:
     triton_masks_duplicates: bool = False
 
 
-MNRL = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True)
+MNRL = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True, triton_masks_duplicates=True)
 GIST = OpCapabilities(
     "st_fast.ops.gist",
     auto_picks_triton=False,  # not measured nor checked on a GPU yet: auto takes native (or torch) on every device

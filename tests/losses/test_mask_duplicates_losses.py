@@ -86,6 +86,15 @@ def test_mnrl_forward_masks_duplicate_texts(tiny_model, backend, config):
     assert relative_error(unmasked[0], actual[0]) > 1e-3  # the batch's duplicates do change the loss
 
 
+def test_triton_backend_masks_duplicate_texts(tiny_model):
+    """The Triton kernels in the CPU interpreter, through the drop-in loss."""
+    tiny_model.eval()
+    features = _features(tiny_model)
+    config = dict(directions=SYMMETRIC, hardness_mode="in_batch_negatives", hardness_strength=5.0)
+    loss = fast_losses.MultipleNegativesRankingLoss(tiny_model, backend="triton", mask_duplicates=True, **config)
+    _assert_close(_step(loss, tiny_model, features), _reference_step(tiny_model, features, {"scale": 20.0, **config}))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cached_mnrl_masks_across_mini_batches(tiny_model, backend):
     """GradCache with mini-batches of 2: the duplicates sit in different mini-batches; same loss and gradients as
@@ -149,9 +158,6 @@ def test_clear_errors(tiny_model):
     )
     with pytest.raises(ValueError, match="mask_duplicates=True cannot be computed here"):
         manhattan(_features(tiny_model), None)
-    triton = fast_losses.MultipleNegativesRankingLoss(tiny_model, mask_duplicates=True, backend="triton")
-    with pytest.raises(ValueError, match="triton backend does not implement mask_duplicates"):
-        triton(_features(tiny_model), None)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -104,10 +104,33 @@ def test_bad_labels_get_a_clear_error():
         fused_mnrl_loss(queries, docs, labels=(query_labels.int(), doc_labels))
 
 
-def test_triton_backend_refuses_labels():
-    queries, docs, labels = duplicate_batch(5, 2, 8, seed=1)
+TRITON_CASES = [
+    (("query_to_doc",), "joint", None, 2, "cos"),
+    (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", "all_negatives", 3, "cos"),
+    (("query_to_doc", "doc_to_query"), "per_direction", "in_batch_negatives", 1, "dot"),
+    (("query_to_doc", "doc_to_doc"), "joint", "hard_negatives", 2, "cos"),
+]
+
+
+@pytest.mark.parametrize("directions, partition, hardness, k, similarity", TRITON_CASES)
+def test_triton_masked_loss_matches_reference(directions, partition, hardness, k, similarity):
+    """The Triton kernels (interpreter) load the column labels per tile and mask the score tile."""
+    _check("triton", _config(directions, partition, hardness, similarity), 7, k, 12, seed=100 * k + len(directions))
+
+
+def test_triton_gathered_rows_match_reference():
+    config = _config(("query_to_doc", "query_to_query", "doc_to_query"), "joint", None, "cos")
+    _check("triton", config, 13, 2, 12, seed=7, row_offset=4, batch_size=5)
+
+
+def test_an_op_whose_triton_kernels_take_no_labels_declines():
+    """The one dispatch point: ``auto`` picks another backend, an explicit ``triton`` is a clear error."""
+    from st_fast.ops.backends import OpCapabilities, resolve_backend
+
+    op = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True)
     with pytest.raises(ValueError, match="triton backend does not implement mask_duplicates"):
-        fused_mnrl_loss(queries, docs, labels=labels, backend="triton")
+        resolve_backend("triton", torch.device("cpu"), torch.float32, op, mask_duplicates=True)
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, op, mask_duplicates=True).name != "triton"
 
 
 # --------------------------------------------------------------------------------------------------------------------

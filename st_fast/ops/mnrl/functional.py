@@ -57,7 +57,7 @@ def fused_mnrl_loss(
         labels: None (stock's loss), or duplicate masking (``mask_duplicates``, see :mod:`st_fast.ops.layout`):
             (query labels (W,), doc labels (k·W,)) int64 on the embeddings' device, equal iff the texts are equal
             (:func:`st_fast.ops.text_labels.text_labels`); a column whose text equals the row's reference text is
-            left out of that row's softmax. Not on the ``triton`` backend (``auto`` does not pick it then).
+            left out of that row's softmax (every backend masks inside its row kernel / score tile).
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings).
 
@@ -77,7 +77,7 @@ def fused_mnrl_loss(
         TypeError: non-tensor or non-floating embeddings, mixed dtypes; ``native`` / ``triton`` for float64.
         ValueError: shapes, devices or local rows that do not fit (:func:`st_fast.ops.mnrl.spec.check_embeddings`),
             an unknown similarity, direction, partition or hardness mode or backend, a scale that is not positive,
-            labels of other shapes, dtype or device, ``labels`` with ``backend="triton"``.
+            labels of other shapes, dtype or device.
         RuntimeError: a backend that cannot run on the embeddings' device.
     """
     if similarity not in SIMILARITIES:
