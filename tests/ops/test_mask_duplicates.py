@@ -209,3 +209,28 @@ def test_fixed_shift_form_takes_the_labels(monkeypatch, partition):
     config = _config(("query_to_doc", "doc_to_query"), partition, None, "cos")
     _check("native", config, 9, 2, 12, seed=11)
     assert len(calls) == 2 and all(labels is not None for labels in calls)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("directions", [("query_to_doc",), ("query_to_doc", "doc_to_query", "doc_to_doc")])
+def test_raw_16bit_path_masks_duplicates(monkeypatch, backend, directions):
+    """The CUDA default path (raw bf16 GEMMs, norms as row / column scales, float16 coefficients), selected on the
+    CPU as tests/ops/test_raw_16bit.py does: the loss to the fp32 bound, the bf16 gradients within twice their own
+    rounding plus 1e-4 (that file's rule) of the float64 reference on the same bf16 values."""
+    from st_fast.ops.backends import ChunkedBackend
+
+    monkeypatch.setattr(ChunkedBackend, "takes_raw_operands", lambda self, dtype, device: dtype == torch.bfloat16)
+    queries, docs, labels = duplicate_batch(9, 2, 16, seed=21, dtype=torch.bfloat16)
+    embeddings = [queries, *docs]
+    config = _config(directions, "joint", None, "cos")
+    actual = loss_and_grads(
+        lambda e: fused_mnrl_loss(e[0], e[1:], backend=backend, labels=labels, **config), embeddings
+    )
+    expected = loss_and_grads(
+        lambda e: reference_masked_loss(e[0], e[1:], labels, **config), float64_copies(embeddings)
+    )
+    assert abs(float(actual[0]) - float(expected[0])) <= 1e-5 * abs(float(expected[0]))
+    for got, want in zip(actual[1], expected[1], strict=True):
+        assert got.dtype == torch.bfloat16
+        rounding = float((want.to(torch.bfloat16).double() - want).norm())
+        assert float((got.double() - want).norm()) <= 2 * rounding + 1e-4 * float(want.norm())
