@@ -22,10 +22,11 @@ void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vecto
                           const std::vector<uintptr_t>& col_scales, const std::vector<uintptr_t>& coefficients,
                           int coefficient_dtype, const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
                           int64_t rows, int64_t row_start, int64_t width, float scale, float alpha, int hardness,
-                          bool joint, float grad_scale, uintptr_t row_loss) {
+                          bool joint, float grad_scale, uintptr_t row_loss, uintptr_t grad_scale_factor) {
   const ContrastiveRowArgs a =
       make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
-                                rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss);
+                                rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss,
+                                grad_scale_factor);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_rows<decltype(out)>(a); });
 }
 
@@ -73,10 +74,12 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
                                   const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
                                   float scale, float alpha, int hardness, bool joint, float grad_scale,
                                   uintptr_t row_ref, int64_t block_begin, int64_t block_count, uintptr_t col_ref,
-                                  int directions, uintptr_t row_factor, uintptr_t col_factor) {
+                                  int directions, uintptr_t row_factor, uintptr_t col_factor,
+                                  uintptr_t grad_scale_factor) {
   ContrastiveRowArgs a =
       make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
-                                rows, row_start, width, scale, alpha, hardness, joint, grad_scale, 0);
+                                rows, row_start, width, scale, alpha, hardness, joint, grad_scale, 0,
+                                grad_scale_factor);
   SymmetricPointers p;
   p.row_ref = row_ref;
   p.col_ref = col_ref;
@@ -98,6 +101,7 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_loss_ptr"),
+        py::arg("grad_scale_factor_ptr") = 0,
         "The contrastive row kernel over fp32 score segments (raw pointers; call through "
         "st_fast._native.native_row_kernel, which validates).",
         py::call_guard<py::gil_scoped_release>());
@@ -113,7 +117,7 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"),
         py::arg("block_count"), py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"),
-        py::arg("col_factor_ptr"),
+        py::arg("col_factor_ptr"), py::arg("grad_scale_factor_ptr") = 0,
         "The symmetric path's coefficient pass (raw pointers; call through "
         "st_fast._native.native_row_coefficients).",
         py::call_guard<py::gil_scoped_release>());

@@ -45,16 +45,16 @@ PYBIND11_MODULE(_C_cuda, m) {
          const std::vector<uintptr_t>& col_scales, const std::vector<uintptr_t>& coefficients, int coefficient_dtype,
          const std::vector<int64_t>& lengths, const std::vector<int>& kinds, int64_t rows, int64_t row_start,
          int64_t width, float scale, float alpha, int hardness, bool joint, float grad_scale, uintptr_t row_loss,
-         uintptr_t stream) {
+         uintptr_t grad_scale_factor, uintptr_t stream) {
         const st_fast::ContrastiveRowArgs args = st_fast::make_contrastive_row_args(
             {scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds, rows, row_start, width,
-            scale, alpha, hardness, joint, grad_scale, row_loss);
+            scale, alpha, hardness, joint, grad_scale, row_loss, grad_scale_factor);
         check(st_fast_cuda_contrastive_rows(&args, stream), "contrastive_rows");
       },
       py::arg("scores_ptrs"), py::arg("row_scale_ptrs"), py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"),
       py::arg("coefficient_dtype"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
       py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("joint"),
-      py::arg("grad_scale"), py::arg("row_loss_ptr"), py::arg("stream"));
+      py::arg("grad_scale"), py::arg("row_loss_ptr"), py::arg("grad_scale_factor_ptr"), py::arg("stream"));
   m.def(
       "contrastive_statistics",
       [](const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
@@ -84,10 +84,10 @@ PYBIND11_MODULE(_C_cuda, m) {
          const std::vector<int64_t>& lengths, const std::vector<int>& kinds, int64_t rows, int64_t row_start,
          int64_t width, float scale, float alpha, int hardness, bool joint, float grad_scale, uintptr_t row_ref,
          int64_t block_begin, int64_t block_count, uintptr_t col_ref, int directions, uintptr_t row_factor,
-         uintptr_t col_factor, uintptr_t stream) {
+         uintptr_t col_factor, uintptr_t grad_scale_factor, uintptr_t stream) {
         st_fast::ContrastiveRowArgs args = st_fast::make_contrastive_row_args(
             {scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds, rows, row_start, width,
-            scale, alpha, hardness, joint, grad_scale, 0);
+            scale, alpha, hardness, joint, grad_scale, 0, grad_scale_factor);
         st_fast::SymmetricPointers p;
         p.row_ref = row_ref;
         p.col_ref = col_ref;
@@ -101,5 +101,5 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("joint"),
       py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"), py::arg("block_count"),
       py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
-      py::arg("stream"));
+      py::arg("grad_scale_factor_ptr"), py::arg("stream"));
 }
