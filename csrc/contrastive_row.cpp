@@ -157,11 +157,16 @@ void bind_contrastive_row(py::module_& m) {
   m.def("row_expf", &row_expf_cpu, py::arg("input_ptr"), py::arg("output_ptr"), py::arg("n"),
         "The row kernels' CPU exp over n contiguous fp32 values (raw pointers; call through st_fast._native.row_expf).",
         py::call_guard<py::gil_scoped_release>());
-  // test only: the CUDA build's lane algorithm, 32 lanes (a warp, WarpLanes) or 4 (more columns per lane)
+  // test only: the CUDA build's lane algorithm with 32 lanes (a warp, WarpLanes), 4 (more columns per lane), 64 or
+  // 256 (a block per row, BlockLanes: warps combined in shared memory; 256 is the CUDA build's block)
   auto warp = m.def_submodule("emulated_lanes_32", "Test only: the CUDA build's lane algorithm, 32 threads per row");
   bind_row_kernel_entries<EmulatedLaneRows<32>>(warp);
   auto four = m.def_submodule("emulated_lanes_4", "Test only: the CUDA build's lane algorithm, 4 threads per row");
   bind_row_kernel_entries<EmulatedLaneRows<4>>(four);
+  auto two_warps = m.def_submodule("emulated_lanes_64", "Test only: the CUDA block lane algorithm, 64 threads per row");
+  bind_row_kernel_entries<EmulatedLaneRows<64>>(two_warps);
+  auto block = m.def_submodule("emulated_lanes_256", "Test only: the CUDA block lane algorithm, 256 threads per row");
+  bind_row_kernel_entries<EmulatedLaneRows<256>>(block);
 }
 
 }  // namespace st_fast

@@ -18,6 +18,7 @@ validated wrappers over their raw-pointer entry points.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from enum import IntEnum
 from types import ModuleType
@@ -137,6 +138,7 @@ def native_info() -> dict[str, Any]:
         # "compute_90"] (PTX of the newest target, which newer GPUs JIT-compile)
         "cuda_version": getattr(cuda_ext, "cuda_version", None),
         "cuda_archs": getattr(cuda_ext, "cuda_archs", "").split() if cuda_ext is not None else [],
+        "cuda_row_lanes": CUDA_ROW_LANES,  # threads per row of the CUDA row kernels (ST_FAST_CUDA_ROW_LANES)
         "torch": torch.__version__,
         "torch_cuda_available": torch.cuda.is_available(),
         "triton": triton_ok,
@@ -190,10 +192,20 @@ def _scale_pointers(scores: list[torch.Tensor], scales: Sequence[Any] | None) ->
     return row_scale_ptrs, col_scale_ptrs
 
 
+# Threads per row of the CUDA row kernels: 32 (one warp per row, the default) or 256 (one block per row, BlockLanes in
+# csrc/cuda/block_lanes.cuh): a switch for measuring the block kernels on a GPU (ST_FAST_CUDA_ROW_LANES=256 python -m
+# benchmarks fused_loss --gpu), not yet a choice made from measurements.
+CUDA_ROW_LANES_CHOICES = (32, 256)
+CUDA_ROW_LANES = int(os.environ.get("ST_FAST_CUDA_ROW_LANES") or 32)
+if CUDA_ROW_LANES not in CUDA_ROW_LANES_CHOICES:
+    raise ValueError(f"ST_FAST_CUDA_ROW_LANES must be one of {CUDA_ROW_LANES_CHOICES}, got {CUDA_ROW_LANES}")
+
+
 def _call(name: str, device: torch.device, *args: Any) -> None:
     if device.type == "cuda":
         with torch.cuda.device(device):
-            getattr(require_cuda_ext(), name)(*args, torch.cuda.current_stream().cuda_stream)
+            stream = torch.cuda.current_stream().cuda_stream
+            getattr(require_cuda_ext(), name)(*args, stream, lanes_per_row=CUDA_ROW_LANES)
     else:
         getattr(require_cpu_ext(), name)(*args)
 

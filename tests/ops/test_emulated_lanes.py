@@ -3,10 +3,12 @@
 The CUDA row kernels (csrc/cuda/contrastive_row.cu) run csrc/include/st_fast/contrastive_row.h with WarpLanes: 32
 lanes per row, the online max / sum and the interleaved column loops (``Lanes::kContiguous == false``), butterfly
 reductions. The CPU build takes the contiguous range loops instead (SerialLanes), so the CPU tests of the row kernel
-never reach that code. st_fast._C's test-only submodules ``emulated_lanes_32`` and ``emulated_lanes_4`` run exactly
-that template code on the CPU with ThreadLanes (csrc/include/st_fast/thread_lanes.h: one thread per lane, WarpLanes'
-butterfly order through shared slots and a barrier) and the CUDA build's column statistics (one worker per column):
-32 lanes as a warp, 4 lanes for more columns per lane (the unrolled four-load loop at these widths).
+never reach that code. st_fast._C's test-only submodules ``emulated_lanes_<N>`` run exactly that template code on
+the CPU with ThreadLanes (csrc/include/st_fast/thread_lanes.h: one thread per lane, the CUDA build's reduction order
+through shared slots and a barrier) and the CUDA build's column statistics (one worker per column): 32 lanes as a
+warp (WarpLanes), 4 lanes for more columns per lane (the unrolled four-load loop at these widths), 64 and 256 lanes as
+a block per row (BlockLanes, csrc/cuda/block_lanes.cuh: warps combined through shared memory; 256 is the CUDA block,
+8x slower to emulate than 64, so it runs a subset of the cases).
 
 Each test here is a CPU test of the SerialLanes build (same cases, same tolerances, same references: the PyTorch row
 kernel in float64 or stock) re-run with the native entry points swapped for an emulated build
@@ -27,7 +29,8 @@ import torch
 from st_fast import _native
 from st_fast.ops.backends import ChunkedBackend
 
-LANES = [32, 4]
+LANES = [32, 4, 64]  # every case
+BLOCK_LANES = 256  # the CUDA build's block per row: the cases marked below
 HALF_DTYPES = raw_cases.HALF_DTYPES
 
 
@@ -80,17 +83,17 @@ def test_one_pass_kernel_matches_the_torch_row_kernel(lanes, coefficient_dtype, 
         )
 
 
-@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("lanes", [*LANES, BLOCK_LANES])
 @pytest.mark.parametrize("layout", raw_cases.ROW_KERNEL_LAYOUTS)
 def test_one_pass_kernel_on_rows_wider_than_four_loads_per_lane(lanes, layout):
-    """Rows of 3·131 columns: 32 lanes take the unrolled four-load loop too."""
+    """Rows of 3·131 columns: 32 lanes take the unrolled four-load loop too; 256 lanes, some idle."""
     with emulated_lanes(lanes):
         raw_cases.test_native_row_kernel_with_scales_matches_the_torch_row_kernel(
             torch.float16, "hard_negatives", 3, 131, layout
         )
 
 
-@pytest.mark.parametrize("lanes", LANES)
+@pytest.mark.parametrize("lanes", [*LANES, BLOCK_LANES])
 @_cases_of(raw_cases.test_single_column_per_direction_coefficients_are_exactly_zero, without=("kernel",))
 def test_single_column_coefficients_are_exactly_zero(lanes, coefficient_dtype, with_scales, directions):
     with emulated_lanes(lanes):
@@ -127,3 +130,17 @@ def test_16bit_path_matches_stock(monkeypatch, lanes, dtype, similarity, config,
     monkeypatch.setattr(ChunkedBackend, "takes_raw_operands", lambda self, dtype, device: dtype in HALF_DTYPES)
     with emulated_lanes(lanes):
         raw_cases.test_16bit_path_matches_stock("native", dtype, similarity, config, batch, dim, columns)
+
+
+@pytest.mark.parametrize("partition, hardness", [("per_direction", None), ("joint", "all_negatives")])
+def test_block_lanes_two_passes_and_driver(monkeypatch, partition, hardness):
+    """256 lanes (the CUDA block per row): the symmetric path's two passes and the driver, on a subset of the cases
+    above (its emulation is 8x slower than 64 lanes')."""
+    directions = symmetric_cases.SYMMETRIC if partition == "per_direction" else symmetric_cases.ALL_FOUR
+    with emulated_lanes(BLOCK_LANES):
+        symmetric_cases.test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
+            "cpu", directions, partition, hardness, True
+        )
+        symmetric_cases.test_kept_and_recomputed_tiles_match_the_one_pass_driver(
+            monkeypatch, "native", directions, partition, hardness, 5, 9, 19
+        )

@@ -78,6 +78,16 @@ def test_gpu_backend_matches_stock(backend, dtype, batch, dim, config):
         assert error <= grad_rtol * float(ref_grad.norm()) + 2 * rounding, (error, rounding, float(ref_grad.norm()))
 
 
+@pytest.fixture(params=[32, 256], ids=lambda lanes: f"lanes{lanes}")
+def cuda_row_lanes(request, monkeypatch):
+    """The CUDA row kernels with a warp per row (the default) and a block of 256 threads per row."""
+    from st_fast import _native
+
+    monkeypatch.setattr(_native, "CUDA_ROW_LANES", request.param)
+    return request.param
+
+
+@pytest.mark.usefixtures("cuda_row_lanes")
 @pytest.mark.parametrize("rows, width", [(1, 1), (37, 37), (300, 4096)])
 @pytest.mark.parametrize("coefficient_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width, coefficient_dtype):
@@ -102,6 +112,23 @@ def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width, coefficient_d
     actual = native_row_kernel(scores, spec, width - rows, width, 1.0 / rows, scales, actual_out)
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
     assert_coefficients_close(actual_out, expected_out, scales, 1.0 / rows, spec.scale, coefficient_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_block_per_row_kernels_match_stock(monkeypatch, dtype, config):
+    """The block-per-row kernels (ST_FAST_CUDA_ROW_LANES=256) end to end, and their symmetric two passes."""
+    import test_symmetric_row_kernel as symmetric_cases
+
+    from st_fast import _native
+
+    monkeypatch.setattr(_native, "CUDA_ROW_LANES", 256)
+    test_gpu_backend_matches_stock("native", dtype, 1000, 1024, config)
+    directions = CONFIGS[config].get("directions", symmetric_cases.SYMMETRIC)
+    partition = CONFIGS[config].get("partition_mode", "joint")
+    symmetric_cases.test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
+        "cuda", directions, partition, CONFIGS[config].get("hardness_mode"), True
+    )
 
 
 def test_cuda_has_the_16bit_matmul_with_fp32_output():

@@ -2,11 +2,13 @@
 // of contrastive_row.h that only the CUDA build takes (Lanes::kContiguous == false: the online max / sum and the
 // interleaved column loops; SerialLanes takes the contiguous range loops instead).
 //
-// `count` std::threads own one row together, as the 32 lanes of a warp do: lane `id` visits columns id, id + count,
-// ...; max / sum reduce across the lanes in WarpLanes' butterfly order (v = op(v, v of lane id ^ offset) for offsets
-// count/2 .. 1, through shared slots and a barrier), so that every lane gets the same value, the one a warp of
-// `count` lanes computes. Only for tests (st_fast._C's emulated_lanes_* submodules, csrc/contrastive_row.cpp): a
-// barrier per reduction step makes it orders of magnitude slower than SerialLanes.
+// `count` std::threads own one row together, as the 32 lanes of a warp (WarpLanes) or the threads of a block
+// (BlockLanes, cuda/block_lanes.cuh) do: lane `id` visits columns id, id + count, ...; max / sum reduce across the
+// lanes in the CUDA build's order, so that every lane gets the same value, the one the GPU computes: within each
+// warp of up to 32 lanes WarpLanes' butterfly (v = op(v, v of lane id ^ offset) for offsets 16 .. 1, through shared
+// slots and a barrier), then, with more than 32 lanes, BlockLanes' combination of the warps' values in warp order.
+// Only for tests (st_fast._C's emulated_lanes_* submodules, csrc/contrastive_row.cpp): a barrier per reduction step
+// makes it orders of magnitude slower than SerialLanes.
 #pragma once
 
 #include <condition_variable>
@@ -44,7 +46,9 @@ class LaneBarrier {
   uint64_t generation_ = 0;
 };
 
-// What the lanes of one row share: the barrier and one slot per lane (a warp's shuffle).
+constexpr int64_t kEmulatedWarpSize = 32;
+
+// What the lanes of one row share: the barrier and one slot per lane (a warp's shuffle, then a block's warp values).
 struct LaneShared {
   explicit LaneShared(int64_t count) : barrier(count), slots(static_cast<size_t>(count)) {}
   LaneBarrier barrier;
@@ -60,20 +64,27 @@ struct ThreadLanes {
   int64_t id() const { return lane; }
   int64_t count() const { return lanes; }
   template <class Op>
-  float butterfly(float v, Op op) const {
-    for (int64_t offset = lanes / 2; offset > 0; offset >>= 1) {
+  float reduce(float v, Op op) const {
+    const int64_t warp = lanes < kEmulatedWarpSize ? lanes : kEmulatedWarpSize;
+    for (int64_t offset = warp / 2; offset > 0; offset >>= 1) {
       shared->slots[static_cast<size_t>(lane)] = v;
       shared->barrier.wait();
       v = op(v, shared->slots[static_cast<size_t>(lane ^ offset)]);
       shared->barrier.wait();  // every lane has read before the slots are written again
     }
-    return v;
+    if (lanes <= kEmulatedWarpSize) return v;
+    if (lane % kEmulatedWarpSize == 0) shared->slots[static_cast<size_t>(lane / kEmulatedWarpSize)] = v;
+    shared->barrier.wait();
+    float total = shared->slots[0];
+    for (int64_t w = 1; w < lanes / kEmulatedWarpSize; ++w) total = op(total, shared->slots[static_cast<size_t>(w)]);
+    shared->barrier.wait();
+    return total;
   }
   float max(float v) const {
-    return butterfly(v, [](float x, float y) { return fmaxf(x, y); });
+    return reduce(v, [](float x, float y) { return fmaxf(x, y); });
   }
   float sum(float v) const {
-    return butterfly(v, [](float x, float y) { return x + y; });
+    return reduce(v, [](float x, float y) { return x + y; });
   }
 };
 
