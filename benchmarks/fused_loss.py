@@ -160,7 +160,12 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
+    """Free what the last measurement left: garbage, torch's CUDA cache and st_fast's kept CPU scratch buffer (so
+    that the next memory measurement sees its allocation, st_fast.ops.workspace)."""
+    from st_fast.ops import workspace
+
     gc.collect()
+    workspace.release()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

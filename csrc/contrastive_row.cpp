@@ -114,6 +114,52 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
   });
 }
 
+// The fixed-shift form of the two passes (contrastive_row.h): e over the scores and the row LSEs, then the
+// positive block's column sums of e; and the coefficients from e.
+void contrastive_exp_statistics_cpu(const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths,
+                                    const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
+                                    float scale, float shift, uintptr_t row_lse, uintptr_t row_positive,
+                                    int64_t block_begin, int64_t block_count, uintptr_t col_max, uintptr_t col_sum) {
+  const std::vector<uintptr_t> none(scores.size(), 0);
+  ContrastiveRowArgs a = make_contrastive_row_args({scores, none, none, none}, kStoreFp32, lengths, kinds, rows,
+                                                   row_start, width, scale, 0.0f, kHardnessNone, true, -1.0f, 0);
+  SymmetricPointers p;
+  p.row_lse = row_lse;
+  p.row_positive = row_positive;
+  p.col_max = col_max;
+  p.col_sum = col_sum;
+  set_symmetric_args(a, p, block_begin, block_count, 1);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) contrastive_row_exp_statistics(a, r, shift);
+  const int64_t blocks = (block_count + kColumnTile - 1) / kColumnTile;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b)
+    contrastive_column_exp_sums_tile(a, b * kColumnTile, std::min(block_count, (b + 1) * kColumnTile), shift);
+}
+
+template <class Out>
+void run_exp_coefficient_rows(const ContrastiveRowArgs& a) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) contrastive_row_exp_coefficients<Out>(a, r);
+}
+
+void contrastive_exp_coefficients_cpu(const std::vector<uintptr_t>& exps, const std::vector<uintptr_t>& coefficients,
+                                      int coefficient_dtype, const std::vector<int64_t>& lengths,
+                                      const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
+                                      float scale, bool joint, float grad_scale, int64_t block_begin,
+                                      int64_t block_count, int directions, uintptr_t row_factor,
+                                      uintptr_t col_factor) {
+  const std::vector<uintptr_t> none(exps.size(), 0);
+  ContrastiveRowArgs a = make_contrastive_row_args({exps, none, none, coefficients}, coefficient_dtype, lengths,
+                                                   kinds, rows, row_start, width, scale, 0.0f, kHardnessNone, joint,
+                                                   grad_scale, 0);
+  SymmetricPointers p;
+  p.row_factor = row_factor;
+  p.col_factor = col_factor;
+  set_symmetric_args(a, p, block_begin, block_count, directions);
+  dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_exp_coefficient_rows<decltype(out)>(a); });
+}
+
 // row_expf over n floats (the kernels' exp, in a loop as they use it: vectorized), for the accuracy tests.
 void row_expf_cpu(uintptr_t input, uintptr_t output, int64_t n) {
   const float* in = reinterpret_cast<const float*>(input);
@@ -154,6 +200,21 @@ void bind_row_kernel_entries(py::module_& m) {
 
 void bind_contrastive_row(py::module_& m) {
   bind_row_kernel_entries<SerialRows>(m);
+  m.def("contrastive_exp_statistics", &contrastive_exp_statistics_cpu, py::arg("scores_ptrs"), py::arg("lengths"),
+        py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"),
+        py::arg("shift"), py::arg("row_lse_ptr"), py::arg("row_positive_ptr"), py::arg("block_begin"),
+        py::arg("block_count"), py::arg("col_max_ptr"), py::arg("col_sum_ptr"),
+        "The symmetric path's fixed-shift statistics pass, e = exp(logit - shift) written over the scores (raw "
+        "pointers; call through st_fast._native.native_row_exp_statistics).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("contrastive_exp_coefficients", &contrastive_exp_coefficients_cpu, py::arg("exp_ptrs"),
+        py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"), py::arg("kinds"),
+        py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("joint"),
+        py::arg("grad_scale"), py::arg("block_begin"), py::arg("block_count"), py::arg("directions"),
+        py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
+        "The symmetric path's fixed-shift coefficient pass from e (raw pointers; call through "
+        "st_fast._native.native_row_exp_coefficients).",
+        py::call_guard<py::gil_scoped_release>());
   m.def("row_expf", &row_expf_cpu, py::arg("input_ptr"), py::arg("output_ptr"), py::arg("n"),
         "The row kernels' CPU exp over n contiguous fp32 values (raw pointers; call through st_fast._native.row_expf).",
         py::call_guard<py::gil_scoped_release>());

@@ -157,7 +157,6 @@ _ROW_KERNEL_ENTRY_POINTS = ("contrastive_rows", "contrastive_statistics", "contr
 def native_row_kernel_available(device: torch.device) -> bool:
     ext = {"cpu": cpu_ext, "cuda": cuda_ext}.get(device.type)
     return ext is not None and all(hasattr(ext, name) for name in _ROW_KERNEL_ENTRY_POINTS)
-    return False
 
 
 def _check_segments(scores: list[torch.Tensor], coefficients: list[torch.Tensor] | None) -> torch.dtype | None:
@@ -327,6 +326,68 @@ def native_row_coefficients(
         _pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
         _pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
         *factor_ptrs, grad_scale_factor,
+    )  # fmt: skip
+
+
+def native_row_exp_statistics(
+    scores: list[torch.Tensor],
+    kinds: Sequence[int],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    block: Any,
+    column_max: torch.Tensor,
+    column_sum: torch.Tensor,
+    shift: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric path's statistics pass in the fixed-shift form (contract: st_fast.ops.row_kernel; CPU only):
+    as :func:`native_row_statistics` without scales or hardness, and every score is replaced by
+    e = exp(scale · score - shift) (0 where masked), the input of :func:`native_row_exp_coefficients`."""
+    first = scores[0]
+    rows, device = first.shape[0], first.device
+    if device.type != "cpu":
+        raise ValueError(f"native row kernel: the fixed-shift statistics run on the CPU only, got {device}")
+    _check_segments(scores, None)
+    row_lse = torch.empty(rows, len(scores), dtype=torch.float32, device=device)
+    positive = torch.empty(rows, dtype=torch.float32, device=device)
+    column_ptrs = [_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
+    require_cpu_ext().contrastive_exp_statistics(
+        [s.data_ptr() for s in scores], [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows,
+        row_start, width, spec.scale, float(shift), row_lse.data_ptr(), positive.data_ptr(), block.begin,
+        block.count, *column_ptrs,
+    )  # fmt: skip
+    return row_lse, positive
+
+
+def native_row_exp_coefficients(
+    exps: list[torch.Tensor],
+    kinds: Sequence[int],
+    spec: ContrastiveSpec,
+    row_start: int,
+    width: int,
+    grad_scale: float,
+    block: Any,
+    row_factor: torch.Tensor,
+    column_factor: torch.Tensor,
+    coefficients: list[torch.Tensor] | None = None,
+) -> None:
+    """The symmetric path's coefficient pass in the fixed-shift form (CPU only): from e (the output of
+    :func:`native_row_exp_statistics`), ``row_factor`` = exp(shift - row_ref) (n, segments) and ``column_factor`` =
+    exp(shift - column_ref) (block.count,), fp32, writes the same coefficients as :func:`native_row_coefficients`
+    into ``coefficients`` (default: over ``exps``)."""
+    first = exps[0]
+    rows, device = first.shape[0], first.device
+    if device.type != "cpu":
+        raise ValueError(f"native row kernel: the fixed-shift coefficients run on the CPU only, got {device}")
+    if coefficients is None:
+        coefficients = exps
+    out_dtype = _check_segments(exps, coefficients)
+    require_cpu_ext().contrastive_exp_coefficients(
+        [s.data_ptr() for s in exps], [c.data_ptr() for c in coefficients], int(STORE_DTYPES[out_dtype]),
+        [s.shape[1] for s in exps], [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale,
+        spec.joint, float(grad_scale), block.begin, block.count, len(spec.kinds),
+        _pointer(row_factor, "the row factors", (rows, len(exps)), device),
+        _pointer(column_factor, "the column factors", (block.count,), device),
     )  # fmt: skip
 
 

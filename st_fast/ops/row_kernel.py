@@ -28,6 +28,20 @@ or the direction's LSE in per_direction; :func:`combine_partitions`): the row-so
 term on the block, minus the positive's one-hot shares on its diagonal. ``factors``: optional (row factors (n,),
 column factors (count,)) from :func:`reference_factors`, which a kernel may use (the native one does) to take
 an unpenalized entry's column term as row term · row factor · column factor, one exp per entry instead of two.
+
+A row kernel may also offer the fixed-shift form of the two passes (the native CPU one does; None otherwise), for
+tiles whose logits all lie within [-shift, shift] with 2·shift <= :data:`FIXED_SHIFT_LIMIT` and no hardness penalty
+or scales (:func:`st_fast.ops.mnrl.chunked.fixed_shift` decides)::
+
+    exp_statistics(scores, kinds, spec, row_start, width, block, column_max, column_sum, shift)
+        -> (row_lse, positive), as statistics, and each score replaced by e = exp(scale·score - shift) (0 where
+           masked)
+    exp_coefficients(exps, kinds, spec, row_start, width, grad_scale, block, row_factor, column_factor,
+                     coefficients=None) -> None, the coefficients of ``coefficients`` from e, with row_factor =
+           exp(shift - row_ref) (n, len(kinds)) and column_factor = exp(shift - column_ref) (count,)
+
+One shift serves every row and column, so one exp per entry gives both the row and the column statistics and the
+coefficients need none (see csrc/include/st_fast/contrastive_row.h).
 """
 
 from __future__ import annotations
@@ -47,6 +61,8 @@ class RowKernel:
     rows: Callable[..., torch.Tensor]
     statistics: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     coefficients: Callable[..., None]
+    exp_statistics: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    exp_coefficients: Callable[..., None] | None = None
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return self.rows(*args, **kwargs)
@@ -67,6 +83,11 @@ def combine_partitions(lses: torch.Tensor, joint: bool) -> torch.Tensor:
 
 
 FACTOR_RANGE = 8.0
+
+# The fixed-shift form needs every e = exp(logit - shift) with logit in [-shift, shift] to be a normal float32 and
+# every exp(shift - reference) finite: 2·shift <= 80 keeps e >= e^-80 > FLT_MIN = e^-87.3 and the factors
+# <= e^80 < FLT_MAX = e^88.7 (a reference, an LSE, is at least the row's or column's largest logit >= -shift).
+FIXED_SHIFT_LIMIT = 80.0
 
 
 def reference_factors(q2d_ref: torch.Tensor, column_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 from st_fast._native import (
     native_row_coefficients,
+    native_row_exp_coefficients,
+    native_row_exp_statistics,
     native_row_kernel,
     native_row_kernel_available,
     native_row_statistics,
 )
 from st_fast.ops.row_kernel import RowKernel
 
-NATIVE_ROW_KERNEL = RowKernel(native_row_kernel, native_row_statistics, native_row_coefficients)
+NATIVE_ROW_KERNEL = RowKernel(
+    native_row_kernel,
+    native_row_statistics,
+    native_row_coefficients,
+    exp_statistics=native_row_exp_statistics,
+    exp_coefficients=native_row_exp_coefficients,
+)
 
 __all__ = [
     "NATIVE_ROW_KERNEL",
     "native_row_coefficients",
+    "native_row_exp_coefficients",
+    "native_row_exp_statistics",
     "native_row_kernel",
     "native_row_kernel_available",
     "native_row_statistics",

@@ -28,6 +28,7 @@ import torch
 
 from st_fast import _native
 from st_fast.ops.backends import ChunkedBackend
+from st_fast.ops.mnrl import chunked as mnrl_chunked
 
 LANES = [32, 4, 64]  # every case
 BLOCK_LANES = 256  # the CUDA build's block per row: the cases marked below
@@ -37,10 +38,12 @@ HALF_DTYPES = raw_cases.HALF_DTYPES
 @contextlib.contextmanager
 def emulated_lanes(lanes: int):
     """Within the block, st_fast._native's CPU row-kernel entry points run the emulated CUDA build with ``lanes``
-    threads per row (the validated wrappers unchanged)."""
+    threads per row (the validated wrappers unchanged), and the chunked driver takes the CUDA path: not the CPU
+    build's fixed-shift form of the symmetric passes (st_fast.ops.mnrl.chunked.fixed_shift, CPU only)."""
     emulated = getattr(_native.require_cpu_ext(), f"emulated_lanes_{lanes}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_native, "require_cpu_ext", lambda: emulated)
+        patch.setattr(mnrl_chunked, "fixed_shift", lambda ops, problem, row_kernel: None)
         yield
 
 

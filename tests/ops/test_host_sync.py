@@ -32,6 +32,7 @@ from st_fast.ops.backends import ChunkedBackend
 from st_fast.ops.mnrl import chunked as mnrl_chunked
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+FIXED_SHIFT = mnrl_chunked.fixed_shift  # the CPU-only decision that the autouse fixture below switches off
 # Tensor methods that read a value on the host (on CUDA: a device-to-host copy that waits for the stream)
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "__complex__",
               "__array__")  # fmt: skip
@@ -96,6 +97,14 @@ def host_reads_forbidden(events: list[str] | None = None):
     finally:
         for owner, name, original in reversed(patches):
             setattr(owner, name, original)
+
+
+@pytest.fixture(autouse=True)
+def cuda_path_on_cpu(monkeypatch):
+    """The chunked driver's CUDA path: not the CPU build's fixed-shift form of the symmetric passes
+    (st_fast.ops.mnrl.chunked.fixed_shift, which reads two norms on the host, free on the CPU, and returns None on
+    CUDA before reading anything)."""
+    monkeypatch.setattr(mnrl_chunked, "fixed_shift", lambda ops, problem, row_kernel: None)
 
 
 @pytest.fixture
@@ -304,3 +313,18 @@ def test_a_grad_scale_tensor_gives_the_coefficients_of_the_number(kernel):
     assert torch.equal(loss, tensor_loss)
     for number, tensor in zip(out, tensor_out, strict=True):
         assert torch.equal(number.view(torch.int16), tensor.view(torch.int16))
+
+
+def test_the_cpu_only_fixed_shift_form_reads_nothing_off_the_cpu():
+    """What cuda_path_on_cpu switches off is CPU-only: for operands on another device (meta here, as CUDA) the
+    fixed-shift decision returns None before it reads a norm."""
+    from types import SimpleNamespace
+
+    from st_fast.ops.row_kernel_native import NATIVE_ROW_KERNEL
+
+    spec = mnrl_chunked.ContrastiveSpec.from_loss_config(scale=20.0, directions=("query_to_doc", "doc_to_query"))
+    problem = mnrl_chunked.ContrastiveProblem(spec, 0, 8)
+    operands = {name: torch.empty(8, 16, device="meta") for name in ("queries", "docs")}
+    ops = SimpleNamespace(scores=operands, math_dtype=torch.float32, coefficient_dtype=torch.float32)
+    with host_reads_forbidden():
+        assert FIXED_SHIFT(ops, problem, NATIVE_ROW_KERNEL) is None

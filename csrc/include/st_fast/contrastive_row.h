@@ -593,4 +593,121 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
   }
 }
 
+// ---- The symmetric path's fixed-shift form (CPU build; st_fast/ops/mnrl/chunked.py decides when it applies).
+// When every logit of the tile lies within [-K, K] (K = scale · the largest operand norm squared, by
+// Cauchy-Schwarz) with 2K <= 80 and nothing is penalized, one shift K serves every row and every column:
+// e = exp(l - K) is a normal float (e^-80 > FLT_MIN = e^-87.3) accurate to the exp's rounding, each row segment's
+// LSE is K + log Σ_row e, each positive-block column's D2Q LSE is K + log Σ_column e, and the coefficients are
+// e · (exp(K - row_ref) + exp(K - col_ref)), both factors <= e^2K <= e^80 < FLT_MAX = e^88.7. One exp per entry for
+// the whole loss instead of three (row statistics, column statistics, coefficients), and no max pass:
+//   contrastive_row_exp_statistics   row r: e of every entry of its row segments, written over the scores (0 where
+//                                    masked), each row segment's LSE into row_lse, the positive logit;
+//   contrastive_column_exp_sums_tile columns [j_begin, j_end) of the positive block: the sum of e over the chunk's
+//                                    rows (in order), merged into (col_max, col_sum) at shift K (col_max <= K);
+//   contrastive_row_exp_coefficients row r from e (the kept tile): weight·e·(row_factor[r, x] (+ col_factor[j] on
+//                                    the positive block)), minus the one-hot shares on the diagonal, where the
+//                                    caller passes row_factor = exp(K - row_ref) (rows, num_segments) and
+//                                    col_factor = exp(K - col_ref) (block_count,).
+
+// e = row_expf(v[c]·mult - shift) written over v[c] for c in [begin, end); returns Σ e.
+ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begin, int64_t end) {
+  float lane[kVectorLanes];
+  for (int l = 0; l < kVectorLanes; ++l) lane[l] = 0.0f;
+  int64_t c = begin;
+  for (; c + kVectorLanes <= end; c += kVectorLanes) {
+    for (int l = 0; l < kVectorLanes; ++l) {
+      const float e = row_expf(v[c + l] * mult - shift);
+      v[c + l] = e;
+      lane[l] += e;
+    }
+  }
+  float total = 0.0f;
+  for (; c < end; ++c) {
+    const float e = row_expf(v[c] * mult - shift);
+    v[c] = e;
+    total += e;
+  }
+  for (int l = 0; l < kVectorLanes; ++l) total += lane[l];
+  return total;
+}
+
+ST_FAST_HD void contrastive_row_exp_statistics(const ContrastiveRowArgs& a, int64_t r, float shift) {
+  const int64_t g = a.row_start + r;
+  float positive = 0.0f;
+  for (int x = 0; x < a.num_segments; ++x) {
+    const int64_t n = a.lengths[x];
+    float* v = const_cast<float*>(a.scores[x]) + r * n;  // the scores are replaced by their e
+    const int kind = a.kinds[x];
+    float total = 0.0f;
+    for_each_segment_range(
+        n, a.width, g, [&](int64_t begin, int64_t end) { total += range_exp_store(v, a.scale, shift, begin, end); },
+        [&](int64_t c, int64_t j) {
+          const float mult = own_column_multiplier(a, kind, j);  // unpenalized: scale, or 0 where masked
+          if (mult == 0.0f) {
+            v[c] = 0.0f;
+            return;
+          }
+          const float logit = v[c] * mult;
+          if (kind == kQ2D && j == 0) positive = logit;
+          v[c] = row_expf(logit - shift);
+          total += v[c];
+        });
+    a.row_lse[r * a.num_segments + x] = shift + logf(total);
+  }
+  a.row_positive[r] = positive;
+}
+
+ST_FAST_HD void contrastive_column_exp_sums_tile(const ContrastiveRowArgs& a, int64_t j_begin, int64_t j_end,
+                                                 float shift) {
+  const int64_t count = j_end - j_begin;
+  float total[kColumnTile];
+  for (int64_t j = 0; j < count; ++j) total[j] = 0.0f;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* e = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
+    for (int64_t j = 0; j < count; ++j) total[j] += e[j];
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const float sum = a.col_sum[j_begin + j];
+    a.col_sum[j_begin + j] = (sum == 0.0f ? 0.0f : sum * row_expf(a.col_max[j_begin + j] - shift)) + total[j];
+    a.col_max[j_begin + j] = shift;
+  }
+}
+
+template <class Out>
+ST_FAST_HD void contrastive_row_exp_coefficients(const ContrastiveRowArgs& a, int64_t r) {
+  const int64_t g = a.row_start + r;
+  const float base = a.grad_scale * a.scale;
+  const float weight = a.joint ? base : base / static_cast<float>(a.directions);
+  const bool d2q_holds = !a.joint;  // as in contrastive_row_coefficients
+  const float positive_share = base / (d2q_holds ? 2.0f : 1.0f);
+  const int64_t block_end = a.block_begin + a.block_count;
+  for (int x = 0; x < a.num_segments; ++x) {
+    const int64_t n = a.lengths[x];
+    const float* e = a.scores[x] + r * n;
+    void* out = a.coefficients[x];
+    const int64_t out_offset = r * n;
+    const float row_term = weight * a.row_factor[r * a.num_segments + x];
+    auto row_only = [&](int64_t begin, int64_t end) {
+      range_store<Out>(out, out_offset, begin, end, [&](int64_t c) { return e[c] * row_term; });
+    };
+    if (a.kinds[x] != kQ2D) {
+      row_only(0, n);
+      continue;
+    }
+    const float* col_factor = a.col_factor - a.block_begin;  // indexed by the column c
+    auto with_column = [&](int64_t begin, int64_t end) {
+      range_store<Out>(out, out_offset, begin, end,
+                       [&](int64_t c) { return e[c] * row_term + e[c] * (weight * col_factor[c]); });
+    };
+    row_only(0, a.block_begin);
+    with_column(a.block_begin, g);
+    // the diagonal: the positive of row g in both directions
+    const float coefficient = e[g] * row_term - positive_share;
+    const float column = e[g] * (weight * col_factor[g]) - (d2q_holds ? positive_share : 0.0f);
+    Out::put(out, out_offset + g, coefficient + column);
+    with_column(g + 1, block_end);
+    row_only(block_end, n);
+  }
+}
+
 }  // namespace st_fast

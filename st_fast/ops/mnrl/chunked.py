@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from st_fast.ops.chunked import DEFAULT_KEEP_BYTES, LossAndGrad, chunk_rows_for_budget
-from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE, SegmentKind
+from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE, HardnessKind, SegmentKind
 from st_fast.ops.mixed_matmul import (
     accumulate_product,
     as_float16_operand,
@@ -66,6 +66,7 @@ from st_fast.ops.mixed_matmul import (
 )
 from st_fast.ops.mnrl.spec import ContrastiveProblem, ContrastiveSpec
 from st_fast.ops.row_kernel import (
+    FIXED_SHIFT_LIMIT,
     PositiveBlock,
     RowKernel,
     SegmentScales,
@@ -73,6 +74,7 @@ from st_fast.ops.row_kernel import (
     combine_partitions,
     reference_factors,
 )
+from st_fast.ops.workspace import Arena, scratch
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default, used by stock cos_sim
 
@@ -119,6 +121,7 @@ class _Operands:
     math_dtype: torch.dtype
     coefficient_dtype: torch.dtype
     separate_coefficients: bool
+    arena: Arena
     # 1 / (γ·σ) per operand: the powers of two that the gradient GEMMs with it as the column operand divide out
     unscale: dict[str, float | torch.Tensor] | None = None
 
@@ -126,7 +129,9 @@ class _Operands:
         self.unscale = {name: 1.0 / (gamma * sigma) for name, sigma in self.sigma.items()}
 
     @classmethod
-    def prepare(cls, queries: torch.Tensor, docs: torch.Tensor, normalize: bool, need_grad: bool) -> _Operands:
+    def prepare(
+        cls, queries: torch.Tensor, docs: torch.Tensor, normalize: bool, need_grad: bool, arena: Arena
+    ) -> _Operands:
         operands = {"queries": queries, "docs": docs}
         scales = {name: inverse_norm(x) if normalize else None for name, x in operands.items()}
         math_dtype = compute_dtype(queries.dtype)
@@ -142,7 +147,7 @@ class _Operands:
         if need_grad:
             grads = {name: torch.zeros(x.shape, dtype=math_dtype, device=x.device) for name, x in operands.items()}
         coefficient_dtype = torch.float16 if separate else math_dtype
-        return cls(operands, scales, gradient, sigma, grads, math_dtype, coefficient_dtype, separate)
+        return cls(operands, scales, gradient, sigma, grads, math_dtype, coefficient_dtype, separate, arena)
 
     @property
     def bytes_per_score(self) -> int:
@@ -152,8 +157,8 @@ class _Operands:
         return self.scores[COLUMN_SOURCE[kind]].shape[0]
 
     def buffers(self, rows: int, lengths: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
-        device = self.scores["queries"].device
-        return [torch.empty(rows, length, dtype=dtype, device=device) for length in lengths]
+        """Uninitialized (rows, length) buffers of the call's scratch memory (:mod:`st_fast.ops.workspace`)."""
+        return [self.arena.take((rows, length), dtype) for length in lengths]
 
     def segment_scales(self, kind: SegmentKind, local_rows: slice) -> SegmentScales:
         return SegmentScales(self.scales[ROW_SOURCE[kind]][local_rows], self.scales[COLUMN_SOURCE[kind]])
@@ -177,7 +182,15 @@ def loss_and_grad(
 ) -> LossAndGrad:
     """The mean loss over the local rows and, with ``need_grad``, its gradients d loss / d queries (W, D) and
     d loss / d docs (k·W, D), fp32 (fp64 for fp64 operands); see the module docstring."""
-    ops = _Operands.prepare(queries, docs, problem.normalize, need_grad)
+    with scratch(queries.device) as arena:
+        return _loss_and_grad(queries, docs, problem, row_kernel, need_grad, arena)
+
+
+def _loss_and_grad(
+    queries: torch.Tensor, docs: torch.Tensor, problem: ContrastiveProblem, row_kernel: RowKernel, need_grad: bool,
+    arena: Arena,
+) -> LossAndGrad:  # fmt: skip
+    ops = _Operands.prepare(queries, docs, problem.normalize, need_grad, arena)
     # coefficients are stored times gamma (see coefficient_scale); the gradient GEMMs are accumulated times 1/(B·γ·σ)
     gamma = coefficient_scale(ops.coefficient_dtype, problem.spec, [s for s in ops.scales.values() if s is not None])
     ops.set_coefficient_scale(gamma)
@@ -276,12 +289,18 @@ def _symmetric_passes(
     positive = torch.empty(batch_size, dtype=ops.math_dtype, device=device)
     column_max = torch.full((batch_size,), float("-inf"), dtype=ops.math_dtype, device=device)
     column_sum = torch.zeros(batch_size, dtype=ops.math_dtype, device=device)
+    shift = fixed_shift(ops, problem, row_kernel)
     for begin in range(0, batch_size, chunk):
         n = min(chunk, batch_size - begin)
         local_rows, scores, scales = chunk_scores(begin, n)
-        lse, pos = row_kernel.statistics(
-            scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, scales
-        )
+        if shift is not None:  # the scores become their e = exp(scale·score - shift)
+            lse, pos = row_kernel.exp_statistics(
+                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, shift
+            )
+        else:
+            lse, pos = row_kernel.statistics(
+                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, scales
+            )
         row_lse[begin : begin + n], positive[begin : begin + n] = lse, pos
     # D2Q of row j: its column of the positive block (this rank's queries) with the other ranks' queries
     d2q_lse = column_lse(column_max, column_sum)
@@ -312,13 +331,41 @@ def _symmetric_passes(
             scores = [buffer[:n] for buffer in score_buffers]
             scales = [ops.segment_scales(kind, local_rows) for kind in kinds] if problem.normalize else None
         coefficients = [buffer[:n] for buffer in coefficient_buffers]
-        row_kernel.coefficients(
-            scores, kinds, spec, local_rows.start, width, gamma, block, row_ref[begin : begin + n], column_ref,
-            scales, coefficients, (row_factor[begin : begin + n], column_factor),
-        )  # fmt: skip
+        if shift is not None and chunk == batch_size:  # the kept tile holds e
+            row_kernel.exp_coefficients(
+                scores, kinds, spec, local_rows.start, width, gamma, block, torch.exp(shift - row_ref),
+                torch.exp(shift - column_ref), coefficients,
+            )  # fmt: skip
+        else:
+            row_kernel.coefficients(
+                scores, kinds, spec, local_rows.start, width, gamma, block, row_ref[begin : begin + n], column_ref,
+                scales, coefficients, (row_factor[begin : begin + n], column_factor),
+            )  # fmt: skip
         for kind, coefficient, columns in zip(kinds, coefficients, ranges, strict=True):
             ops.accumulate(kind, local_rows, coefficient, 1.0 / batch_size, columns)
     return loss
+
+
+def fixed_shift(ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel) -> float | None:
+    """The shift of the symmetric path's fixed-shift form (:mod:`st_fast.ops.row_kernel`), or None where it does not
+    apply: a row kernel that offers it, CPU float32 operands without scales (``normalize``), no hardness penalty,
+    at least 2 columns per row (a single-column softmax keeps its exact 0 gradient in the general form), and a
+    bound K = scale · max(||q||, ||d||)² >= |logit| (Cauchy-Schwarz) with 2K <= FIXED_SHIFT_LIMIT: cosine
+    similarity at scale <= 40 (stock's default is 20). Reads two norms from the CPU operands (no device sync)."""
+    queries, docs = ops.scores["queries"], ops.scores["docs"]
+    if (
+        row_kernel.exp_statistics is None
+        or queries.device.type != "cpu"
+        or ops.math_dtype != torch.float32
+        or ops.coefficient_dtype != torch.float32
+        or problem.normalize
+        or problem.spec.hardness != HardnessKind.NONE
+        or queries.shape[0] < 2
+    ):
+        return None
+    norm = max(float(torch.linalg.vector_norm(x, dim=1).max()) for x in (queries, docs))
+    shift = problem.spec.scale * norm * norm
+    return shift if math.isfinite(shift) and 2 * shift <= FIXED_SHIFT_LIMIT else None
 
 
 def gemm_flops(
