@@ -54,6 +54,14 @@ def cuda_arch_flags(archs: str | None = None) -> list[str]:
     return [*flags, f"-gencode=arch=compute_{wanted[-1]},code=compute_{wanted[-1]}"]
 
 
+def nvcc_flags(archs: str | None = None) -> list[str]:
+    """nvcc's flags for each ``csrc/cuda/*.cu`` source, besides ``-c``, the source and ``-o``: -O3, C++17, PIC, the
+    algorithm headers (paths relative to the repository root) and the gencode flags of :func:`cuda_arch_flags`. No
+    --use_fast_math: the row kernels' expf/logf must match the CPU build to the last few ulps. (Read by
+    tests/test_cuda_registers.py, which compiles with these flags and ``-Xptxas -v``.)"""
+    return ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I", INCLUDE_DIR, *cuda_arch_flags(archs)]
+
+
 def _build_jobs() -> int:
     return max(1, int(os.environ.get(BUILD_JOBS_ENV) or os.cpu_count() or 1))
 
@@ -183,15 +191,11 @@ class BuildExt(build_ext):
     def _compile_cuda(self, ext: CudaExtension) -> list[str]:
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        arch_flags = cuda_arch_flags()
+        flags = nvcc_flags()
 
         def compile_one(source: str) -> str:
             obj = os.path.join(out_dir, os.path.basename(source) + ".o")
-            # no --use_fast_math: the row kernels' expf/logf must match the CPU build to the last few ulps
-            cmd = [
-                ext.nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                "-I", INCLUDE_DIR, *arch_flags,
-            ]  # fmt: skip
+            cmd = [ext.nvcc, "-c", source, "-o", obj, *flags]
             _log(" ".join(cmd))
             subprocess.run(cmd, check=True, cwd=ROOT)
             return obj
@@ -250,6 +254,7 @@ def _extensions() -> tuple[list[Pybind11Extension], str]:
     return extensions, _base_version()
 
 
-ParallelCompile(BUILD_JOBS_ENV, default=_build_jobs()).install()  # the C++ units of each extension in parallel
-EXTENSIONS, VERSION = _extensions()
-setup(version=VERSION, ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; importing it only defines the above
+    ParallelCompile(BUILD_JOBS_ENV, default=_build_jobs()).install()  # the C++ units of each extension in parallel
+    EXTENSIONS, VERSION = _extensions()
+    setup(version=VERSION, ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildExt})

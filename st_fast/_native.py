@@ -18,6 +18,7 @@ validated wrappers over their raw-pointer entry points.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from enum import IntEnum
 from types import ModuleType
@@ -137,6 +138,7 @@ def native_info() -> dict[str, Any]:
         # "compute_90"] (PTX of the newest target, which newer GPUs JIT-compile)
         "cuda_version": getattr(cuda_ext, "cuda_version", None),
         "cuda_archs": getattr(cuda_ext, "cuda_archs", "").split() if cuda_ext is not None else [],
+        "cuda_row_lanes": CUDA_ROW_LANES,  # threads per row of the CUDA row kernels (ST_FAST_CUDA_ROW_LANES)
         "torch": torch.__version__,
         "torch_cuda_available": torch.cuda.is_available(),
         "triton": triton_ok,
@@ -189,6 +191,15 @@ def _scale_pointers(scores: list[torch.Tensor], scales: Sequence[Any] | None) ->
     return row_scale_ptrs, col_scale_ptrs
 
 
+# Threads per row of the CUDA row kernels: 32 (one warp per row, the default) or 256 (one block per row, BlockLanes in
+# csrc/cuda/block_lanes.cuh): a switch for measuring the block kernels on a GPU (ST_FAST_CUDA_ROW_LANES=256 python -m
+# benchmarks fused_loss --gpu), not yet a choice made from measurements.
+CUDA_ROW_LANES_CHOICES = (32, 256)
+CUDA_ROW_LANES = int(os.environ.get("ST_FAST_CUDA_ROW_LANES") or 32)
+if CUDA_ROW_LANES not in CUDA_ROW_LANES_CHOICES:
+    raise ValueError(f"ST_FAST_CUDA_ROW_LANES must be one of {CUDA_ROW_LANES_CHOICES}, got {CUDA_ROW_LANES}")
+
+
 def _label_pointers(scores: list[torch.Tensor], labels: Any | None, *, two_pass: bool) -> list[Any]:
     """The label arguments of the row kernels' entry points: (one pointer per segment,) plus the query labels'
     pointer for the two-pass ones; 0 without ``labels`` (a ``st_fast.ops.row_kernel.DuplicateLabels``: contiguous
@@ -216,9 +227,18 @@ def _label_pointers(scores: list[torch.Tensor], labels: Any | None, *, two_pass:
 def _call(name: str, device: torch.device, *args: Any) -> None:
     if device.type == "cuda":
         with torch.cuda.device(device):
-            getattr(require_cuda_ext(), name)(*args, torch.cuda.current_stream().cuda_stream)
+            stream = torch.cuda.current_stream().cuda_stream
+            getattr(require_cuda_ext(), name)(*args, stream, lanes_per_row=CUDA_ROW_LANES)
     else:
         getattr(require_cpu_ext(), name)(*args)
+
+
+def _grad_scale_args(grad_scale: float | torch.Tensor, device: torch.device) -> tuple[float, int]:
+    """(host grad_scale, address of its device-side factor or 0) for a grad_scale given as a number or as a
+    one-element float32 tensor on the scores' device (read by the kernel there: no host sync)."""
+    if isinstance(grad_scale, torch.Tensor):
+        return 1.0, _pointer(grad_scale.reshape(1), "a grad_scale tensor", (1,), device)
+    return float(grad_scale), 0
 
 
 def native_row_kernel(
@@ -226,14 +246,15 @@ def native_row_kernel(
     spec: ContrastiveSpec,
     row_start: int,
     width: int,
-    grad_scale: float | None,
+    grad_scale: float | torch.Tensor | None,
     scales: Sequence[Any] | None = None,
     coefficients: list[torch.Tensor] | None = None,
     labels: Any | None = None,
 ) -> torch.Tensor:
     """Per-row losses (n,) fp32; writes the gradient coefficients into ``coefficients`` (default: over ``scores``)
-    when ``grad_scale`` is given. ``scales``: one ``SegmentScales`` (``.rows`` (n,), ``.columns`` (length,) fp32) per
-    segment, or None; ``labels``: mask_duplicates' ``DuplicateLabels`` (int32), or None."""
+    when ``grad_scale`` is given (a number, or a one-element fp32 tensor on the scores' device, which the kernel reads
+    on the device). ``scales``: one ``SegmentScales`` (``.rows`` (n,), ``.columns`` (length,) fp32) per segment, or
+    None; ``labels``: mask_duplicates' ``DuplicateLabels`` (int32), or None."""
     first = scores[0]
     rows = first.shape[0]
     if coefficients is None:
@@ -241,13 +262,13 @@ def native_row_kernel(
     out_dtype = _check_segments(scores, coefficients)
     row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
     row_loss = torch.empty(rows, dtype=torch.float32, device=first.device)
+    host_grad_scale, grad_scale_factor = (-1.0, 0) if grad_scale is None else _grad_scale_args(grad_scale, first.device)
     args = (
         [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [c.data_ptr() for c in coefficients] if grad_scale is not None else [0] * len(scores),
         int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in spec.kinds], rows,
         row_start, width, spec.scale, spec.alpha, int(HardnessKind(spec.hardness)), spec.joint,
-        -1.0 if grad_scale is None else float(grad_scale), row_loss.data_ptr(),
-        *_label_pointers(scores, labels, two_pass=False),
+        host_grad_scale, row_loss.data_ptr(), grad_scale_factor, *_label_pointers(scores, labels, two_pass=False),
     )  # fmt: skip
     _call("contrastive_rows", first.device, *args)
     return row_loss
@@ -298,7 +319,7 @@ def native_row_coefficients(
     spec: ContrastiveSpec,
     row_start: int,
     width: int,
-    grad_scale: float,
+    grad_scale: float | torch.Tensor,
     block: Any,
     row_ref: torch.Tensor,
     column_ref: torch.Tensor,
@@ -309,7 +330,8 @@ def native_row_coefficients(
 ) -> None:
     """The symmetric path's coefficient pass (contract: st_fast.ops.row_kernel): writes the coefficients into
     ``coefficients`` (default: over ``scores``) from the references ``row_ref`` (n, segments) and ``column_ref``
-    (block.count,), fp32, and the optional ``factors`` (row (n,), column (block.count,))."""
+    (block.count,), fp32, and the optional ``factors`` (row (n,), column (block.count,)). ``grad_scale``: a number
+    or a one-element fp32 tensor on the scores' device (read there)."""
     first = scores[0]
     rows, device = first.shape[0], first.device
     if coefficients is None:
@@ -322,14 +344,15 @@ def native_row_coefficients(
             _pointer(factors[0], "the row factors", (rows,), device),
             _pointer(factors[1], "the column factors", (block.count,), device),
         ]
+    host_grad_scale, grad_scale_factor = _grad_scale_args(grad_scale, device)
     _call(
         "contrastive_coefficients", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [c.data_ptr() for c in coefficients], int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores],
         [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale, spec.alpha,
-        int(HardnessKind(spec.hardness)), spec.joint, float(grad_scale),
+        int(HardnessKind(spec.hardness)), spec.joint, host_grad_scale,
         _pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
         _pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
-        *factor_ptrs, *_label_pointers(scores, labels, two_pass=True),
+        *factor_ptrs, grad_scale_factor, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
 
 

@@ -127,3 +127,19 @@ def test_an_extension_missing_from_the_install_says_so():
     assert ext is None and "not built into this install" in why and "pip install ." in why
     ext, why = _native._try_import("st_fast._C_cuda_not_built")
     assert ext is None and "ST_FAST_CUDA=1 pip install ." in why
+
+
+def test_the_cuda_row_lanes_switch_takes_a_warp_or_a_block():
+    """ST_FAST_CUDA_ROW_LANES (a measuring switch: 32 threads per row by default, 256 for the block kernels) is read
+    at import and refused outside its choices."""
+    import os
+    import subprocess
+
+    code = "from st_fast import _native; print(_native.CUDA_ROW_LANES)"
+    for value, expected in (("", "32"), ("256", "256"), ("32", "32")):
+        env = {**os.environ, "ST_FAST_CUDA_ROW_LANES": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+    env = {**os.environ, "ST_FAST_CUDA_ROW_LANES": "64"}
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "ST_FAST_CUDA_ROW_LANES must be one of (32, 256)" in failed.stderr

@@ -1,8 +1,11 @@
-// CUDA build of the contrastive row kernel (csrc/include/st_fast/contrastive_row.h): one warp per row, fp32 math.
-// The score segments are fp32 (written by the score GEMMs of the native backend, fp32 output from any input dtype);
-// the coefficients are written in the dtype of the gradient GEMMs that consume them.
+// CUDA build of the contrastive row kernel (csrc/include/st_fast/contrastive_row.h): one warp per row (WarpLanes), or
+// one block of kBlockLanes threads per row (BlockLanes; lanes_per_row = kBlockLanes, st_fast._native's
+// ST_FAST_CUDA_ROW_LANES, a switch for measuring it), fp32 math. The score segments are fp32 (written by the score
+// GEMMs of the native backend, fp32 output from any input dtype); the coefficients are written in the dtype of the
+// gradient GEMMs that consume them.
 #include <cuda_runtime.h>
 
+#include "block_lanes.cuh"
 #include "launch.cuh"
 #include "st_fast/contrastive_row_host.h"
 #include "warp_lanes.cuh"
@@ -29,6 +32,27 @@ __global__ void contrastive_row_statistics_kernel(ContrastiveRowArgs args) {
   contrastive_row_statistics(args, row, WarpLanes{});
 }
 
+// The same kernels with one block per row.
+constexpr int kBlockLanes = 256;
+using RowBlockLanes = BlockLanes<kBlockLanes>;
+
+template <class Out>
+__global__ void contrastive_row_block_kernel(ContrastiveRowArgs args) {
+  __shared__ float slots[RowBlockLanes::kWarps];
+  contrastive_row<Out>(args, blockIdx.x, RowBlockLanes{slots});
+}
+
+template <class Out>
+__global__ void contrastive_coefficient_block_kernel(ContrastiveRowArgs args) {
+  __shared__ float slots[RowBlockLanes::kWarps];
+  contrastive_row_coefficients<Out>(args, blockIdx.x, RowBlockLanes{slots});
+}
+
+__global__ void contrastive_row_statistics_block_kernel(ContrastiveRowArgs args) {
+  __shared__ float slots[RowBlockLanes::kWarps];
+  contrastive_row_statistics(args, blockIdx.x, RowBlockLanes{slots});
+}
+
 // One thread per column of the positive block, the chunk's rows in order (adjacent threads read adjacent columns).
 constexpr int kColumnThreads = 256;
 
@@ -40,21 +64,33 @@ __global__ void contrastive_column_statistics_kernel(ContrastiveRowArgs args) {
 
 }  // namespace st_fast
 
-extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle) {
+// lanes_per_row: 32 (a warp per row) or kBlockLanes (a block per row); anything else is cudaErrorInvalidValue.
+extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, int lanes_per_row,
+                                             uintptr_t stream_handle) {
   using namespace st_fast;
+  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
   if (args->rows == 0) return 0;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const auto rows = static_cast<unsigned>(args->rows);
   dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
-    contrastive_row_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
+    if (lanes_per_row == kBlockLanes)
+      contrastive_row_block_kernel<decltype(out)><<<rows, kBlockLanes, 0, stream>>>(*args);
+    else
+      contrastive_row_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
   });
   return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle) {
+extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::ContrastiveRowArgs* args, int lanes_per_row,
+                                                   uintptr_t stream_handle) {
   using namespace st_fast;
+  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (args->rows > 0) {
-    contrastive_row_statistics_kernel<<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
+    if (lanes_per_row == kBlockLanes)
+      contrastive_row_statistics_block_kernel<<<static_cast<unsigned>(args->rows), kBlockLanes, 0, stream>>>(*args);
+    else
+      contrastive_row_statistics_kernel<<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
     if (args->block_count > 0) {
       const auto blocks = static_cast<unsigned>((args->block_count + kColumnThreads - 1) / kColumnThreads);
       contrastive_column_statistics_kernel<<<blocks, kColumnThreads, 0, stream>>>(*args);
@@ -63,13 +99,19 @@ extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::ContrastiveRow
   return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::ContrastiveRowArgs* args, uintptr_t stream_handle) {
+extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::ContrastiveRowArgs* args, int lanes_per_row,
+                                                     uintptr_t stream_handle) {
   using namespace st_fast;
+  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
   if (args->rows == 0) return 0;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const auto rows = static_cast<unsigned>(args->rows);
   dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
-    contrastive_coefficient_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(
-        *args);
+    if (lanes_per_row == kBlockLanes)
+      contrastive_coefficient_block_kernel<decltype(out)><<<rows, kBlockLanes, 0, stream>>>(*args);
+    else
+      contrastive_coefficient_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0,
+                                                      stream>>>(*args);
   });
   return static_cast<int>(cudaGetLastError());
 }

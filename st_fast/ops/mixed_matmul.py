@@ -8,7 +8,6 @@ missing (CPU, older torch) the operands are upcast first: the same numbers, at t
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -55,23 +54,43 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = Non
     return torch.mm(a.float(), b.float(), out=out)
 
 
-def accumulate_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """``target += alpha · (a @ b)`` in place, ``target`` fp32 / fp64 (``a``, ``b`` as for :func:`matmul_fp32`)."""
-    if a.dtype == target.dtype:
-        target.addmm_(a, b, alpha=alpha)
+def accumulate_product(
+    target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, exact_scale: float | torch.Tensor = 1.0
+) -> None:
+    """``target += alpha · exact_scale · (a @ b)`` in place, ``target`` fp32 / fp64 (``a``, ``b`` as for
+    :func:`matmul_fp32`). ``exact_scale``: a power of two, a number or a one-element tensor on the device (then
+    multiplied into the product on the device, O(rows·columns) next to the GEMM's O(rows·columns·depth), without a
+    host sync; exact, so that the sum is the one an ``alpha · exact_scale`` given as a number would give)."""
+    if isinstance(exact_scale, torch.Tensor):
+        target.add_(matmul_fp32(a, b).mul_(exact_scale), alpha=alpha)
+    elif a.dtype == target.dtype:
+        target.addmm_(a, b, alpha=alpha * exact_scale)
     else:
-        target.add_(matmul_fp32(a, b), alpha=alpha)
+        target.add_(matmul_fp32(a, b), alpha=alpha * exact_scale)
 
 
-def as_float16_operand(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def power_of_two_scale(value: torch.Tensor, top: int) -> torch.Tensor:
+    """2^(top - ceil(log2(value))), a float32 tensor on ``value``'s device (no host sync): the power of two that puts
+    ``value`` (> 0, finite; any floating 0-dim tensor) in (2^(top-1), 2^top]; 1 where ``value`` is not finite or not
+    positive. ceil(log2(v)) is exact from the binary exponent (v = m·2^e, m in [0.5, 1): e, or e - 1 for m = 0.5), and
+    the power is built from its bits, with the exponent clamped to float32's normal range [-126, 127]."""
+    mantissa, exponent = torch.frexp(value)
+    ceil_log2 = exponent - (mantissa == 0.5).to(exponent.dtype)
+    power = (top - ceil_log2).clamp(-126, 127).to(torch.int32)
+    scale = torch.bitwise_left_shift(power + 127, 23).view(torch.float32)
+    usable = torch.isfinite(value) & (value > 0)
+    return torch.where(usable, scale, torch.ones((), dtype=torch.float32, device=value.device))
+
+
+def as_float16_operand(x: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
     """(x · σ as float16, σ) with σ a power of two that puts max |x| at 2^14: a bf16 operand becomes a float16 one
     without rounding (bf16's 8 significant bits fit float16's 11) down to entries 2^-28 below the largest, so that it
     can meet float16 gradient coefficients (2^-11 rounding instead of bf16's 2^-8) in one 16-bit GEMM. float16 input
-    is returned as it is (σ = 1)."""
+    is returned as it is (σ = 1). σ is a 0-dim float32 tensor on x's device for bf16 input (1 for zero or non-finite
+    entries; :func:`power_of_two_scale`): computed and applied there, no host sync."""
     if x.dtype == torch.float16:
         return x, 1.0
-    largest = float(x.abs().max()) if x.numel() else 0.0
-    if not math.isfinite(largest) or largest == 0.0:
+    if not x.numel():
         return x.to(torch.float16), 1.0
-    sigma = 2.0 ** (14 - math.ceil(math.log2(largest)))
+    sigma = power_of_two_scale(x.abs().max().float(), 14)
     return (x * sigma).to(torch.float16), sigma

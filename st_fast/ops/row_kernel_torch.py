@@ -124,19 +124,32 @@ def _segment_logits(
     return similarities, logits, masks
 
 
+def _grad_weight(
+    grad_scale: float | torch.Tensor, scale: float, multiplier: float = 1.0, divisor: float = 1.0
+) -> float | torch.Tensor:
+    """grad_scale · scale · multiplier / divisor: in float64, left to right, for a number; for a tensor (the
+    power-of-two γ on the device, :func:`st_fast.ops.mnrl.chunked.coefficient_scale`) γ times the host part
+    scale · multiplier / divisor, which rounds to the same float32 value (scaling by a power of two commutes with
+    rounding)."""
+    if isinstance(grad_scale, torch.Tensor):
+        return grad_scale * (scale * multiplier / divisor)
+    return grad_scale * scale * multiplier / divisor
+
+
 def torch_row_kernel(
     scores: list[torch.Tensor],
     spec: ContrastiveSpec,
     row_start: int,
     width: int,
-    grad_scale: float | None,
+    grad_scale: float | torch.Tensor | None,
     scales: list[SegmentScales] | None = None,
     coefficients: list[torch.Tensor] | None = None,
     labels: DuplicateLabels | None = None,
 ) -> torch.Tensor:
     """Per-row losses (n,) fp32 of a chunk; writes the gradient coefficients into ``coefficients`` (default: over
-    ``scores``) when ``grad_scale`` is not None. ``scores[x]`` belongs to ``spec.kinds[x]``; ``labels``: duplicate
-    masking (:class:`st_fast.ops.row_kernel.DuplicateLabels`)."""
+    ``scores``) when ``grad_scale`` (a number, or a one-element tensor on the scores' device) is not None.
+    ``scores[x]`` belongs to ``spec.kinds[x]``; ``labels``: duplicate masking
+    (:class:`st_fast.ops.row_kernel.DuplicateLabels`)."""
     n = scores[0].shape[0]
     scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
@@ -150,10 +163,10 @@ def torch_row_kernel(
         outputs = scores if coefficients is None else coefficients
         holders = [holds_positive(kind, spec) for kind in spec.kinds]
         # with every segment a holder (per_direction) the same expression as the weight: weight·1 - share is exactly 0
-        positive_share = grad_scale * spec.scale * (1.0 / sum(holders))
+        positive_share = _grad_weight(grad_scale, spec.scale, 1.0 / sum(holders))
         for x, (out, logit, masked) in enumerate(zip(outputs, logits, masks, strict=True)):
             ref = log_z if spec.joint else lses[x]
-            weight = grad_scale * spec.scale * (1.0 if spec.joint else 1.0 / len(scores))
+            weight = _grad_weight(grad_scale, spec.scale, 1.0 if spec.joint else 1.0 / len(scores))
             coefficient = torch.exp(logit - ref[:, None]) * weight
             if holders[x]:
                 coefficient[local, rows_global] -= positive_share
@@ -203,7 +216,7 @@ def torch_row_coefficients(
     spec: ContrastiveSpec,
     row_start: int,
     width: int,
-    grad_scale: float,
+    grad_scale: float | torch.Tensor,
     block: PositiveBlock,
     row_ref: torch.Tensor,
     column_ref: torch.Tensor,
@@ -223,9 +236,8 @@ def torch_row_coefficients(
     local = torch.arange(n, device=rows_global.device)
     similarities, logits, masks = _segment_logits(scores, kinds, spec, rows_global, width, scales, labels)
     column_masked = _block_duplicates(labels, rows_global, block)
-    base = grad_scale * spec.scale
-    weight = base if spec.joint else base / len(spec.kinds)
-    share = base if spec.joint else base / 2  # Q2D's and (per_direction) D2Q's one-hot shares
+    weight = _grad_weight(grad_scale, spec.scale, divisor=1.0 if spec.joint else len(spec.kinds))
+    share = _grad_weight(grad_scale, spec.scale, divisor=1.0 if spec.joint else 2.0)  # Q2D's, D2Q's one-hot shares
     outputs = scores if coefficients is None else coefficients
     for x, (kind, out, s, logit, masked) in enumerate(zip(kinds, outputs, similarities, logits, masks, strict=True)):
         coefficient = torch.exp(logit - row_ref[:, x, None]) * weight

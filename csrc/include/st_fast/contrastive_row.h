@@ -91,6 +91,9 @@ struct ContrastiveRowArgs {
   int joint;
   float grad_scale;  // < 0: loss only
   float* row_loss;   // (rows,)
+  // optional (null: none): a device-side factor of grad_scale, read by the kernel (the coefficients' power-of-two
+  // scale γ, st_fast/ops/mnrl/chunked.py, kept on the device so that the caller needs no host sync)
+  const float* grad_scale_factor;  // (1,)
   // The two-pass (symmetric) entry points only; null / 0 in the one-pass kernel.
   float* row_lse;          // (rows, num_segments) statistics: each row segment's LSE
   float* row_positive;     // (rows,) statistics: the positive logit scale·s_q2d[g]
@@ -110,6 +113,12 @@ struct ContrastiveRowArgs {
   const Label* labels[kMaxSegments];
   const Label* query_labels;
 };
+
+// grad_scale times the optional device-side factor (grad_scale 1 with factor γ: exactly the coefficients of
+// grad_scale γ).
+ST_FAST_HD float effective_grad_scale(const ContrastiveRowArgs& a) {
+  return a.grad_scale_factor ? a.grad_scale * a.grad_scale_factor[0] : a.grad_scale;
+}
 
 // Multiplier of the similarity for the bulk of a segment's entries.
 ST_FAST_HD float bulk_multiplier(const ContrastiveRowArgs& a, int kind) {
@@ -402,7 +411,7 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
   }
   if (lanes.id() == 0) a.row_loss[r] = log_z - positive;
   if (a.grad_scale < 0.0f) return;
-  const float base = a.grad_scale * a.scale;
+  const float base = effective_grad_scale(a) * a.scale;
   // the one-hot term's share per holder; with every segment a holder (per_direction) the same expression as the
   // weight, so that weight·1 - share is exactly 0
   int holders = 0;
@@ -553,7 +562,7 @@ ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, 
 template <class Out, class Lanes>
 ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_t r, const Lanes& lanes) {
   const int64_t g = a.row_start + r;
-  const float base = a.grad_scale * a.scale;
+  const float base = effective_grad_scale(a) * a.scale;
   const float weight = a.joint ? base : base / static_cast<float>(a.directions);
   // the one-hot shares: Q2D's, and D2Q's (the column term's) in per_direction, each the same expression as the
   // weight there, so that a single-column softmax gives weight·1 - share = 0 exactly

@@ -10,6 +10,7 @@
 namespace st_fast {
 
 // One entry per segment; a 0 pointer means "no scale" (scales) or "loss only" (coefficients, all of them).
+// grad_scale_factor: 0, or the address of one float that multiplies grad_scale on the device.
 struct ContrastiveRowPointers {
   std::vector<uintptr_t> scores, row_scales, col_scales, coefficients;
 };
@@ -18,7 +19,7 @@ inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers
                                                     const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
                                                     int64_t rows, int64_t row_start, int64_t width, float scale,
                                                     float alpha, int hardness, bool joint, float grad_scale,
-                                                    uintptr_t row_loss) {
+                                                    uintptr_t row_loss, uintptr_t grad_scale_factor = 0) {
   const size_t count = p.scores.size();
   if (count == 0 || count > kMaxSegments || lengths.size() != count || kinds.size() != count ||
       p.row_scales.size() != count || p.col_scales.size() != count || p.coefficients.size() != count)
@@ -53,6 +54,7 @@ inline ContrastiveRowArgs make_contrastive_row_args(const ContrastiveRowPointers
   a.joint = joint ? 1 : 0;
   a.grad_scale = grad_scale;
   a.row_loss = reinterpret_cast<float*>(row_loss);
+  a.grad_scale_factor = reinterpret_cast<const float*>(grad_scale_factor);
   return a;
 }
 

@@ -3,7 +3,8 @@
 // Kernels are written against a `Lanes` object: a row is processed by `lanes.count()` cooperating
 // workers, worker `lanes.id()` visiting elements id, id + count, ...; `lanes.max/sum` reduce a
 // per-worker value across the group. On the CPU a row has one worker (SerialLanes); on CUDA a row
-// is owned by one warp (WarpLanes, in cuda/warp_lanes.cuh).
+// is owned by one warp (WarpLanes, in cuda/warp_lanes.cuh); the CPU tests run the CUDA build's lane
+// algorithm with ThreadLanes (thread_lanes.h, test only: one thread per lane).
 #pragma once
 
 #include <cmath>

@@ -101,7 +101,8 @@ class StockGuide:
         self, guide: torch.Tensor, threshold: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor
     ) -> torch.Tensor:
         """guide (n, m) GEMM similarities of raw rows (n, D') x columns (m, D'), threshold (n, 1) in mask_dtype ->
-        stock's mask ``similarity > threshold``."""
+        stock's mask ``similarity > threshold``. The near-threshold entries are found with ``nonzero``: one host sync
+        per call on CUDA (the GIST op's only one, tests/ops/test_host_sync.py), the price of stock's exact masks."""
         limit = threshold.to(guide.dtype)
         mask = guide > limit
         near = ((guide - limit).abs() <= self.tolerance(guide.dtype)).nonzero(as_tuple=True)

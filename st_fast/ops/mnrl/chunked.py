@@ -57,7 +57,13 @@ import torch
 
 from st_fast.ops.chunked import DEFAULT_KEEP_BYTES, LossAndGrad, chunk_rows_for_budget
 from st_fast.ops.layout import COLUMN_SOURCE, ROW_SOURCE, HardnessKind, SegmentKind
-from st_fast.ops.mixed_matmul import accumulate_product, as_float16_operand, compute_dtype, matmul_fp32
+from st_fast.ops.mixed_matmul import (
+    accumulate_product,
+    as_float16_operand,
+    compute_dtype,
+    matmul_fp32,
+    power_of_two_scale,
+)
 from st_fast.ops.mnrl.spec import ContrastiveProblem, ContrastiveSpec
 from st_fast.ops.row_kernel import (
     FIXED_SHIFT_LIMIT,
@@ -74,7 +80,9 @@ from st_fast.ops.workspace import Arena, scratch
 NORMALIZE_EPS = 1e-12  # F.normalize's default, used by stock cos_sim
 
 
-def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales: list[torch.Tensor]) -> float:
+def coefficient_scale(
+    operand_dtype: torch.dtype, spec: ContrastiveSpec, scales: list[torch.Tensor]
+) -> float | torch.Tensor:
     """The factor γ the coefficients are stored with before the gradient GEMMs divide it out again.
 
     |coefficient| <= scale · r_max² (softmax weights are <= 1; r: the inverse norms, 1 without; twice that on the
@@ -84,33 +92,42 @@ def coefficient_scale(operand_dtype: torch.dtype, spec: ContrastiveSpec, scales:
     other dtype stores them with γ = 1.
     Zero-norm rows (r = 1/eps) are left out of r_max: their coefficients saturate at the float16 maximum and multiply
     the zero vector, instead of flushing every other row's coefficients to zero.
+    With scales, γ is a 0-dim float32 tensor on their device, computed there (no host sync: the row kernel and the
+    gradient GEMMs consume it on the device; :func:`st_fast.ops.mixed_matmul.power_of_two_scale`, 1 where the bound is
+    not finite); without, a number (r_max = 1).
     """
     if operand_dtype != torch.float16:
         return 1.0
-    # one device sync for every scale tensor (zero-norm rows masked out as 0)
     regular = [torch.where(s < 0.5 / NORMALIZE_EPS, s, 0).max() for s in scales if s.numel()]
-    r_max = float(torch.stack(regular).max()) if regular else 1.0
-    r_max = r_max if r_max > 0 else 1.0
-    bound = spec.scale * r_max * r_max
-    if not math.isfinite(bound) or bound <= 0:
-        return 1.0  # non-finite embeddings: the loss is non-finite anyway
-    return 2.0 ** (14 - math.ceil(math.log2(bound)))
+    if not regular:
+        bound = spec.scale
+        return 2.0 ** (14 - math.ceil(math.log2(bound))) if math.isfinite(bound) and bound > 0 else 1.0
+    r_max = torch.stack(regular).max()
+    r_max = torch.where(r_max > 0, r_max, 1.0).double()  # NaN too: the loss is non-finite anyway
+    return power_of_two_scale(spec.scale * r_max * r_max, 14)
 
 
 @dataclass
 class _Operands:
     """The operands of one call as the driver's passes use them: the score operands, their scales (raw path), the
-    operands of the gradient GEMMs (float16 copies times σ on the 16-bit path), the fp32 / fp64 gradients."""
+    operands of the gradient GEMMs (float16 copies times σ on the 16-bit path), the fp32 / fp64 gradients. σ and the
+    coefficients' γ (:func:`coefficient_scale`) are numbers, or 0-dim tensors on the device on the 16-bit path
+    (never read on the host)."""
 
     scores: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor | None]
     gradient: dict[str, torch.Tensor]
-    sigma: dict[str, float]
+    sigma: dict[str, float | torch.Tensor]
     grads: dict[str, torch.Tensor]
     math_dtype: torch.dtype
     coefficient_dtype: torch.dtype
     separate_coefficients: bool
     arena: Arena
+    # 1 / (γ·σ) per operand: the powers of two that the gradient GEMMs with it as the column operand divide out
+    unscale: dict[str, float | torch.Tensor] | None = None
+
+    def set_coefficient_scale(self, gamma: float | torch.Tensor) -> None:
+        self.unscale = {name: 1.0 / (gamma * sigma) for name, sigma in self.sigma.items()}
 
     @classmethod
     def prepare(
@@ -150,13 +167,15 @@ class _Operands:
     def accumulate(self, kind: SegmentKind, local_rows: slice, coefficient: torch.Tensor, factor: float,
                    column_ranges: list[tuple[int, int]] | None = None) -> None:  # fmt: skip
         """The two gradient GEMMs of one segment's coefficients (columns ``column_ranges`` only, when given):
-        d rows += factor · C @ columns, d columns += factor · Cᵀ @ rows (σ divided out)."""
+        d rows += factor · C @ columns, d columns += factor · Cᵀ @ rows (γ and σ divided out, on the device)."""
         row_name, column_name = ROW_SOURCE[kind], COLUMN_SOURCE[kind]
         rows, columns = self.gradient[row_name][local_rows], self.gradient[column_name]
         for lo, hi in column_ranges or [(0, columns.shape[0])]:
             part = coefficient[:, lo:hi]
-            accumulate_product(self.grads[row_name][local_rows], part, columns[lo:hi], factor / self.sigma[column_name])
-            accumulate_product(self.grads[column_name][lo:hi], part.T, rows, factor / self.sigma[row_name])
+            accumulate_product(
+                self.grads[row_name][local_rows], part, columns[lo:hi], factor, self.unscale[column_name]
+            )
+            accumulate_product(self.grads[column_name][lo:hi], part.T, rows, factor, self.unscale[row_name])
 
 
 def loss_and_grad(
@@ -175,6 +194,7 @@ def _loss_and_grad(
     ops = _Operands.prepare(queries, docs, problem.normalize, need_grad, arena)
     # coefficients are stored times gamma (see coefficient_scale); the gradient GEMMs are accumulated times 1/(B·γ·σ)
     gamma = coefficient_scale(ops.coefficient_dtype, problem.spec, [s for s in ops.scales.values() if s is not None])
+    ops.set_coefficient_scale(gamma)
     if problem.spec.fuses_doc_to_query:
         loss = _symmetric_passes(ops, problem, row_kernel, gamma, need_grad)
     else:
@@ -199,7 +219,7 @@ def _duplicate_labels(problem: ContrastiveProblem, kinds: tuple[SegmentKind, ...
 
 
 def _one_pass(
-    ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel, gamma: float, need_grad: bool
+    ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel, gamma: float | torch.Tensor, need_grad: bool
 ) -> torch.Tensor:
     """Every segment its own GEMMs: per chunk the scores, the row kernel (losses and coefficients), the gradient
     GEMMs."""
@@ -229,7 +249,7 @@ def _one_pass(
         loss_sum += row_losses.sum()
         if need_grad:
             for kind, coefficient in zip(spec.kinds, coefficients, strict=True):
-                ops.accumulate(kind, local_rows, coefficient, 1.0 / (batch_size * gamma))
+                ops.accumulate(kind, local_rows, coefficient, 1.0 / batch_size)
     return loss_sum / batch_size
 
 
@@ -247,7 +267,7 @@ def _segment_scores(ops: _Operands, kind: SegmentKind, local_rows: slice, out: t
 
 
 def _symmetric_passes(
-    ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel, gamma: float, need_grad: bool
+    ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel, gamma: float | torch.Tensor, need_grad: bool
 ) -> torch.Tensor:
     """query_to_doc with doc_to_query from one Q2D tile (the symmetric path, see the module docstring): a
     statistics pass (row LSEs of the row segments, column statistics of the positive block), the log-partitions,
@@ -337,7 +357,7 @@ def _symmetric_passes(
                 scales, coefficients, (row_factor[begin : begin + n], column_factor), labels=labels,
             )  # fmt: skip
         for kind, coefficient, columns in zip(kinds, coefficients, ranges, strict=True):
-            ops.accumulate(kind, local_rows, coefficient, 1.0 / (batch_size * gamma), columns)
+            ops.accumulate(kind, local_rows, coefficient, 1.0 / batch_size, columns)
     return loss
 
 

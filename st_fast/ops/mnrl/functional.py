@@ -52,7 +52,9 @@ def fused_mnrl_loss(
         queries: (W, D) query (anchor) embeddings of every rank (W = B without gathering).
         docs: k tensors (W, D): the positives, then the hard-negative columns, of every rank.
         row_offset, batch_size: the local rows (default: all W rows).
-        scale: a number or a one-element tensor; a tensor that requires grad gets d loss / d scale.
+        scale: a number or a one-element tensor; a tensor that requires grad gets d loss / d scale. A tensor is
+            read on the host (checked and taken as a number, as the row kernel takes it): the only host syncs of a
+            CUDA call, which reads no other tensor value (tests/ops/test_host_sync.py).
         similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
         labels: None (stock's loss), or duplicate masking (``mask_duplicates``, see :mod:`st_fast.ops.layout`):
             (query labels (W,), doc labels (k·W,)) int64 on the embeddings' device, equal iff the texts are equal
