@@ -211,12 +211,25 @@ def test_fixed_shift_form_takes_the_labels(monkeypatch, partition):
     assert len(calls) == 2 and all(labels is not None for labels in calls)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+RAW_BACKENDS = [(backend, None) for backend in CPU_BACKENDS] + [("native", 32)] * ("native" in CPU_BACKENDS)
+
+
+@pytest.mark.parametrize("backend, lanes", RAW_BACKENDS)
 @pytest.mark.parametrize("directions", [("query_to_doc",), ("query_to_doc", "doc_to_query", "doc_to_doc")])
-def test_raw_16bit_path_masks_duplicates(monkeypatch, backend, directions):
+def test_raw_16bit_path_masks_duplicates(monkeypatch, backend, lanes, directions):
     """The CUDA default path (raw bf16 GEMMs, norms as row / column scales, float16 coefficients), selected on the
-    CPU as tests/ops/test_raw_16bit.py does: the loss to the fp32 bound, the bf16 gradients within twice their own
-    rounding plus 1e-4 (that file's rule) of the float64 reference on the same bf16 values."""
+    CPU as tests/ops/test_raw_16bit.py does (``lanes``: with the CUDA lane algorithm emulated, as on a GPU): the loss
+    to the fp32 bound, the bf16 gradients within twice their own rounding plus 1e-4 (that file's rule) of the float64
+    reference on the same bf16 values."""
+    import contextlib
+
+    from test_emulated_lanes import emulated_lanes
+
+    with emulated_lanes(lanes) if lanes is not None else contextlib.nullcontext():
+        _check_raw_16bit(monkeypatch, backend, directions)
+
+
+def _check_raw_16bit(monkeypatch, backend, directions):
     from st_fast.ops.backends import ChunkedBackend
 
     monkeypatch.setattr(ChunkedBackend, "takes_raw_operands", lambda self, dtype, device: dtype == torch.bfloat16)
@@ -234,3 +247,25 @@ def test_raw_16bit_path_masks_duplicates(monkeypatch, backend, directions):
         assert got.dtype == torch.bfloat16
         rounding = float((want.to(torch.bfloat16).double() - want).norm())
         assert float((got.double() - want).norm()) <= 2 * rounding + 1e-4 * float(want.norm())
+
+
+EMULATED_CASES = [
+    (("query_to_doc",), "joint", "hard_negatives", 3),
+    (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", "all_negatives", 2),
+    (("query_to_doc", "doc_to_query"), "per_direction", None, 2),
+]
+
+
+@pytest.mark.skipif("native" not in CPU_BACKENDS, reason="the native extension is not built")
+@pytest.mark.parametrize("lanes", [32, 4, 64])
+@pytest.mark.parametrize("directions, partition, hardness, k", EMULATED_CASES)
+def test_cuda_lane_algorithm_masks_duplicates(lanes, directions, partition, hardness, k):
+    """The CUDA build's online loops (csrc/include/st_fast/contrastive_row.h with ``kContiguous == false``) run on
+    the CPU with emulated lanes (tests/ops/test_emulated_lanes.py): the one-pass kernel and the symmetric passes
+    (statistics, column statistics, coefficients), local and gathered rows."""
+    from test_emulated_lanes import emulated_lanes
+
+    config = _config(directions, partition, hardness, "cos")
+    with emulated_lanes(lanes):
+        _check("native", config, 7, k, 12, seed=100 * k + len(directions))
+        _check("native", config, 13, k, 12, seed=7, row_offset=4, batch_size=5)
