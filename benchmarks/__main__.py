@@ -15,6 +15,7 @@ PARTS = {
     "cached_loss": "benchmarks.cached_loss",
     "training": "benchmarks.training",
     "gist": "benchmarks.gist",
+    "mask_duplicates_training": "benchmarks.mask_duplicates_training",
 }
 
 

@@ -319,6 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--symmetric", action="store_true",
                        help="the symmetric loss and the cached symmetric stage vs one direction and stock "
                             "(benchmarks/fused_symmetric.py; CPU default: 1 thread, B 4096, k 1, D 384)")  # fmt: skip
+    group.add_argument("--mask-duplicates", action="store_true",
+                       help="the fused loss with and without mask_duplicates' text labels "
+                            "(benchmarks/fused_masking.py; CPU default: 1 thread, B 4096, k 2, D 384)")  # fmt: skip
 
 
 def fused_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
@@ -392,6 +395,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         from benchmarks.fused_symmetric import run_symmetric
 
         return run_symmetric(args)
+    if getattr(args, "mask_duplicates", False):
+        from benchmarks.fused_masking import run_masking
+
+        return run_masking(args)
     with cpu_threads(args.fused_threads):
         return _run_anchors(args) if getattr(args, "anchors", False) else _run(args)
 

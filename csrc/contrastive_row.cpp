@@ -29,13 +29,13 @@ struct SerialRows {
     // one OpenMP task per tile of kColumnTile columns of the positive block: rows are read 64 floats at a time
     const int64_t blocks = (a.block_count + kColumnTile - 1) / kColumnTile;
     const bool col_scaled = a.col_scale[0] != nullptr;
+    const bool labelled = a.query_labels != nullptr;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t begin = b * kColumnTile, end = std::min(a.block_count, begin + kColumnTile);
-      if (col_scaled)
-        contrastive_column_statistics_tile<true>(a, begin, end);
-      else
-        contrastive_column_statistics_tile<false>(a, begin, end);
+      dispatch_range_flags(col_scaled, labelled, [&](auto col_scale, auto labels) {
+        contrastive_column_statistics_tile<decltype(col_scale)::value, decltype(labels)::value>(a, begin, end);
+      });
     }
   }
 };
@@ -59,11 +59,13 @@ void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vecto
                           const std::vector<uintptr_t>& col_scales, const std::vector<uintptr_t>& coefficients,
                           int coefficient_dtype, const std::vector<int64_t>& lengths, const std::vector<int>& kinds,
                           int64_t rows, int64_t row_start, int64_t width, float scale, float alpha, int hardness,
-                          bool joint, float grad_scale, uintptr_t row_loss, uintptr_t grad_scale_factor) {
-  const ContrastiveRowArgs a =
+                          bool joint, float grad_scale, uintptr_t row_loss, uintptr_t grad_scale_factor,
+                          const std::vector<uintptr_t>& labels) {
+  ContrastiveRowArgs a =
       make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
                                 rows, row_start, width, scale, alpha, hardness, joint, grad_scale, row_loss,
                                 grad_scale_factor);
+  set_label_args(a, labels, 0, false);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) {
     using Out = decltype(out);
     Exec::rows(a.rows, [&](int64_t r, const auto& lanes) { contrastive_row<Out>(a, r, lanes); });
@@ -75,7 +77,8 @@ void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std:
                                 const std::vector<uintptr_t>& col_scales, const std::vector<int64_t>& lengths,
                                 const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
                                 float scale, float alpha, int hardness, uintptr_t row_lse, uintptr_t row_positive,
-                                int64_t block_begin, int64_t block_count, uintptr_t col_max, uintptr_t col_sum) {
+                                int64_t block_begin, int64_t block_count, uintptr_t col_max, uintptr_t col_sum,
+                                const std::vector<uintptr_t>& labels, uintptr_t query_labels) {
   ContrastiveRowArgs a = make_contrastive_row_args(
       {scores, row_scales, col_scales, std::vector<uintptr_t>(scores.size(), 0)}, kStoreFp32, lengths, kinds, rows,
       row_start, width, scale, alpha, hardness, true, -1.0f, 0);
@@ -85,6 +88,7 @@ void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std:
   p.col_max = col_max;
   p.col_sum = col_sum;
   set_symmetric_args(a, p, block_begin, block_count, 1);
+  set_label_args(a, labels, query_labels, true);
   Exec::rows(a.rows, [&](int64_t r, const auto& lanes) { contrastive_row_statistics(a, r, lanes); });
   Exec::column_statistics(a);
 }
@@ -97,7 +101,8 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
                                   float scale, float alpha, int hardness, bool joint, float grad_scale,
                                   uintptr_t row_ref, int64_t block_begin, int64_t block_count, uintptr_t col_ref,
                                   int directions, uintptr_t row_factor, uintptr_t col_factor,
-                                  uintptr_t grad_scale_factor) {
+                                  uintptr_t grad_scale_factor, const std::vector<uintptr_t>& labels,
+                                  uintptr_t query_labels) {
   ContrastiveRowArgs a =
       make_contrastive_row_args({scores, row_scales, col_scales, coefficients}, coefficient_dtype, lengths, kinds,
                                 rows, row_start, width, scale, alpha, hardness, joint, grad_scale, 0,
@@ -108,6 +113,7 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
   p.row_factor = row_factor;
   p.col_factor = col_factor;
   set_symmetric_args(a, p, block_begin, block_count, directions);
+  set_label_args(a, labels, query_labels, true);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) {
     using Out = decltype(out);
     Exec::rows(a.rows, [&](int64_t r, const auto& lanes) { contrastive_row_coefficients<Out>(a, r, lanes); });
@@ -119,7 +125,8 @@ void contrastive_coefficients_cpu(const std::vector<uintptr_t>& scores, const st
 void contrastive_exp_statistics_cpu(const std::vector<uintptr_t>& scores, const std::vector<int64_t>& lengths,
                                     const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
                                     float scale, float shift, uintptr_t row_lse, uintptr_t row_positive,
-                                    int64_t block_begin, int64_t block_count, uintptr_t col_max, uintptr_t col_sum) {
+                                    int64_t block_begin, int64_t block_count, uintptr_t col_max, uintptr_t col_sum,
+                                    const std::vector<uintptr_t>& labels, uintptr_t query_labels) {
   const std::vector<uintptr_t> none(scores.size(), 0);
   ContrastiveRowArgs a = make_contrastive_row_args({scores, none, none, none}, kStoreFp32, lengths, kinds, rows,
                                                    row_start, width, scale, 0.0f, kHardnessNone, true, -1.0f, 0);
@@ -129,18 +136,31 @@ void contrastive_exp_statistics_cpu(const std::vector<uintptr_t>& scores, const 
   p.col_max = col_max;
   p.col_sum = col_sum;
   set_symmetric_args(a, p, block_begin, block_count, 1);
+  set_label_args(a, labels, query_labels, true);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < a.rows; ++r) contrastive_row_exp_statistics(a, r, shift);
   const int64_t blocks = (block_count + kColumnTile - 1) / kColumnTile;
+  const bool labelled = a.query_labels != nullptr;
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b)
-    contrastive_column_exp_sums_tile(a, b * kColumnTile, std::min(block_count, (b + 1) * kColumnTile), shift);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kColumnTile, end = std::min(block_count, (b + 1) * kColumnTile);
+    if (labelled)
+      contrastive_column_exp_sums_tile<true>(a, begin, end, shift);
+    else
+      contrastive_column_exp_sums_tile(a, begin, end, shift);
+  }
 }
 
 template <class Out>
 void run_exp_coefficient_rows(const ContrastiveRowArgs& a) {
+  const bool labelled = a.labels[0] != nullptr;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < a.rows; ++r) contrastive_row_exp_coefficients<Out>(a, r);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    if (labelled)
+      contrastive_row_exp_coefficients<Out, true>(a, r);
+    else
+      contrastive_row_exp_coefficients<Out>(a, r);
+  }
 }
 
 void contrastive_exp_coefficients_cpu(const std::vector<uintptr_t>& exps, const std::vector<uintptr_t>& coefficients,
@@ -148,7 +168,8 @@ void contrastive_exp_coefficients_cpu(const std::vector<uintptr_t>& exps, const 
                                       const std::vector<int>& kinds, int64_t rows, int64_t row_start, int64_t width,
                                       float scale, bool joint, float grad_scale, int64_t block_begin,
                                       int64_t block_count, int directions, uintptr_t row_factor,
-                                      uintptr_t col_factor) {
+                                      uintptr_t col_factor, const std::vector<uintptr_t>& labels,
+                                      uintptr_t query_labels) {
   const std::vector<uintptr_t> none(exps.size(), 0);
   ContrastiveRowArgs a = make_contrastive_row_args({exps, none, none, coefficients}, coefficient_dtype, lengths,
                                                    kinds, rows, row_start, width, scale, 0.0f, kHardnessNone, joint,
@@ -157,6 +178,7 @@ void contrastive_exp_coefficients_cpu(const std::vector<uintptr_t>& exps, const 
   p.row_factor = row_factor;
   p.col_factor = col_factor;
   set_symmetric_args(a, p, block_begin, block_count, directions);
+  set_label_args(a, labels, query_labels, true);
   dispatch_store_dtype(a.coefficient_dtype, [&](auto out) { run_exp_coefficient_rows<decltype(out)>(a); });
 }
 
@@ -174,7 +196,7 @@ void bind_row_kernel_entries(py::module_& m) {
         py::arg("col_scale_ptrs"), py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"),
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("alpha"),
         py::arg("hardness"), py::arg("joint"), py::arg("grad_scale"), py::arg("row_loss_ptr"),
-        py::arg("grad_scale_factor_ptr") = 0,
+        py::arg("grad_scale_factor_ptr") = 0, py::arg("label_ptrs") = std::vector<uintptr_t>(),
         "The contrastive row kernel over fp32 score segments (raw pointers; call through "
         "st_fast._native.native_row_kernel, which validates).",
         py::call_guard<py::gil_scoped_release>());
@@ -182,7 +204,7 @@ void bind_row_kernel_entries(py::module_& m) {
         py::arg("col_scale_ptrs"), py::arg("lengths"), py::arg("kinds"), py::arg("rows"), py::arg("row_start"),
         py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("row_lse_ptr"),
         py::arg("row_positive_ptr"), py::arg("block_begin"), py::arg("block_count"), py::arg("col_max_ptr"),
-        py::arg("col_sum_ptr"),
+        py::arg("col_sum_ptr"), py::arg("label_ptrs") = std::vector<uintptr_t>(), py::arg("query_labels_ptr") = 0,
         "The symmetric path's statistics pass (raw pointers; call through st_fast._native.native_row_statistics).",
         py::call_guard<py::gil_scoped_release>());
   m.def("contrastive_coefficients", &contrastive_coefficients_cpu<Exec>, py::arg("scores_ptrs"),
@@ -191,7 +213,8 @@ void bind_row_kernel_entries(py::module_& m) {
         py::arg("width"), py::arg("scale"), py::arg("alpha"), py::arg("hardness"), py::arg("joint"),
         py::arg("grad_scale"), py::arg("row_ref_ptr"), py::arg("block_begin"), py::arg("block_count"),
         py::arg("col_ref_ptr"), py::arg("directions"), py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
-        py::arg("grad_scale_factor_ptr") = 0,
+        py::arg("grad_scale_factor_ptr") = 0, py::arg("label_ptrs") = std::vector<uintptr_t>(),
+        py::arg("query_labels_ptr") = 0,
         "The symmetric path's coefficient pass (raw pointers; call through "
         "st_fast._native.native_row_coefficients).",
         py::call_guard<py::gil_scoped_release>());
@@ -204,6 +227,7 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("kinds"), py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"),
         py::arg("shift"), py::arg("row_lse_ptr"), py::arg("row_positive_ptr"), py::arg("block_begin"),
         py::arg("block_count"), py::arg("col_max_ptr"), py::arg("col_sum_ptr"),
+        py::arg("label_ptrs") = std::vector<uintptr_t>(), py::arg("query_labels_ptr") = 0,
         "The symmetric path's fixed-shift statistics pass, e = exp(logit - shift) written over the scores (raw "
         "pointers; call through st_fast._native.native_row_exp_statistics).",
         py::call_guard<py::gil_scoped_release>());
@@ -211,7 +235,8 @@ void bind_contrastive_row(py::module_& m) {
         py::arg("coefficient_ptrs"), py::arg("coefficient_dtype"), py::arg("lengths"), py::arg("kinds"),
         py::arg("rows"), py::arg("row_start"), py::arg("width"), py::arg("scale"), py::arg("joint"),
         py::arg("grad_scale"), py::arg("block_begin"), py::arg("block_count"), py::arg("directions"),
-        py::arg("row_factor_ptr"), py::arg("col_factor_ptr"),
+        py::arg("row_factor_ptr"), py::arg("col_factor_ptr"), py::arg("label_ptrs") = std::vector<uintptr_t>(),
+        py::arg("query_labels_ptr") = 0,
         "The symmetric path's fixed-shift coefficient pass from e (raw pointers; call through "
         "st_fast._native.native_row_exp_coefficients).",
         py::call_guard<py::gil_scoped_release>());

@@ -200,6 +200,30 @@ if CUDA_ROW_LANES not in CUDA_ROW_LANES_CHOICES:
     raise ValueError(f"ST_FAST_CUDA_ROW_LANES must be one of {CUDA_ROW_LANES_CHOICES}, got {CUDA_ROW_LANES}")
 
 
+def _label_pointers(scores: list[torch.Tensor], labels: Any | None, *, two_pass: bool) -> list[Any]:
+    """The label arguments of the row kernels' entry points: (one pointer per segment,) plus the query labels'
+    pointer for the two-pass ones; 0 without ``labels`` (a ``st_fast.ops.row_kernel.DuplicateLabels``: contiguous
+    int32 tensors, ``segments[x]`` of segment x's length, on the scores' device)."""
+    if labels is None:
+        pointers = [[0] * len(scores)]
+        return pointers + [0] if two_pass else pointers
+    device = scores[0].device
+
+    def pointer(tensor: torch.Tensor, what: str, length: int | None) -> int:
+        if tensor.dtype != torch.int32 or tensor.device != device or tensor.dim() != 1:
+            raise ValueError(f"native row kernel: {what} must be a 1-D int32 tensor on {device}")
+        if (length is not None and tensor.shape[0] != length) or not tensor.is_contiguous():
+            raise ValueError(f"native row kernel: {what} must be contiguous, of the segment's length {length}")
+        return tensor.data_ptr()
+
+    if len(labels.segments) != len(scores):
+        raise ValueError("native row kernel: one label tensor per score segment")
+    segment_ptrs = [pointer(t, "segment labels", x.shape[1]) for t, x in zip(labels.segments, scores, strict=True)]
+    if not two_pass:
+        return [segment_ptrs]
+    return [segment_ptrs, pointer(labels.queries, "query labels", None)]
+
+
 def _call(name: str, device: torch.device, *args: Any) -> None:
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -225,11 +249,12 @@ def native_row_kernel(
     grad_scale: float | torch.Tensor | None,
     scales: Sequence[Any] | None = None,
     coefficients: list[torch.Tensor] | None = None,
+    labels: Any | None = None,
 ) -> torch.Tensor:
     """Per-row losses (n,) fp32; writes the gradient coefficients into ``coefficients`` (default: over ``scores``)
     when ``grad_scale`` is given (a number, or a one-element fp32 tensor on the scores' device, which the kernel reads
     on the device). ``scales``: one ``SegmentScales`` (``.rows`` (n,), ``.columns`` (length,) fp32) per segment, or
-    None."""
+    None; ``labels``: mask_duplicates' ``DuplicateLabels`` (int32), or None."""
     first = scores[0]
     rows = first.shape[0]
     if coefficients is None:
@@ -243,7 +268,7 @@ def native_row_kernel(
         [c.data_ptr() for c in coefficients] if grad_scale is not None else [0] * len(scores),
         int(STORE_DTYPES[out_dtype]), [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in spec.kinds], rows,
         row_start, width, spec.scale, spec.alpha, int(HardnessKind(spec.hardness)), spec.joint,
-        host_grad_scale, row_loss.data_ptr(), grad_scale_factor,
+        host_grad_scale, row_loss.data_ptr(), grad_scale_factor, *_label_pointers(scores, labels, two_pass=False),
     )  # fmt: skip
     _call("contrastive_rows", first.device, *args)
     return row_loss
@@ -268,6 +293,7 @@ def native_row_statistics(
     column_max: torch.Tensor,
     column_sum: torch.Tensor,
     scales: Sequence[Any] | None = None,
+    labels: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric path's statistics pass (contract: st_fast.ops.row_kernel): (row LSEs (n, segments), positive
     logits (n,)) fp32; ``column_max`` / ``column_sum`` ((block.count,) fp32) are continued in place."""
@@ -282,7 +308,7 @@ def native_row_statistics(
         "contrastive_statistics", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale,
         spec.alpha, int(HardnessKind(spec.hardness)), row_lse.data_ptr(), positive.data_ptr(), block.begin,
-        block.count, *column_ptrs,
+        block.count, *column_ptrs, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
     return row_lse, positive
 
@@ -300,6 +326,7 @@ def native_row_coefficients(
     scales: Sequence[Any] | None = None,
     coefficients: list[torch.Tensor] | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: Any | None = None,
 ) -> None:
     """The symmetric path's coefficient pass (contract: st_fast.ops.row_kernel): writes the coefficients into
     ``coefficients`` (default: over ``scores``) from the references ``row_ref`` (n, segments) and ``column_ref``
@@ -325,7 +352,7 @@ def native_row_coefficients(
         int(HardnessKind(spec.hardness)), spec.joint, host_grad_scale,
         _pointer(row_ref, "the row references", (rows, len(scores)), device), block.begin, block.count,
         _pointer(column_ref, "the column references", (block.count,), device), len(spec.kinds),
-        *factor_ptrs, grad_scale_factor,
+        *factor_ptrs, grad_scale_factor, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
 
 
@@ -339,10 +366,12 @@ def native_row_exp_statistics(
     column_max: torch.Tensor,
     column_sum: torch.Tensor,
     shift: float,
+    labels: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric path's statistics pass in the fixed-shift form (contract: st_fast.ops.row_kernel; CPU only):
     as :func:`native_row_statistics` without scales or hardness, and every score is replaced by
-    e = exp(scale · score - shift) (0 where masked), the input of :func:`native_row_exp_coefficients`."""
+    e = exp(scale · score - shift) (0 where masked; mask_duplicates' duplicates keep their e), the input of
+    :func:`native_row_exp_coefficients`."""
     first = scores[0]
     rows, device = first.shape[0], first.device
     if device.type != "cpu":
@@ -354,7 +383,7 @@ def native_row_exp_statistics(
     require_cpu_ext().contrastive_exp_statistics(
         [s.data_ptr() for s in scores], [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows,
         row_start, width, spec.scale, float(shift), row_lse.data_ptr(), positive.data_ptr(), block.begin,
-        block.count, *column_ptrs,
+        block.count, *column_ptrs, *_label_pointers(scores, labels, two_pass=True),
     )  # fmt: skip
     return row_lse, positive
 
@@ -370,6 +399,7 @@ def native_row_exp_coefficients(
     row_factor: torch.Tensor,
     column_factor: torch.Tensor,
     coefficients: list[torch.Tensor] | None = None,
+    labels: Any | None = None,
 ) -> None:
     """The symmetric path's coefficient pass in the fixed-shift form (CPU only): from e (the output of
     :func:`native_row_exp_statistics`), ``row_factor`` = exp(shift - row_ref) (n, segments) and ``column_factor`` =
@@ -388,6 +418,7 @@ def native_row_exp_coefficients(
         spec.joint, float(grad_scale), block.begin, block.count, len(spec.kinds),
         _pointer(row_factor, "the row factors", (rows, len(exps)), device),
         _pointer(column_factor, "the column factors", (block.count,), device),
+        *_label_pointers(exps, labels, two_pass=True),
     )  # fmt: skip
 
 

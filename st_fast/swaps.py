@@ -36,7 +36,7 @@ from st_fast.ops.backends import BACKENDS, GIST, MNRL, drop_in_backend, resolve_
 logger = logging.getLogger("st_fast.trainer")  # the name users configure: the report is the trainer's
 
 _NO_DUPLICATES_VALUES = ("no_duplicates", "no_duplicates_hashed")
-_FLAGS = ("loss", "sampler", "report")
+_FLAGS = ("loss", "sampler", "report", "mask_duplicates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +45,21 @@ class StFastConfig:
 
     ``loss``: fuse the losses; ``sampler``: the native NoDuplicatesBatchSampler; ``backend``: the fused losses'
     backend (one of :data:`st_fast.ops.BACKENDS`: ``"auto"``, ``"triton"``, ``"native"``, ``"torch"``); ``report``:
-    show the swap report at each ``train()`` start (main process only).
+    show the swap report at each ``train()`` start (main process only); ``mask_duplicates`` (default False, not in
+    stock): set ``mask_duplicates=True`` on every fused MNRL-family loss (also inside wrappers such as
+    MatryoshkaLoss; see :class:`st_fast.losses.MultipleNegativesRankingLoss`): a candidate whose text equals the
+    row's positive or anchor leaves that row's softmax, so that random batches need no duplicate-free sampler.
 
-    Raises TypeError for a flag that is not a bool, ValueError for an unknown backend. Whether the backend can run
-    on the model's device is checked when the trainer is built (:func:`check_backends`).
+    Raises TypeError for a flag that is not a bool, ValueError for an unknown backend or ``mask_duplicates`` without
+    ``loss``. Whether the backend can run on the model's device is checked when the trainer is built
+    (:func:`check_backends`).
     """
 
     loss: bool = True
     sampler: bool = True
     backend: str = "auto"
     report: bool = True
+    mask_duplicates: bool = False
 
     def __post_init__(self) -> None:
         for name in _FLAGS:
@@ -64,6 +69,8 @@ class StFastConfig:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             known = ", ".join(repr(name) for name in BACKENDS)
             raise ValueError(f"st_fast option 'backend' must be one of {known}, got {self.backend!r}")
+        if self.mask_duplicates and not self.loss:
+            raise ValueError("st_fast option 'mask_duplicates' needs the fused losses (loss=True)")
 
     @classmethod
     def coerce(cls, value: StFastConfig | dict[str, Any] | bool | None) -> StFastConfig:
@@ -95,7 +102,12 @@ def fuse_loss(trainer: Any, loss: Any, config: StFastConfig) -> Any:
         return loss
     from st_fast.losses import fuse
 
-    return fuse(loss, backend=config.backend)
+    fused = fuse(loss, backend=config.backend)
+    if config.mask_duplicates:
+        for module in _fused_modules(fused):
+            if getattr(module, "mask_duplicates_applies", False):
+                module.mask_duplicates = True
+    return fused
 
 
 def fuse_trainer_losses(trainer: Any, config: StFastConfig) -> None:
@@ -298,7 +310,8 @@ def _resolve(trainer: Any, module: torch.nn.Module) -> tuple[str, str | None, to
     if op is GIST:  # the guide's similarities decide the masks, in the guide's embedding dtype
         guide = getattr(module, "guide", None)
         mask_dtype = _embedding_dtype(trainer, guide) if guide is not None else dtype
-    backend = resolve_backend(name, device, dtype, op, mask_dtype=mask_dtype)
+    masking = bool(getattr(module, "mask_duplicates", False))
+    backend = resolve_backend(name, device, dtype, op, mask_dtype=mask_dtype, mask_duplicates=masking)
     return backend.name, reason, device, dtype
 
 
@@ -376,7 +389,12 @@ def _loss_part(trainer: Any, loss: torch.nn.Module, config: StFastConfig) -> _Pa
     for module in fused:
         # a cached (GradCache) loss: st_fast computes its loss stage; the mini-batch embedding passes are stock's
         stage = "loss stage on " if getattr(module, "_replaced_method", None) == "calculate_loss" else ""
-        phrases.append(f"st_fast {type(module).__name__}, {stage}{_backend_phrase(trainer, module)}")
+        masking = ""
+        if getattr(module, "mask_duplicates", False):
+            masking = ", mask_duplicates on"
+        elif config.mask_duplicates:
+            masking = ", mask_duplicates not available for this loss"
+        phrases.append(f"st_fast {type(module).__name__}, {stage}{_backend_phrase(trainer, module)}{masking}")
         reason = module.fallback_reason()
         if reason is not None:
             stock_reasons.append(f"{type(module).__name__} computes stock: {reason}")

@@ -26,11 +26,13 @@ application that configures logging gets them through its own handlers instead (
 :func:`st_fast.swaps.emit_report`). ``trainer.st_fast_report`` holds the same as a dict (part -> description).
 
 ``st_fast=`` takes a :class:`StFastConfig` or a dict of its fields: ``{"loss": False}``, ``{"sampler": False}``,
-``{"backend": "torch"}``, ``{"report": False}`` (no report), or ``st_fast=False`` (the stock trainer exactly, without
-the report). The options are checked when the trainer is built: an unknown option or backend name (ValueError), a
-flag that is not a bool (TypeError), and a backend that cannot run on the model's device or dtype (RuntimeError for
-``"triton"`` on a CPU without ``TRITON_INTERPRET=1`` or ``"native"`` where its extension is not built, TypeError for
-either with float64 embeddings) fail in the constructor, not at the first step.
+``{"backend": "torch"}``, ``{"report": False}`` (no report), ``{"mask_duplicates": True}`` (beyond stock: every fused
+MNRL-family loss leaves candidates whose text equals the row's positive or anchor out of the row's softmax, see
+:class:`st_fast.losses.MultipleNegativesRankingLoss`; the report says so), or ``st_fast=False`` (the stock trainer
+exactly, without the report). The options are checked when the trainer is built: an unknown option or backend name
+(ValueError), a flag that is not a bool (TypeError), and a backend that cannot run on the model's device or dtype
+(RuntimeError for ``"triton"`` on a CPU without ``TRITON_INTERPRET=1`` or ``"native"`` where its extension is not
+built, TypeError for either with float64 embeddings) fail in the constructor, not at the first step.
 
 :func:`st_fast.patch` applies the same hooks to the stock trainer classes (for code you do not own); both call the
 swap functions of :mod:`st_fast.swaps`.
@@ -61,7 +63,8 @@ class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
     """Drop-in for :class:`sentence_transformers.SentenceTransformerTrainer` that swaps in st_fast's parts.
 
     Same constructor, plus the keyword ``st_fast``: a :class:`StFastConfig`, a dict with its fields (``loss``,
-    ``sampler``, ``backend``, ``report``) or a bool (``False``: the stock trainer exactly). See the module docstring.
+    ``sampler``, ``backend``, ``report``, ``mask_duplicates``) or a bool (``False``: the stock trainer exactly). See
+    the module docstring.
 
     Example::
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-POINTERS = {"SHIFT", "THRESH", "LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "OUT_PART"}
+POINTERS = {"SHIFT", "THRESH", "LABELS", "LSE_PART", "LSE_REF", "W_NORM", "GRAD_FACTOR", "OUT_PART"}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CAPABILITY = 90
 REPO = Path(__file__).resolve().parents[1]

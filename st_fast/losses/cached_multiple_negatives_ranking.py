@@ -37,6 +37,7 @@ class FusedCachedLossStageMixin(FusedMNRLMixin):
         """
         reason = self.fallback_reason()
         if reason is not None:
+            self.check_stock_fallback(reason)
             warn_stock_fallback_once(self, reason)
             return super().calculate_loss(reps, labels, with_backward=with_backward)
         if len(reps) < 2:
@@ -54,7 +55,9 @@ class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedM
 
     Args:
         Same as the stock class, plus ``backend``: ``"auto"`` (native C++/CUDA kernels when built, else Triton
-        on CUDA, else torch), ``"triton"``, ``"native"`` or ``"torch"``.
+        on CUDA, else torch), ``"triton"``, ``"native"`` or ``"torch"``, and ``mask_duplicates`` (default False; see
+        :class:`st_fast.losses.MultipleNegativesRankingLoss`: the texts come from the features ``forward`` receives,
+        so the masking covers the whole batch, across its mini-batches).
 
     The loss is computed in float32 and returned in stock's dtype (see
     :class:`st_fast.losses.MultipleNegativesRankingLoss`); a learnable ``scale`` gets its gradient during the loss
@@ -62,9 +65,10 @@ class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedM
     (``uses_gradient_cache``) — is the stock class's.
     """
 
-    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, backend: str = "auto", mask_duplicates: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self.mask_duplicates = mask_duplicates
 
 
 with subclassing_deprecated_stock():
@@ -73,9 +77,11 @@ with subclassing_deprecated_stock():
         FusedCachedLossStageMixin, StockCachedMultipleNegativesSymmetricRankingLoss
     ):
         """Deprecated upstream alias (CMNRL with ``directions=("query_to_doc", "doc_to_query")``,
-        ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+        ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend`` and
+        ``mask_duplicates``."""
 
-        def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        def __init__(self, *args: Any, backend: str = "auto", mask_duplicates: bool = False, **kwargs: Any) -> None:
             warn_deprecated_like_stock(StockCachedMultipleNegativesSymmetricRankingLoss)
             super().__init__(*args, **kwargs)
             self.backend = backend
+            self.mask_duplicates = mask_duplicates

@@ -13,6 +13,7 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from torch import Tensor
 
+from st_fast.losses.duplicate_masking import MaskDuplicatesOption, batch_labels, remembering_texts
 from st_fast.losses.similarity import fused_similarity_name
 from st_fast.losses.stock_contract import (
     BackendOption,
@@ -39,10 +40,36 @@ class FusedMNRLMixin:
     The configuration attributes (scale, similarity_fct, directions, partition_mode, hardness_mode,
     hardness_strength, gather_across_devices) are the stock class's own, read at every call; ``backend`` picks the
     kernels. What the fused op cannot compute exactly (see :meth:`fallback_reason`) is computed by the stock method.
+
+    ``mask_duplicates`` (default False: stock's loss): leave a candidate out of a row's softmax when its text equals
+    the row's reference text (see :mod:`st_fast.ops.layout`); the texts are taken from the features ``forward``
+    receives (:mod:`st_fast.losses.duplicate_masking`).
     """
 
     backend = BackendOption(BACKENDS)
+    mask_duplicates = MaskDuplicatesOption()
+    mask_duplicates_applies = True  # the loss gets the features (token ids) in forward: the trainer may set it
     _replaced_method = "compute_loss_from_embeddings"  # where the stock class looks its helpers up
+
+    def forward(self, sentence_features: Any, labels: Tensor | None) -> Tensor:
+        if not self.mask_duplicates:
+            return super().forward(sentence_features, labels)
+        sentence_features = list(sentence_features)
+        with remembering_texts(self, sentence_features):
+            return super().forward(sentence_features, labels)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """The stock configuration, plus ``mask_duplicates: True`` when it is on (so the model card records it)."""
+        config = super().get_config_dict()
+        if self.mask_duplicates:
+            config["mask_duplicates"] = True
+        return config
+
+    def check_stock_fallback(self, reason: str) -> None:
+        """Raises ValueError for a stock fallback (``reason``) of a loss with ``mask_duplicates``: stock has no such
+        masking, so computing this call with it would silently give the unmasked loss."""
+        if self.mask_duplicates:
+            raise ValueError(f"mask_duplicates=True cannot be computed here ({reason}); the stock loss has no masking")
 
     def fallback_reason(self) -> str | None:
         """Why this call must be computed by the stock implementation (None: the fused op computes it exactly)."""
@@ -57,6 +84,7 @@ class FusedMNRLMixin:
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
         reason = self.fallback_reason() or stock_only_layout(embeddings)
         if reason is not None:
+            self.check_stock_fallback(reason)
             warn_stock_fallback_once(self, reason)
             return super().compute_loss_from_embeddings(embeddings, labels)
         if len(embeddings) < 2:
@@ -70,6 +98,12 @@ class FusedMNRLMixin:
         check_embeddings(queries, docs)
         dtype = self.stock_loss_dtype(queries, docs[0])
         batch_size, offset = queries.shape[0], 0
+        text_labels = None
+        if self.mask_duplicates:
+            gather = None
+            if self.gather_across_devices:
+                gather = stock_helper(self, self._replaced_method, "all_gather_with_grad")
+            text_labels = batch_labels(self, batch_size, 1 + len(docs), queries.device, gather)
         if self.gather_across_devices:
             all_gather_with_grad = stock_helper(self, self._replaced_method, "all_gather_with_grad")
             queries = all_gather_with_grad(queries)
@@ -82,7 +116,7 @@ class FusedMNRLMixin:
             queries, docs, row_offset=offset, batch_size=batch_size, scale=self.scale,
             similarity=fused_similarity_name(self.similarity_fct), directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
-            hardness_strength=self.hardness_strength, backend=backend,
+            hardness_strength=self.hardness_strength, backend=backend, labels=text_labels,
         )  # fmt: skip
         return loss.to(dtype)
 
@@ -120,6 +154,13 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
         hardness_mode, hardness_strength), plus
         backend: ``"auto"`` (native C++/CUDA kernels when built, else Triton on CUDA, else torch),
             ``"triton"``, ``"native"`` or ``"torch"``.
+        mask_duplicates: False (default: stock's loss, the same ``get_config_dict()``), or True (not in stock): a
+            candidate whose text (token ids) equals the row's positive (query_to_doc, doc_to_doc) or anchor
+            (query_to_query, doc_to_query) is left out of that row's softmax, as stock leaves out a row's own
+            document in doc_to_doc; the target is never masked. Needs the features (call the loss, not
+            ``compute_loss_from_embeddings``: RuntimeError); a configuration the fused op cannot compute (see
+            below) raises ValueError instead of falling back to stock.
+            ``get_config_dict()`` then has ``mask_duplicates: True`` (and so the model card).
 
     Every attribute is read at call time, as stock does. ``scale`` may be a tensor; one that requires grad gets
     stock's gradient. ``similarity_fct`` other than ``util.cos_sim`` / ``util.dot_score``, or a ``hardness_strength``
@@ -135,18 +176,21 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
         loss = MultipleNegativesRankingLoss(model, scale=20.0)  # instead of sentence_transformers' class
     """
 
-    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, backend: str = "auto", mask_duplicates: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self.mask_duplicates = mask_duplicates
 
 
 with subclassing_deprecated_stock():
 
     class MultipleNegativesSymmetricRankingLoss(FusedMNRLMixin, StockMultipleNegativesSymmetricRankingLoss):
         """Deprecated upstream alias (MNRL with ``directions=("query_to_doc", "doc_to_query")`` and
-        ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend``."""
+        ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend`` and
+        ``mask_duplicates`` (see :class:`MultipleNegativesRankingLoss`)."""
 
-        def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        def __init__(self, *args: Any, backend: str = "auto", mask_duplicates: bool = False, **kwargs: Any) -> None:
             warn_deprecated_like_stock(StockMultipleNegativesSymmetricRankingLoss)
             super().__init__(*args, **kwargs)
             self.backend = backend
+            self.mask_duplicates = mask_duplicates

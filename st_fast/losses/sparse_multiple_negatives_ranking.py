@@ -16,6 +16,8 @@ class SparseMultipleNegativesRankingLoss(FusedMNRLMixin, StockSparseMultipleNega
     fused op (dense (B, vocab) embeddings, dot similarity by default). Same arguments as the stock class plus
     ``backend``; like the stock class it is used inside SpladeLoss / CSRLoss / CachedSpladeLoss."""
 
+    mask_duplicates_applies = False  # its wrappers give it embeddings, not features: no texts to compare
+
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend

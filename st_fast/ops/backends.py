@@ -72,6 +72,9 @@ class OpCapabilities:
         dtype ``triton`` computes with ``torch``, which decides them as stock does. None: the op has no such masks.
     triton_inexact: why the Triton kernels' results may differ from stock's decisions (None: they do not); a
         drop-in loss then computes ``triton`` with ``torch`` (:func:`drop_in_backend`).
+    triton_masks_duplicates: the Triton kernels take ``mask_duplicates``' text labels (see
+        :mod:`st_fast.ops.layout`); without, ``auto`` picks another backend for a call with labels and ``triton``
+        is an error.
     """
 
     package: str
@@ -79,9 +82,10 @@ class OpCapabilities:
     raw_16bit_operands: bool
     triton_mask_dtypes: tuple[torch.dtype, ...] | None = None
     triton_inexact: str | None = None
+    triton_masks_duplicates: bool = False
 
 
-MNRL = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True)
+MNRL = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True, triton_masks_duplicates=True)
 GIST = OpCapabilities(
     "st_fast.ops.gist",
     auto_picks_triton=False,  # not measured nor checked on a GPU yet: auto takes native (or torch) on every device
@@ -119,14 +123,16 @@ def resolve_backend(
     op: OpCapabilities = MNRL,
     *,
     mask_dtype: torch.dtype | None = None,
+    mask_duplicates: bool = False,
 ) -> Backend:
     """The backend object of ``op`` for ``backend=name`` on ``device`` with embeddings of ``dtype`` (and, for an op
-    with guide masks, masks decided in ``mask_dtype``). ``auto``: ``torch`` for float64, else ``native`` where its
-    extension is built for ``device``, else ``triton`` on CUDA where Triton is importable (and ``op`` lets auto pick
-    it), else ``torch``.
+    with guide masks, masks decided in ``mask_dtype``; ``mask_duplicates``: the call has text labels). ``auto``:
+    ``torch`` for float64, else ``native`` where its extension is built for ``device``, else ``triton`` on CUDA where
+    Triton is importable (and ``op`` lets auto pick it, and takes the labels), else ``torch``.
 
     Raises:
-        ValueError: ``name`` is not one of :data:`BACKENDS`.
+        ValueError: ``name`` is not one of :data:`BACKENDS`; ``triton`` with ``mask_duplicates`` for an op whose
+            Triton kernels do not take text labels.
         TypeError: ``native`` or ``triton`` for float64 embeddings (use ``torch``).
         RuntimeError: ``native`` where its extension is not built, ``triton`` where Triton cannot run (no triton, or
             CPU tensors without ``TRITON_INTERPRET=1``).
@@ -138,11 +144,20 @@ def resolve_backend(
             name = "torch"
         elif native_available(device):
             name = "native"
-        elif device.type == "cuda" and op.auto_picks_triton and _triton_runs_on(device):
+        elif (
+            device.type == "cuda"
+            and op.auto_picks_triton
+            and (op.triton_masks_duplicates or not mask_duplicates)
+            and _triton_runs_on(device)
+        ):
             name = "triton"
         else:
             name = "torch"
     if name == "triton":
+        if mask_duplicates and not op.triton_masks_duplicates:
+            raise ValueError(
+                "the triton backend does not implement mask_duplicates; use backend='native' or 'torch' (or 'auto')"
+            )
         if dtype == torch.float64:
             raise TypeError("the triton backend takes float32/float16/bfloat16; use backend='torch' for float64")
         from st_fast.ops.triton_lse import triton_unavailable_reason

@@ -18,6 +18,14 @@ D2D        d_g         docs (k·W)      c % W == g masked to -inf (the document 
 Hardness (Q2D only, strength α > 0): logit = scale·s + α·stopgrad(s) on the penalized entries:
 IN_BATCH penalizes c % W != g (other rows' positives and negatives), HARD penalizes c % W == g with c >= W (the
 row's own hard negatives), ALL penalizes c != g. The positive entry c == g is never penalized.
+
+Duplicate masking (``mask_duplicates``, opt-in; not in stock): with per-text labels (equal iff the texts' token ids
+are equal; query labels for the queries' columns, doc labels for the docs'), column c of a segment is also masked
+for row g when label[c] == label[g] and c != g, label being the segment's column labels: the column's text equals
+the row's reference text (Q2D / D2D: the positive d_g, column g of docs; Q2Q / D2Q: the anchor q_g, column g of
+queries). The target c == g is never masked by it. On the symmetric path (doc_to_query from the Q2D tile's columns,
+:mod:`st_fast.ops.mnrl.chunked`) an entry (r, c) of the positive block is masked in Q2D by the doc labels and, as
+D2Q row c / column r, by the query labels, each term on its own.
 """
 
 from __future__ import annotations

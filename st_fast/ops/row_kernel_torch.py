@@ -35,7 +35,7 @@ import torch
 
 from st_fast.ops.layout import HardnessKind, SegmentKind
 from st_fast.ops.mnrl.spec import ContrastiveSpec
-from st_fast.ops.row_kernel import PositiveBlock, RowKernel, SegmentScales, combine_partitions
+from st_fast.ops.row_kernel import DuplicateLabels, PositiveBlock, RowKernel, SegmentScales, combine_partitions
 
 FLOAT16_MAX = 65504.0
 
@@ -46,9 +46,15 @@ def _apply_scales(s: torch.Tensor, scales: SegmentScales | None) -> torch.Tensor
 
 
 def segment_mask_and_penalty(
-    kind: SegmentKind, n_cols: int, rows_global: torch.Tensor, width: int, spec: ContrastiveSpec
+    kind: SegmentKind,
+    n_cols: int,
+    rows_global: torch.Tensor,
+    width: int,
+    spec: ContrastiveSpec,
+    column_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(masked, penalized) boolean (n, L) matrices of one segment, or None where nothing is masked/penalized."""
+    """(masked, penalized) boolean (n, L) matrices of one segment, or None where nothing is masked/penalized;
+    ``column_labels`` (L,): mask_duplicates' labels of the segment's columns (see :mod:`st_fast.ops.layout`)."""
     cols = torch.arange(n_cols, device=rows_global.device)
     g = rows_global[:, None]
     masked = penalized = None
@@ -64,7 +70,26 @@ def segment_mask_and_penalty(
             penalized = own & (cols >= width)[None, :]
         else:  # ALL
             penalized = cols[None, :] != g
+    if column_labels is not None:
+        duplicate = (column_labels[None, :] == column_labels[rows_global][:, None]) & (cols[None, :] != g)
+        masked = duplicate if masked is None else masked | duplicate
     return masked, penalized
+
+
+def _block_duplicates(
+    labels: DuplicateLabels | None, rows_global: torch.Tensor, block: PositiveBlock
+) -> torch.Tensor | None:
+    """(n, block.count) True where the block entry leaves the D2Q (column) softmax, None without labels."""
+    if labels is None:
+        return None
+    columns = torch.arange(block.begin, block.begin + block.count, device=rows_global.device)
+    query_labels = labels.queries
+    same = query_labels[rows_global][:, None] == query_labels[columns][None, :]
+    return same & (rows_global[:, None] != columns[None, :])
+
+
+def _segment_labels(labels: DuplicateLabels | None, count: int) -> list[torch.Tensor | None]:
+    return [None] * count if labels is None else list(labels.segments)
 
 
 def holds_positive(kind: SegmentKind, spec: ContrastiveSpec) -> bool:
@@ -80,12 +105,14 @@ def _segment_logits(
     rows_global: torch.Tensor,
     width: int,
     scales: list[SegmentScales | None],
+    labels: DuplicateLabels | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
     """(similarities, logits, masks) of each segment: s with its scales, scale·s (+ the penalty, -inf where masked)."""
     similarities, logits, masks = [], [], []
-    for kind, raw, segment_scales in zip(kinds, scores, scales, strict=True):
+    segment_labels = _segment_labels(labels, len(scores))
+    for kind, raw, segment_scales, column_labels in zip(kinds, scores, scales, segment_labels, strict=True):
         s = _apply_scales(raw, segment_scales)
-        masked, penalized = segment_mask_and_penalty(kind, s.shape[1], rows_global, width, spec)
+        masked, penalized = segment_mask_and_penalty(kind, s.shape[1], rows_global, width, spec, column_labels)
         logit = s * spec.scale
         if penalized is not None:
             logit = logit + spec.alpha * s * penalized
@@ -117,14 +144,16 @@ def torch_row_kernel(
     grad_scale: float | torch.Tensor | None,
     scales: list[SegmentScales] | None = None,
     coefficients: list[torch.Tensor] | None = None,
+    labels: DuplicateLabels | None = None,
 ) -> torch.Tensor:
     """Per-row losses (n,) fp32 of a chunk; writes the gradient coefficients into ``coefficients`` (default: over
     ``scores``) when ``grad_scale`` (a number, or a one-element tensor on the scores' device) is not None.
-    ``scores[x]`` belongs to ``spec.kinds[x]``."""
+    ``scores[x]`` belongs to ``spec.kinds[x]``; ``labels``: duplicate masking
+    (:class:`st_fast.ops.row_kernel.DuplicateLabels`)."""
     n = scores[0].shape[0]
     scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
-    similarities, logits, masks = _segment_logits(scores, spec.kinds, spec, rows_global, width, scales)
+    similarities, logits, masks = _segment_logits(scores, spec.kinds, spec, rows_global, width, scales, labels)
     lses = torch.stack([torch.logsumexp(logit, dim=1) for logit in logits])  # (segments, n)
     log_z = combine_partitions(lses.T, spec.joint)
     local = torch.arange(n, device=scores[0].device)
@@ -160,16 +189,20 @@ def torch_row_statistics(
     column_max: torch.Tensor,
     column_sum: torch.Tensor,
     scales: list[SegmentScales] | None = None,
+    labels: DuplicateLabels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric path's statistics pass (:mod:`st_fast.ops.row_kernel`): (row LSEs (n, segments), positive
     logits (n,)), and the block's column statistics continued over this chunk's rows."""
     n = scores[0].shape[0]
     scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
-    similarities, logits, _ = _segment_logits(scores, kinds, spec, rows_global, width, scales)
+    similarities, logits, _ = _segment_logits(scores, kinds, spec, rows_global, width, scales, labels)
     row_lse = torch.stack([torch.logsumexp(logit, dim=1) for logit in logits], dim=1)
     positive = spec.scale * similarities[0][torch.arange(n, device=rows_global.device), rows_global]
     block_logits = spec.scale * similarities[0][:, block.begin : block.begin + block.count]
+    column_masked = _block_duplicates(labels, rows_global, block)
+    if column_masked is not None:
+        block_logits = block_logits.masked_fill(column_masked, float("-inf"))
     top = torch.maximum(column_max, block_logits.max(dim=0).values)
     shift = torch.where(top == float("-inf"), 0.0, top)  # no entries yet: keep exp(-inf - shift) = 0
     column_sum.mul_(torch.exp(column_max - shift)).add_(torch.exp(block_logits - shift).sum(dim=0))
@@ -190,6 +223,7 @@ def torch_row_coefficients(
     scales: list[SegmentScales] | None = None,
     coefficients: list[torch.Tensor] | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: DuplicateLabels | None = None,
 ) -> None:
     """The symmetric path's coefficient pass (:mod:`st_fast.ops.row_kernel`): writes into ``coefficients``
     (default: over ``scores``) the row-softmax term, plus the column-softmax term on the positive block, minus the
@@ -200,18 +234,28 @@ def torch_row_coefficients(
     scales = scales or [None] * len(scores)
     rows_global = torch.arange(row_start, row_start + n, device=scores[0].device)
     local = torch.arange(n, device=rows_global.device)
-    similarities, logits, masks = _segment_logits(scores, kinds, spec, rows_global, width, scales)
+    similarities, logits, masks = _segment_logits(scores, kinds, spec, rows_global, width, scales, labels)
+    column_masked = _block_duplicates(labels, rows_global, block)
     weight = _grad_weight(grad_scale, spec.scale, divisor=1.0 if spec.joint else len(spec.kinds))
     share = _grad_weight(grad_scale, spec.scale, divisor=1.0 if spec.joint else 2.0)  # Q2D's, D2Q's one-hot shares
     outputs = scores if coefficients is None else coefficients
     for x, (kind, out, s, logit, masked) in enumerate(zip(kinds, outputs, similarities, logits, masks, strict=True)):
         coefficient = torch.exp(logit - row_ref[:, x, None]) * weight
+        if masked is not None:  # the row term only: a block entry may be masked in one softmax and not the other
+            coefficient = coefficient.masked_fill(masked, 0.0)
         if kind == SegmentKind.Q2D:
             columns = slice(block.begin, block.begin + block.count)
-            coefficient[:, columns] += torch.exp(spec.scale * s[:, columns] - column_ref[None, :]) * weight
+            column_term = torch.exp(spec.scale * s[:, columns] - column_ref[None, :]) * weight
+            if column_masked is not None:
+                column_term = column_term.masked_fill(column_masked, 0.0)
+            coefficient[:, columns] += column_term
             coefficient[local, rows_global] -= share
             if not spec.joint:
                 coefficient[local, rows_global] -= share
+            if masked is not None:  # zero where both softmaxes leave the entry out (as the masked rows below)
+                both = masked.clone()
+                both[:, columns] &= column_masked if column_masked is not None else False
+                masked = both
         coefficient = _apply_scales(coefficient, scales[x])
         if masked is not None:
             coefficient = coefficient.masked_fill(masked, 0.0)

@@ -206,9 +206,9 @@ def _per_column(x, TRANSPOSED: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    R, C, GR, GC, SHIFT, THRESH, offs_m, offs_n, M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc,
+    R, C, GR, GC, SHIFT, THRESH, LABELS, offs_m, offs_n, M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc,
     row_start, width, scale, alpha,
-    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
+    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr, LABELED: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):  # fmt: skip
@@ -216,7 +216,9 @@ def _logit_tile(
 
     Without GUIDED: :func:`_segment_logits` of the score tile. With GUIDED: the same of the shifted scores
     s - shift_i, then -inf where the guide tile γ = GR·GCᵀ exceeds threshold_i, except at the target column c == g
-    when PROTECT. Tail rows and columns (offs >= M, N) have zero scores; tail columns are masked.
+    when PROTECT. With LABELED (mask_duplicates, st_fast/ops/layout.py): -inf where the column's label equals the
+    row's reference label LABELS[g] and c != g (LABELS: the labels of the N columns, one load per column tile).
+    Tail rows and columns (offs >= M, N) have zero scores; tail columns are masked.
     """
     row_mask = offs_m < M
     col_mask = offs_n < N
@@ -234,6 +236,10 @@ def _logit_tile(
         if PROTECT:
             false_negative = false_negative & (c != g)
         logit = tl.where(false_negative, float("-inf"), logit)
+    if LABELED:
+        column_labels = _per_column(tl.load(LABELS + offs_n, mask=col_mask, other=-1), TRANSPOSED)
+        row_labels = _per_row(tl.load(LABELS + row_start + offs_m, mask=row_mask, other=-2), TRANSPOSED)
+        logit = tl.where((column_labels == row_labels) & (c != g), float("-inf"), logit)
     return logit
 
 
@@ -279,9 +285,9 @@ def _accumulate_p_product(
 
 @triton.jit
 def _segment_lse_forward_kernel(
-    R, C, GR, GC, SHIFT, THRESH, LSE_PART,
+    R, C, GR, GC, SHIFT, THRESH, LABELS, LSE_PART,
     M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc, row_start, width, scale, alpha, tiles_per_split,
-    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
+    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr, LABELED: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):  # fmt: skip
@@ -297,8 +303,8 @@ def _segment_lse_forward_kernel(
     n_end = tl.minimum(N, n_begin + tiles_per_split * BLOCK_N)
     for n0 in range(n_begin, n_end, BLOCK_N):
         logit = _logit_tile(
-            R, C, GR, GC, SHIFT, THRESH, offs_m, n0 + tl.arange(0, BLOCK_N), M, N, D, DG, stride_r, stride_c,
-            stride_gr, stride_gc, row_start, width, scale, alpha, KIND, HARDNESS, GUIDED, PROTECT, UPCAST,
+            R, C, GR, GC, SHIFT, THRESH, LABELS, offs_m, n0 + tl.arange(0, BLOCK_N), M, N, D, DG, stride_r, stride_c,
+            stride_gr, stride_gc, row_start, width, scale, alpha, KIND, HARDNESS, GUIDED, PROTECT, LABELED, UPCAST,
             INPUT_PRECISION, GUIDE_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
         )  # fmt: skip
         m_i, l_i = _online_lse_step(m_i, l_i, logit)
@@ -310,9 +316,9 @@ def _segment_lse_forward_kernel(
 
 @triton.jit
 def _segment_lse_backward_kernel(
-    R, C, GR, GC, SHIFT, THRESH, LSE_REF, W_NORM, GRAD_FACTOR, OUT_PART,
+    R, C, GR, GC, SHIFT, THRESH, LABELS, LSE_REF, W_NORM, GRAD_FACTOR, OUT_PART,
     M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc, row_start, width, scale, alpha, tiles_per_split,
-    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr,
+    KIND: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PROTECT: tl.constexpr, LABELED: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
     BLOCK_DO: tl.constexpr, BLOCK_DT: tl.constexpr,
@@ -354,9 +360,9 @@ def _segment_lse_backward_kernel(
         offs_m = offs_loop if COLUMNS else offs_owned
         offs_n = offs_owned if COLUMNS else offs_loop
         logit = _logit_tile(
-            R, C, GR, GC, SHIFT, THRESH, offs_m, offs_n, M, N, D, DG, stride_r, stride_c, stride_gr, stride_gc,
-            row_start, width, scale, alpha, KIND, HARDNESS, GUIDED, PROTECT, UPCAST, INPUT_PRECISION,
-            GUIDE_PRECISION, COLUMNS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
+            R, C, GR, GC, SHIFT, THRESH, LABELS, offs_m, offs_n, M, N, D, DG, stride_r, stride_c, stride_gr,
+            stride_gc, row_start, width, scale, alpha, KIND, HARDNESS, GUIDED, PROTECT, LABELED, UPCAST,
+            INPUT_PRECISION, GUIDE_PRECISION, COLUMNS, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG,
         )  # fmt: skip
         p = _p_tile(LSE_REF, W_NORM, logit, offs_m, M, COLUMNS)  # (BLOCK_OWNED, BLOCK_LOOP)
         other = R if COLUMNS else C  # the operand the owned gradient is a product with

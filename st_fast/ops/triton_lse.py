@@ -249,7 +249,11 @@ def _split(n_tiles: int, n_other_programs: int, device: torch.device, n_split: i
 
 
 def _launch_options(
-    rows: torch.Tensor, kind: SegmentKind, hardness: HardnessKind, guide: SegmentGuide | None = None
+    rows: torch.Tensor,
+    kind: SegmentKind,
+    hardness: HardnessKind,
+    guide: SegmentGuide | None = None,
+    labeled: bool = False,
 ) -> dict:
     """The kernels' feature flags (constexprs) for one segment; without a guide its flags are off and its tile
     size is the smallest (the guide operands are not read)."""
@@ -262,6 +266,7 @@ def _launch_options(
         "HARDNESS": int(hardness),
         "GUIDED": guide is not None,
         "PROTECT": guide is not None and guide.protect,
+        "LABELED": labeled,
         "UPCAST": upcast,
         "INPUT_PRECISION": _input_precision(rows.dtype),
         "GUIDE_PRECISION": _input_precision(guide_rows.dtype),
@@ -279,12 +284,25 @@ def _guide_arguments(rows: torch.Tensor, guide: SegmentGuide | None) -> tuple:
     return pointers, (guide.rows.shape[1], guide.rows.stride(0), guide.cols.stride(0))
 
 
-def _prepare(rows, cols, kind, row_start, width, hardness, alpha, guide):
+def _label_pointer(rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The LABELS pointer of the kernels: the columns' labels (N,) int32 / int64, or a placeholder (never read)."""
+    if labels is None:
+        return torch.zeros(1, dtype=torch.int64, device=rows.device)
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError("labels must be an int32 or int64 tensor")
+    if labels.shape != (cols.shape[0],) or labels.device != rows.device:
+        raise ValueError(f"labels must have shape ({cols.shape[0]},) (one per column) and be on {rows.device}")
+    return labels.contiguous()
+
+
+def _prepare(rows, cols, kind, row_start, width, hardness, alpha, guide, labels=None):
     rows, cols = _validate(rows, cols, SegmentKind(kind), row_start, width, float(alpha))
     kind, hardness = _kinds(kind, hardness, float(alpha))
     if guide is not None:
         guide = _validate_guide(guide, rows, cols)
-    return rows, cols, _launch_options(rows, kind, hardness, guide), _guide_arguments(rows, guide)
+    guide_pointers, guide_sizes = _guide_arguments(rows, guide)
+    pointers = (*guide_pointers, _label_pointer(rows, cols, labels))
+    return rows, cols, _launch_options(rows, kind, hardness, guide, labels is not None), (pointers, guide_sizes)
 
 
 def segment_lse_forward(
@@ -299,15 +317,17 @@ def segment_lse_forward(
     alpha: float = 0.0,
     guide: SegmentGuide | None = None,
     n_split: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """lse (M,) fp32: lse_i = log Σ_c exp(L_ic) over one segment; -inf for a fully masked row.
 
     rows (M, D) and cols (N, D) share a dtype (fp32/fp16/bf16) and device. ``guide`` masks the guide's false
     negatives and shifts the scores (GISTEmbed). ``n_split`` overrides the number of column splits (merged
-    deterministically by torch).
+    deterministically by torch). ``labels`` (N,) int32 / int64: mask_duplicates, column c masked for row g when
+    labels[c] == labels[g] and c != g (st_fast/ops/layout.py).
     """
     rows, cols, options, (guide_pointers, guide_sizes) = _prepare(
-        rows, cols, kind, row_start, width, hardness, alpha, guide
+        rows, cols, kind, row_start, width, hardness, alpha, guide, labels
     )
     (m, d), n = rows.shape, cols.shape[0]
     blocks = _blocks(m, n, d)
@@ -338,15 +358,16 @@ def segment_lse_backward(
     alpha: float = 0.0,
     guide: SegmentGuide | None = None,
     n_split: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_rows (M, D), d_cols (N, D)) fp32: scale·P @ C and scale·Pᵀ @ R with P_ic = w_i·exp(L_ic - lse_ref_i).
 
     lse_ref and row_weight are fp32 (M,); lse_ref may be a joint LSE over several segments. Rows with w_i = 0 or
-    lse_ref_i = -inf contribute nothing. ``guide`` as in :func:`segment_lse_forward`. ``n_split`` overrides the
-    number of loop splits of both kernels.
+    lse_ref_i = -inf contribute nothing. ``guide`` and ``labels`` as in :func:`segment_lse_forward`. ``n_split``
+    overrides the number of loop splits of both kernels.
     """
     rows, cols, options, (guide_pointers, guide_sizes) = _prepare(
-        rows, cols, kind, row_start, width, hardness, alpha, guide
+        rows, cols, kind, row_start, width, hardness, alpha, guide, labels
     )
     (m, d), n = rows.shape, cols.shape[0]
     for name, vec in (("lse_ref", lse_ref), ("row_weight", row_weight)):

@@ -49,6 +49,13 @@
 //                                 positive's one-hot shares at the diagonal (Q2D's, and D2Q's in per_direction), so
 //                                 that the caller's two gradient GEMMs per segment cover both directions.
 // A D2Q row segment in the coefficient pass holds no share of the one-hot term (its positive is the diagonal).
+//
+// Duplicate masking (mask_duplicates, optional; st_fast/ops/layout.py): with labels[x] (one Label per column of
+// segment x, equal iff the texts are equal), column c of segment x is masked for row g (as -inf, coefficient 0) when
+// labels[x][c] == labels[x][g] and c != g (the target is never masked). On the symmetric path the column softmax of
+// the positive block takes its own mask from query_labels: entry (r, c) as D2Q row c, column g, is masked when
+// query_labels[c] == query_labels[g] and c != g; the row and column terms of an entry are masked independently.
+// The CPU range loops test a column's label with a branch-free select (template kLabels: no cost without labels).
 #pragma once
 
 #include "st_fast/half_store.h"
@@ -61,6 +68,10 @@ namespace st_fast {
 constexpr int kMaxSegments = 4;
 enum SegmentKind : int { kQ2D = 0, kQ2Q = 1, kD2Q = 2, kD2D = 3 };
 enum HardnessKind : int { kHardnessNone = 0, kInBatch = 1, kHard = 2, kAll = 3 };
+
+// mask_duplicates' text labels: dense int32 (the op renumbers any int64 labels to 0 .. texts - 1), so that the CPU
+// range loops compare them in the floats' lane width (SSE2 has no 64-bit integer compare).
+using Label = int32_t;
 
 struct ContrastiveRowArgs {
   int num_segments;
@@ -97,6 +108,10 @@ struct ContrastiveRowArgs {
   const float* row_factor;  // (rows,)
   const float* col_factor;  // (block_count,)
   int directions;          // coefficients: the loss's number of directions (per_direction weight 1 / directions)
+  // mask_duplicates, optional (null: none): (lengths[x],) the labels of segment x's columns; (width,) the query
+  // labels of the positive block's column softmax (two-pass entry points); equal iff the texts are equal
+  const Label* labels[kMaxSegments];
+  const Label* query_labels;
 };
 
 // grad_scale times the optional device-side factor (grad_scale 1 with factor γ: exactly the coefficients of
@@ -123,6 +138,16 @@ ST_FAST_HD float own_column_multiplier(const ContrastiveRowArgs& a, int kind, in
 // term: Q2D always, D2Q in per_direction (in joint it is one more entry of the single softmax).
 ST_FAST_HD bool holds_positive(const ContrastiveRowArgs& a, int kind) {
   return kind == kQ2D || (!a.joint && kind == kD2Q);
+}
+
+// Whether column c of segment x is a duplicate of row g's reference text (mask_duplicates; never the target c == g).
+ST_FAST_HD bool duplicate(const ContrastiveRowArgs& a, int x, int64_t c, int64_t g) {
+  return a.labels[x] != nullptr && c != g && a.labels[x][c] == a.labels[x][g];
+}
+
+// Whether the positive block's column c leaves the D2Q (column) softmax at row g (mask_duplicates).
+ST_FAST_HD bool column_duplicate(const ContrastiveRowArgs& a, int64_t c, int64_t g) {
+  return a.query_labels != nullptr && c != g && a.query_labels[c] == a.query_labels[g];
 }
 
 // Running (max, sum of exp(l - max)) of one lane's logits; -inf logits (zero weight) are skipped, NaN propagates.
@@ -188,25 +213,35 @@ ST_FAST_HD float scaled(const ContrastiveRowArgs& a, int x, float row_scale, int
 constexpr int kVectorLanes = 16;
 constexpr int64_t kRangeTile = 256;  // coefficients are staged per tile in a local buffer: the output may alias v
 
-// The logit v[c]·(row_scale·col_scale[c])·mult of a bulk entry (the same expression as scaled(...)·mult).
-template <bool kColScale>
-ST_FAST_HD_VEC float range_logit(const float* v, const float* col_scale, float row_scale, float mult, int64_t c) {
-  return v[c] * (row_scale * (kColScale ? col_scale[c] : 1.0f)) * mult;
+// mask_duplicates in the range loops (kLabels): `masked` where column c's label equals the row's reference label
+// `ref` (a bulk column is never the row's target), else value; a branch-free select, so that the loops vectorize.
+template <bool kLabels>
+ST_FAST_HD_VEC float unless_duplicate(const Label* labels, Label ref, int64_t c, float value, float masked) {
+  return kLabels ? select_float(labels[c] == ref, masked, value) : value;
+}
+
+// The logit v[c]·(row_scale·col_scale[c])·mult of a bulk entry (the same expression as scaled(...)·mult); -inf for
+// a duplicate (kLabels).
+template <bool kColScale, bool kLabels = false>
+ST_FAST_HD_VEC float range_logit(const float* v, const float* col_scale, float row_scale, float mult, int64_t c,
+                                 const Label* labels = nullptr, Label ref = 0) {
+  const float logit = v[c] * (row_scale * (kColScale ? col_scale[c] : 1.0f)) * mult;
+  return unless_duplicate<kLabels>(labels, ref, c, logit, -INFINITY);
 }
 
 // max(m, the logits of columns [begin, end)); NaN logits are skipped (their exp in range_sum_exp propagates). The
 // running max is elementwise over kMaxLanes accumulators, tile by tile (GCC vectorizes this form of a max, not a
 // fixed 16-lane reduction, whose unrolled selects it leaves scalar), then reduced.
 constexpr int64_t kMaxLanes = 64;
-template <bool kColScale>
+template <bool kColScale, bool kLabels>
 ST_FAST_HD float range_max(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
-                           int64_t end, float m) {
+                           int64_t end, float m, const Label* labels, Label ref) {
   float lane[kMaxLanes];
   for (int64_t l = 0; l < kMaxLanes; ++l) lane[l] = -INFINITY;
   for (int64_t c0 = begin; c0 < end; c0 += kMaxLanes) {
     const int64_t count = end - c0 < kMaxLanes ? end - c0 : kMaxLanes;
     for (int64_t l = 0; l < count; ++l) {
-      const float x = range_logit<kColScale>(v, col_scale, row_scale, mult, c0 + l);
+      const float x = range_logit<kColScale, kLabels>(v, col_scale, row_scale, mult, c0 + l, labels, ref);
       lane[l] = x > lane[l] ? x : lane[l];
     }
   }
@@ -214,18 +249,19 @@ ST_FAST_HD float range_max(const float* v, const float* col_scale, float row_sca
   return m;
 }
 
-// The sum of row_expf(l - shift) over the logits of columns [begin, end).
-template <bool kColScale>
+// The sum of row_expf(l - shift) over the logits of columns [begin, end) (row_expf(-inf) = 0: duplicates add 0).
+template <bool kColScale, bool kLabels>
 ST_FAST_HD float range_sum_exp(const float* v, const float* col_scale, float row_scale, float mult, int64_t begin,
-                               int64_t end, float shift) {
+                               int64_t end, float shift, const Label* labels, Label ref) {
   float lane[kVectorLanes];
   for (int l = 0; l < kVectorLanes; ++l) lane[l] = 0.0f;
   int64_t c = begin;
   for (; c + kVectorLanes <= end; c += kVectorLanes)
     for (int l = 0; l < kVectorLanes; ++l)
-      lane[l] += row_expf(range_logit<kColScale>(v, col_scale, row_scale, mult, c + l) - shift);
+      lane[l] += row_expf(range_logit<kColScale, kLabels>(v, col_scale, row_scale, mult, c + l, labels, ref) - shift);
   float total = 0.0f;
-  for (; c < end; ++c) total += row_expf(range_logit<kColScale>(v, col_scale, row_scale, mult, c) - shift);
+  for (; c < end; ++c)
+    total += row_expf(range_logit<kColScale, kLabels>(v, col_scale, row_scale, mult, c, labels, ref) - shift);
   for (int l = 0; l < kVectorLanes; ++l) total += lane[l];
   return total;
 }
@@ -267,10 +303,25 @@ ST_FAST_HD void for_each_segment_range(int64_t n, int64_t width, int64_t g, Rang
 // LSE -inf; a +inf logit: the sum and the LSE +inf).
 ST_FAST_HD float finite_shift(float m) { return m - m == 0.0f ? m : 0.0f; }
 
+// f(std::bool_constant<first>{}, std::bool_constant<second>{}): the range loops' template flags (column scales,
+// labels) from their runtime values.
+template <class F>
+ST_FAST_HD void dispatch_range_flags(bool first, bool second, F&& f) {
+  if (first) {
+    if (second) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (second) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
 // segment_lse of the serial build: two passes over the row's ranges.
-template <bool kColScale>
+template <bool kColScale, bool kLabels>
 ST_FAST_HD float segment_lse_ranges(const ContrastiveRowArgs& a, int64_t r, int x, float& positive) {
   const int64_t g = a.row_start + r;
+  const Label* labels = a.labels[x];
+  const Label ref_label = kLabels ? labels[g] : 0;
   const float* v = a.scores[x] + r * a.lengths[x];
   const float* col_scale = a.col_scale[x];
   const int kind = a.kinds[x];
@@ -278,14 +329,16 @@ ST_FAST_HD float segment_lse_ranges(const ContrastiveRowArgs& a, int64_t r, int 
   const float bulk = bulk_multiplier(a, kind);
   auto own_logit = [&](int64_t c, int64_t j, float& logit) {
     const float mult = own_column_multiplier(a, kind, j);
-    if (mult == 0.0f) return false;
+    if (mult == 0.0f || duplicate(a, x, c, g)) return false;
     logit = scaled(a, x, row_scale, c, v[c]) * mult;
     return true;
   };
   float m = -INFINITY;
   for_each_segment_range(
       a.lengths[x], a.width, g,
-      [&](int64_t begin, int64_t end) { m = range_max<kColScale>(v, col_scale, row_scale, bulk, begin, end, m); },
+      [&](int64_t begin, int64_t end) {
+        m = range_max<kColScale, kLabels>(v, col_scale, row_scale, bulk, begin, end, m, labels, ref_label);
+      },
       [&](int64_t c, int64_t j) {
         float logit;
         if (!own_logit(c, j, logit)) return;
@@ -297,7 +350,7 @@ ST_FAST_HD float segment_lse_ranges(const ContrastiveRowArgs& a, int64_t r, int 
   for_each_segment_range(
       a.lengths[x], a.width, g,
       [&](int64_t begin, int64_t end) {
-        total += range_sum_exp<kColScale>(v, col_scale, row_scale, bulk, begin, end, shift);
+        total += range_sum_exp<kColScale, kLabels>(v, col_scale, row_scale, bulk, begin, end, shift, labels, ref_label);
       },
       [&](int64_t c, int64_t j) {
         float logit;
@@ -310,7 +363,11 @@ ST_FAST_HD float segment_lse_ranges(const ContrastiveRowArgs& a, int64_t r, int 
 template <class Lanes>
 ST_FAST_HD float segment_lse(const ContrastiveRowArgs& a, int64_t r, int x, const Lanes& lanes, float& positive) {
   if constexpr (Lanes::kContiguous) {
-    return a.col_scale[x] ? segment_lse_ranges<true>(a, r, x, positive) : segment_lse_ranges<false>(a, r, x, positive);
+    float lse = 0.0f;
+    dispatch_range_flags(a.col_scale[x] != nullptr, a.labels[x] != nullptr, [&](auto col_scaled, auto labelled) {
+      lse = segment_lse_ranges<decltype(col_scaled)::value, decltype(labelled)::value>(a, r, x, positive);
+    });
+    return lse;
   } else {
   const int64_t g = a.row_start + r;
   const float* v = a.scores[x] + r * a.lengths[x];
@@ -320,10 +377,12 @@ ST_FAST_HD float segment_lse(const ContrastiveRowArgs& a, int64_t r, int x, cons
   OnlineLogSumExp acc;
   for_each_segment_column(
       v, a.lengths[x], a.width, g, lanes,
-      [&](int64_t c, float value) { acc.add(scaled(a, x, row_scale, c, value) * bulk); },
+      [&](int64_t c, float value) {
+        if (!duplicate(a, x, c, g)) acc.add(scaled(a, x, row_scale, c, value) * bulk);
+      },
       [&](int64_t c, int64_t j, float value) {
         const float mult = own_column_multiplier(a, kind, j);
-        if (mult == 0.0f) return;
+        if (mult == 0.0f || duplicate(a, x, c, g)) return;
         const float logit = scaled(a, x, row_scale, c, value) * mult;
         if (kind == kQ2D && j == 0) positive = logit;
         acc.add(logit);
@@ -370,36 +429,39 @@ ST_FAST_HD void contrastive_row(const ContrastiveRowArgs& a, int64_t r, const La
     const float ref = a.joint ? log_z : seg_lse[x];
     const float weight = a.joint ? base : base / static_cast<float>(a.num_segments);
     const bool holder = holds_positive(a, kind);
+    const Label* labels = a.labels[x];
     auto own = [&](int64_t c, int64_t j, float value) {
       const float mult = own_column_multiplier(a, kind, j);
       const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
-      float coefficient = mult == 0.0f ? 0.0f : weight * row_expf(value * scales * mult - ref);
+      const bool masked = mult == 0.0f || duplicate(a, x, c, g);
+      float coefficient = masked ? 0.0f : weight * row_expf(value * scales * mult - ref);
       if (holder && j == 0) coefficient -= positive_share;  // the positive's one-hot term
       Out::put(out, out_offset + c, coefficient * scales);
     };
     if constexpr (Lanes::kContiguous) {
-      auto store_rows = [&](auto has_col_scale) {
+      const Label ref_label = labels ? labels[g] : 0;
+      auto store_rows = [&](auto has_col_scale, auto has_labels) {
         constexpr bool kColScale = decltype(has_col_scale)::value;
+        constexpr bool kLabels = decltype(has_labels)::value;
         for_each_segment_range(
             n, a.width, g,
             [&](int64_t begin, int64_t end) {
               range_store<Out>(out, out_offset, begin, end, [&](int64_t c) {
                 const float scales = row_scale * (kColScale ? col_scale[c] : 1.0f);
-                return weight * row_expf(v[c] * scales * bulk - ref) * scales;
+                const float coefficient = weight * row_expf(v[c] * scales * bulk - ref) * scales;
+                return unless_duplicate<kLabels>(labels, ref_label, c, coefficient, 0.0f);
               });
             },
             [&](int64_t c, int64_t j) { own(c, j, v[c]); });
       };
-      if (col_scale)
-        store_rows(std::true_type{});
-      else
-        store_rows(std::false_type{});
+      dispatch_range_flags(col_scale != nullptr, labels != nullptr, store_rows);
     } else {
       for_each_segment_column(
           v, n, a.width, g, lanes,
           [&](int64_t c, float value) {
             const float scales = row_scale * (col_scale ? col_scale[c] : 1.0f);
-            Out::put(out, out_offset + c, weight * row_expf(value * scales * bulk - ref) * scales);
+            const float coefficient = weight * row_expf(value * scales * bulk - ref) * scales;
+            Out::put(out, out_offset + c, duplicate(a, x, c, g) ? 0.0f : coefficient);
           },
           own);
     }
@@ -433,7 +495,7 @@ ST_FAST_HD void contrastive_column_statistics(const ContrastiveRowArgs& a, int64
       OnlineLogSumExp acc;
       acc.max = a.col_max[j];
       acc.sum = a.col_sum[j];
-      acc.add(column_logit(a, r, j));
+      acc.add(column_duplicate(a, a.block_begin + j, a.row_start + r) ? -INFINITY : column_logit(a, r, j));
       a.col_max[j] = acc.max;
       a.col_sum[j] = acc.sum;
     }
@@ -445,18 +507,33 @@ ST_FAST_HD void contrastive_column_statistics(const ContrastiveRowArgs& a, int64
 // loop over the contiguous columns of a row (vectorized; one exp per entry, as the online form). Deterministic:
 // the rows of each column in order.
 constexpr int64_t kColumnTile = 64;
-template <bool kColScale>
+template <bool kColScale, bool kLabels = false>
 ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, int64_t j_begin, int64_t j_end) {
   const int64_t count = j_end - j_begin;
   const float* col_scale = a.col_scale[0] ? a.col_scale[0] + a.block_begin + j_begin : nullptr;
+  // mask_duplicates: the block columns' query labels; entry (r, j) is masked when its label equals row r's and j is
+  // not row r's own column (the diagonal, the positive pair): the loops mask every equal label, and row r's diagonal
+  // entry (when in the tile) is then added on its own, at the same point of the column's row order
+  const Label* labels = kLabels ? a.query_labels + a.block_begin + j_begin : nullptr;
+  auto row_label = [&](int64_t r) { return kLabels ? a.query_labels[a.row_start + r] : Label{0}; };
+  auto diagonal_of = [&](int64_t r) {
+    const int64_t d = a.row_start + r - a.block_begin - j_begin;
+    return kLabels && d >= 0 && d < count ? d : -1;
+  };
   float top[kColumnTile], shift[kColumnTile], total[kColumnTile];
   for (int64_t j = 0; j < count; ++j) top[j] = a.col_max[j_begin + j];
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* v = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
     const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
+    const Label ref = row_label(r);
     for (int64_t j = 0; j < count; ++j) {
-      const float x = range_logit<kColScale>(v, col_scale, row_scale, a.scale, j);
+      const float x = range_logit<kColScale, kLabels>(v, col_scale, row_scale, a.scale, j, labels, ref);
       top[j] = x > top[j] ? x : top[j];
+    }
+    const int64_t d = diagonal_of(r);
+    if (d >= 0) {
+      const float x = range_logit<kColScale>(v, col_scale, row_scale, a.scale, d);
+      top[d] = x > top[d] ? x : top[d];
     }
   }
   for (int64_t j = 0; j < count; ++j) {
@@ -468,8 +545,11 @@ ST_FAST_HD void contrastive_column_statistics_tile(const ContrastiveRowArgs& a, 
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* v = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
     const float row_scale = a.row_scale[0] ? a.row_scale[0][r] : 1.0f;
+    const Label ref = row_label(r);
     for (int64_t j = 0; j < count; ++j)
-      total[j] += row_expf(range_logit<kColScale>(v, col_scale, row_scale, a.scale, j) - shift[j]);
+      total[j] += row_expf(range_logit<kColScale, kLabels>(v, col_scale, row_scale, a.scale, j, labels, ref) - shift[j]);
+    const int64_t d = diagonal_of(r);
+    if (d >= 0) total[d] += row_expf(range_logit<kColScale>(v, col_scale, row_scale, a.scale, d) - shift[d]);
   }
   for (int64_t j = 0; j < count; ++j) {
     a.col_max[j_begin + j] = top[j];
@@ -505,8 +585,9 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
     // two (a relative error of a few fp32 roundings; with both factors within e^±8, an exp(l - ref) that underflows
     // leaves out a column term below e^-87).
     const float row_factor = q2d && a.row_factor ? a.row_factor[r] : 0.0f;
+    const Label* labels = a.labels[x];
     auto column_term = [&](int64_t c, float s, float mult, float row_exp) {
-      if (!q2d || c < a.block_begin || c >= block_end) return 0.0f;
+      if (!q2d || c < a.block_begin || c >= block_end || column_duplicate(a, c, g)) return 0.0f;
       const int64_t j = c - a.block_begin;
       const float col_factor = a.col_factor ? a.col_factor[j] : 0.0f;
       if (mult == a.scale && row_factor > 0.0f && col_factor > 0.0f)
@@ -517,7 +598,8 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
       const float mult = own_column_multiplier(a, kind, j);
       const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
       const float s = value * scales;
-      const float row_exp = mult == 0.0f ? 0.0f : row_expf(s * mult - ref);
+      // (a duplicate own column is a hard negative of the row, outside the positive block: no column term)
+      const float row_exp = mult == 0.0f || duplicate(a, x, c, g) ? 0.0f : row_expf(s * mult - ref);
       float coefficient = weight * row_exp;
       float column = column_term(c, s, mult, row_exp);
       if (q2d && j == 0) {  // the diagonal: the positive of row g in both directions
@@ -528,13 +610,19 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
     };
     if constexpr (Lanes::kContiguous) {
       const float* col_scale = a.col_scale[x];
-      auto store_rows = [&](auto has_col_scale) {
+      // mask_duplicates: the row term's labels (the segment's) and the column term's (the query labels)
+      const Label ref_label = labels ? labels[g] : 0;
+      const Label* query_labels = a.query_labels;
+      const Label query_ref = query_labels ? query_labels[g] : 0;
+      auto store_rows = [&](auto has_col_scale, auto has_labels) {
         constexpr bool kColScale = decltype(has_col_scale)::value;
+        constexpr bool kLabels = decltype(has_labels)::value;
         // the row term alone (outside the positive block, and every non-Q2D segment)
         auto row_only = [&](int64_t begin, int64_t end) {
           range_store<Out>(out, out_offset, begin, end, [&](int64_t c) {
             const float scales = row_scale * (kColScale ? col_scale[c] : 1.0f);
-            return weight * row_expf(v[c] * scales * bulk - ref) * scales;
+            const float coefficient = weight * row_expf(v[c] * scales * bulk - ref) * scales;
+            return unless_duplicate<kLabels>(labels, ref_label, c, coefficient, 0.0f);
           });
         };
         // the row and column terms of the positive block's columns [begin, end): column_term's two forms, the
@@ -551,14 +639,20 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
               for (int64_t i = 0; i < count; ++i) {
                 const float scales = row_scale * (kColScale ? col_scale[c0 + i] : 1.0f);
                 const float row_exp = row_expf(v[c0 + i] * scales * bulk - ref);
-                tile[i] = (weight * row_exp + weight * (row_exp * (row_factor * col_factor[i]))) * scales;
+                const float row_term = unless_duplicate<kLabels>(labels, ref_label, c0 + i, weight * row_exp, 0.0f);
+                const float column = unless_duplicate<kLabels>(query_labels, query_ref, c0 + i,
+                                                               weight * (row_exp * (row_factor * col_factor[i])), 0.0f);
+                tile[i] = (row_term + column) * scales;
               }
             } else {
               for (int64_t i = 0; i < count; ++i) {
                 const float scales = row_scale * (kColScale ? col_scale[c0 + i] : 1.0f);
                 const float s = v[c0 + i] * scales;
-                const float row_exp = row_expf(s * bulk - ref);
-                tile[i] = (weight * row_exp + weight * row_expf(s * a.scale - col_ref[i])) * scales;
+                const float row_term = unless_duplicate<kLabels>(labels, ref_label, c0 + i,
+                                                                 weight * row_expf(s * bulk - ref), 0.0f);
+                const float column = unless_duplicate<kLabels>(query_labels, query_ref, c0 + i,
+                                                               weight * row_expf(s * a.scale - col_ref[i]), 0.0f);
+                tile[i] = (row_term + column) * scales;
               }
             }
           });
@@ -575,10 +669,7 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
             },
             [&](int64_t c, int64_t j) { own(c, j, v[c]); });
       };
-      if (col_scale)
-        store_rows(std::true_type{});
-      else
-        store_rows(std::false_type{});
+      dispatch_range_flags(col_scale != nullptr, labels != nullptr, store_rows);
     } else {
       for_each_segment_column(
           v, n, a.width, g, lanes,
@@ -586,7 +677,8 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
             const float scales = row_scale * (a.col_scale[x] ? a.col_scale[x][c] : 1.0f);
             const float s = value * scales;
             const float row_exp = row_expf(s * bulk - ref);
-            Out::put(out, out_offset + c, (weight * row_exp + column_term(c, s, bulk, row_exp)) * scales);
+            const float row_term = duplicate(a, x, c, g) ? 0.0f : weight * row_exp;
+            Out::put(out, out_offset + c, (row_term + column_term(c, s, bulk, row_exp)) * scales);
           },
           own);
     }
@@ -608,9 +700,15 @@ ST_FAST_HD void contrastive_row_coefficients(const ContrastiveRowArgs& a, int64_
 //                                    the positive block)), minus the one-hot shares on the diagonal, where the
 //                                    caller passes row_factor = exp(K - row_ref) (rows, num_segments) and
 //                                    col_factor = exp(K - col_ref) (block_count,).
+// With mask_duplicates' labels the tile keeps every entry's e (an entry may be masked in its row softmax and not in
+// its column one): each sum and each coefficient term leaves out the entries its own softmax masks, by a
+// branch-free select (template kLabels).
 
-// e = row_expf(v[c]·mult - shift) written over v[c] for c in [begin, end); returns Σ e.
-ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begin, int64_t end) {
+// e = row_expf(v[c]·mult - shift) written over v[c] for c in [begin, end); returns Σ e (without the duplicates of
+// the row's reference label `ref`, kLabels).
+template <bool kLabels = false>
+ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begin, int64_t end,
+                                 const Label* labels = nullptr, Label ref = 0) {
   float lane[kVectorLanes];
   for (int l = 0; l < kVectorLanes; ++l) lane[l] = 0.0f;
   int64_t c = begin;
@@ -618,14 +716,14 @@ ST_FAST_HD float range_exp_store(float* v, float mult, float shift, int64_t begi
     for (int l = 0; l < kVectorLanes; ++l) {
       const float e = row_expf(v[c + l] * mult - shift);
       v[c + l] = e;
-      lane[l] += e;
+      lane[l] += unless_duplicate<kLabels>(labels, ref, c + l, e, 0.0f);
     }
   }
   float total = 0.0f;
   for (; c < end; ++c) {
     const float e = row_expf(v[c] * mult - shift);
     v[c] = e;
-    total += e;
+    total += unless_duplicate<kLabels>(labels, ref, c, e, 0.0f);
   }
   for (int l = 0; l < kVectorLanes; ++l) total += lane[l];
   return total;
@@ -638,9 +736,16 @@ ST_FAST_HD void contrastive_row_exp_statistics(const ContrastiveRowArgs& a, int6
     const int64_t n = a.lengths[x];
     float* v = const_cast<float*>(a.scores[x]) + r * n;  // the scores are replaced by their e
     const int kind = a.kinds[x];
+    const Label* labels = a.labels[x];
     float total = 0.0f;
     for_each_segment_range(
-        n, a.width, g, [&](int64_t begin, int64_t end) { total += range_exp_store(v, a.scale, shift, begin, end); },
+        n, a.width, g,
+        [&](int64_t begin, int64_t end) {
+          if (labels)
+            total += range_exp_store<true>(v, a.scale, shift, begin, end, labels, labels[g]);
+          else
+            total += range_exp_store(v, a.scale, shift, begin, end);
+        },
         [&](int64_t c, int64_t j) {
           const float mult = own_column_multiplier(a, kind, j);  // unpenalized: scale, or 0 where masked
           if (mult == 0.0f) {
@@ -650,21 +755,26 @@ ST_FAST_HD void contrastive_row_exp_statistics(const ContrastiveRowArgs& a, int6
           const float logit = v[c] * mult;
           if (kind == kQ2D && j == 0) positive = logit;
           v[c] = row_expf(logit - shift);
-          total += v[c];
+          if (!duplicate(a, x, c, g)) total += v[c];  // (a duplicate own column is outside the positive block)
         });
     a.row_lse[r * a.num_segments + x] = shift + logf(total);
   }
   a.row_positive[r] = positive;
 }
 
+template <bool kLabels = false>
 ST_FAST_HD void contrastive_column_exp_sums_tile(const ContrastiveRowArgs& a, int64_t j_begin, int64_t j_end,
                                                  float shift) {
   const int64_t count = j_end - j_begin;
+  const Label* labels = kLabels ? a.query_labels + a.block_begin + j_begin : nullptr;  // as the general tile
   float total[kColumnTile];
   for (int64_t j = 0; j < count; ++j) total[j] = 0.0f;
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* e = a.scores[0] + r * a.lengths[0] + a.block_begin + j_begin;
-    for (int64_t j = 0; j < count; ++j) total[j] += e[j];
+    const Label ref = kLabels ? a.query_labels[a.row_start + r] : Label{0};
+    for (int64_t j = 0; j < count; ++j) total[j] += unless_duplicate<kLabels>(labels, ref, j, e[j], 0.0f);
+    const int64_t d = a.row_start + r - a.block_begin - j_begin;  // row r's own column: never masked
+    if (kLabels && d >= 0 && d < count) total[d] += e[d];
   }
   for (int64_t j = 0; j < count; ++j) {
     const float sum = a.col_sum[j_begin + j];
@@ -673,7 +783,7 @@ ST_FAST_HD void contrastive_column_exp_sums_tile(const ContrastiveRowArgs& a, in
   }
 }
 
-template <class Out>
+template <class Out, bool kLabels = false>
 ST_FAST_HD void contrastive_row_exp_coefficients(const ContrastiveRowArgs& a, int64_t r) {
   const int64_t g = a.row_start + r;
   const float base = a.grad_scale * a.scale;
@@ -687,17 +797,25 @@ ST_FAST_HD void contrastive_row_exp_coefficients(const ContrastiveRowArgs& a, in
     void* out = a.coefficients[x];
     const int64_t out_offset = r * n;
     const float row_term = weight * a.row_factor[r * a.num_segments + x];
+    const Label* labels = a.labels[x];
+    const Label ref = kLabels ? labels[g] : Label{0};
+    const Label query_ref = kLabels ? a.query_labels[g] : Label{0};
     auto row_only = [&](int64_t begin, int64_t end) {
-      range_store<Out>(out, out_offset, begin, end, [&](int64_t c) { return e[c] * row_term; });
+      range_store<Out>(out, out_offset, begin, end,
+                       [&](int64_t c) { return unless_duplicate<kLabels>(labels, ref, c, e[c] * row_term, 0.0f); });
     };
+    // (row_only's label test also takes a non-Q2D segment's own column c == g, whose e is 0: masked, or -inf in
+    // the other ranks' D2Q segment)
     if (a.kinds[x] != kQ2D) {
       row_only(0, n);
       continue;
     }
     const float* col_factor = a.col_factor - a.block_begin;  // indexed by the column c
     auto with_column = [&](int64_t begin, int64_t end) {
-      range_store<Out>(out, out_offset, begin, end,
-                       [&](int64_t c) { return e[c] * row_term + e[c] * (weight * col_factor[c]); });
+      range_store<Out>(out, out_offset, begin, end, [&](int64_t c) {
+        const float row = unless_duplicate<kLabels>(labels, ref, c, e[c] * row_term, 0.0f);
+        return row + unless_duplicate<kLabels>(a.query_labels, query_ref, c, e[c] * (weight * col_factor[c]), 0.0f);
+      });
     };
     row_only(0, a.block_begin);
     with_column(a.block_begin, g);

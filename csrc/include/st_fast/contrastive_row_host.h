@@ -87,4 +87,22 @@ inline void set_symmetric_args(ContrastiveRowArgs& a, const SymmetricPointers& p
   a.directions = directions;
 }
 
+// mask_duplicates' labels (st_fast/ops/layout.py): one pointer per segment, all 0 (no masking) or none 0 (an empty
+// list: no masking), and the query labels of the positive block's column softmax (two-pass entry points: required
+// with segment labels). The Python wrapper st_fast._native validates their shapes and dtype (int32).
+inline void set_label_args(ContrastiveRowArgs& a, const std::vector<uintptr_t>& labels, uintptr_t query_labels,
+                           bool two_pass) {
+  if (labels.empty() && query_labels == 0) return;
+  if (labels.size() != static_cast<size_t>(a.num_segments))
+    throw std::invalid_argument("contrastive_row: one label pointer per segment (0: no duplicate masking)");
+  size_t given = 0;
+  for (const uintptr_t p : labels) given += p != 0 ? 1 : 0;
+  if (given != 0 && given != labels.size())
+    throw std::invalid_argument("contrastive_row: labels for every segment or for none");
+  if (two_pass && (given != 0) != (query_labels != 0))
+    throw std::invalid_argument("contrastive_row: the two-pass kernels take segment and query labels together");
+  for (size_t x = 0; x < labels.size(); ++x) a.labels[x] = reinterpret_cast<const Label*>(labels[x]);
+  a.query_labels = reinterpret_cast<const Label*>(query_labels);
+}
+
 }  // namespace st_fast

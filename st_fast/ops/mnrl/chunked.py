@@ -67,6 +67,7 @@ from st_fast.ops.mixed_matmul import (
 from st_fast.ops.mnrl.spec import ContrastiveProblem, ContrastiveSpec
 from st_fast.ops.row_kernel import (
     FIXED_SHIFT_LIMIT,
+    DuplicateLabels,
     PositiveBlock,
     RowKernel,
     SegmentScales,
@@ -205,6 +206,18 @@ def _loss_and_grad(
     return result
 
 
+def _duplicate_labels(problem: ContrastiveProblem, kinds: tuple[SegmentKind, ...]) -> DuplicateLabels | None:
+    """The row kernels' form of ``problem.labels`` (mask_duplicates) for the row segments ``kinds``: the int64
+    labels renumbered to int32 0 .. texts - 1 (exact: one sort of the W·(k+1) labels, a host sync on CUDA), which
+    the native CPU kernel compares in the floats' lane width."""
+    if problem.labels is None:
+        return None
+    queries, docs = problem.labels
+    dense = torch.unique(torch.cat([queries, docs]), return_inverse=True)[1].to(torch.int32)
+    by_source = {"queries": dense[: queries.shape[0]], "docs": dense[queries.shape[0] :]}
+    return DuplicateLabels(tuple(by_source[COLUMN_SOURCE[kind]] for kind in kinds), by_source["queries"])
+
+
 def _one_pass(
     ops: _Operands, problem: ContrastiveProblem, row_kernel: RowKernel, gamma: float | torch.Tensor, need_grad: bool
 ) -> torch.Tensor:
@@ -219,6 +232,7 @@ def _one_pass(
     coefficient_buffers = ops.buffers(chunk, lengths, ops.coefficient_dtype) if ops.separate_coefficients else None
     coefficient_buffers = coefficient_buffers or score_buffers
     loss_sum = torch.zeros((), dtype=ops.math_dtype, device=device)
+    labels = _duplicate_labels(problem, spec.kinds)
     for begin in range(0, batch_size, chunk):
         n = min(chunk, batch_size - begin)
         rows_start = row_offset + begin
@@ -230,7 +244,7 @@ def _one_pass(
         segment_scales = [ops.segment_scales(kind, local_rows) for kind in spec.kinds] if problem.normalize else None
         coefficients = [buffer[:n] for buffer in coefficient_buffers]
         row_losses = row_kernel(
-            scores, spec, rows_start, width, gamma if need_grad else None, segment_scales, coefficients
+            scores, spec, rows_start, width, gamma if need_grad else None, segment_scales, coefficients, labels=labels
         )
         loss_sum += row_losses.sum()
         if need_grad:
@@ -268,6 +282,7 @@ def _symmetric_passes(
     ranges = [remote if kind == SegmentKind.D2Q else None for kind in kinds]
     lengths = [ops.columns(kind) for kind in kinds]
     block = PositiveBlock(offset, batch_size)
+    labels = _duplicate_labels(problem, kinds)
     # keep the whole tile when it fits (no recompute: 6·B·N·D FLOPs of GEMMs for Q2D + D2Q, instead of 8)
     keep_budget = problem.chunk_bytes or DEFAULT_KEEP_BYTES.get(device.type, DEFAULT_KEEP_BYTES["cpu"])
     if batch_size * sum(lengths) * ops.bytes_per_score <= keep_budget:
@@ -295,11 +310,11 @@ def _symmetric_passes(
         local_rows, scores, scales = chunk_scores(begin, n)
         if shift is not None:  # the scores become their e = exp(scale·score - shift)
             lse, pos = row_kernel.exp_statistics(
-                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, shift
+                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, shift, labels=labels
             )
         else:
             lse, pos = row_kernel.statistics(
-                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, scales
+                scores, kinds, spec, local_rows.start, width, block, column_max, column_sum, scales, labels=labels
             )
         row_lse[begin : begin + n], positive[begin : begin + n] = lse, pos
     # D2Q of row j: its column of the positive block (this rank's queries) with the other ranks' queries
@@ -334,12 +349,12 @@ def _symmetric_passes(
         if shift is not None and chunk == batch_size:  # the kept tile holds e
             row_kernel.exp_coefficients(
                 scores, kinds, spec, local_rows.start, width, gamma, block, torch.exp(shift - row_ref),
-                torch.exp(shift - column_ref), coefficients,
+                torch.exp(shift - column_ref), coefficients, labels=labels,
             )  # fmt: skip
         else:
             row_kernel.coefficients(
                 scores, kinds, spec, local_rows.start, width, gamma, block, row_ref[begin : begin + n], column_ref,
-                scales, coefficients, (row_factor[begin : begin + n], column_factor),
+                scales, coefficients, (row_factor[begin : begin + n], column_factor), labels=labels,
             )  # fmt: skip
         for kind, coefficient, columns in zip(kinds, coefficients, ranges, strict=True):
             ops.accumulate(kind, local_rows, coefficient, 1.0 / batch_size, columns)

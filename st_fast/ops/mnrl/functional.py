@@ -19,7 +19,7 @@ from st_fast.ops.autograd import FusedLoss
 from st_fast.ops.backends import MNRL, resolve_backend
 from st_fast.ops.learnable_scale import learnable
 from st_fast.ops.mixed_matmul import compute_dtype
-from st_fast.ops.mnrl.spec import SIMILARITIES, ContrastiveProblem, ContrastiveSpec, check_embeddings
+from st_fast.ops.mnrl.spec import SIMILARITIES, ContrastiveProblem, ContrastiveSpec, check_embeddings, check_labels
 
 
 def prepare_operand(x: torch.Tensor, similarity: str, operand_dtype: torch.dtype) -> torch.Tensor:
@@ -44,6 +44,7 @@ def fused_mnrl_loss(
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
     backend: str = "auto",
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MultipleNegativesRankingLoss of the local rows ``row_offset .. row_offset + batch_size`` of ``queries``.
 
@@ -55,6 +56,10 @@ def fused_mnrl_loss(
             read on the host (checked and taken as a number, as the row kernel takes it): the only host syncs of a
             CUDA call, which reads no other tensor value (tests/ops/test_host_sync.py).
         similarity: ``"cos"`` or ``"dot"``. Other arguments as in sentence-transformers' MNRL.
+        labels: None (stock's loss), or duplicate masking (``mask_duplicates``, see :mod:`st_fast.ops.layout`):
+            (query labels (W,), doc labels (k·W,)) int64 on the embeddings' device, equal iff the texts are equal
+            (:func:`st_fast.ops.text_labels.text_labels`); a column whose text equals the row's reference text is
+            left out of that row's softmax (every backend masks inside its row kernel / score tile).
     Returns:
         0-dim loss, float32 (float64 for float64 embeddings).
 
@@ -73,7 +78,8 @@ def fused_mnrl_loss(
     Raises:
         TypeError: non-tensor or non-floating embeddings, mixed dtypes; ``native`` / ``triton`` for float64.
         ValueError: shapes, devices or local rows that do not fit (:func:`st_fast.ops.mnrl.spec.check_embeddings`),
-            an unknown similarity, direction, partition or hardness mode or backend, a scale that is not positive.
+            an unknown similarity, direction, partition or hardness mode or backend, a scale that is not positive,
+            labels of other shapes, dtype or device.
         RuntimeError: a backend that cannot run on the embeddings' device.
     """
     if similarity not in SIMILARITIES:
@@ -87,7 +93,10 @@ def fused_mnrl_loss(
         scale=scale, directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
         hardness_strength=hardness_strength,
     )  # fmt: skip
-    chosen = resolve_backend(backend, queries.device, queries.dtype, MNRL)
+    if labels is not None:
+        check_labels(labels, width, width * len(docs), queries.device)
+        labels = (labels[0].contiguous(), labels[1].contiguous())
+    chosen = resolve_backend(backend, queries.device, queries.dtype, MNRL, mask_duplicates=labels is not None)
     doc_columns = torch.cat(list(docs), dim=0)
     scale_input = scale if learnable(scale) else None
     # a learnable scale takes its gradient from the normalized operands' (Euler's identity needs bilinear scores)
@@ -98,5 +107,5 @@ def fused_mnrl_loss(
         query_operand = prepare_operand(queries, similarity, operand_dtype)
         doc_operand = prepare_operand(doc_columns, similarity, operand_dtype)
         normalize = False
-    problem = ContrastiveProblem(spec, row_offset, batch_size, normalize)
+    problem = ContrastiveProblem(spec, row_offset, batch_size, normalize, labels=labels)
     return FusedLoss.apply(query_operand, doc_operand, scale_input, problem, chosen)

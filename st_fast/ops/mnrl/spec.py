@@ -80,13 +80,16 @@ class ContrastiveProblem:
     """One call of the MNRL op, as its backends see it besides the two operands queries (W, D) and docs (k·W, D):
     the local rows ``row_offset .. row_offset + batch_size`` and whether the operands are raw embeddings whose
     cosine normalization the backend applies itself (``normalize``). ``chunk_bytes`` sizes the row chunks of the
-    chunked backends (default: st_fast.ops.chunked.DEFAULT_CHUNK_BYTES)."""
+    chunked backends (default: st_fast.ops.chunked.DEFAULT_CHUNK_BYTES). ``labels``: None, or ``mask_duplicates``'
+    text labels (query labels (W,), doc labels (k·W,)), int64 on the operands' device, equal iff the texts are equal
+    (see :mod:`st_fast.ops.layout`)."""
 
     spec: ContrastiveSpec
     row_offset: int
     batch_size: int
     normalize: bool = False
     chunk_bytes: int | None = None
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def check_embeddings(queries: torch.Tensor, docs: Sequence[torch.Tensor]) -> None:
@@ -112,3 +115,15 @@ def check_embeddings(queries: torch.Tensor, docs: Sequence[torch.Tensor]) -> Non
             raise ValueError(f"embedding column {column} is on {doc.device}, the anchors are on {queries.device}")
     if not queries.is_floating_point():
         raise TypeError(f"embeddings must be floating point, got {queries.dtype}")
+
+
+def check_labels(labels: Sequence[torch.Tensor], width: int, columns: int, device: torch.device) -> None:
+    """Clear errors for ``mask_duplicates`` labels that do not fit: (query labels (W,), doc labels (k·W,)), int64,
+    on the embeddings' device."""
+    if len(labels) != 2:
+        raise ValueError("labels must be (query labels, doc labels)")
+    for what, tensor, count in (("query", labels[0], width), ("doc", labels[1], columns)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != (count,):
+            raise ValueError(f"{what} labels must be an int64 tensor of shape ({count},)")
+        if tensor.device != device:
+            raise ValueError(f"{what} labels are on {tensor.device}, the embeddings are on {device}")

@@ -31,6 +31,13 @@ def _segment_args(spec: ContrastiveSpec, row_offset: int, width: int) -> dict:
     return dict(scale=spec.scale, row_start=row_offset, width=width, hardness=spec.hardness, alpha=spec.alpha)
 
 
+def _column_labels(problem: ContrastiveProblem, kind) -> torch.Tensor | None:
+    """mask_duplicates' labels of the segment's columns (the query or doc labels), or None."""
+    if problem.labels is None:
+        return None
+    return problem.labels[0] if COLUMN_SOURCE[kind] == "queries" else problem.labels[1]
+
+
 class TritonBackend:
     """Takes unit-normalized operands in the input dtype (fp32 math inside the kernels)."""
 
@@ -52,7 +59,13 @@ class TritonBackend:
         args = _segment_args(spec, row_offset, queries.shape[0])
         segment_lse = torch.stack(
             [
-                segment_lse_forward(operands[ROW_SOURCE[kind]][local], operands[COLUMN_SOURCE[kind]], kind=kind, **args)
+                segment_lse_forward(
+                    operands[ROW_SOURCE[kind]][local],
+                    operands[COLUMN_SOURCE[kind]],
+                    kind=kind,
+                    labels=_column_labels(problem, kind),
+                    **args,
+                )  # fmt: skip
                 for kind in spec.kinds
             ]
         )
@@ -75,8 +88,9 @@ class TritonBackend:
             row_weight = weight.expand(batch_size).contiguous()
             row_name, column_name = ROW_SOURCE[kind], COLUMN_SOURCE[kind]
             d_rows, d_cols = segment_lse_backward(
-                operands[row_name][local], operands[column_name], lse_ref, row_weight, kind=kind, **args
-            )
+                operands[row_name][local], operands[column_name], lse_ref, row_weight, kind=kind,
+                labels=_column_labels(state.problem, kind), **args,
+            )  # fmt: skip
             grads[row_name][local] += d_rows
             grads[column_name] += d_cols
         # positive term of the loss: -scale · <q_g, d_g> / B
