@@ -28,6 +28,7 @@ from st_fast.losses.cached_multiple_negatives_ranking import (
     CachedMultipleNegativesRankingLoss,
     CachedMultipleNegativesSymmetricRankingLoss,
 )
+from st_fast.losses.duplicate_masking import MaskDuplicatesOption
 from st_fast.losses.gist_embed import GISTEmbedLoss
 from st_fast.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss,
@@ -77,4 +78,8 @@ def _fused_view(loss: nn.Module, fused_class: type, backend: str) -> nn.Module:
     fused = fused_class.__new__(fused_class)
     object.__setattr__(fused, "__dict__", loss.__dict__)  # one state, two classes (see the module docstring)
     fused.backend = backend
+    if isinstance(getattr(fused_class, "mask_duplicates", None), MaskDuplicatesOption):
+        # the stock object's equivalent computes what stock computes: an earlier view's mask_duplicates (e.g. set
+        # by the trainer's option on this shared state) does not carry over; the trainer sets it after fuse()
+        fused.mask_duplicates = False
     return fused

@@ -265,6 +265,9 @@ def test_trainer_option_sets_the_loss_and_the_model_card(tiny_model, tmp_path):
     tiny_model.save(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     assert '"mask_duplicates": true' in card
+    # a later fuse() of the user's stock object is its stock equivalent again: no masking carried over
+    refused = fast_losses.fuse(stock)
+    assert not refused.mask_duplicates and "mask_duplicates" not in refused.get_config_dict()
 
 
 def test_trainer_option_reaches_losses_inside_wrappers(tiny_model, tmp_path):
