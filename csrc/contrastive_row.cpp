@@ -72,6 +72,20 @@ void contrastive_rows_cpu(const std::vector<uintptr_t>& scores, const std::vecto
   });
 }
 
+// The statistics pass's outputs (row LSEs, positive logits, the positive block's running column max / sum) and the
+// labels, shared by its general and fixed-shift forms.
+void set_statistics_args(ContrastiveRowArgs& a, uintptr_t row_lse, uintptr_t row_positive, int64_t block_begin,
+                         int64_t block_count, uintptr_t col_max, uintptr_t col_sum,
+                         const std::vector<uintptr_t>& labels, uintptr_t query_labels) {
+  SymmetricPointers p;
+  p.row_lse = row_lse;
+  p.row_positive = row_positive;
+  p.col_max = col_max;
+  p.col_sum = col_sum;
+  set_symmetric_args(a, p, block_begin, block_count, 1);
+  set_label_args(a, labels, query_labels, true);
+}
+
 template <class Exec>
 void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std::vector<uintptr_t>& row_scales,
                                 const std::vector<uintptr_t>& col_scales, const std::vector<int64_t>& lengths,
@@ -82,13 +96,7 @@ void contrastive_statistics_cpu(const std::vector<uintptr_t>& scores, const std:
   ContrastiveRowArgs a = make_contrastive_row_args(
       {scores, row_scales, col_scales, std::vector<uintptr_t>(scores.size(), 0)}, kStoreFp32, lengths, kinds, rows,
       row_start, width, scale, alpha, hardness, true, -1.0f, 0);
-  SymmetricPointers p;
-  p.row_lse = row_lse;
-  p.row_positive = row_positive;
-  p.col_max = col_max;
-  p.col_sum = col_sum;
-  set_symmetric_args(a, p, block_begin, block_count, 1);
-  set_label_args(a, labels, query_labels, true);
+  set_statistics_args(a, row_lse, row_positive, block_begin, block_count, col_max, col_sum, labels, query_labels);
   Exec::rows(a.rows, [&](int64_t r, const auto& lanes) { contrastive_row_statistics(a, r, lanes); });
   Exec::column_statistics(a);
 }
@@ -130,13 +138,7 @@ void contrastive_exp_statistics_cpu(const std::vector<uintptr_t>& scores, const 
   const std::vector<uintptr_t> none(scores.size(), 0);
   ContrastiveRowArgs a = make_contrastive_row_args({scores, none, none, none}, kStoreFp32, lengths, kinds, rows,
                                                    row_start, width, scale, 0.0f, kHardnessNone, true, -1.0f, 0);
-  SymmetricPointers p;
-  p.row_lse = row_lse;
-  p.row_positive = row_positive;
-  p.col_max = col_max;
-  p.col_sum = col_sum;
-  set_symmetric_args(a, p, block_begin, block_count, 1);
-  set_label_args(a, labels, query_labels, true);
+  set_statistics_args(a, row_lse, row_positive, block_begin, block_count, col_max, col_sum, labels, query_labels);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < a.rows; ++r) contrastive_row_exp_statistics(a, r, shift);
   const int64_t blocks = (block_count + kColumnTile - 1) / kColumnTile;

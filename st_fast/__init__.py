@@ -35,4 +35,6 @@ def __getattr__(name: str):
         return getattr(importlib.import_module("st_fast.trainer"), name)
     if name in ("patch", "unpatch", "is_patched"):
         return getattr(importlib.import_module("st_fast._patching"), name)
+    if name in ("losses", "ops"):  # `import st_fast; st_fast.losses.MultipleNegativesRankingLoss(...)`
+        return importlib.import_module(f"st_fast.{name}")
     raise AttributeError(f"module 'st_fast' has no attribute {name!r}")

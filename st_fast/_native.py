@@ -283,6 +283,20 @@ def _pointer(tensor: torch.Tensor, what: str, shape: tuple[int, ...], device: to
     return tensor.data_ptr()
 
 
+def _statistics_outputs(
+    scores: list[torch.Tensor], block: Any, column_max: torch.Tensor, column_sum: torch.Tensor
+) -> tuple[int, torch.device, torch.Tensor, torch.Tensor, list[int]]:
+    """The statistics pass's checks and outputs (both forms): (rows, device, row LSEs (rows, segments), positive
+    logits (rows,), pointers of the column max / sum (block.count,))."""
+    first = scores[0]
+    rows, device = first.shape[0], first.device
+    _check_segments(scores, None)
+    row_lse = torch.empty(rows, len(scores), dtype=torch.float32, device=device)
+    positive = torch.empty(rows, dtype=torch.float32, device=device)
+    column_ptrs = [_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
+    return rows, device, row_lse, positive, column_ptrs
+
+
 def native_row_statistics(
     scores: list[torch.Tensor],
     kinds: Sequence[int],
@@ -297,13 +311,8 @@ def native_row_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The symmetric path's statistics pass (contract: st_fast.ops.row_kernel): (row LSEs (n, segments), positive
     logits (n,)) fp32; ``column_max`` / ``column_sum`` ((block.count,) fp32) are continued in place."""
-    first = scores[0]
-    rows, device = first.shape[0], first.device
-    _check_segments(scores, None)
+    rows, device, row_lse, positive, column_ptrs = _statistics_outputs(scores, block, column_max, column_sum)
     row_scale_ptrs, col_scale_ptrs = _scale_pointers(scores, scales)
-    row_lse = torch.empty(rows, len(scores), dtype=torch.float32, device=device)
-    positive = torch.empty(rows, dtype=torch.float32, device=device)
-    column_ptrs = [_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
     _call(
         "contrastive_statistics", device, [s.data_ptr() for s in scores], row_scale_ptrs, col_scale_ptrs,
         [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows, row_start, width, spec.scale,
@@ -372,14 +381,9 @@ def native_row_exp_statistics(
     as :func:`native_row_statistics` without scales or hardness, and every score is replaced by
     e = exp(scale · score - shift) (0 where masked; mask_duplicates' duplicates keep their e), the input of
     :func:`native_row_exp_coefficients`."""
-    first = scores[0]
-    rows, device = first.shape[0], first.device
-    if device.type != "cpu":
-        raise ValueError(f"native row kernel: the fixed-shift statistics run on the CPU only, got {device}")
-    _check_segments(scores, None)
-    row_lse = torch.empty(rows, len(scores), dtype=torch.float32, device=device)
-    positive = torch.empty(rows, dtype=torch.float32, device=device)
-    column_ptrs = [_pointer(t, "a column statistic", (block.count,), device) for t in (column_max, column_sum)]
+    if scores[0].device.type != "cpu":
+        raise ValueError(f"native row kernel: the fixed-shift statistics run on the CPU only, got {scores[0].device}")
+    rows, device, row_lse, positive, column_ptrs = _statistics_outputs(scores, block, column_max, column_sum)
     require_cpu_ext().contrastive_exp_statistics(
         [s.data_ptr() for s in scores], [s.shape[1] for s in scores], [int(SegmentKind(k)) for k in kinds], rows,
         row_start, width, spec.scale, float(shift), row_lse.data_ptr(), positive.data_ptr(), block.begin,

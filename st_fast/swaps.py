@@ -104,8 +104,11 @@ def fuse_loss(trainer: Any, loss: Any, config: StFastConfig) -> Any:
 
     fused = fuse(loss, backend=config.backend)
     if config.mask_duplicates:
+        # only the fused views fuse() just built: an st_fast loss the user passed keeps its own setting (the trainer
+        # never changes the state of an object the user built; the report says so)
+        users = {id(module) for module in _fused_modules(loss)}
         for module in _fused_modules(fused):
-            if getattr(module, "mask_duplicates_applies", False):
+            if getattr(module, "mask_duplicates_applies", False) and id(module) not in users:
                 module.mask_duplicates = True
     return fused
 
@@ -384,6 +387,8 @@ def _loss_part(trainer: Any, loss: torch.nn.Module, config: StFastConfig) -> _Pa
     label = _loss_label(loss)
     if not fused:
         reason = "st_fast loss=False" if not config.loss else _why_not_fused(loss)
+        if config.mask_duplicates:
+            reason += "; mask_duplicates applies to the MultipleNegativesRankingLoss family only"
         return _Part(f"{label} left stock ({reason})", fast=False, tagged=False)
     phrases, stock_reasons = [], []
     for module in fused:
@@ -392,6 +397,8 @@ def _loss_part(trainer: Any, loss: torch.nn.Module, config: StFastConfig) -> _Pa
         masking = ""
         if getattr(module, "mask_duplicates", False):
             masking = ", mask_duplicates on"
+        elif config.mask_duplicates and getattr(module, "mask_duplicates_applies", False):
+            masking = ", mask_duplicates off (an st_fast loss object you built keeps its own mask_duplicates)"
         elif config.mask_duplicates:
             masking = ", mask_duplicates not available for this loss"
         phrases.append(f"st_fast {type(module).__name__}, {stage}{_backend_phrase(trainer, module)}{masking}")

@@ -289,6 +289,24 @@ def test_trainer_option_reaches_losses_inside_wrappers(tiny_model, tmp_path):
     assert "mask_duplicates" not in without.st_fast_report["loss"]
 
 
+def test_trainer_option_leaves_the_users_own_objects_as_they_are(tiny_model, tmp_path):
+    """The option masks the losses the trainer fuses; an st_fast loss the user built keeps its own setting (the
+    report says so), a later trainer without the option on the same stock object does not mask, and a loss left
+    stock says the option does not apply."""
+    import st_fast
+
+    own = st_fast.losses.MultipleNegativesRankingLoss(tiny_model)  # `import st_fast` reaches st_fast.losses
+    trainer = _trainer(tiny_model, own, tmp_path, mask_duplicates=True)
+    assert trainer.loss is own and not own.mask_duplicates
+    assert "mask_duplicates off (an st_fast loss object you built" in trainer.st_fast_report["loss"]
+    stock = stock_losses.MultipleNegativesRankingLoss(tiny_model)
+    assert _trainer(tiny_model, stock, tmp_path, mask_duplicates=True).loss.mask_duplicates
+    again = _trainer(tiny_model, stock, tmp_path)
+    assert not again.loss.mask_duplicates and "mask_duplicates" not in again.st_fast_report["loss"]
+    cosent = _trainer(tiny_model, stock_losses.CoSENTLoss(tiny_model), tmp_path, mask_duplicates=True)
+    assert "mask_duplicates applies to the MultipleNegativesRankingLoss family only" in cosent.st_fast_report["loss"]
+
+
 def test_trainer_option_is_validated():
     from st_fast import StFastConfig
 
