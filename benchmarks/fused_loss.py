@@ -343,6 +343,21 @@ def fused_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dty
     return cases
 
 
+def single_size_cases(args: argparse.Namespace, k: int) -> list[tuple[int, int, int, torch.dtype]]:
+    """(B, k, D, dtype) cases of the one-size fused parts (``--symmetric``, ``--mask-duplicates``): smoke B 64,
+    D 32; ``--gpu`` B 16384, D 1024, bf16; else B 4096, D 384, fp32; ``k`` hard-negative columns by default; the
+    --fused-* options replace them."""
+    if args.smoke:
+        batch_sizes, dim, dtypes = [64], 32, ["fp32"]
+    elif args.gpu:
+        batch_sizes, dim, dtypes = [16384], 1024, ["bf16"]
+    else:
+        batch_sizes, dim, dtypes = [4096], 384, ["fp32"]
+    batch_sizes = args.fused_batch_sizes or batch_sizes
+    k, dim, dtypes = args.fused_k or k, args.fused_dim or dim, args.fused_dtypes or dtypes
+    return [(b, k, dim, DTYPES[name]) for b in batch_sizes for name in dtypes]
+
+
 def make_embeddings(batch: int, k: int, dim: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     generator = torch.Generator(device="cpu").manual_seed(batch * 31 + k * 7 + dim)
     return [

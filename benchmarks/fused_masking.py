@@ -24,7 +24,6 @@ import torch
 
 from benchmarks.common import progress
 from benchmarks.fused_loss import (
-    DTYPES,
     SCALE,
     available_backends,
     bench_device,
@@ -33,6 +32,7 @@ from benchmarks.fused_loss import (
     elapsed_seconds,
     free_memory,
     make_embeddings,
+    single_size_cases,
 )
 
 DIRECTIONS = {"query_to_doc": ("query_to_doc",), "symmetric": ("query_to_doc", "doc_to_query")}
@@ -41,15 +41,7 @@ TEXT_LENGTH = 32
 
 
 def masking_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
-    if args.smoke:
-        batch_sizes, k, dim, dtypes = [64], 2, 32, ["fp32"]
-    elif args.gpu:
-        batch_sizes, k, dim, dtypes = [16384], 2, 1024, ["bf16"]
-    else:
-        batch_sizes, k, dim, dtypes = [4096], 2, 384, ["fp32"]
-    batch_sizes = args.fused_batch_sizes or batch_sizes
-    k, dim, dtypes = args.fused_k or k, args.fused_dim or dim, args.fused_dtypes or dtypes
-    return [(b, k, dim, DTYPES[name]) for b in batch_sizes for name in dtypes]
+    return single_size_cases(args, k=2)
 
 
 def twin_texts(count: int, device: torch.device, seed: int = 0) -> torch.Tensor:

@@ -34,7 +34,6 @@ import torch
 
 from benchmarks.common import progress
 from benchmarks.fused_loss import (
-    DTYPES,
     SCALE,
     _forward_backward,
     available_backends,
@@ -48,21 +47,14 @@ from benchmarks.fused_loss import (
     measure,
     model_stand_in,
     result_columns,
+    single_size_cases,
 )
 
 SYMMETRIC = ("query_to_doc", "doc_to_query")
 
 
 def symmetric_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
-    if args.smoke:
-        batch_sizes, k, dim, dtypes = [64], 1, 32, ["fp32"]
-    elif args.gpu:
-        batch_sizes, k, dim, dtypes = [16384], 1, 1024, ["bf16"]
-    else:
-        batch_sizes, k, dim, dtypes = [4096], 1, 384, ["fp32"]
-    batch_sizes = args.fused_batch_sizes or batch_sizes
-    k, dim, dtypes = args.fused_k or k, args.fused_dim or dim, args.fused_dtypes or dtypes
-    return [(b, k, dim, DTYPES[name]) for b in batch_sizes for name in dtypes]
+    return single_size_cases(args, k=1)
 
 
 def _losses(backends: list[str], mini_batch_size: int) -> dict[tuple[str, str], Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -170,6 +171,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
     Module-level so that spawn can pickle it; results go to ``out_dir/rank{rank}.pt``, a traceback to
     ``out_dir/rank{rank}.error``."""
     out = Path(out_dir)
+    exit_code = 1
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.set_num_threads(1)
@@ -194,12 +196,21 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
                     loss = loss_fn.compute_loss_from_embeddings(local, None)
                     grads = torch.autograd.grad(loss, local)
                     results[(backend, config_name)] = (loss.detach(), [g.detach() for g in grads])
+            dist.barrier()  # both ranks are done with their collectives before either ends
         finally:
             dist.destroy_process_group()
         torch.save(results, out / f"rank{rank}.pt")
+        exit_code = 0
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
+    finally:
+        # end here, skipping the interpreter's finalization: gloo's threads can outlive destroy_process_group (the
+        # group is still referenced), and one that needs the GIL while the interpreter finalizes aborts the process
+        # ("terminate called without an active exception", see tests/ddp_train.py); the parent reads the exit code
+        # and the files
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def _run_workers(out_dir: Path) -> None:

@@ -7,6 +7,8 @@ texts (local labels only) it would not be."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -63,6 +65,7 @@ def masked_loss(features, directions, *, gather: bool) -> torch.Tensor:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     out = Path(out_dir)
+    exit_code = 1
     try:
         torch.set_num_threads(1)
         import torch.distributed as dist
@@ -74,12 +77,21 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             rows = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
             shard = [{key: value[rows] for key, value in column.items()} for column in global_features()]
             results = {directions: masked_loss(shard, directions, gather=True).detach() for directions in DIRECTIONS}
+            dist.barrier()  # both ranks are done with their collectives before either ends
         finally:
             dist.destroy_process_group()
         torch.save(results, out / f"rank{rank}.pt")
+        exit_code = 0
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
+    finally:
+        # end here, skipping the interpreter's finalization: gloo's threads can outlive destroy_process_group (the
+        # group is still referenced), and one that needs the GIL while the interpreter finalizes aborts the process
+        # ("terminate called without an active exception", see tests/ddp_train.py); the parent reads the exit code
+        # and the files
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 @pytest.fixture(scope="module")
