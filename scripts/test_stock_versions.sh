@@ -13,4 +13,5 @@ fi
 echo "[st_fast] version-sensitive tests under sentence-transformers $version"
 PYTHONPATH="$PWD/$target" ST_FAST_EXPECT_ST_VERSION="$version" TRITON_INTERPRET=1 .venv/bin/python -m pytest -q \
   tests/test_compat.py tests/test_sampler.py tests/test_trainer.py tests/test_drop_in_contract.py \
-  tests/losses/test_gist_embed.py tests/losses/test_cached_gist_embed.py "$@"
+  tests/losses/test_gist_embed.py tests/losses/test_cached_gist_embed.py \
+  tests/losses/test_mask_duplicates_losses.py tests/losses/test_mask_duplicates_ddp.py "$@"

@@ -19,6 +19,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The @triton.jit kernels are interpreted or compiled as TRITON_INTERPRET says when their module is first imported;
+# import it now, so that a test that sets TRITON_INTERPRET=0 for a moment (to check the errors outside the
+# interpreter) cannot be the first importer and leave compiled-mode kernels to every later CPU test (seen when
+# test_trainer.py ran before every Triton test: "0 active drivers").
+import st_fast.ops.triton_kernels  # noqa: E402, F401
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
