@@ -123,6 +123,45 @@ def test_triton_gathered_rows_match_reference():
     _check("triton", config, 13, 2, 12, seed=7, row_offset=4, batch_size=5)
 
 
+@pytest.fixture(params=[32, 256], ids=lambda lanes: f"lanes{lanes}")
+def cuda_row_lanes(request, monkeypatch):
+    """The CUDA row kernels with a warp per row (the default) and a block of 256 threads per row."""
+    from st_fast import _native
+
+    monkeypatch.setattr(_native, "CUDA_ROW_LANES", request.param)
+    return request.param
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("directions, partition, hardness, k, similarity", TRITON_CASES)
+def test_cuda_masked_loss_matches_reference(cuda_row_lanes, backend, directions, partition, hardness, k,
+                                            similarity):  # fmt: skip
+    """mask_duplicates on a GPU (benchmarks/gpu_check.sh): the CUDA row kernels (both lane layouts) and the compiled
+    Triton kernels, fp32 without TF32, against the float64 reference on the CPU; gathered rows included."""
+    if backend == "triton" and cuda_row_lanes != 32:
+        pytest.skip("the row-lane switch is the native backend's")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = _config(directions, partition, hardness, similarity)
+    for width, row_offset, batch_size in ((37, 0, None), (41, 9, 17)):
+        queries, docs, labels = duplicate_batch(width, k, 64, seed=width + k)
+        embeddings = [queries, *docs]
+        local = dict(row_offset=row_offset, batch_size=batch_size)
+        cuda_labels = tuple(label.cuda() for label in labels)
+        loss, grads = loss_and_grads(
+            lambda e: fused_mnrl_loss(e[0], e[1:], backend=backend, labels=cuda_labels, **local, **config),  # noqa: B023
+            [x.detach().cuda().requires_grad_() for x in embeddings],
+        )
+        actual = (loss.cpu(), [g.cpu() for g in grads])
+
+        def reference(e):
+            return reference_masked_loss(e[0], e[1:], labels, **local, **config)  # noqa: B023
+
+        expected = loss_and_grads(reference, float64_copies(embeddings))
+        baseline = loss_and_grads(reference, embeddings)
+        assert_parity(actual, expected, baseline, rtol=1e-4)
+
+
 def test_an_op_whose_triton_kernels_take_no_labels_declines():
     """The one dispatch point: ``auto`` picks another backend, an explicit ``triton`` is a clear error."""
     from st_fast.ops.backends import OpCapabilities, resolve_backend
