@@ -14,16 +14,13 @@
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 import time
-import traceback
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_worker import run_gloo_worker
 from parity import assert_parity, float64_copies, loss_and_grads, random_columns, relative_error
 
 from st_fast.ops.backends import native_available
@@ -170,47 +167,22 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
 
     Module-level so that spawn can pickle it; results go to ``out_dir/rank{rank}.pt``, a traceback to
     ``out_dir/rank{rank}.error``."""
-    out = Path(out_dir)
-    exit_code = 1
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(1)
-        import torch.distributed as dist
 
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=GLOO_TIMEOUT_S),
-        )
-        try:
-            columns = torch.load(out / "columns.pt")
-            rows = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
-            results = {}
-            for backend in backends:
-                for config_name in DIST_CONFIGS:
-                    stock, fast = _losses(CONFIGS[config_name], "torch" if backend == "stock" else backend)
-                    loss_fn = stock if backend == "stock" else fast
-                    local = [c[rows].clone().requires_grad_() for c in columns]
-                    loss = loss_fn.compute_loss_from_embeddings(local, None)
-                    grads = torch.autograd.grad(loss, local)
-                    results[(backend, config_name)] = (loss.detach(), [g.detach() for g in grads])
-            dist.barrier()  # both ranks are done with their collectives before either ends
-        finally:
-            dist.destroy_process_group()
-        torch.save(results, out / f"rank{rank}.pt")
-        exit_code = 0
-    except BaseException:
-        (out / f"rank{rank}.error").write_text(traceback.format_exc())
-    finally:
-        # end here, skipping the interpreter's finalization: gloo's threads can outlive destroy_process_group (the
-        # group is still referenced), and one that needs the GIL while the interpreter finalizes aborts the process
-        # ("terminate called without an active exception", see tests/ddp_train.py); the parent reads the exit code
-        # and the files
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+    def work(out: Path) -> dict:
+        columns = torch.load(out / "columns.pt")
+        rows = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
+        results = {}
+        for backend in backends:
+            for config_name in DIST_CONFIGS:
+                stock, fast = _losses(CONFIGS[config_name], "torch" if backend == "stock" else backend)
+                loss_fn = stock if backend == "stock" else fast
+                local = [c[rows].clone().requires_grad_() for c in columns]
+                loss = loss_fn.compute_loss_from_embeddings(local, None)
+                grads = torch.autograd.grad(loss, local)
+                results[(backend, config_name)] = (loss.detach(), [g.detach() for g in grads])
+        return results
+
+    run_gloo_worker(rank, world_size, init_file, out_dir, GLOO_TIMEOUT_S, work)
 
 
 def _run_workers(out_dir: Path) -> None:

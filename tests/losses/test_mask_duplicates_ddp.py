@@ -7,15 +7,12 @@ texts (local labels only) it would not be."""
 from __future__ import annotations
 
 import multiprocessing
-import os
-import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_worker import run_gloo_worker
 from parity import relative_error
 
 WORLD_SIZE, RANK_BATCH, VOCAB, DIM = 2, 3, 50, 16
@@ -64,34 +61,12 @@ def masked_loss(features, directions, *, gather: bool) -> torch.Tensor:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    out = Path(out_dir)
-    exit_code = 1
-    try:
-        torch.set_num_threads(1)
-        import torch.distributed as dist
+    def work(out: Path) -> dict:
+        rows = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
+        shard = [{key: value[rows] for key, value in column.items()} for column in global_features()]
+        return {directions: masked_loss(shard, directions, gather=True).detach() for directions in DIRECTIONS}
 
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60)
-        )
-        try:
-            rows = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
-            shard = [{key: value[rows] for key, value in column.items()} for column in global_features()]
-            results = {directions: masked_loss(shard, directions, gather=True).detach() for directions in DIRECTIONS}
-            dist.barrier()  # both ranks are done with their collectives before either ends
-        finally:
-            dist.destroy_process_group()
-        torch.save(results, out / f"rank{rank}.pt")
-        exit_code = 0
-    except BaseException:
-        (out / f"rank{rank}.error").write_text(traceback.format_exc())
-    finally:
-        # end here, skipping the interpreter's finalization: gloo's threads can outlive destroy_process_group (the
-        # group is still referenced), and one that needs the GIL while the interpreter finalizes aborts the process
-        # ("terminate called without an active exception", see tests/ddp_train.py); the parent reads the exit code
-        # and the files
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+    run_gloo_worker(rank, WORLD_SIZE, init_file, out_dir, 60.0, work)
 
 
 @pytest.fixture(scope="module")
