@@ -4,9 +4,10 @@ for the logits and masks of :mod:`st_fast.ops.gist.spec`.
 For each chunk of rows: the trainable and the guide GEMMs of every block, the guide masks applied to the trainable
 scores in place (-inf, decided as stock decides them by :class:`st_fast.ops.gist.spec.StockGuide`), then the row
 kernel of the MNRL op (:mod:`st_fast.ops.row_kernel`, PyTorch or native C++/CUDA) with one joint partition at scale
-1/T: segment 0 is ``[AP | AN_1 | ..]`` (kind Q2D, positive at column g), AA and PP are kind D2Q segments (nothing
-masked by the kernel). AA is laid out W wide with the local anchors at columns o .. o+B and -inf elsewhere, so that
-the kernel's own-column index g stays inside the row. Each row is shifted by its positive score first (the softmax
+1/T: segment 0 is ``[AP | AN_1 | ..]`` (kind Q2D, positive at column g), AA and PP are kind Q2Q segments (the row's
+own column g masked by the kernel: ``mask_self_negatives``) or D2Q (nothing masked by the kernel). AA is laid out W
+wide with the local anchors at columns o .. o+B and -inf elsewhere, so that the kernel's own-column index g is the
+row's own anchor. Each row is shifted by its positive score first (the softmax
 CE is invariant; it keeps the loss free of the cancellation log Z - positive logit at logits of magnitude 1/T).
 Then ``d_rows += G @ columns`` and ``d_columns += Gᵀ @ rows`` per block. Memory beyond the inputs: the fp32
 gradients and one chunk of scores and guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).

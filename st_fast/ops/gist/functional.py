@@ -38,6 +38,7 @@ def fused_gist_loss(
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
     mask_dtype: torch.dtype | None = None,
+    mask_self_negatives: bool = True,
     backend: str = "auto",
     chunk_bytes: int | None = None,
 ) -> torch.Tensor:
@@ -52,6 +53,8 @@ def fused_gist_loss(
         mask_dtype: the dtype stock computes the guide similarities in (``nn.CosineSimilarity``'s output dtype: the
             guide's, or float32 under CUDA autocast); default: the guide embeddings' dtype. The torch / native
             backends decide every mask as stock does in that dtype (see :class:`st_fast.ops.gist.spec.StockGuide`).
+        mask_self_negatives: mask each row's own entry of the anchor-anchor and positive-positive blocks, as
+            sentence-transformers >= 6.3 does (default); False: only the guide masks it, as 6.0-6.2 do.
         Other arguments as in sentence-transformers' GISTEmbedLoss; ``backend``: ``"auto"`` (native when built,
         else torch), ``"native"``, ``"torch"`` or ``"triton"`` (CUDA, or CPU under TRITON_INTERPRET=1; the Triton
         kernels decide the masks on their float32 tile similarities, so an entry within ~1e-5 of its threshold may
@@ -70,7 +73,7 @@ def fused_gist_loss(
     spec = GuidedSpec(
         scalar_value(temperature), margin_strategy, scalar_value(margin), bool(contrast_anchors),
         bool(contrast_positives),
-        anchors_guide.dtype if mask_dtype is None else mask_dtype,
+        anchors_guide.dtype if mask_dtype is None else mask_dtype, bool(mask_self_negatives),
     )  # fmt: skip
     chosen = resolve_backend(backend, anchors.device, anchors.dtype, GIST, mask_dtype=spec.mask_dtype)
     dtype, guide_dtype = compute_dtype(anchors.dtype), compute_dtype(anchors_guide.dtype)

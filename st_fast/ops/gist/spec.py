@@ -10,13 +10,21 @@ The logits of row i are, concatenated in one softmax and divided by the temperat
 block  trainable similarity          guide similarity      entries masked to -inf
 =====  ===========================  ====================  =================================================
 AP     s(a_i, c_0[col]), W cols     s(a'_i, c'_0[col])    guide > threshold_i, except col == g (the target)
-AA     s(a_i, a_j), B local cols    s(a'_i, a'_j)         guide > threshold_i  (contrast_anchors)
-PP     s(c_0[g], c_0[col]), W cols  s(c'_0[g], c'_0[col])  guide > threshold_i  (contrast_positives)
+AA     s(a_i, a_j), B local cols    s(a'_i, a'_j)         guide > threshold_i  (contrast_anchors); j == i too
+                                                           when ``mask_self_negatives``
+PP     s(c_0[g], c_0[col]), W cols  s(c'_0[g], c'_0[col])  guide > threshold_i  (contrast_positives); col == g
+                                                           too when ``mask_self_negatives``
 AN_j   s(a_i, c_j[col]), W cols     s(a'_i, c'_j[col])    guide > threshold_i  (each negative column j >= 1)
 =====  ===========================  ====================  =================================================
 
     t_i = s(a'_i, c'_0[g]);  threshold_i = t_i - margin (absolute) or t_i - |t_i|·margin (relative)
     loss = mean_i [ logsumexp_row_i(logits / T) - s(a_i, c_0[g]) / T ]
+
+``mask_self_negatives``: sentence-transformers 6.3 always masks each row's own entry of the AA and PP blocks
+(``aa_sim[rows, rows] = -inf``, ``pp_sim[rows, offset + rows] = -inf``); 6.0-6.2 mask it only through the guide's
+threshold, so that a row whose anchor equals its positive (t_i = 1, margin 0) keeps its self-similarity as a
+negative. The drop-in losses ask the installed stock class which it does
+(:func:`st_fast.losses.self_check.stock_masks_self_negatives`).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class GuidedSpec:
     contrast_anchors: bool
     contrast_positives: bool
     mask_dtype: torch.dtype = torch.float32  # the dtype stock computes guide similarities in (see StockGuide)
+    mask_self_negatives: bool = True  # each row's own AA / PP entry is -inf (sentence-transformers >= 6.3)
 
     loss_label: ClassVar[str] = "fused GIST loss"
 
@@ -54,9 +63,16 @@ class GuidedSpec:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
+    @property
+    def self_block_kind(self) -> SegmentKind:
+        """The segment kind of the AA and PP blocks, by the kernels' masking rule: the row's own column g masked
+        (Q2Q) with ``mask_self_negatives``, else nothing masked but by the guide (D2Q)."""
+        return SegmentKind.Q2Q if self.mask_self_negatives else SegmentKind.D2Q
+
     def row_spec(self) -> ContrastiveSpec:
         """The row kernel's view: one joint softmax at scale 1/T over [AP | AN..], AA?, PP? (no hardness)."""
-        kinds = (SegmentKind.Q2D,) + (SegmentKind.D2Q,) * (int(self.contrast_anchors) + int(self.contrast_positives))
+        blocks = int(self.contrast_anchors) + int(self.contrast_positives)
+        kinds = (SegmentKind.Q2D,) + (self.self_block_kind,) * blocks
         return ContrastiveSpec(kinds, True, 1.0 / self.temperature, HardnessKind.NONE, 0.0)
 
     def thresholds(self, positive_guide: torch.Tensor) -> torch.Tensor:

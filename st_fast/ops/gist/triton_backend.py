@@ -2,10 +2,11 @@
 guide's mask inside the kernels (the same kernel family as the MNRL op, guide flag on).
 
 Three guided segments, as laid out in :mod:`st_fast.ops.gist.spec`: ``[AP | AN..]`` (kind Q2D, the target column
-g = o + i protected from the mask), AA (contrast_anchors) and PP (contrast_positives), kind D2Q (nothing masked but
-by the guide). Every row is shifted by its positive score h_i = <a_i, c_0[g]> and masked where the guide's float32
-tile similarity exceeds threshold_i (computed from the float32 guide diagonal), so that an entry within float32
-rounding of its threshold may be decided differently from stock (see :data:`st_fast.ops.backends.GIST`).
+g = o + i protected from the mask), AA (contrast_anchors) and PP (contrast_positives), of the spec's
+``self_block_kind`` (Q2Q: the row's own column g masked; D2Q: nothing masked but by the guide). Every row is
+shifted by its positive score h_i = <a_i, c_0[g]> and masked where the guide's float32 tile similarity exceeds
+threshold_i (computed from the float32 guide diagonal), so that an entry within float32 rounding
+of its threshold may be decided differently from stock (see :data:`st_fast.ops.backends.GIST`).
 
 Forward: log Z_i = logsumexp over the segments' lse (B,) fp32; loss_i = log Z_i - (positive_i - h_i)/T = log Z_i.
 Backward: one ``segment_lse_backward`` per segment with lse_ref = log Z, w = grad/B, plus the positive term
@@ -58,19 +59,20 @@ def _segments(anchors, candidates, problem: GuidedProblem, shift, threshold) -> 
     def guide(rows: torch.Tensor, cols: torch.Tensor, protect: bool) -> SegmentGuide:
         return SegmentGuide(rows, cols, shift, threshold, protect)
 
+    self_kind = spec.self_block_kind
     segments = [
         _Segment(anchors, candidates, SegmentKind.Q2D, offset, width, guide(anchors_guide, candidates_guide, True),
                  ("anchors", everything), ("candidates", everything)),
     ]  # fmt: skip
     if spec.contrast_anchors:
         segments.append(
-            _Segment(anchors, anchors, SegmentKind.D2Q, 0, batch_size, guide(anchors_guide, anchors_guide, False),
+            _Segment(anchors, anchors, self_kind, 0, batch_size, guide(anchors_guide, anchors_guide, False),
                      ("anchors", everything), ("anchors", everything))
         )  # fmt: skip
     if spec.contrast_positives:
         positives_guide = guide(candidates_guide[local], candidates_guide[:width], False)
         segments.append(
-            _Segment(candidates[local], candidates[:width], SegmentKind.D2Q, 0, width, positives_guide,
+            _Segment(candidates[local], candidates[:width], self_kind, offset, width, positives_guide,
                      ("candidates", local), ("candidates", slice(0, width)))
         )  # fmt: skip
     return segments
