@@ -9,6 +9,7 @@ from torch import Tensor
 
 from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
 from st_fast.losses.gist_embed import FusedGISTMixin
+from st_fast.losses.self_check import stock_function, stock_view
 from st_fast.losses.stock_contract import warn_stock_fallback_once
 
 
@@ -56,5 +57,14 @@ class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
             raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
         columns = [concatenate_mini_batches(column) for column in reps]
         guide_columns = [concatenate_mini_batches(column) for column in reps_guided]
+        if self.computes_stock(columns, guide_columns):
+            return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
         loss = self.gist_loss(columns[0], columns[1:], guide_columns[0], guide_columns[1:])
         return finish_loss_stage(loss, with_backward)
+
+    def stock_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """Stock's loss stage on ``columns`` guided by ``guides``, one mini-batch each (one device, no gathering,
+        no backward)."""
+        view = stock_view(self, gather_across_devices=False, show_progress_bar=False)
+        reps, reps_guided = [[column] for column in columns], [[guide] for guide in guides]
+        return stock_function(self, "calculate_loss")(view, reps, reps_guided, with_backward=False)

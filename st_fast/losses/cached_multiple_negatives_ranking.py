@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from sentence_transformers.sentence_transformer.losses import (
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
 from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin
+from st_fast.losses.self_check import stock_function, stock_view
 from st_fast.losses.stock_contract import (
     subclassing_deprecated_stock,
     warn_deprecated_like_stock,
@@ -43,8 +45,19 @@ class FusedCachedLossStageMixin(FusedMNRLMixin):
         if len(reps) < 2:
             raise ValueError(f"Expected at least 2 embedding columns, got {len(reps)}")
         columns = [concatenate_mini_batches(column) for column in reps]
+        if self.computes_stock(columns):
+            return super().calculate_loss(reps, labels, with_backward=with_backward)
         loss = self.fused_loss(columns[0], columns[1:])
         return finish_loss_stage(loss, with_backward)
+
+    def stock_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """Stock's loss stage on ``columns`` as one mini-batch each (one device, no gathering, no backward)."""
+        view = stock_view(self, gather_across_devices=False, show_progress_bar=False)
+        stock = stock_function(self, "calculate_loss")
+        reps = [[column] for column in columns]
+        if "labels" in inspect.signature(stock).parameters:
+            return stock(view, reps, None, with_backward=False)
+        return stock(view, reps, with_backward=False)
 
 
 class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedMultipleNegativesRankingLoss):

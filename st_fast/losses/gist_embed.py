@@ -10,6 +10,8 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as StockGISTEmbedLoss
 from torch import Tensor, nn
 
+from st_fast.losses import self_check
+from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_view
 from st_fast.losses.stock_contract import (
     BackendOption,
     autocast_state,
@@ -23,7 +25,10 @@ from st_fast.losses.stock_contract import (
 )
 from st_fast.ops import BACKENDS, fused_gist_loss
 from st_fast.ops.backends import GIST, drop_in_backend
-from st_fast.ops.gist.spec import COSINE_EPS
+from st_fast.ops.gist.spec import COSINE_EPS, check_inputs
+
+# stock method (its identity) -> whether it masks each row's own anchor-anchor / positive-positive entry
+_SELF_NEGATIVES: dict[Any, bool] = {}  # keyed by the function itself (kept alive: no reused id)
 
 
 def plain_cross_entropy(module: Any) -> bool:
@@ -48,6 +53,7 @@ class FusedGISTMixin:
     """
 
     backend = BackendOption(BACKENDS)
+    self_check = SelfCheckOption()
     _replaced_method = "forward"  # where the stock class looks its helpers up
 
     def fallback_reason(self) -> str | None:
@@ -97,9 +103,75 @@ class FusedGISTMixin:
         loss = fused_gist_loss(
             anchors, candidates, anchors_guide, candidates_guide, row_offset=offset, temperature=self.temperature,
             margin_strategy=self.margin_strategy, margin=self.margin, contrast_anchors=self.contrast_anchors,
-            contrast_positives=self.contrast_positives, mask_dtype=mask_dtype, backend=backend,
+            contrast_positives=self.contrast_positives, mask_dtype=mask_dtype,
+            mask_self_negatives=self.stock_masks_self_negatives(), backend=backend,
         )  # fmt: skip
         return loss.to(loss_dtype)
+
+    def stock_masks_self_negatives(self) -> bool:
+        """Whether the installed stock method masks each row's own anchor-anchor and positive-positive entry
+        (sentence-transformers 6.3: always; 6.0-6.2: only through the guide's threshold), found by running it once
+        per process (and again if the method is replaced) on a 3-row batch whose anchors equal their positives,
+        with margin -1 (the guide masks nothing), against the fused op both ways in float64. Where neither matches,
+        the newest behaviour (True) is taken and the first-use self-check decides."""
+        stock = stock_function(self, self._replaced_method)
+        known = _SELF_NEGATIVES.get(stock)
+        if known is None:
+            known = _SELF_NEGATIVES[stock] = self._probe_self_negatives()
+        return known
+
+    def _probe_self_negatives(self) -> bool:
+        generator = torch.Generator().manual_seed(0)
+        anchors = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        columns, guides = [anchors, anchors.clone()], [anchors.clone(), anchors.clone()]
+        settings = dict(
+            margin_strategy="absolute", margin=-1.0, temperature=1.0, contrast_anchors=True, contrast_positives=True,
+            similarity_fct=nn.CosineSimilarity(dim=-1), cross_entropy_loss=nn.CrossEntropyLoss(),
+        )  # fmt: skip
+        view = stock_view(self, **settings)
+        with torch.no_grad(), torch.autocast(anchors.device.type, enabled=False):
+            stock = float(view.stock_on_embeddings(columns, guides))
+            fused = {}
+            for masked in (True, False):
+                fused[masked] = float(fused_gist_loss(
+                    columns[0], columns[1:], guides[0], guides[1:], temperature=1.0, margin_strategy="absolute",
+                    margin=-1.0, mask_self_negatives=masked, backend="torch",
+                ))  # fmt: skip
+        for masked in (True, False):
+            if abs(fused[masked] - stock) <= 1e-9 * max(1.0, abs(stock)):
+                return masked
+        return True
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The first-use self-check (st_fast.losses.self_check)
+
+    def self_check_config(self, columns: list[Tensor]) -> dict[str, Any]:
+        """Everything the comparison with stock depends on besides the embeddings."""
+        return {
+            "temperature": self.temperature, "margin_strategy": self.margin_strategy, "margin": self.margin,
+            "contrast_anchors": self.contrast_anchors, "contrast_positives": self.contrast_positives,
+            "columns": len(columns), "backend": self.backend, "device": columns[0].device.type,
+        }  # fmt: skip
+
+    def fused_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """st_fast's loss of ``columns`` guided by ``guides`` (one device, no gathering)."""
+        view = stock_view(self, gather_across_devices=False)
+        return view.gist_loss(columns[0], list(columns[1:]), guides[0], list(guides[1:]))
+
+    def computes_stock(self, columns: list[Tensor], guides: list[Tensor]) -> bool:
+        """Run the first-use self-check of this configuration (once per process); True when the stock method must
+        compute it (a mismatch: see :mod:`st_fast.losses.self_check`)."""
+        if not self.self_check:
+            return False
+        check_inputs(columns[0], columns[1:], guides[0], guides[1:], 0)  # bad input: the op's clear error first
+        config = self.self_check_config(columns)
+        key = self_check.configuration_key(self, self._replaced_method, config)
+        described = ", ".join(f"{name}={value!r}" for name, value in config.items())
+        result = self_check.check(
+            self, key, described, columns, self.fused_on_embeddings, self.stock_on_embeddings, guides,
+            gathered=bool(self.gather_across_devices),
+        )  # fmt: skip
+        return not result.passed
 
     def stock_dtypes(
         self, anchors: Tensor, positives: Tensor, anchors_guide: Tensor, positives_guide: Tensor
@@ -124,6 +196,19 @@ class FusedGISTMixin:
             stock_dtype((*key, "loss"), loss_probe),
             stock_dtype((*key, "mask"), lambda: similarity_dtype(anchors_guide, positives_guide)),
         )
+
+
+class _PrecomputedColumns(nn.Module):
+    """Stands in for the model or the guide when the stock ``forward`` runs on given embeddings: the feature dict
+    ``{"st_fast_column": j}`` gives column j as the sentence embedding (no input_ids: stock embeds each column in its
+    own call)."""
+
+    def __init__(self, columns: list[Tensor]) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def forward(self, features: dict[str, Any]) -> dict[str, Tensor]:
+        return {"sentence_embedding": self.columns[features["st_fast_column"]]}
 
 
 class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
@@ -183,12 +268,29 @@ class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
             if self.must_retokenize:
                 guide_features = [self.guide_features(sentence_feature) for sentence_feature in sentence_features]
             guide_embeddings = embed_columns(self.guide, guide_features)
-        return self.loss_from_embeddings(embeddings, guide_embeddings)
+        return self.loss_from_embeddings(embeddings, guide_embeddings, sentence_features, labels)
 
-    def loss_from_embeddings(self, embeddings: list[Tensor], guide_embeddings: list[Tensor]) -> Tensor:
-        """The loss of the model's column embeddings [anchor, positive(, negative)] guided by the guide's."""
+    def stock_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """Stock's loss of ``columns`` guided by ``guides``: the stock ``forward`` as it is now, on a view whose
+        model and guide return these embeddings (one device, no gathering, no re-tokenization)."""
+        view = stock_view(
+            self, model=_PrecomputedColumns(list(columns)), guide=_PrecomputedColumns(list(guides)),
+            must_retokenize=False, gather_across_devices=False,
+        )  # fmt: skip
+        features = [{"st_fast_column": j} for j in range(len(columns))]
+        return stock_function(self, "forward")(view, features, None)
+
+    def loss_from_embeddings(
+        self, embeddings: list[Tensor], guide_embeddings: list[Tensor], sentence_features: Any = None, labels=None
+    ) -> Tensor:
+        """The loss of the model's column embeddings [anchor, positive(, negative)] guided by the guide's (the
+        first-use self-check's mismatch: stock's ``forward`` on ``sentence_features``)."""
         if len(embeddings) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
         if len(guide_embeddings) != len(embeddings):
             raise ValueError(f"Expected {len(embeddings)} guide embeddings, got {len(guide_embeddings)}")
+        if self.computes_stock(list(embeddings), list(guide_embeddings)):
+            if sentence_features is None:
+                return self.stock_on_embeddings(list(embeddings), list(guide_embeddings))
+            return super().forward(sentence_features, labels)
         return self.gist_loss(embeddings[0], list(embeddings[1:]), guide_embeddings[0], list(guide_embeddings[1:]))

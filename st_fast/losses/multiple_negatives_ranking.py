@@ -13,7 +13,9 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from torch import Tensor
 
+from st_fast.losses import self_check
 from st_fast.losses.duplicate_masking import MaskDuplicatesOption, batch_labels, remembering_texts
+from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_view
 from st_fast.losses.similarity import fused_similarity_name
 from st_fast.losses.stock_contract import (
     BackendOption,
@@ -48,6 +50,7 @@ class FusedMNRLMixin:
 
     backend = BackendOption(BACKENDS)
     mask_duplicates = MaskDuplicatesOption()
+    self_check = SelfCheckOption()
     mask_duplicates_applies = True  # the loss gets the features (token ids) in forward: the trainer may set it
     _replaced_method = "compute_loss_from_embeddings"  # where the stock class looks its helpers up
 
@@ -89,7 +92,48 @@ class FusedMNRLMixin:
             return super().compute_loss_from_embeddings(embeddings, labels)
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        if self.computes_stock(list(embeddings)):
+            return super().compute_loss_from_embeddings(embeddings, labels)
         return self.fused_loss(embeddings[0], list(embeddings[1:]))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The first-use self-check (st_fast.losses.self_check)
+
+    def self_check_config(self, columns: list[Tensor]) -> dict[str, Any]:
+        """Everything the comparison with stock depends on besides the embeddings."""
+        return {
+            "scale": self.scale, "similarity_fct": getattr(self.similarity_fct, "__name__", repr(self.similarity_fct)),
+            "directions": tuple(self.directions), "partition_mode": self.partition_mode,
+            "hardness_mode": self.hardness_mode, "hardness_strength": self.hardness_strength,
+            "columns": len(columns), "backend": self.backend, "device": columns[0].device.type,
+        }  # fmt: skip
+
+    def stock_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """Stock's loss of ``columns`` (one device, no gathering): the stock method as it is now, on a view."""
+        view = stock_view(self, gather_across_devices=False)
+        return stock_function(self, "compute_loss_from_embeddings")(view, list(columns), None)
+
+    def fused_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """st_fast's loss of ``columns`` (one device, no gathering, no duplicate masking)."""
+        view = stock_view(self, gather_across_devices=False, _st_fast_mask_duplicates=False)
+        return view.fused_loss(columns[0], list(columns[1:]))
+
+    def computes_stock(self, columns: list[Tensor], guides: list[Tensor] | None = None) -> bool:
+        """Run the first-use self-check of this configuration (once per process); True when the stock method must
+        compute it (a mismatch: see :mod:`st_fast.losses.self_check`)."""
+        if not self.self_check:
+            return False
+        check_embeddings(columns[0], columns[1:])  # bad input: the op's clear error, before any comparison
+        config = self.self_check_config(columns)
+        key = self_check.configuration_key(self, self._replaced_method, config)
+        described = ", ".join(f"{name}={value!r}" for name, value in config.items())
+        result = self_check.check(
+            self, key, described, columns, self.fused_on_embeddings, self.stock_on_embeddings, guides or (),
+            gathered=bool(self.gather_across_devices),
+        )  # fmt: skip
+        if not result.passed:
+            self.check_stock_fallback(f"its self-check against stock found a mismatch ({result.detail})")
+        return not result.passed
 
     def fused_loss(self, queries: Tensor, docs: list[Tensor]) -> Tensor:
         """The loss of local anchors (B, D) against candidate columns k x (B, D), gathered across ranks when

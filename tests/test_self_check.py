@@ -1,0 +1,204 @@
+"""The first-use self-check (st_fast.losses.self_check): a fused loss compares itself with the stock method as it is
+at call time, and where the stock math changed (here: monkeypatched inside the test: a scaled loss, another mask,
+label smoothing) it returns stock's changed numbers, with one warning; it cannot pass vacuously; it can be turned off.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gist_cases import PrecomputedEncoder, column_features
+from parity import random_columns
+from sentence_transformers import util
+from sentence_transformers.sentence_transformer import losses as stock_losses
+
+from st_fast import losses as fast_losses
+from st_fast.losses import self_check
+
+MNRL = stock_losses.MultipleNegativesRankingLoss
+CMNRL = stock_losses.CachedMultipleNegativesRankingLoss
+
+
+@pytest.fixture(autouse=True)
+def _fresh_results(monkeypatch):
+    """Each test starts with no verdict recorded in this process."""
+    monkeypatch.setattr(self_check, "_results", {})
+
+
+class _Model(torch.nn.Module):
+    """What the MNRL-family constructors need of a model (the losses here are called on embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Identity()
+
+    def __getitem__(self, index: int) -> torch.nn.Module:
+        return self.first
+
+
+def _mnrl(cls=fast_losses.MultipleNegativesRankingLoss, **kwargs):
+    return cls(_Model(), **kwargs)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+
+
+def _loss(loss, columns) -> float:
+    return float(loss.compute_loss_from_embeddings(columns, None).detach())
+
+
+def test_passes_and_computes_fused_on_the_installed_stock(caplog, monkeypatch):
+    loss = _mnrl(scale=20.0)
+    calls = []
+    stock = MNRL.compute_loss_from_embeddings
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", lambda *a: calls.append(1) or stock(*a))
+    columns = random_columns(9, 16, 3)
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        first = _loss(loss, columns)
+        checked = len(calls)
+        second = _loss(loss, columns)
+    assert checked == 4  # stock in float64 and float32, on the call's slice and on the random batch
+    assert len(calls) == checked  # once per configuration: the second call computes fused only
+    assert first == second and not _warnings(caplog)
+    assert self_check.last_result(loss).startswith("self-check passed")
+
+
+def _scaled(original, factor):
+    def patched(self, *args, **kwargs):
+        return original(self, *args, **kwargs) * factor
+
+    return patched
+
+
+def test_follows_a_changed_stock_loss_and_warns_once(caplog, monkeypatch):
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    columns = random_columns(7, 12, 2, seed=3)
+    stock_value = float(MNRL(_Model(), scale=20.0).compute_loss_from_embeddings(columns, None))
+    loss = _mnrl(scale=20.0)
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        values = [_loss(loss, columns) for _ in range(3)]
+    assert values == [pytest.approx(stock_value, rel=1e-6)] * 3
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "MultipleNegativesRankingLoss" in warnings[0] and "scale=20.0" in warnings[0]
+    import sentence_transformers
+
+    assert sentence_transformers.__version__ in warnings[0]
+    assert "MISMATCH" in self_check.last_result(loss)
+
+
+def _label_smoothing_mnrl(self, embeddings, labels):
+    """MNRL with label smoothing 0.1 (what a future stock might do)."""
+    queries, docs = embeddings[0], torch.cat(embeddings[1:])
+    scores = util.cos_sim(queries, docs) * self.scale
+    target = torch.arange(queries.shape[0], device=queries.device)
+    return F.cross_entropy(scores, target, label_smoothing=0.1)
+
+
+def test_follows_label_smoothing_with_gradients(monkeypatch):
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _label_smoothing_mnrl)
+    columns = random_columns(6, 10, 2, seed=4)
+    expected = _label_smoothing_mnrl(MNRL(_Model(), scale=20.0), columns, None)
+    expected_grads = torch.autograd.grad(expected, columns)
+    actual = _mnrl(scale=20.0).compute_loss_from_embeddings(columns, None)
+    grads = torch.autograd.grad(actual, columns)
+    torch.testing.assert_close(actual, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def _masked_last_column(self, reps, labels=None, *, with_backward=False):
+    """A cached loss stage whose softmax leaves out the last candidate column (another mask)."""
+    queries, docs = torch.cat(reps[0]), torch.cat([torch.cat(r) for r in reps[1:]])
+    scores = util.cos_sim(queries, docs) * self.scale
+    scores[: queries.shape[0] - 1, -1] = float("-inf")
+    loss = F.cross_entropy(scores, torch.arange(queries.shape[0]))
+    if with_backward:
+        loss.backward()
+        loss = loss.detach()
+    return loss
+
+
+def test_cached_loss_stage_follows_a_changed_mask(caplog, monkeypatch):
+    monkeypatch.setattr(CMNRL, "calculate_loss", _masked_last_column)
+    columns = random_columns(8, 12, 2, seed=5)
+    reps = [[c[:4], c[4:]] for c in columns]
+    expected = _masked_last_column(CMNRL(_Model(), mini_batch_size=4), reps)
+    loss = fast_losses.CachedMultipleNegativesRankingLoss(_Model(), mini_batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        actual = loss.calculate_loss(reps)
+        again = loss.calculate_loss(reps)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(again, expected)
+    assert len(_warnings(caplog)) == 1
+
+
+def test_gist_follows_a_scaled_stock_forward(tokenizer, caplog, monkeypatch):
+    gist = stock_losses.GISTEmbedLoss
+    monkeypatch.setattr(gist, "forward", _scaled(gist.forward, 0.5))
+    model, guide = PrecomputedEncoder(tokenizer), PrecomputedEncoder(tokenizer)
+    columns = random_columns(7, 16, 3, seed=6)
+    model.columns, guide.columns = columns, [c.detach() * 2 for c in columns]
+    features = column_features(3)
+    expected = float(gist(model, guide, temperature=0.3)(features, None))
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        actual = float(fast_losses.GISTEmbedLoss(model, guide, temperature=0.3)(features, None))
+    assert actual == pytest.approx(expected, rel=1e-6)
+    assert len(_warnings(caplog)) == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def test_cannot_pass_on_a_stock_without_gradient(monkeypatch):
+    """A stock method whose loss has no gradient (every term zero) is no proof: the check fails, and stock computes."""
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", lambda self, e, labels: (e[0] * 0).sum())
+    loss = _mnrl()
+    value = loss.compute_loss_from_embeddings(random_columns(5, 8, 2), None)
+    assert float(value) == 0.0
+    assert "nothing to compare" in self_check.last_result(loss)
+
+
+def test_a_one_row_batch_is_checked_on_the_random_batch_too(monkeypatch):
+    """One row: its loss is 0 for any embeddings (LSE([s]) - s), so the call's slice alone proves nothing; the
+    random batch of 4 rows catches the changed stock."""
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    loss = _mnrl()
+    loss.compute_loss_from_embeddings(random_columns(1, 8, 2), None)
+    assert "MISMATCH" in self_check.last_result(loss)
+
+
+def test_off_computes_fused_without_asking_stock(monkeypatch):
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    columns = random_columns(7, 12, 2, seed=3)
+    on, off = _mnrl(), _mnrl()
+    off.self_check = False
+    assert _loss(off, columns) != pytest.approx(_loss(on, columns), rel=1e-3)
+    assert self_check.last_result(off) == "self-check off"
+    with pytest.raises(TypeError):
+        off.self_check = "no"
+
+
+def test_fused_view_of_a_stock_object_checks_itself(monkeypatch):
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    stock = MNRL(_Model(), scale=20.0)
+    columns = random_columns(7, 12, 2, seed=8)
+    fused = fast_losses.fuse(stock)
+    assert _loss(fused, columns) == pytest.approx(_loss(stock, columns), rel=1e-6)
+
+
+def test_mask_duplicates_on_a_mismatch_is_an_error(monkeypatch):
+    """Stock has no duplicate masking: a loss with mask_duplicates that fails its check raises, never silently
+    computes the unmasked stock loss."""
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    loss = _mnrl(mask_duplicates=True)
+    with pytest.raises(ValueError, match="self-check"):
+        loss.compute_loss_from_embeddings(random_columns(7, 12, 2), None)
