@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import traceback
 
 import pytest
 import torch
 from parity import random_columns
 
+import st_fast
 from st_fast.ops import chunked, fused_gist_loss, fused_mnrl_loss
 from st_fast.ops.backends import ChunkedBackend
 from st_fast.ops.mnrl import chunked as mnrl_chunked
@@ -44,11 +46,17 @@ class HostSync(AssertionError):
     """A host read of a tensor value (or a value-shaped op) inside :func:`host_reads_forbidden`."""
 
 
+# The st_fast package's own folder (not a substring of the path: a checkout may itself live in a folder named st_fast)
+ST_FAST_DIR = os.path.dirname(os.path.realpath(st_fast.__file__))
+
+
 def _caller() -> str:
-    """The innermost st_fast frame of the current stack, as 'function (file:line)'."""
+    """The innermost st_fast frame of the current stack, as 'function (path in the package:line)'."""
     for frame in reversed(traceback.extract_stack()[:-3]):
-        if "/st_fast/" in frame.filename:
-            return f"{frame.name} ({frame.filename.rsplit('/st_fast/', 1)[1]}:{frame.lineno})"
+        path = os.path.realpath(frame.filename)
+        if os.path.commonpath([path, ST_FAST_DIR]) == ST_FAST_DIR:
+            relative = os.path.relpath(path, ST_FAST_DIR).replace(os.sep, "/")
+            return f"{frame.name} ({relative}:{frame.lineno})"
     return "outside st_fast"
 
 
