@@ -36,7 +36,7 @@ from st_fast.ops.backends import BACKENDS, GIST, MNRL, drop_in_backend, resolve_
 logger = logging.getLogger("st_fast.trainer")  # the name users configure: the report is the trainer's
 
 _NO_DUPLICATES_VALUES = ("no_duplicates", "no_duplicates_hashed")
-_FLAGS = ("loss", "sampler", "report", "mask_duplicates")
+_FLAGS = ("loss", "sampler", "report", "mask_duplicates", "self_check")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,10 @@ class StFastConfig:
     show the swap report at each ``train()`` start (main process only); ``mask_duplicates`` (default False, not in
     stock): set ``mask_duplicates=True`` on every fused MNRL-family loss (also inside wrappers such as
     MatryoshkaLoss; see :class:`st_fast.losses.MultipleNegativesRankingLoss`): a candidate whose text equals the
-    row's positive or anchor leaves that row's softmax, so that random batches need no duplicate-free sampler.
+    row's positive or anchor leaves that row's softmax, so that random batches need no duplicate-free sampler;
+    ``self_check`` (default True): each fused loss and the sampler compare themselves with the installed stock code
+    on the first batch of each configuration and compute stock from then on where they differ
+    (:mod:`st_fast.losses.self_check`); False turns the check off on every fused loss of the trainer.
 
     Raises TypeError for a flag that is not a bool, ValueError for an unknown backend or ``mask_duplicates`` without
     ``loss``. Whether the backend can run on the model's device is checked when the trainer is built
@@ -60,6 +63,7 @@ class StFastConfig:
     backend: str = "auto"
     report: bool = True
     mask_duplicates: bool = False
+    self_check: bool = True
 
     def __post_init__(self) -> None:
         for name in _FLAGS:
@@ -103,6 +107,9 @@ def fuse_loss(trainer: Any, loss: Any, config: StFastConfig) -> Any:
     from st_fast.losses import fuse
 
     fused = fuse(loss, backend=config.backend)
+    if not config.self_check:  # not a change of the numbers: every fused loss of the trainer, the user's too
+        for module in _fused_modules(fused):
+            module.self_check = False
     if config.mask_duplicates:
         # only the fused views fuse() just built: an st_fast loss the user passed keeps its own setting (the trainer
         # never changes the state of an object the user built; the report says so)
@@ -140,11 +147,14 @@ def _choice_name(choice: Any) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Part:
     """One entry of the swap report: ``text``; ``fast``: st_fast computes this part (the report's first line, else
-    its second: left stock); ``tagged``: an st_fast class is in place (the model card's ``st_fast`` tag)."""
+    its second: left stock); ``tagged``: an st_fast class is in place (the model card's ``st_fast`` tag); ``shown``:
+    printed at train start (False for a part left stock where nobody expects st_fast, e.g. the default batch
+    sampler; it stays in :func:`swap_report`)."""
 
     text: str
     fast: bool
     tagged: bool
+    shown: bool = True
 
 
 def _sampler_part(trainer: Any, config: StFastConfig, dataset: Any) -> _Part:
@@ -154,7 +164,7 @@ def _sampler_part(trainer: Any, config: StFastConfig, dataset: Any) -> _Part:
     choice = trainer.args.batch_sampler
     if not _is_stock_no_duplicates(choice):
         reason = "st_fast replaces only no_duplicates / no_duplicates_hashed"
-        return _Part(f"{_choice_name(choice)} left stock ({reason})", fast=False, tagged=False)
+        return _Part(f"{_choice_name(choice)} left stock ({reason})", fast=False, tagged=False, shown=False)
     if not config.sampler:
         return _Part("NoDuplicatesBatchSampler left stock (st_fast sampler=False)", fast=False, tagged=False)
     if not isinstance(dataset, Dataset):
@@ -383,6 +393,8 @@ def _backend_phrase(trainer: Any, module: torch.nn.Module) -> str:
 
 
 def _loss_part(trainer: Any, loss: torch.nn.Module, config: StFastConfig) -> _Part:
+    from st_fast.losses.self_check import last_result
+
     fused = _fused_modules(loss)
     label = _loss_label(loss)
     if not fused:
@@ -401,7 +413,8 @@ def _loss_part(trainer: Any, loss: torch.nn.Module, config: StFastConfig) -> _Pa
             masking = ", mask_duplicates off (an st_fast loss object you built keeps its own mask_duplicates)"
         elif config.mask_duplicates:
             masking = ", mask_duplicates not available for this loss"
-        phrases.append(f"st_fast {type(module).__name__}, {stage}{_backend_phrase(trainer, module)}{masking}")
+        checked = f", {last_result(module)}"
+        phrases.append(f"st_fast {type(module).__name__}, {stage}{_backend_phrase(trainer, module)}{masking}{checked}")
         reason = module.fallback_reason()
         if reason is not None:
             stock_reasons.append(f"{type(module).__name__} computes stock: {reason}")
@@ -460,12 +473,12 @@ def swap_report(trainer: Any) -> dict[str, str]:
 
 
 def report_lines(trainer: Any) -> list[str]:
-    """The report as shown at train start: one line of the parts st_fast computes, one of those left stock (each
-    omitted when empty)."""
+    """The report as shown at train start: one line of the parts st_fast computes, one of those left stock where
+    st_fast could have been expected (each omitted when empty)."""
     parts = _report_parts(trainer)
     lines = []
     for fast in (True, False):
-        entries = [f"{part}: {entry.text}" for part, entry in parts.items() if entry.fast is fast]
+        entries = [f"{part}: {entry.text}" for part, entry in parts.items() if entry.fast is fast and entry.shown]
         if entries:
             lines.append("[st_fast] " + "; ".join(entries))
     return lines
@@ -499,6 +512,10 @@ def _report_enabled_by_logging() -> bool:
     return True
 
 
+def _record(message: str) -> logging.LogRecord:
+    return logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None, func="emit_report")
+
+
 def emit_report(trainer: Any) -> bool:
     """Show the report (:func:`report_lines`) once; True when something was handed to a handler.
 
@@ -518,11 +535,10 @@ def emit_report(trainer: Any) -> bool:
     if not lines or not _report_enabled_by_logging():
         return False
     message = "\n".join(lines)
-    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None, func="emit_report")
     if logger.hasHandlers():
-        logger.handle(record)
-    else:
-        _STDERR_HANDLER.handle(record)
+        logger.handle(_record(message))
+    else:  # on its own line, also after a progress bar that did not end its line (the model card's widget bar)
+        _STDERR_HANDLER.handle(_record("\n" + message))
     return True
 
 

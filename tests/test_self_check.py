@@ -202,3 +202,61 @@ def test_mask_duplicates_on_a_mismatch_is_an_error(monkeypatch):
     loss = _mnrl(mask_duplicates=True)
     with pytest.raises(ValueError, match="self-check"):
         loss.compute_loss_from_embeddings(random_columns(7, 12, 2), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Through the trainer and patch(): the option, and the report
+
+
+def _train_one_step(trainer_class, model, tmp_path, name: str, **kwargs):
+    from datasets import Dataset
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    texts = [f"text number {i}" for i in range(16)]
+    data = Dataset.from_dict({"anchor": texts, "positive": [t + " again" for t in texts]})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=8, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    loss = MNRL(model)
+    trainer = trainer_class(model=model, args=args, train_dataset=data, loss=loss, **kwargs)
+    before = trainer.st_fast_report["loss"]
+    trainer.train()
+    return trainer, before
+
+
+def test_trainer_report_shows_the_check(tiny_model, tmp_path, caplog):
+    from st_fast.trainer import SentenceTransformerTrainer
+
+    with caplog.at_level(logging.INFO, logger="st_fast"):
+        trainer, before = _train_one_step(SentenceTransformerTrainer, tiny_model, tmp_path, "on")
+    assert "self-check not run yet" in before
+    after = trainer.st_fast_report["loss"]
+    assert "self-check passed: loss " in after, after
+    shown = [r.getMessage() for r in caplog.records if r.name == "st_fast.trainer"]
+    assert any("self-check not run yet" in line for line in shown)  # shown at train start, before the first batch
+
+
+def test_trainer_option_turns_the_check_off(tiny_model, tmp_path, monkeypatch):
+    from st_fast.trainer import SentenceTransformerTrainer
+
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    trainer, _ = _train_one_step(SentenceTransformerTrainer, tiny_model, tmp_path, "off", st_fast={"self_check": False})
+    assert "self-check off" in trainer.st_fast_report["loss"]
+    assert not self_check._results  # never compared
+
+
+def test_patch_follows_a_changed_stock_through_the_stock_trainer(tiny_model, tmp_path, monkeypatch, caplog):
+    from sentence_transformers import SentenceTransformerTrainer as StockTrainer
+
+    import st_fast
+
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", _scaled(MNRL.compute_loss_from_embeddings, 1.1))
+    st_fast.patch()
+    try:
+        with caplog.at_level(logging.WARNING, logger="st_fast"):
+            trainer, _ = _train_one_step(StockTrainer, tiny_model, tmp_path, "patched")
+        assert "MISMATCH" in trainer.st_fast_report["loss"]  # (the property goes with unpatch())
+    finally:
+        st_fast.unpatch()
+    assert len(_warnings(caplog)) == 1
