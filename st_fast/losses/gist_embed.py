@@ -52,7 +52,7 @@ class FusedGISTMixin:
     (see :meth:`fallback_reason`) is computed by the stock method.
     """
 
-    backend = BackendOption(BACKENDS)
+    backend = BackendOption(BACKENDS, triton_kernels=False)  # "triton" computes with torch (see GISTEmbedLoss)
     self_check = SelfCheckOption()
     _replaced_method = "forward"  # where the stock class looks its helpers up
 

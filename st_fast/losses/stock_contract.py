@@ -145,10 +145,15 @@ def stock_dtype(key: Hashable, probe: Callable[[], torch.dtype]) -> torch.dtype:
 
 class BackendOption:
     """The ``backend`` attribute of the fused losses: validated on assignment, ``"auto"`` until set (also on
-    instances built without ``__init__``, e.g. ``cls.__new__(cls)``), stored under a private name."""
+    instances built without ``__init__``, e.g. ``cls.__new__(cls)``), stored under a private name.
 
-    def __init__(self, choices: tuple[str, ...]) -> None:
+    With ``triton_kernels`` (the loss computes ``"triton"`` with the Triton kernels), ``"triton"`` where triton is
+    not importable raises RuntimeError at the assignment (the constructor, :func:`st_fast.losses.fuse`), not at the
+    first call; whether the kernels run on the embeddings' device is only known then."""
+
+    def __init__(self, choices: tuple[str, ...], *, triton_kernels: bool = True) -> None:
         self.choices = choices
+        self.triton_kernels = triton_kernels
 
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:
@@ -158,4 +163,9 @@ class BackendOption:
     def __set__(self, obj: Any, value: str) -> None:
         if value not in self.choices:
             raise ValueError(f"backend must be one of {self.choices}, got {value!r}")
+        if value == "triton" and self.triton_kernels:
+            from st_fast.ops import triton_lse
+
+            if triton_lse._TRITON_IMPORT_ERROR is not None:
+                raise RuntimeError(triton_lse.triton_unavailable_reason("cuda") + ' (pip install "st-fast[triton]")')
         obj.__dict__["_st_fast_backend"] = value
