@@ -260,3 +260,16 @@ def test_patch_follows_a_changed_stock_through_the_stock_trainer(tiny_model, tmp
     finally:
         st_fast.unpatch()
     assert len(_warnings(caplog)) == 1
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_first_call_in_evaluation_mode_is_checked_properly(mode):
+    """An evaluation loop may make the first call, without autograd (inference tensors included): the check still
+    compares gradients, and passes on the unchanged stock."""
+    columns = [c.detach() for c in random_columns(5, 8, 2)]
+    loss = _mnrl()
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        value = loss.compute_loss_from_embeddings([c.clone() for c in columns], None)
+    assert self_check.last_result(loss).startswith("self-check passed"), self_check.last_result(loss)
+    assert float(value) == pytest.approx(float(MNRL(_Model()).compute_loss_from_embeddings(columns, None)), rel=1e-5)

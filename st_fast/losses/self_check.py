@@ -137,7 +137,7 @@ def last_result(loss: Any) -> str:
 
 
 def _leaves(tensors: Sequence[Tensor], dtype: torch.dtype, grad: bool) -> list[Tensor]:
-    return [t.detach().to(dtype).requires_grad_(grad) for t in tensors]
+    return [t.detach().clone().to(dtype).requires_grad_(grad) for t in tensors]  # clone: no inference tensor
 
 
 def _evaluate(fn: Callable, columns: Sequence[Tensor], guides: Sequence[Tensor], dtype: torch.dtype):
@@ -204,7 +204,8 @@ def check(
         rows = min(SLICE_ROWS, columns[0].shape[0])
         user = ([c[:rows] for c in columns], [g[:rows] for g in guides])
         synthetic = (random_columns(columns), random_columns(guides, seed=1) if guides else [])
-        with torch.autocast(columns[0].device.type, enabled=False):
+        # (under torch.inference_mode too: evaluation loops may run the loss there)
+        with torch.inference_mode(False), torch.autocast(columns[0].device.type, enabled=False):
             verdicts = [_compare(fused, stock, *user), _compare(fused, stock, *synthetic)]
         failing = [v for v in verdicts if not v.passed]
         result = failing[0] if failing else CheckResult(True, verdicts[0].detail)
