@@ -46,8 +46,9 @@ def duplicate_columns(num_columns: int, seed: int) -> tuple[list[torch.Tensor], 
 
 
 def _config(margin_strategy, margin, contrast):
+    """The loss configuration, at temperature 0.3: an unsaturated softmax, so that relative errors mean something."""
     return dict(margin_strategy=margin_strategy, margin=margin, contrast_anchors=contrast[0],
-                contrast_positives=contrast[1], temperature=0.3)  # fmt: skip  (an unsaturated softmax)
+                contrast_positives=contrast[1], temperature=0.3)  # fmt: skip
 
 
 def _forward(loss, columns, guides):
@@ -111,6 +112,7 @@ def test_duplicate_rows_are_where_versions_differ(tokenizer):
     """Not vacuous: on these batches the self-negative entries change the loss (6.3 vs 6.2 rule), so a fused loss
     that took the other version's rule would fail the tests above."""
     columns, guides = duplicate_columns(3, seed=3)
+    columns = [c.detach() for c in columns]
     values = [
         float(fused_gist_loss(columns[0], columns[1:], guides[0], guides[1:], temperature=0.05,
                               mask_self_negatives=masked, backend="torch"))
