@@ -2,16 +2,28 @@
 # Sourced by the other scripts: create or reuse ./.venv, install torch==2.13.0 only when no torch is importable
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then build and install st_fast (editable) with the
 # extras given in ST_FAST_EXTRAS (default: test). Set ST_FAST_CUDA=0/1 to skip/force the CUDA extension.
+# Whenever the extras include `test`, the install is constrained by scripts/test-constraints.txt (the test
+# environment's pinned sentence-transformers release; user installs keep pyproject.toml's range).
 #
 # The build is skipped when the installed one is current: .venv/st_fast-build.stamp holds the stamp of the last
-# successful install (st_fast_build_stamp below: a hash of setup.py, pyproject.toml, every file under csrc/, the
-# extras and the CUDA settings), and st_fast (with st_fast._C, and st_fast._C_cuda when it is built) imports from
-# this checkout. Python changes need no rebuild (editable install); a change to csrc/ or the packaging does. A fresh
-# clone has no .venv, so it always builds (CI). ST_FAST_REBUILD=1 forces the build.
+# successful install (st_fast_build_stamp below: a hash of setup.py, pyproject.toml, the test constraints, every
+# file under csrc/, the extras and the CUDA settings), st_fast (with st_fast._C, and st_fast._C_cuda when it is
+# built) imports from this checkout, and every `name==version` pin of the constraints in use is the installed
+# version (so a .venv holding another sentence-transformers is moved to the pinned one). Python changes need no
+# rebuild (editable install); a change to csrc/, the packaging or the pins does. A fresh clone has no .venv, so it
+# always builds (CI). ST_FAST_REBUILD=1 forces the build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
 ST_FAST_STAMP_FILE=".venv/st_fast-build.stamp"
+ST_FAST_TEST_CONSTRAINTS="scripts/test-constraints.txt"
+
+# The constraints file of this install: scripts/test-constraints.txt when the extras include `test`, else nothing.
+st_fast_constraints() {
+  case ",${ST_FAST_EXTRAS:-test}," in
+    *,test,*) if [ -f "$ST_FAST_TEST_CONSTRAINTS" ]; then echo "$ST_FAST_TEST_CONSTRAINTS"; fi ;;
+  esac
+}
 
 # nvcc as setup.py finds it ($CUDA_HOME/bin, $CUDA_PATH/bin, then PATH), or nothing.
 st_fast_nvcc() {
@@ -38,19 +50,33 @@ st_fast_build_stamp() {
   {
     echo "extras=${ST_FAST_EXTRAS:-test} cuda=$(st_fast_cuda_wanted) nvcc=$(st_fast_nvcc)"
     echo "ST_FAST_CUDA_ARCHS=${ST_FAST_CUDA_ARCHS:-} CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-}"
+    echo "constraints=$(st_fast_constraints)"
     local path
-    for path in setup.py setup.cfg pyproject.toml MANIFEST.in csrc; do
+    for path in setup.py setup.cfg pyproject.toml MANIFEST.in "$ST_FAST_TEST_CONSTRAINTS" csrc; do
       if [ -e "$path" ]; then find "$path" -type f -print0; fi
     done | LC_ALL=C sort -z | xargs -0 -r sha256sum
   } | sha256sum | cut -d' ' -f1
 }
 
-# True when the installed st_fast is this checkout's, its compiled parts import, and the stamp matches.
+# True when the installed st_fast is this checkout's, its compiled parts import, every `name==version` pin of the
+# constraints file in use (argument 3, may be empty) is the installed version, and the stamp matches.
 st_fast_build_current() {
   [ "${ST_FAST_REBUILD:-0}" != "1" ] && [ -f "$ST_FAST_STAMP_FILE" ] \
     && [ "$(cat "$ST_FAST_STAMP_FILE")" = "$1" ] \
-    && "$VENV_PY" - "$PWD" "$(st_fast_cuda_wanted)" >/dev/null 2>&1 <<'EOF'
-import importlib.util, os, sys
+    && "$VENV_PY" - "$PWD" "$(st_fast_cuda_wanted)" "$(st_fast_constraints)" >/dev/null 2>&1 <<'EOF'
+import importlib.metadata, importlib.util, os, re, sys
+from packaging.version import Version
+if len(sys.argv) > 3 and sys.argv[3]:  # the pins first: a moved pin fails without importing st_fast
+    with open(os.path.join(sys.argv[1], sys.argv[3])) as constraints:
+        for line in constraints:
+            pin = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\s*==\s*([^\s;#]+)\s*(#.*)?", line.rstrip("\n"))
+            if pin:
+                try:
+                    installed = importlib.metadata.version(pin[1])
+                except importlib.metadata.PackageNotFoundError:
+                    sys.exit(1)
+                if Version(installed) != Version(pin[2]):
+                    sys.exit(1)
 import st_fast, st_fast._C
 inside = os.path.realpath(st_fast.__file__).startswith(os.path.join(os.path.realpath(sys.argv[1]), ""))
 sys.exit(0 if inside and (sys.argv[2] != "1" or importlib.util.find_spec("st_fast._C_cuda")) else 1)
@@ -73,8 +99,10 @@ if st_fast_build_current "$ST_FAST_STAMP"; then
 else
   rm -f "$ST_FAST_STAMP_FILE"
   "$VENV_PY" -m pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
-  echo "[st_fast] building and installing st_fast[${ST_FAST_EXTRAS:-test}]"
-  "$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]"
+  ST_FAST_CONSTRAINTS="$(st_fast_constraints)"
+  echo "[st_fast] building and installing st_fast[${ST_FAST_EXTRAS:-test}]${ST_FAST_CONSTRAINTS:+ (pip -c $ST_FAST_CONSTRAINTS)}"
+  "$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]" \
+    ${ST_FAST_CONSTRAINTS:+-c "$ST_FAST_CONSTRAINTS"}
   echo "$ST_FAST_STAMP" > "$ST_FAST_STAMP_FILE"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
