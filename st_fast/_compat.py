@@ -33,6 +33,31 @@ def resample_passes() -> int | None:
     return getattr(_st_sampler, "_MAX_RESAMPLE_PASSES", None)
 
 
+def stock_sampler_state() -> tuple:
+    """The module-level names the stock NoDuplicatesBatchSampler reads at call time (``_sample_value_str``,
+    ``_EXCLUDE_DATASET_COLUMNS``, ``_MAX_RESAMPLE_PASSES``; None where a version lacks one), as they are now: part of
+    the key under which st_fast's sampler self-check remembers its verdict, so that a changed name is checked again."""
+    excluded = getattr(_st_sampler, "_EXCLUDE_DATASET_COLUMNS", None)
+    return (
+        getattr(_st_sampler, "_sample_value_str", None),
+        frozenset(excluded) if excluded is not None else None,
+        getattr(_st_sampler, "_MAX_RESAMPLE_PASSES", None),
+    )
+
+
+def installed_version() -> str:
+    """The installed sentence-transformers version (``sentence_transformers.__version__``)."""
+    import sentence_transformers
+
+    return str(getattr(sentence_transformers, "__version__", "unknown"))
+
+
+def dataset_fingerprint(dataset: Any) -> str | None:
+    """The fingerprint ``datasets`` keeps for a ``Dataset``'s content and the transforms that made it (``Dataset.
+    _fingerprint``: datasets 5.2.0; None where absent). Part of the sampler self-check's key."""
+    return getattr(dataset, "_fingerprint", None)
+
+
 def dataset_indices(dataset: Any) -> np.ndarray | None:
     """The logical -> physical row mapping of a ``datasets.Dataset`` left by ``select`` / ``shuffle`` / ``filter``
     (int64, one entry per row; a view of the Arrow buffer where possible), or None when rows are physical.

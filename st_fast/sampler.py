@@ -23,11 +23,30 @@ HF dataset (no ``set_epoch``), so under DDP every epoch repeats the batches of e
 ``sampler`` attribute (unused by the stock code beyond torch's default ``BatchSampler`` methods, which are overridden)
 to a small relay whose ``set_epoch`` forwards to the sampler. :func:`forward_set_epoch` applies the same relay to any
 other sampler, e.g. the multi-dataset round-robin / proportional samplers, which have the same problem.
+
+Self-check: a version number cannot tell that a release changed how the stock sampler decides, so the first time a
+configuration (the stock code as it is at call time, the sampler's arguments, the dataset) is iterated in a process,
+the sampler proves itself on the user's own data: before its first batch it takes the first few batches of the
+installed stock ``NoDuplicatesBatchSampler`` built from the same arguments, seed, epoch and generator (up to
+:data:`_SELF_CHECK_BATCHES` batches, fewer when they would hold more than :data:`_SELF_CHECK_ROWS` rows, at least one;
+always the stock *default* mode, which is incremental: a ``randperm`` plus the rows those batches read, never the
+``precompute_hashes`` pass over the whole dataset), puts the generator (or the global RNG) back where it was, and
+compares its own batches with them as it yields them. On a mismatch it yields stock's batches from the first
+differing one on (continuing that stock iterator, so the epoch and the generator's later draws are stock's), and
+every later epoch of that configuration comes from a stock sampler (``precompute_hashes`` as asked), with one warning
+(logger ``st_fast.sampler``) naming the part, the configuration and the installed sentence-transformers version.
+``self_check_result`` says what the check found; ``self_check=False`` turns it off. The check reads no other rank's
+data and makes no collective call: every rank of a DDP run draws the same permutation, so every rank reaches the
+same verdict on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+import itertools
+import logging
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +76,22 @@ _UNTRACK_BATCHES = True
 # later ones are still being formed (the decisions are the same either way). 0 = always, None = never. It pays when
 # a core is free (about -15 % per epoch at 1M rows on 2 cores), not on a saturated machine.
 _BACKGROUND_MIN_ROWS: int | None = 1 << 16
+# The self-check compares this many first batches with stock's, fewer when they would hold more than
+# _SELF_CHECK_ROWS rows (stock's default mode reads each row it considers with dataset[i]), at least one.
+_SELF_CHECK_BATCHES = 3
+_SELF_CHECK_ROWS = 2048
+
+logger = logging.getLogger("st_fast.sampler")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    passed: bool
+    detail: str
+
+
+# configuration key (see NoDuplicatesBatchSampler._self_check_key) -> verdict, for this process
+_CHECKED: dict[Hashable, _Verdict] = {}
 
 
 class _EpochRelay:
@@ -112,6 +147,8 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
         precompute_hashes: bool = False,
         precompute_num_proc: int | None = None,
         precompute_batch_size: int = 1000,
+        *,
+        self_check: bool = True,
     ) -> None:
         from datasets import Dataset
 
@@ -121,6 +158,8 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
                 f"{type(dataset).__name__}. Convert it with datasets.Dataset.from_dict / from_list; an "
                 "IterableDataset cannot use a batch sampler."
             )
+        if not isinstance(self_check, bool):
+            raise TypeError(f"self_check must be True or False, got {self_check!r}")
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -135,7 +174,20 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
         self.precompute_batch_size = precompute_batch_size
         self._core = None
         self._core_dataset = None
+        self.self_check = self_check
+        self._check_note: str | None = None
+        self._stock_delegate: Any = None  # a stock sampler, once the self-check found a mismatch
         forward_set_epoch(self)
+
+    @property
+    def self_check_result(self) -> str:
+        """What the self-check found, in a few words: ``"off"``, ``"not run yet"``, ``"checked: first 3 batches equal
+        stock's"``, ``"mismatch: ...; now stock"``, or why nothing could be compared (an empty dataset)."""
+        if self._stock_delegate is not None:
+            return self._check_note or "mismatch: now stock"
+        if not self.self_check:
+            return "off"
+        return self._check_note or "not run yet"
 
     def _get_core(self):
         if self._core is None or self._core_dataset is not self.dataset:
@@ -144,6 +196,24 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
         return self._core
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self._stock_delegate is None and self.self_check:
+            key = self._self_check_key()
+            verdict = _CHECKED.get(key)
+            if verdict is None:
+                yield from self._checked_iter(key)
+                return
+            if verdict.passed:
+                if not (self._check_note or "").startswith("checked"):  # this sampler's own check keeps its words
+                    self._check_note = f"checked earlier in this process: {verdict.detail}"
+            else:
+                self._use_stock(f"mismatch found earlier in this process ({verdict.detail}); now stock")
+        if self._stock_delegate is not None:
+            yield from self._stock_iter()
+            return
+        yield from self._fast_iter()
+
+    def _fast_iter(self) -> Iterator[list[int]]:
+        """st_fast's batches of the current epoch (the native scan)."""
         if self.generator and self.seed is not None:
             self.generator.manual_seed(self.seed + self.epoch)
 
@@ -187,6 +257,121 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
             "batch size. Consider lowering it."
         )
 
+    # ----------------------------------------------------------------------------------------------------------------
+    # The self-check against the installed stock sampler (see the module docstring)
+
+    def _stock_sampler(self, precompute_hashes: bool) -> Any:
+        """A stock sampler (the class as it is now) with this sampler's arguments, generator and epoch."""
+        stock_class = _stock_class()
+        arguments = {
+            "batch_size": self.batch_size, "drop_last": self.drop_last, "valid_label_columns": self.valid_label_columns,
+            "generator": self.generator, "seed": self.seed, "precompute_hashes": precompute_hashes,
+            "precompute_num_proc": self.precompute_num_proc, "precompute_batch_size": self.precompute_batch_size,
+        }  # fmt: skip
+        accepted = inspect.signature(stock_class.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            arguments = {name: value for name, value in arguments.items() if name in accepted}
+        stock = stock_class(self.dataset, **arguments)
+        stock.set_epoch(self.epoch)
+        return stock
+
+    def _self_check_key(self) -> Hashable:
+        """The configuration the verdict holds for: the stock code the stock sampler runs now, this sampler's
+        arguments and the dataset (its rows, columns and format)."""
+        stock_class = _stock_class()
+        code = (stock_class, *(getattr(stock_class, name, None) for name in ("__init__", "__iter__", "_iter_one_pass")))
+        dataset = self.dataset
+        data = (len(dataset), tuple(dataset.column_names), _compat.dataset_fingerprint(dataset), repr(dataset.format))
+        labels = tuple(self.valid_label_columns or ())
+        arguments = (self.batch_size, self.drop_last, labels, bool(self.precompute_hashes))
+        return (code, _compat.stock_sampler_state(), data, arguments)
+
+    def _configuration(self) -> str:
+        dataset = self.dataset
+        return (
+            f"batch_size={self.batch_size}, drop_last={self.drop_last}, seed={self.seed}, epoch={self.epoch}, "
+            f"valid_label_columns={self.valid_label_columns}, precompute_hashes={bool(self.precompute_hashes)}, "
+            f"generator={'given' if self.generator is not None else 'None (global RNG)'}, dataset of "
+            f"{len(dataset)} rows with columns {dataset.column_names} (format {dataset.format['type']})"
+        )
+
+    def _self_check_batches(self) -> int:
+        return max(1, min(_SELF_CHECK_BATCHES, _SELF_CHECK_ROWS // max(1, self.batch_size)))
+
+    def _checked_iter(self, key: Hashable) -> Iterator[list[int]]:
+        """This epoch's batches, the first ones compared with stock's (see the module docstring)."""
+        count = self._self_check_batches()
+        start = _rng_state(self.generator)
+        stock_batches = iter(self._stock_sampler(precompute_hashes=False))
+        expected = list(itertools.islice(stock_batches, count))
+        after_stock = _rng_state(self.generator)
+        _set_rng_state(self.generator, start)  # st_fast draws what stock drew, from the same state
+        fast_batches = self._fast_iter()
+        # one position past stock's batches when stock ended early: st_fast must end there too
+        positions = len(expected) + (1 if len(expected) < count else 0)
+        for position in range(positions):
+            wanted = expected[position] if position < len(expected) else None
+            try:
+                batch = next(fast_batches, None)
+                got = _describe(batch)
+            except Exception as exc:  # noqa: BLE001 (an st_fast failure where stock yields: stock's batches, warned)
+                batch, got = RuntimeError, f"st_fast raised {exc!r}"
+            if batch != wanted:
+                fast_batches.close()
+                _set_rng_state(self.generator, after_stock)  # the state stock's own iteration left
+                detail = f"batch {position} of epoch {self.epoch}: {got} vs stock's {_describe(wanted)}"
+                self._record_mismatch(key, detail)
+                yield from expected[position:]
+                yield from stock_batches
+                return
+            if batch is None:
+                break
+            yield batch
+        stock_batches.close()
+        if expected:
+            compared = len(expected)
+            detail = f"first {compared} batches equal stock's" if compared > 1 else "first batch equals stock's"
+            if compared < count:
+                detail += " (all the epoch has)"
+            _CHECKED[key] = _Verdict(True, detail)
+            self._check_note = f"checked: {detail}"
+        elif len(self.dataset) == 0:
+            self._check_note = "nothing compared yet: the dataset is empty (stock yields no batch either)"
+        else:
+            self._check_note = (
+                f"nothing compared yet: no batch in epoch {self.epoch} ({len(self.dataset)} rows, batch_size "
+                f"{self.batch_size}, drop_last={self.drop_last}; stock yields none either)"
+            )
+        yield from fast_batches
+
+    def _record_mismatch(self, key: Hashable, detail: str) -> None:
+        _CHECKED[key] = _Verdict(False, detail)
+        self._use_stock(f"mismatch: {detail}; now stock")
+        logger.warning(
+            "st_fast self-check: st_fast NoDuplicatesBatchSampler does not yield the batches of the installed "
+            "sentence-transformers %s NoDuplicatesBatchSampler with %s (%s); this configuration is sampled by the "
+            "stock sampler from now on (same batches as stock, no st_fast speed-up). Please report it to st_fast.",
+            _compat.installed_version(), self._configuration(), detail,
+        )  # fmt: skip
+
+    def _use_stock(self, note: str) -> None:
+        self._check_note = note
+        self._stock_delegate = self._stock_sampler(precompute_hashes=self._stock_hashes())
+
+    def _stock_hashes(self) -> bool:
+        """The stock mode asked for: ``precompute_hashes`` where the stock sampler can run it (it needs xxhash)."""
+        return bool(self.precompute_hashes) and getattr(_stock, "xxhash", None) is not None
+
+    def _stock_iter(self) -> Iterator[list[int]]:
+        """The stock sampler's batches of the current epoch (after a mismatch)."""
+        delegate = self._stock_delegate
+        if delegate.dataset is not self.dataset:
+            delegate = self._stock_delegate = self._stock_sampler(precompute_hashes=self._stock_hashes())
+        delegate.batch_size, delegate.drop_last = self.batch_size, self.drop_last
+        delegate.generator, delegate.seed = self.generator, self.seed
+        delegate.set_epoch(self.epoch)
+        yield from delegate
+
     def _native_pass(self, core, num_rows: int) -> Iterator[list[list[int]]]:
         """One shuffled pass, in chunks of consecutive batches. Like upstream's ``_iter_one_pass``, the permutation is
         drawn when the first batch is requested (the generator may be shared with other samplers)."""
@@ -196,6 +381,34 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
         batches = core.one_pass(perm, self.batch_size, self.drop_last, background)
         while chunk := batches.take(_CHUNK_ROWS, _UNTRACK_BATCHES):
             yield chunk
+
+
+def _stock_class() -> type:
+    """The stock NoDuplicatesBatchSampler as the stock module has it now (a test or a patch may replace it); st_fast's
+    own class (or a subclass) put there resolves to the sentence-transformers class it derives from."""
+    stock_class = _stock.NoDuplicatesBatchSampler
+    if isinstance(stock_class, type) and issubclass(stock_class, NoDuplicatesBatchSampler):
+        bases = NoDuplicatesBatchSampler.__mro__[1:]
+        stock_class = next(base for base in bases if base.__module__.startswith("sentence_transformers."))
+    return stock_class
+
+
+def _rng_state(generator: torch.Generator | None) -> torch.Tensor:
+    return torch.get_rng_state() if generator is None else generator.get_state()
+
+
+def _set_rng_state(generator: torch.Generator | None, state: torch.Tensor) -> None:
+    if generator is None:
+        torch.set_rng_state(state)
+    else:
+        generator.set_state(state)
+
+
+def _describe(batch: list[int] | None) -> str:
+    if batch is None:
+        return "no batch"
+    shown = ", ".join(map(str, batch[:6])) + (", ..." if len(batch) > 6 else "")
+    return f"{len(batch)} rows [{shown}]"
 
 
 # --------------------------------------------------------------------------------------------------------------------

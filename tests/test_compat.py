@@ -1,5 +1,5 @@
 """st_fast._compat against the installed sentence-transformers and datasets: each private name it reads exists and
-means what st_fast assumes. Run it under every supported sentence-transformers (6.0.x and 6.2.x were checked)."""
+means what st_fast assumes. Run it under every supported sentence-transformers (6.0.x, 6.2.x and 6.3.x were checked)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,28 @@ def test_the_trainer_transform_the_sampler_recognizes_exists(name):
 
     method = getattr(SentenceTransformerTrainer, name)
     assert method.__name__ == name and method.__module__.startswith("sentence_transformers.")
+
+
+def test_stock_sampler_state_is_what_the_stock_sampler_reads_now(monkeypatch):
+    """The key part of the sampler self-check: each name the stock sampler reads at call time, as it is now."""
+    state = _compat.stock_sampler_state()
+    assert state[0] is stock_sampler._sample_value_str
+    assert state[1] == frozenset(stock_sampler._EXCLUDE_DATASET_COLUMNS)
+    assert state[2] == getattr(stock_sampler, "_MAX_RESAMPLE_PASSES", None)
+    assert hash(state) == hash(_compat.stock_sampler_state())
+    monkeypatch.setattr(stock_sampler, "_sample_value_str", lambda value: str(value))
+    assert _compat.stock_sampler_state() != state
+
+
+def test_dataset_fingerprint():
+    dataset = Dataset.from_dict({"a": ["x", "y", "z"]})
+    assert hasattr(dataset, "_fingerprint")
+    fingerprint = _compat.dataset_fingerprint(dataset)
+    assert isinstance(fingerprint, str) and fingerprint == dataset._fingerprint
+    assert _compat.dataset_fingerprint(dataset) == fingerprint  # stable for one dataset
+    derived = [dataset.select([2, 0]), dataset.map(lambda row: {"a": row["a"] + "!"}), dataset.shuffle(seed=1)]
+    assert len({fingerprint, *(_compat.dataset_fingerprint(d) for d in derived)}) == 4
+
+
+def test_installed_version():
+    assert _compat.installed_version() == sentence_transformers.__version__

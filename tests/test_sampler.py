@@ -33,9 +33,42 @@ def _quiet_stock_warnings():
     logger.setLevel(level)
 
 
+class _SelfCheckWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.expected = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def self_check_warnings():
+    """The st_fast.sampler warnings of a test. A test that builds st_fast samplers with the self-check on (the
+    default) and compares them with stock would pass even with a broken native scan, since the check then yields
+    stock's batches: so a self-check mismatch fails every test that does not say it expects one (``.expected``)."""
+    handler = _SelfCheckWarnings()
+    logger = logging.getLogger("st_fast.sampler")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    if not handler.expected:
+        assert not handler.records, [record.getMessage() for record in handler.records]
+
+
+@pytest.fixture
+def fresh_self_check(monkeypatch):
+    """No verdict of an earlier test: every configuration is checked again."""
+    monkeypatch.setattr(fast_module, "_CHECKED", {})
+
+
 def epoch_batches(cls, dataset, *, epochs=(0,), shared_generator=True, **kwargs):
-    """[batches of each epoch] for a sampler class; the generator is seeded like the trainer's."""
+    """[batches of each epoch] for a sampler class; the generator is seeded like the trainer's. st_fast's sampler
+    runs with its self-check off, so that these comparisons test its native scan, not its fallback to stock."""
     generator = torch.Generator().manual_seed(1234) if shared_generator else None
+    if issubclass(cls, NoDuplicatesBatchSampler):
+        kwargs = {"self_check": False, **kwargs}
     sampler = cls(dataset, generator=generator, **kwargs)
     out = []
     for epoch in epochs:
@@ -526,3 +559,298 @@ def test_fork_after_building_keys_does_not_hang():
         child.kill()
         pytest.fail("the forked child hung while building sampler keys")
     assert queue.get(timeout=5) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Label columns of formatted datasets (sentence-transformers 6.3 reads a label column through `_to_list`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _labelled(num_rows: int = 60) -> Dataset:
+    base = triplets(num_rows, anchors=25, positives=9, negatives=40)
+    labelled = base.add_column("label", [i % 4 for i in range(num_rows)])
+    return labelled.add_column("score", [i / 7 for i in range(num_rows)])
+
+
+@pytest.mark.parametrize("dataset_format", [None, "numpy", "pandas", "torch"])
+def test_label_columns_of_formatted_datasets_match_stock(dataset_format):
+    """The label columns (numpy arrays, tensors, ... under a format, not lists) are left out exactly as stock leaves
+    them out, and the remaining columns read as stock reads them."""
+    dataset = _labelled().with_format(dataset_format)
+    modes = ("default", "hashed") if dataset_format in (None, "numpy") else ("default",)
+    # (a tensor left in a row is digested from its pickle, which embeds a storage address: stock's own keys are then
+    # not reproducible, so under the torch format every numeric column is a label column)
+    every = [["label"], ["score", "label"], ["absent"]] if dataset_format != "torch" else [["score", "label"]]
+    for columns in every:
+        assert_parity(dataset, batch_size=4, drop_last=False, valid_label_columns=columns, modes=modes)
+
+
+def test_arrow_formatted_rows_fail_like_stock():
+    # dataset[i] is a pyarrow Table under the arrow format: stock's default mode cannot read it, nor can st_fast
+    dataset = _labelled().with_format("arrow")
+    for cls in (StockSampler, NoDuplicatesBatchSampler):
+        with pytest.raises(AttributeError):
+            list(cls(dataset, batch_size=4, drop_last=False, valid_label_columns=["label"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The self-check against the installed stock sampler
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _count_stock_batches(monkeypatch) -> list[int]:
+    """Counts the batches the stock sampler yields (the stock code itself is unchanged)."""
+    taken = [0]
+    original = StockSampler.__iter__
+
+    def counting(self):
+        for batch in original(self):
+            taken[0] += 1
+            yield batch
+
+    monkeypatch.setattr(StockSampler, "__iter__", counting)
+    return taken
+
+
+@pytest.mark.parametrize(("batch_size", "compared"), [(10, 3), (700, 2), (3000, 1)])
+def test_self_check_compares_the_first_batches_with_stock(batch_size, compared, fresh_self_check, monkeypatch):
+    dataset = triplets(6000, anchors=6000, positives=5000, negatives=6000, seed=4) if batch_size > 10 else HEAVY
+    taken = _count_stock_batches(monkeypatch)
+    sampler = NoDuplicatesBatchSampler(dataset, batch_size, False, generator=torch.Generator().manual_seed(7), seed=3)
+    assert sampler.self_check_result == "not run yet"
+    first = list(sampler)
+    assert taken[0] == compared  # the check took stock's first batches (a few rows), not a whole stock epoch
+    words = f"first {compared} batches equal stock's" if compared > 1 else "first batch equals stock's"
+    assert sampler.self_check_result == f"checked: {words}"
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert taken[0] == compared  # once per configuration
+    assert sampler.self_check_result == f"checked: {words}"
+    stock = StockSampler(dataset, batch_size, False, generator=torch.Generator().manual_seed(7), seed=3)
+    stock_epochs = [list(stock)]
+    stock.set_epoch(1)
+    stock_epochs.append(list(stock))
+    assert [first, second] == stock_epochs
+    taken[0] = 0
+    again = NoDuplicatesBatchSampler(dataset, batch_size, False, generator=torch.Generator(), seed=3)
+    assert list(again) == first and taken[0] == 0  # another sampler of the same configuration: not checked again
+    assert again.self_check_result == f"checked earlier in this process: {words}"
+
+
+def test_self_check_off(fresh_self_check, monkeypatch):
+    taken = _count_stock_batches(monkeypatch)
+    sampler = NoDuplicatesBatchSampler(HEAVY, 10, False, generator=torch.Generator(), self_check=False)
+    assert sampler.self_check_result == "off"
+    list(sampler)
+    assert taken[0] == 0 and sampler.self_check_result == "off" and not fast_module._CHECKED
+    with pytest.raises(TypeError, match="self_check"):
+        NoDuplicatesBatchSampler(HEAVY, 10, False, self_check="no")
+
+
+def _change_stock_iter(monkeypatch, first_changed: int):
+    """Stock's code changed (e.g. by a release): from batch ``first_changed`` of each epoch on, every batch is
+    rotated by one row."""
+    original = StockSampler.__iter__
+
+    def changed(self):
+        for index, batch in enumerate(original(self)):
+            yield batch[1:] + batch[:1] if index >= first_changed and len(batch) > 1 else batch
+
+    monkeypatch.setattr(StockSampler, "__iter__", changed)
+
+
+def _change_stock_canonical_strings(monkeypatch):
+    """Stock's canonical string of a value changed: "q5" and "p5" (and "n5") now count as the same value."""
+    original = stock_module._sample_value_str
+    monkeypatch.setattr(stock_module, "_sample_value_str", lambda value: original(value)[1:])
+
+
+def _epochs(sampler, epochs=range(3)) -> list[list[list[int]]]:
+    out = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+    return out
+
+
+# 12 rows, 10 of them equal, batch 2, drop_last: a pass yields at most 2 of the 6 batches, the rest is resampled, so
+# the compared batches span several passes (several permutations drawn)
+RESAMPLED = Dataset.from_dict({"text": ["a"] * 10 + ["b", "c"]})
+
+
+@pytest.mark.parametrize(
+    ("change", "data"),
+    [("iter-from-batch-0", "heavy"), ("iter-from-batch-2", "heavy"), ("canonical-strings", "heavy"),
+     ("iter-from-batch-0", "resampled")],
+)  # fmt: skip
+@pytest.mark.parametrize("generator", ["given", "global"])
+def test_a_changed_stock_sampler_is_followed_with_one_warning(change, data, generator, fresh_self_check, monkeypatch,
+                                                              self_check_warnings):  # fmt: skip
+    import sentence_transformers
+
+    self_check_warnings.expected = True
+    dataset, batch_size, drop_last = (HEAVY, 10, False) if data == "heavy" else (RESAMPLED, 2, True)
+    unchanged = epoch_batches(NoDuplicatesBatchSampler, dataset, epochs=range(3), batch_size=batch_size,
+                              drop_last=drop_last)  # fmt: skip
+    if change == "canonical-strings":
+        _change_stock_canonical_strings(monkeypatch)
+        first_changed = None
+    else:
+        first_changed = int(change.rsplit("-", 1)[1])
+        _change_stock_iter(monkeypatch, first_changed)
+
+    def run(cls):
+        """Three epochs, then the next draw of the generator in use: the sampler must leave it as stock does."""
+        if generator == "global":
+            torch.manual_seed(99)
+        gen = torch.Generator().manual_seed(1234) if generator == "given" else None
+        sampler = cls(dataset, batch_size=batch_size, drop_last=drop_last, generator=gen)
+        batches = _epochs(sampler)
+        return sampler, batches, torch.rand(3, generator=gen)
+
+    _, stock, stock_next = run(StockSampler)
+    assert stock != unchanged  # the change changes stock's batches
+    sampler, fast, fast_next = run(NoDuplicatesBatchSampler)
+    assert fast == stock and torch.equal(fast_next, stock_next)
+    assert len(self_check_warnings.records) == 1
+    message = self_check_warnings.records[0].getMessage()
+    assert "NoDuplicatesBatchSampler" in message and f"batch_size={batch_size}, drop_last={drop_last}" in message
+    assert f"sentence-transformers {sentence_transformers.__version__} " in message
+    result = sampler.self_check_result
+    assert result.startswith("mismatch: batch ") and result.endswith("; now stock"), result
+    if first_changed is not None:
+        assert result.startswith(f"mismatch: batch {first_changed} of epoch 0:")
+
+    # another sampler of this configuration in this process: stock's batches at once, no second warning
+    again, batches, _ = run(NoDuplicatesBatchSampler)
+    assert batches == stock and len(self_check_warnings.records) == 1
+    assert again.self_check_result.startswith("mismatch found earlier in this process (")
+
+
+def test_a_replaced_stock_class_is_the_one_checked(fresh_self_check, monkeypatch, self_check_warnings):
+    """A release (or a patch) that replaces the class in sentence_transformers.base.sampler: the check runs that
+    class as it is at call time."""
+    self_check_warnings.expected = True
+
+    class Reversed(StockSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                yield batch[::-1]
+
+    monkeypatch.setattr(stock_module, "NoDuplicatesBatchSampler", Reversed)
+    expected = epoch_batches(Reversed, HEAVY, epochs=range(2), batch_size=5, drop_last=True)
+    fast = epoch_batches(NoDuplicatesBatchSampler, HEAVY, epochs=range(2), batch_size=5, drop_last=True,
+                         self_check=True)  # fmt: skip
+    assert expected[0] and fast == expected and len(self_check_warnings.records) == 1
+
+
+def test_epoch_batches_runs_st_fast_with_the_check_off():
+    # (the parity tests above compare the native scan itself; see epoch_batches)
+    sampler = NoDuplicatesBatchSampler(HEAVY, 10, False, self_check=False)
+    assert sampler.self_check_result == "off"
+
+
+@pytest.mark.parametrize("stock_change", ["no-batches", "one-more-batch", "one-batch-fewer"])
+def test_self_check_cannot_pass_vacuously(stock_change, fresh_self_check, monkeypatch, self_check_warnings):
+    """Stock yielding nothing, or one batch more or fewer than st_fast within the compared ones, is a mismatch."""
+    self_check_warnings.expected = True
+    original = StockSampler.__iter__
+    # two batches of 10 (fewer than the 3 compared): the end of the epoch is compared too
+    dataset = Dataset.from_dict({"anchor": [f"a{i}" for i in range(15)], "positive": [f"p{i}" for i in range(15)]})
+
+    def changed(self):
+        batches = list(original(self))
+        if stock_change == "no-batches":
+            batches = []
+        elif stock_change == "one-more-batch":
+            batches.append(batches[-1])
+        else:
+            batches.pop()
+        yield from batches
+
+    monkeypatch.setattr(StockSampler, "__iter__", changed)
+    expected = epoch_batches(StockSampler, dataset, epochs=range(2), batch_size=10, drop_last=False)
+    sampler = NoDuplicatesBatchSampler(dataset, 10, False, generator=torch.Generator().manual_seed(1234))
+    assert _epochs(sampler, range(2)) == expected
+    assert sampler.self_check_result.startswith("mismatch: batch ")
+    assert len(self_check_warnings.records) == 1
+
+
+def test_self_check_of_a_short_epoch_and_of_an_empty_dataset(fresh_self_check):
+    unique = Dataset.from_dict({"anchor": [f"a{i}" for i in range(15)], "positive": [f"p{i}" for i in range(15)]})
+    short = NoDuplicatesBatchSampler(unique, 10, False, generator=torch.Generator())
+    list(short)
+    assert short.self_check_result == "checked: first 2 batches equal stock's (all the epoch has)"
+    empty = NoDuplicatesBatchSampler(HEAVY.select([]), 10, False, generator=torch.Generator())
+    assert list(empty) == [] and list(empty) == []
+    assert empty.self_check_result == "nothing compared yet: the dataset is empty (stock yields no batch either)"
+    none = NoDuplicatesBatchSampler(HEAVY.select(range(5)), 10, True, generator=torch.Generator())
+    assert list(none) == []
+    assert none.self_check_result.startswith("nothing compared yet: no batch in epoch 0 (5 rows, batch_size 10")
+    assert len(fast_module._CHECKED) == 1  # only the configuration whose batches were compared has a verdict
+
+
+def test_self_check_stays_cheap_in_hashed_mode(fresh_self_check, monkeypatch):
+    """precompute_hashes=True: the check runs stock's incremental default mode (never its hashing pass over every
+    row) and reads only the rows of the compared batches."""
+    from datasets import Dataset as HFDataset
+
+    dataset = triplets(20_000, anchors=20_000, positives=15_000, negatives=18_000, seed=5)
+
+    def no_hashing(self):
+        raise AssertionError("the self-check must not run stock's hashing pass")
+
+    monkeypatch.setattr(StockSampler, "_build_hashes", no_hashing)
+    reads = [0]
+    original_getitem = HFDataset.__getitem__
+
+    def counting_getitem(self, key):
+        if isinstance(key, int):
+            reads[0] += 1
+        return original_getitem(self, key)
+
+    monkeypatch.setattr(HFDataset, "__getitem__", counting_getitem)
+    sampler = NoDuplicatesBatchSampler(dataset, 16, False, generator=torch.Generator(), precompute_hashes=True)
+    batches = list(sampler)
+    assert sampler.self_check_result == "checked: first 3 batches equal stock's"
+    assert len(batches) == 1250 and reads[0] < 200  # 48 rows and the few deferred ones, of 20 000
+
+
+def test_after_a_mismatch_later_epochs_use_the_stock_mode_asked_for(fresh_self_check, monkeypatch, self_check_warnings):
+    self_check_warnings.expected = True
+    _change_stock_iter(monkeypatch, 0)
+    expected = epoch_batches(StockSampler, HEAVY, epochs=range(3), batch_size=10, drop_last=False,
+                             precompute_hashes=True, precompute_num_proc=1)  # fmt: skip
+    generator = torch.Generator().manual_seed(1234)
+    sampler = NoDuplicatesBatchSampler(HEAVY, batch_size=10, drop_last=False, precompute_hashes=True,
+                                       precompute_num_proc=1, generator=generator)  # fmt: skip
+    assert _epochs(sampler) == expected
+    assert sampler._stock_delegate.precompute_hashes is True and type(sampler._stock_delegate) is StockSampler
+
+
+def test_self_check_under_accelerate_sharding_follows_stock_on_every_rank(monkeypatch, self_check_warnings):
+    """Every rank checks on its own (no collective call; each draws the same permutation) and reaches the same
+    verdict: each rank's shards are the shards of stock's (changed) batches."""
+    self_check_warnings.expected = True
+    _change_stock_iter(monkeypatch, 1)
+    dataset = triplets(64, anchors=64, positives=64, negatives=64)
+    for rank in (0, 1):
+        monkeypatch.setattr(fast_module, "_CHECKED", {})  # a process of its own
+        _, reference = _shard_epochs(StockSampler, dataset, rank, tell_sampler=True)
+        sampler, per_epoch = _shard_epochs(NoDuplicatesBatchSampler, dataset, rank)
+        assert per_epoch == reference and sampler.self_check_result.startswith("mismatch: batch 1 of epoch 0")
+    assert len(self_check_warnings.records) == 2  # one per process
+
+
+def test_an_st_fast_failure_where_stock_yields_is_a_mismatch(fresh_self_check, monkeypatch, self_check_warnings):
+    self_check_warnings.expected = True
+
+    def broken(dataset):
+        raise RuntimeError("native core failed")
+
+    monkeypatch.setattr(fast_module, "_build_core", broken)
+    expected = epoch_batches(StockSampler, HEAVY, epochs=range(2), batch_size=10, drop_last=False)
+    sampler = NoDuplicatesBatchSampler(HEAVY, 10, False, generator=torch.Generator().manual_seed(1234))
+    assert _epochs(sampler, range(2)) == expected
+    assert "st_fast raised RuntimeError('native core failed')" in sampler.self_check_result
+    assert len(self_check_warnings.records) == 1
