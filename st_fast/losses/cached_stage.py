@@ -35,8 +35,13 @@ class fused_loss_stage:  # noqa: N801 (used as a method decorator)
 
     A fused loss made by :func:`st_fast.losses.fuse` shares its ``__dict__`` with the stock object, whose
     decoration wraps the stock method; as a data descriptor this takes precedence over that entry and returns a
-    copy of the decoration around the fused method (the stock object keeps its own). Assignments store into the
-    ``__dict__`` as for a plain method."""
+    copy of the decoration around the fused method (the stock object keeps its own). Decorations may be nested, each
+    wrapping the next through its ``fn`` (sentence-transformers >= 6.3 decorates the cached loss inside a wrapper:
+    ``MatryoshkaLoss(MatryoshkaLoss(CachedMultipleNegativesRankingLoss(...)))`` puts one decoration around the
+    other): every layer is copied, the innermost around the fused method. Assignments store into the ``__dict__``
+    as for a plain method."""
+
+    _MAX_LAYERS = 64  # a cycle of decorations (not made by any stock code) is left as it is
 
     def __init__(self, function: Callable) -> None:
         self.function = function
@@ -53,12 +58,21 @@ class fused_loss_stage:  # noqa: N801 (used as a method decorator)
         decoration = obj.__dict__.get(self.name)
         if decoration is None:
             return bound
+        layers = [decoration]  # outermost first; each layer's `fn` is the next one, the last one's a bound method
         inner = getattr(decoration, "fn", None)
+        while inner is not None and not isinstance(inner, types.MethodType) and hasattr(inner, "fn"):
+            if len(layers) >= self._MAX_LAYERS:
+                return decoration
+            layers.append(inner)
+            inner = inner.fn
         owner = getattr(inner, "__self__", None)
-        if owner is None or owner.__dict__ is not obj.__dict__ or getattr(inner, "__func__", None) is self.function:
+        if getattr(owner, "__dict__", None) is not obj.__dict__ or getattr(inner, "__func__", None) is self.function:
             return decoration  # around this fused method already, or around something else: as it is
-        rebound = copy.copy(decoration)
-        rebound.fn = bound
+        rebound: Any = bound
+        for layer in reversed(layers):
+            layer = copy.copy(layer)
+            layer.fn = rebound
+            rebound = layer
         return rebound
 
     def __set__(self, obj: Any, value: Any) -> None:
