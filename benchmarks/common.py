@@ -38,6 +38,26 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, devic
     return statistics.median(times)
 
 
+def time_alternating(fns: dict[str, Callable[[], Any]], rounds: int, *, device: str | torch.device = "cpu",
+                     on_result: Callable[[str, int, Any], None] | None = None) -> dict[str, list[float]]:  # fmt: skip
+    """Wall times (seconds) of each of ``fns``, one call each per round for ``rounds`` rounds, the order reversed
+    every other round (A B, B A, A B, ...), so that a change in the machine's load reaches every function alike and
+    round ``i``'s times form a pair measured side by side. ``on_result(name, round, value)`` gets each call's return
+    value outside the timed region (to check results without timing the check). No warm-up: call each once first."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            value = fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            if on_result is not None:
+                on_result(name, round_, value)
+    return times
+
+
 def peak_memory_mb(fn: Callable[[], Any], *, device: str = "cpu") -> float:
     """Peak extra memory of one ``fn()`` call in MiB: CUDA max allocated on a GPU, else the growth of the
     process's peak RSS (ru_maxrss; only grows, so run the biggest consumers last or in a fresh process)."""
