@@ -231,6 +231,9 @@ esac
 """
 
 
+GPU_CHECK_TESTS = "tests/test_gpu_check.py"  # wall-time limits: run alone after the workers
+
+
 @pytest.fixture(params=["st_fast", "a b/st-fast"])
 def script_checkout(request, checkout, tmp_path):
     """The scratch checkout, in a folder named like the real one or in a path with a space, with the test scripts."""
@@ -240,7 +243,7 @@ def script_checkout(request, checkout, tmp_path):
     for name in ("test.sh", "test_stock_versions.sh", "test-constraints.txt"):
         shutil.copy(ROOT / "scripts" / name, root / "scripts" / name)
     (root / ".venv" / "bin" / "python").write_text(SCRIPT_PYTHON)
-    for name in ("tests/test_compat.py", "tests/test_sampler.py", "tests/losses/test_gist_embed.py"):
+    for name in ("tests/test_compat.py", "tests/test_sampler.py", "tests/losses/test_gist_embed.py", GPU_CHECK_TESTS):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("")
     return root
@@ -292,27 +295,40 @@ def test_a_failing_old_version_fails_the_script_after_running_the_others(script_
 def test_test_sh_ends_with_its_wall_time_and_the_load(script_checkout, pytest_status):
     (script_checkout / ".venv" / "pytest_status").write_text(str(pytest_status))
     done = run_script(script_checkout, "test.sh")
-    assert done.returncode == pytest_status, done.stdout + done.stderr
+    assert done.returncode == pytest_status, done.stdout + done.stderr  # every test pass ran, failed or not
     first, last = done.stdout.splitlines()[0], done.stdout.splitlines()[-1]
     load = r"\d+\.\d+ \d+\.\d+ \d+\.\d+"
     assert re.fullmatch(rf"\[st_fast\] test\.sh: started .*, load average {load} on \d+ cores", first), first
-    result = "passed" if pytest_status == 0 else r"FAILED in pytest \(exit status 1\)"
-    phases = r"set-up \d+ s, lint \d+ s, pytest \d+ s"
-    if pytest_status == 0:
-        phases += r", older sentence-transformers \d+ s"
+    result = "passed" if pytest_status == 0 else "FAILED in pytest, pytest alone, older sentence-transformers"
+    phases = r"set-up \d+ s, lint \d+ s, pytest \d+ s, pytest alone \d+ s, older sentence-transformers \d+ s"
     assert re.fullmatch(
         rf"\[st_fast\] test\.sh: {result}; wall time \d+ min \d+ s \({phases}\); "
         rf"load average {load} at the start, {load} at the end",
         last,
     ), last
     runs = [call for call in pip_calls(script_checkout) if call.startswith("pytest ")]
-    assert runs[0] == "pytest ST= OMP=PASSIVE PYTHONPATH= -q -n 2 --dist loadfile tests", runs
-    assert len(runs) == (3 if pytest_status == 0 else 1), runs  # the main pass, then 6.2.0 and 6.0.1
+    assert runs[0] == f"pytest ST= OMP=PASSIVE PYTHONPATH= -q -n 2 --dist loadfile --ignore={GPU_CHECK_TESTS} tests"
+    assert runs[1] == f"pytest ST= OMP=PASSIVE PYTHONPATH= -q {GPU_CHECK_TESTS}"  # wall-time limits: alone
+    assert [run.split(" OMP=")[0] for run in runs[2:]] == ["pytest ST=6.2.0", "pytest ST=6.0.1"]
+
+
+def test_test_sh_stops_when_the_lint_fails(script_checkout):
+    fake = script_checkout / ".venv" / "bin" / "python"
+    fake.write_text(SCRIPT_PYTHON.replace('"-m "*) echo', '"-m ruff") exit 1 ;;\n  "-m "*) echo'))
+    done = run_script(script_checkout, "test.sh")
+    assert done.returncode == 1
+    assert not [call for call in pip_calls(script_checkout) if call.startswith("pytest ")]
+    summary = r"test\.sh: FAILED in lint \(exit status 1\); wall time \d+ min \d+ s \(set-up \d+ s, lint \d+ s\);"
+    assert re.search(summary, done.stdout), done.stdout
 
 
 def test_test_sh_passes_its_arguments_to_pytest_and_then_skips_the_old_versions(script_checkout):
     done = run_script(script_checkout, "test.sh", "-k", "sampler", ST_FAST_TEST_WORKERS="0", OMP_WAIT_POLICY="ACTIVE")
     assert done.returncode == 0, done.stdout + done.stderr
     runs = [call for call in pip_calls(script_checkout) if call.startswith("pytest ")]
-    assert runs == ["pytest ST= OMP=ACTIVE PYTHONPATH= -q tests -k sampler"]
+    assert runs == ["pytest ST= OMP=ACTIVE PYTHONPATH= -q tests -k sampler"]  # one process, every file, the args
+    (script_checkout / ".venv" / "pip.log").unlink()
+    assert run_script(script_checkout, "test.sh", "-x").returncode == 0
+    runs = [call for call in pip_calls(script_checkout) if call.startswith("pytest ")]
+    assert runs == ["pytest ST= OMP=PASSIVE PYTHONPATH= -q -n 2 --dist loadfile tests -x"]
     assert re.search(r"passed; wall time \d+ min \d+ s \(set-up \d+ s, lint \d+ s, pytest \d+ s\);", done.stdout)
