@@ -8,10 +8,10 @@
 1. Training, same model: two runs with the same seed, data, CachedMultipleNegativesRankingLoss (the stock class) and
    ``batch_sampler="no_duplicates"``, so they train on the same batches. They differ in one import: the stock run
    uses ``sentence_transformers.SentenceTransformerTrainer``, the st_fast run ``st_fast.SentenceTransformerTrainer``
-   (which swaps in st_fast's loss and sampler). The two runs take turns step by step (stock step 1, st_fast step 1,
-   stock step 2, ...; each run keeps its own random-number streams), so their step times are measured side by side
-   under the same load. Per-step losses, and retrieval quality (NDCG@10, stock InformationRetrievalEvaluator on
-   held-out pairs) before and after.
+   (which swaps in st_fast's loss and sampler). The two runs take turns step by step (st_fast step 1, stock step 1,
+   stock step 2, st_fast step 2, st_fast step 3, ...: the order alternates; each run keeps its own random-number
+   streams), so their step times are measured side by side under the same load. Per-step losses, and retrieval
+   quality (NDCG@10, stock InformationRetrievalEvaluator on held-out pairs) before and after.
 2. Where st_fast pays, at the sizes where the replaced parts matter: the cached loss stage (``calculate_loss`` with
    backward on random embeddings, B = N = 4096, D = 384) and the no-duplicates sampler (200,000 rows; 1,000,000 with
    ``--full``), stock vs st_fast alternating (after a warm-up), with their results compared.
@@ -262,26 +262,30 @@ def _set_rng_state(state: tuple) -> None:
 
 class Lockstep:
     """Runs jobs in threads one at a time, in turns: a job runs until it calls ``hand_over()`` (the demo's trainers
-    do at each training step's start), then the next job runs. Every job gets its own random-number streams (python,
-    numpy, torch; saved and restored at each hand-over, starting from the caller's state), so each computes what it
-    would compute alone, while the jobs' steps alternate on the same cores. ``busy_s[name]``: seconds in its turns."""
+    do at each training step's start), then the next job runs. Turn ``r`` of every job forms round ``r``, and the
+    rounds alternate the order (A B, B A, A B, ...), so that a load that changes during the run does not favour the
+    job that always goes second. Every job gets its own random-number streams (python, numpy, torch; saved and
+    restored at each hand-over, starting from the caller's state), so each computes what it would compute alone,
+    while the jobs' steps alternate on the same cores. ``busy_s[name]``: seconds in its turns."""
 
     def __init__(self, names: list[str]) -> None:
         self.order = list(names)
         self.busy_s = dict.fromkeys(names, 0.0)
         self._cond = threading.Condition()
         self._turn: str | None = self.order[0]
+        self._turns = dict.fromkeys(names, 0)  # finished turns per job
         self._finished: set[str] = set()
         self._rng: dict[str, tuple] = {}
         self._since = 0.0
 
-    def _next(self, name: str) -> str | None:
-        index = self.order.index(name)
-        for step in range(1, len(self.order) + 1):
-            other = self.order[(index + step) % len(self.order)]
-            if other not in self._finished:
-                return other
-        return None
+    def _next(self) -> str | None:
+        """The job of the earliest unfinished round, in that round's order (reversed every other round)."""
+        active = [name for name in self.order if name not in self._finished]
+        if not active:
+            return None
+        round_ = min(self._turns[name] for name in active)
+        order = self.order if round_ % 2 == 0 else self.order[::-1]
+        return next(name for name in order if name in active and self._turns[name] == round_)
 
     def _enter(self, name: str) -> None:
         self._cond.wait_for(lambda: self._turn == name)
@@ -290,12 +294,13 @@ class Lockstep:
 
     def _leave(self, name: str) -> None:
         self.busy_s[name] += time.perf_counter() - self._since
+        self._turns[name] += 1
         self._rng[name] = _rng_state()
 
     def hand_over(self, name: str) -> None:
         with self._cond:
             self._leave(name)
-            self._turn = self._next(name)
+            self._turn = self._next()
             self._cond.notify_all()
             self._enter(name)
 
@@ -317,7 +322,7 @@ class Lockstep:
                 with self._cond:
                     self._leave(name)
                     self._finished.add(name)
-                    self._turn = self._next(name)
+                    self._turn = self._next()
                     self._cond.notify_all()
 
         threads = [threading.Thread(target=worker, args=(name,), daemon=True, name=f"demo-{name}") for name in jobs]

@@ -173,7 +173,9 @@ def test_lockstep_alternates_steps_and_keeps_each_runs_random_streams():
     order: list[str] = []
     lockstep = demo.Lockstep(["stock", "st_fast"])
     results = lockstep.run({"stock": _job("stock", 1, 3, order), "st_fast": _job("st_fast", 2, 4, order)})
-    assert order == ["stock", "st_fast"] * 3 + ["st_fast"]  # turns; the longer job finishes alone
+    # turn 0 of each (seeding) is round 0 in order; then the order alternates per round: B A, A B, B A, then the
+    # longer job alone
+    assert order == ["st_fast", "stock", "stock", "st_fast", "st_fast", "stock", "st_fast"]
     assert results == {"stock": _alone(1, 3), "st_fast": _alone(2, 4)}  # as if each had run alone
     assert set(lockstep.busy_s) == {"stock", "st_fast"} and all(s >= 0 for s in lockstep.busy_s.values())
 
@@ -275,7 +277,8 @@ def test_demo_summary(tmp_path, capsys):
                      r"about .* in all .*: NDCG before .*, training .*, NDCG after .*, loss stage .*, sampler ", head,
                      re.M)  # fmt: skip
     steps = re.findall(r"^\[demo [^]]+\] (stock|st_fast) step (\d)/4: loss [0-9.]+, [0-9.]+ s$", head, re.M)
-    assert steps == [(flavour, str(step)) for step in range(1, 5) for flavour in ("stock", "st_fast")]  # turns
+    turns = [("st_fast", "stock"), ("stock", "st_fast")] * 2  # the runs take turns, the order alternating per step
+    assert steps == [(flavour, str(step)) for step, pair in enumerate(turns, 1) for flavour in pair]
     for stage in ("NDCG@10 of the pretrained model", "training stock and st_fast", "NDCG@10 of the two trained",
                   "the cached loss stage", "the no-duplicates sampler"):  # fmt: skip
         assert re.search(rf"^\[demo [^]]+\] {stage}.* \(about [0-9a-z ]+\) \.\.\.$", head, re.M), stage
