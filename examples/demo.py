@@ -266,17 +266,15 @@ class Lockstep:
     rounds alternate the order (A B, B A, A B, ...), so that a load that changes during the run does not favour the
     job that always goes second. Every job gets its own random-number streams (python, numpy, torch; saved and
     restored at each hand-over, starting from the caller's state), so each computes what it would compute alone,
-    while the jobs' steps alternate on the same cores. ``busy_s[name]``: seconds in its turns."""
+    while the jobs' steps alternate on the same cores."""
 
     def __init__(self, names: list[str]) -> None:
         self.order = list(names)
-        self.busy_s = dict.fromkeys(names, 0.0)
         self._cond = threading.Condition()
         self._turn: str | None = self.order[0]
         self._turns = dict.fromkeys(names, 0)  # finished turns per job
         self._finished: set[str] = set()
         self._rng: dict[str, tuple] = {}
-        self._since = 0.0
 
     def _next(self) -> str | None:
         """The job of the earliest unfinished round, in that round's order (reversed every other round)."""
@@ -290,10 +288,8 @@ class Lockstep:
     def _enter(self, name: str) -> None:
         self._cond.wait_for(lambda: self._turn == name)
         _set_rng_state(self._rng[name])
-        self._since = time.perf_counter()
 
     def _leave(self, name: str) -> None:
-        self.busy_s[name] += time.perf_counter() - self._since
         self._turns[name] += 1
         self._rng[name] = _rng_state()
 
@@ -669,15 +665,14 @@ def summary(args, runs: list[dict], rows: list[dict], before: float, ndcg: dict[
     )
     same = len(stock["losses"]) == len(fast["losses"]) == args.steps and worst <= SAME_LOSS_RTOL
     same = same and all(row["same"] is not False for row in rows)
-    lines += ["", f"{'run':8} {'train s':>8} {'NDCG@10':>8}  step losses"]
+    lines += ["", f"{'run':8} {'NDCG@10':>8}  step losses"]  # no run times: the step pairs above are the comparison
     for run in runs:
         losses = " ".join(f"{x:.4f}" for x in run["losses"])
-        lines.append(f"{run['flavour']:8} {run['train_s']:8.1f} {ndcg[run['flavour']]:8.4f}  {losses}")
+        lines.append(f"{run['flavour']:8} {ndcg[run['flavour']]:8.4f}  {losses}")
     lines += [
         "",
         f"same model: {'yes' if same else 'NO'}: step losses agree to {worst:.2e} (relative); NDCG@10 {before:.4f} "
         f"before -> stock {ndcg['stock']:.4f}, st_fast {ndcg['st_fast']:.4f} after",
-        "train s: each run's own time (the two runs took turns step by step).",
         training_note(args, stock["step_s"][1:], fast["step_s"][1:], encoder_s),
     ]
     return lines, same
@@ -843,8 +838,6 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     })  # fmt: skip
     progress.end()
     runs = [results["stock"], results["st_fast"]]
-    for run in runs:
-        run["train_s"] = lockstep.busy_s[run["flavour"]]
 
     progress.start("NDCG after", "NDCG@10 of the two trained models")
     ndcg = {run["flavour"]: evaluator(run.pop("model"))["debian_cosine_ndcg@10"] for run in runs}
