@@ -19,8 +19,9 @@ import torch
 
 def openmp_runtimes() -> list[str]:
     """The libgomp files mapped into this process."""
-    with open("/proc/self/maps") as f:
-        return sorted({line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1]})
+    with open("/proc/self/maps") as f:  # address perms offset dev inode path (which may hold spaces)
+        paths = [fields[5].rstrip("\n") for fields in (line.split(maxsplit=5) for line in f) if len(fields) == 6]
+    return sorted({path for path in paths if "libgomp" in path.rsplit("/", 1)[-1]})
 
 
 def embeddings() -> list[torch.Tensor]:
