@@ -309,6 +309,8 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
         fast_batches = self._fast_iter()
         # one position past stock's batches when stock ended early: st_fast must end there too
         positions = len(expected) + (1 if len(expected) < count else 0)
+        # compared before the first batch is yielded, so that the verdict is known from the first step on
+        taken: list[list[int]] = []
         for position in range(positions):
             wanted = expected[position] if position < len(expected) else None
             try:
@@ -321,12 +323,12 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
                 _set_rng_state(self.generator, after_stock)  # the state stock's own iteration left
                 detail = f"batch {position} of epoch {self.epoch}: {got} vs stock's {_describe(wanted)}"
                 self._record_mismatch(key, detail)
-                yield from expected[position:]
+                yield from expected  # the batches before the mismatch are st_fast's and stock's alike
                 yield from stock_batches
                 return
             if batch is None:
                 break
-            yield batch
+            taken.append(batch)
         stock_batches.close()
         if expected:
             compared = len(expected)
@@ -342,6 +344,7 @@ class NoDuplicatesBatchSampler(_stock.NoDuplicatesBatchSampler):
                 f"nothing compared yet: no batch in epoch {self.epoch} ({len(self.dataset)} rows, batch_size "
                 f"{self.batch_size}, drop_last={self.drop_last}; stock yields none either)"
             )
+        yield from taken
         yield from fast_batches
 
     def _record_mismatch(self, key: Hashable, detail: str) -> None:

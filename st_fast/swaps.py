@@ -198,7 +198,13 @@ def fast_batch_sampler(trainer: Any, stock_method: Any, config: StFastConfig, da
     bound = inspect.signature(stock_method).bind(dataset, *args, **kwargs)
     sampler_kwargs = {name: value for name, value in bound.arguments.items() if name != "dataset"}
     hashed = str(getattr(trainer.args.batch_sampler, "value", trainer.args.batch_sampler)) == "no_duplicates_hashed"
-    return NoDuplicatesBatchSampler(dataset, precompute_hashes=hashed, **sampler_kwargs)
+    sampler = NoDuplicatesBatchSampler(
+        dataset, precompute_hashes=hashed, self_check=config.self_check, **sampler_kwargs
+    )
+    # the report reads what the sampler's self-check found (one sampler per dataset of a DatasetDict)
+    samplers = trainer.__dict__.setdefault("_st_fast_sampler_objects", [])
+    samplers[:] = [s for s in samplers if s.dataset is not dataset] + [sampler]
+    return sampler
 
 
 def fast_multi_dataset_batch_sampler(trainer: Any, stock_method: Any, config: StFastConfig, *args: Any, **kwargs: Any):
@@ -438,7 +444,13 @@ def _sampler_parts(trainer: Any) -> dict[str, _Part]:
     """The samplers' entries: as decided when the dataloaders were built, or, before that, as they will be."""
     recorded = trainer.__dict__.get("_st_fast_samplers")
     if recorded:
-        return dict(recorded)
+        parts = dict(recorded)
+        entry = parts.get("batch sampler")
+        samplers = trainer.__dict__.get("_st_fast_sampler_objects")
+        if entry is not None and entry.fast and samplers:
+            found = "; ".join(dict.fromkeys(sampler.self_check_result for sampler in samplers))
+            parts["batch sampler"] = dataclasses.replace(entry, text=f"{entry.text}, self-check {found}")
+        return parts
     dataset = getattr(trainer, "train_dataset", None)
     if dataset is None:
         return {}
@@ -534,12 +546,35 @@ def emit_report(trainer: Any) -> bool:
     lines = report_lines(trainer)
     if not lines or not _report_enabled_by_logging():
         return False
-    message = "\n".join(lines)
+    _emit("\n".join(lines))
+    return True
+
+
+def _emit(message: str) -> None:
     if logger.hasHandlers():
         logger.handle(_record(message))
     else:  # on its own line, also after a progress bar that did not end its line (the model card's widget bar)
         _STDERR_HANDLER.handle(_record("\n" + message))
-    return True
+
+
+def self_check_line(trainer: Any) -> str | None:
+    """``[st_fast] self-check against sentence-transformers X on the first batch: <part>: <verdict>; ...`` for every
+    fused loss and st_fast sampler whose check has run (None when none has)."""
+    from st_fast.losses.self_check import installed_version, verdict
+
+    entries = []
+    for part, loss in _trainer_losses(trainer):
+        for module in _fused_modules(loss):
+            result = verdict(module)
+            if result is not None:
+                entries.append(f"{part}: {type(module).__name__} {result.describe()}")
+    for sampler in trainer.__dict__.get("_st_fast_sampler_objects", []):
+        if sampler.self_check and sampler.self_check_result != "not run yet":
+            entries.append(f"batch sampler: {sampler.self_check_result}")
+    if not entries:
+        return None
+    head = f"[st_fast] self-check against sentence-transformers {installed_version()} on the first batch: "
+    return head + "; ".join(dict.fromkeys(entries))
 
 
 def _ensure_report_callback(trainer: Any) -> None:
@@ -558,12 +593,25 @@ class SwapReportCallback(TrainerCallback):
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        self.verdicts_shown = True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         trainer = self.trainer
+        self.verdicts_shown = False
         if any(entry.tagged for entry in _report_parts(trainer).values()):
             card = getattr(getattr(trainer, "model", None), "model_card_data", None)
             if card is not None and hasattr(card, "add_tags"):
                 card.add_tags(["st_fast"])
         if _config_of(trainer).report and trainer.is_world_process_zero():
             emit_report(trainer)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        """After the first step of each ``train()``: one line with what the self-checks found on that batch."""
+        if self.verdicts_shown:
+            return
+        self.verdicts_shown = True
+        trainer = self.trainer
+        if _config_of(trainer).report and trainer.is_world_process_zero():
+            line = self_check_line(trainer)
+            if line and _report_enabled_by_logging():
+                _emit(line)

@@ -142,7 +142,7 @@ def test_real_model_stock_vs_st_fast(minilm_path, tmp_path, stock_class, kwargs,
     )
 
     # Reported once at train begin; the model card names the same loss and tags st_fast.
-    reports = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+    reports = _reports(caplog)
     assert len(reports) == 1
     assert f"loss: st_fast {fast_class.__name__}, " in reports[0]
     assert "backend native (auto; cpu, float32)" in reports[0]
@@ -203,8 +203,19 @@ class UserSubclassLoss(stock_losses.MultipleNegativesRankingLoss):
     pass
 
 
+NOT_RUN = ", self-check not run yet (runs on the first batch)"  # the loss report's end before the first batch
+VERDICTS = "[st_fast] self-check against sentence-transformers "  # the line after the first step
+
+
 def _reports(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+    """The swap reports shown at train start (not the self-check verdict line after the first step)."""
+    messages = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+    return [message for message in messages if not message.startswith(VERDICTS)]
+
+
+def _verdicts(caplog) -> list[str]:
+    messages = [record.getMessage() for record in caplog.records if record.name == "st_fast.trainer"]
+    return [message for message in messages if message.startswith(VERDICTS)]
 
 
 def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
@@ -228,17 +239,20 @@ def test_report_says_what_was_left_stock(tiny_model, tmp_path, caplog):
     swapped, stock = report.splitlines()  # one line of what st_fast computes, one of what it left stock
     assert swapped == (
         "[st_fast] loss[d]: MatryoshkaLoss around st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, "
-        "float32); multi-dataset batch sampler: proportional: set_epoch forwarded to the per-dataset samplers under "
-        "DDP sharding"
+        f"float32){NOT_RUN}; multi-dataset batch sampler: proportional: set_epoch forwarded to the per-dataset "
+        "samplers under DDP sharding"
     )  # fmt: skip
     assert stock.startswith("[st_fast] loss[a]: MultipleNegativesRankingLoss left stock (MultipleNegativesRankingLoss "
                             "computes stock: similarity_fct=euclidean_sim has no fused kernel")  # fmt: skip
     assert "; loss[b]: CoSENTLoss left stock (CoSENTLoss has no st_fast equivalent); " in stock
     assert "; loss[c]: UserSubclassLoss left stock (a subclass of MultipleNegativesRankingLoss: " in stock
-    assert "; loss[e]: MatryoshkaLoss(CoSENTLoss) left stock (CoSENTLoss has no st_fast equivalent); " in stock
-    assert stock.endswith(
-        "; batch sampler: batch_sampler left stock (st_fast replaces only no_duplicates / no_duplicates_hashed)"
+    assert "; loss[e]: MatryoshkaLoss(CoSENTLoss) left stock (CoSENTLoss has no st_fast equivalent)" in stock
+    # the default batch sampler, which nobody expects st_fast to replace, is not shown; the report dict has it
+    assert stock.endswith("; loss[e]: MatryoshkaLoss(CoSENTLoss) left stock (CoSENTLoss has no st_fast equivalent)")
+    assert trainer.st_fast_report["batch sampler"] == (
+        "batch_sampler left stock (st_fast replaces only no_duplicates / no_duplicates_hashed)"
     )
+    assert _verdicts(caplog) == []  # only dataset "a" trained, whose loss is stock: no self-check ran
     assert type(trainer.loss["b"]) is stock_losses.CoSENTLoss and type(trainer.loss["c"]) is UserSubclassLoss
     assert trainer.st_fast_report["loss[b]"] == "CoSENTLoss left stock (CoSENTLoss has no st_fast equivalent)"
     assert list(trainer.st_fast_report) == [
@@ -267,10 +281,8 @@ def test_report_shown_without_logging_configuration_once_per_train(tiny_model, t
         model=tiny_model, args=_args(tmp_path, "shown", max_steps=1), train_dataset=_pairs(64),
         loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
     )  # fmt: skip
-    expected = {
-        "loss": "st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32)",
-        "batch sampler": "st_fast NoDuplicatesBatchSampler (same batches as stock's)",
-    }
+    loss = "st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32)"
+    expected = {"loss": loss + NOT_RUN, "batch sampler": "st_fast NoDuplicatesBatchSampler (same batches as stock's)"}
     assert trainer.st_fast_report == expected  # before training: the decisions the dataloader will get
     # first among the callbacks: the report is printed before the progress bar is drawn, not onto its line
     assert type(trainer.callback_handler.callbacks[0]).__name__ == "SwapReportCallback"
@@ -281,10 +293,33 @@ def test_report_shown_without_logging_configuration_once_per_train(tiny_model, t
         first = capsys.readouterr()
         trainer.train()
         second = capsys.readouterr()
-    for captured in (first, second):  # once per train(), on stderr, and all of it is that one line
-        assert [text for text in captured.err.splitlines() if "st_fast" in text] == [line]
+    for captured in (first, second):  # once per train(), on stderr: the report, then the verdicts of the first step
+        report, verdicts = [text for text in captured.err.splitlines() if "st_fast" in text]
+        assert "\n" + report + "\n" in "\n" + captured.err  # each on its own line
+        assert verdicts.startswith(VERDICTS) and "loss: MultipleNegativesRankingLoss passed: loss " in verdicts
+        assert "; batch sampler: checked" in verdicts and "first 3 batches equal stock's" in verdicts
         assert "st_fast" not in captured.out
-    assert trainer.st_fast_report == expected
+    assert first.err.splitlines()[-2:].count(line) == 0 and line in first.err
+    assert trainer.st_fast_report["loss"].startswith(loss + ", self-check passed: loss ")
+    assert trainer.st_fast_report["batch sampler"].startswith(expected["batch sampler"] + ", self-check checked")
+
+
+def test_report_starts_on_its_own_line_after_an_unfinished_progress_bar(tiny_model, tmp_path, capsys):
+    """The stock model card's widget bar leaves its line open; the report must not be glued to it (issue 26)."""
+    import sys
+
+    from st_fast import swaps
+
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "own-line", max_steps=1), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
+    )  # fmt: skip
+    with _no_logging_configured():
+        capsys.readouterr()
+        sys.stderr.write("Computing widget examples:   0%|          | 0/1 [00:00<?, ?it/s]")
+        assert swaps.emit_report(trainer)
+        err = capsys.readouterr().err
+    assert "?it/s]\n[st_fast] loss: st_fast MultipleNegativesRankingLoss" in err, err
 
 
 def test_report_goes_through_configured_logging_once(tiny_model, tmp_path, caplog, capsys):
@@ -298,13 +333,14 @@ def test_report_goes_through_configured_logging_once(tiny_model, tmp_path, caplo
     assert logging.getLogger().level == logging.WARNING
     capsys.readouterr()
     trainer.train()
-    (record,) = [record for record in caplog.records if record.name == "st_fast.trainer"]
+    record, verdicts = [record for record in caplog.records if record.name == "st_fast.trainer"]
     assert record.levelno == logging.INFO and "backend native (auto; cpu, float32)" in record.getMessage()
+    assert verdicts.levelno == logging.INFO and verdicts.getMessage().startswith(VERDICTS)
     assert "[st_fast]" not in capsys.readouterr().err
     caplog.clear()
     caplog.set_level(logging.WARNING, logger="st_fast")
     trainer.train()
-    assert _reports(caplog) == []
+    assert _reports(caplog) == [] and _verdicts(caplog) == []
 
 
 def test_report_off_and_on_the_main_process_only(tiny_model, tmp_path, caplog):
@@ -316,16 +352,19 @@ def test_report_off_and_on_the_main_process_only(tiny_model, tmp_path, caplog):
 
     quiet = build("quiet", st_fast={"report": False})
     quiet.train()
-    assert _reports(caplog) == []
-    assert quiet.st_fast_report["loss"] == "st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32)"
+    assert _reports(caplog) == [] and _verdicts(caplog) == []
+    assert quiet.st_fast_report["loss"].startswith(
+        "st_fast MultipleNegativesRankingLoss, backend native (auto; cpu, float32), self-check passed"
+    )
     build("stock", st_fast=False).train()  # the stock trainer exactly: no report either
     assert _reports(caplog) == []
     other_rank = build("rank1", st_fast=StFastConfig(backend="torch"))
     other_rank.is_world_process_zero = lambda: False  # what a process of rank > 0 answers
     other_rank.train()
     assert _reports(caplog) == []
-    assert other_rank.st_fast_report["loss"] == (
-        "st_fast MultipleNegativesRankingLoss, backend torch (asked; cpu, float32)"
+    assert _verdicts(caplog) == []
+    assert other_rank.st_fast_report["loss"].startswith(
+        "st_fast MultipleNegativesRankingLoss, backend torch (asked; cpu, float32), self-check passed"
     )
     loud = build("loud")
     loud.is_world_process_zero = lambda: True
@@ -381,7 +420,10 @@ def test_a_backend_that_cannot_run_on_the_model_fails_at_construction(tiny_model
     with pytest.raises(RuntimeError, match="backend='native' on cpu.*native backend is not available on cpu"):
         _mnrl_trainer(tiny_model, tmp_path, "native", st_fast={"backend": "native"})
     trainer = _mnrl_trainer(tiny_model, tmp_path, "auto")
-    assert trainer.st_fast_report["loss"] == "st_fast MultipleNegativesRankingLoss, backend torch (auto; cpu, float32)"
+    assert (
+        trainer.st_fast_report["loss"]
+        == "st_fast MultipleNegativesRankingLoss, backend torch (auto; cpu, float32)" + NOT_RUN
+    )
     monkeypatch.undo()
 
     # float64 embeddings: native / triton compute in float32 only; auto takes torch
@@ -389,7 +431,10 @@ def test_a_backend_that_cannot_run_on_the_model_fails_at_construction(tiny_model
     with pytest.raises(TypeError, match="backend='native' on cpu with float64 embeddings: .*use backend='torch'"):
         _mnrl_trainer(tiny_model, tmp_path, "f64", st_fast={"backend": "native"})
     trainer = _mnrl_trainer(tiny_model, tmp_path, "f64-auto")
-    assert trainer.st_fast_report["loss"] == "st_fast MultipleNegativesRankingLoss, backend torch (auto; cpu, float64)"
+    assert (
+        trainer.st_fast_report["loss"]
+        == "st_fast MultipleNegativesRankingLoss, backend torch (auto; cpu, float64)" + NOT_RUN
+    )
     # a user's st_fast loss is checked as well, whatever st_fast= says
     with pytest.raises(TypeError, match="float64"):
         FastTrainer(
@@ -413,13 +458,13 @@ def test_report_names_the_backend_each_loss_computes_with(minilm_path, tiny_mode
         },
     )  # fmt: skip
     report = trainer.st_fast_report
-    assert report["loss[m]"] == "st_fast MultipleNegativesRankingLoss, backend triton (asked; cpu, float32)"
+    assert report["loss[m]"] == "st_fast MultipleNegativesRankingLoss, backend triton (asked; cpu, float32)" + NOT_RUN
     assert report["loss[c]"] == (
-        "st_fast CachedMultipleNegativesRankingLoss, loss stage on backend triton (asked; cpu, float32)"
+        "st_fast CachedMultipleNegativesRankingLoss, loss stage on backend triton (asked; cpu, float32)" + NOT_RUN
     )
     assert report["loss[g]"].startswith(
         "st_fast GISTEmbedLoss, backend torch (triton asked: the guided Triton kernels cannot decide masks"
-    ) and report["loss[g]"].endswith("; cpu, float32)")
+    ) and report["loss[g]"].endswith("; cpu, float32)" + NOT_RUN)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -543,7 +588,7 @@ def test_patch_direct_stock_trainer_and_unpatch(tiny_model, tmp_path, caplog):
     trainer.train()
     (report,) = _reports(caplog)  # the patched stock trainer reports too, once
     assert report.startswith("[st_fast] loss: st_fast MultipleNegativesRankingLoss, backend native (auto; cpu")
-    assert trainer.st_fast_report["loss"] in report
+    assert trainer.st_fast_report["loss"].split(", self-check")[0] + NOT_RUN in report
 
     # The st_fast trainer keeps its own options while patched (no second fusing, one report).
     caplog.clear()

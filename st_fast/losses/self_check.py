@@ -128,6 +128,11 @@ def failed(loss: Any, key: Hashable) -> bool:
     return result is not None and not result.passed
 
 
+def verdict(loss: Any) -> CheckResult | None:
+    """The verdict of ``loss``'s last checked configuration (None: off, or not run yet)."""
+    return loss.__dict__.get(_RESULT) if loss.self_check else None
+
+
 def last_result(loss: Any) -> str:
     """The report's phrase for ``loss``: what its self-check found (or that it is off / has not run yet)."""
     if not loss.self_check:
