@@ -236,7 +236,7 @@ def test_summary_prints_no_ratio_without_its_pairs(pairs):
         assert f"st_fast's step was slower in all {pairs} pairs (0.97x-0.97x)" in note
     else:
         assert "too few for a ratio" in note
-    assert "encoder passes for one batch took 6.5 s; the median stock step 7 s" in note
+    assert "in the calibration the encoder passes of one batch took 6.5 s; the median stock step took 7 s" in note
 
 
 def test_training_note_claims_no_more_than_its_pairs():
