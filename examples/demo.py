@@ -815,6 +815,8 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     def backward() -> None:
         for features in (anchors, positives):
             base(dict(features))["sentence_embedding"].sum().backward()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     encode_s = least(lambda: (encode(anchors), encode(positives)))
     backward_s = least(backward)
