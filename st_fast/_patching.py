@@ -132,6 +132,7 @@ def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
     if _originals:
         return
     base = _base_trainer()
+    _warn_trainers_built_before(base)
     for name in _PATCHED_METHODS:
         original = base.__dict__.get(name)
         if original is None:  # not a hook of this sentence-transformers version
@@ -141,6 +142,30 @@ def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
     if _REPORT_PROPERTY not in base.__dict__:
         _originals[_REPORT_PROPERTY] = None  # added, not replaced: unpatch() deletes it
         setattr(base, _REPORT_PROPERTY, property(swap_report, doc=swap_report.__doc__))
+
+
+def _warn_trainers_built_before(base: type) -> None:
+    """Say where the mistake is made: a stock trainer built before ``patch()`` keeps its stock loss (losses are fused
+    in the constructor), which its report would never show. Found among the live objects (one scan, at the first
+    ``patch()``); st_fast's own trainers and those built under an earlier ``patch()`` are not counted."""
+    import gc
+    import logging
+
+    from st_fast.trainer import SentenceTransformerTrainer
+
+    gc.collect()  # trainers that are only garbage no longer count
+    early = [
+        o for o in gc.get_objects()
+        if isinstance(o, base) and not isinstance(o, SentenceTransformerTrainer) and "_st_fast_config" not in vars(o)
+    ]  # fmt: skip
+    if early:
+        names = ", ".join(sorted({type(trainer).__name__ for trainer in early}))
+        logging.getLogger("st_fast.trainer").warning(
+            "st_fast.patch(): %d trainer(s) (%s) were built before this call and keep their stock loss (losses are "
+            "fused when a trainer is built; its batch sampler is still swapped when its dataloader is built). Call "
+            "st_fast.patch() before building the trainer, or use st_fast.SentenceTransformerTrainer.",
+            len(early), names,
+        )  # fmt: skip
 
 
 def unpatch() -> None:

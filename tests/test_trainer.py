@@ -747,3 +747,31 @@ def test_multi_dataset_sampler_reshuffles_every_epoch_under_ddp_sharding(tiny_mo
     if multi_sampler_forwards_set_epoch(RoundRobinBatchSampler):
         assert all(child.epoch == 1 for child in multi.batch_samplers)
         assert epochs[0] != epochs[1]
+
+
+def test_patch_after_a_trainer_was_built_warns_there(tiny_model, tmp_path, caplog):
+    """A stock trainer built before patch() keeps its stock loss: patch() says so, where the mistake is made."""
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "built before this call" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        st_fast.patch()  # what earlier tests may have left alive
+    st_fast.unpatch()
+    before = int(warned()[0].split("patch(): ")[1].split(" ")[0]) if warned() else 0
+    caplog.clear()
+    early = StockTrainer(
+        model=tiny_model, args=_args(tmp_path, "early", max_steps=1), train_dataset=_pairs(64),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        st_fast.patch()
+    (warning,) = warned()
+    assert f"{before + 1} trainer(s) (SentenceTransformerTrainer) were built before this call" in warning, warning
+    assert type(early.loss) is stock_losses.MultipleNegativesRankingLoss
+    st_fast.unpatch()
+    del early
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        st_fast.patch()  # the early trainer is gone: back to what was there before
+    assert len(warned()) == (1 if before else 0)
