@@ -19,6 +19,7 @@ VERSION_SENSITIVE_TESTS=(
   tests/test_trainer.py
   tests/test_drop_in_contract.py
   tests/test_self_check.py
+  tests/test_stock_6_3.py
   tests/losses/test_gist_embed.py
   tests/losses/test_cached_gist_embed.py
   tests/losses/test_gist_self_negatives.py

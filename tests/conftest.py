@@ -27,6 +27,17 @@ import st_fast.ops.triton_kernels  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True)
+def _fresh_self_check_verdicts(monkeypatch):
+    """Every test starts with no self-check verdict recorded (st_fast.losses.self_check keeps them per process), so
+    that no test depends on which tests ran before it in the same process (xdist workers, -k selections)."""
+    from st_fast import sampler
+    from st_fast.losses import self_check
+
+    monkeypatch.setattr(self_check, "_results", {})
+    monkeypatch.setattr(sampler, "_CHECKED", {})
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(12345)
     np.random.seed(12345)

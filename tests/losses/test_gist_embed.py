@@ -158,6 +158,8 @@ def test_no_batch_by_candidates_by_dim_tensor(tokenizer, monkeypatch):
     lists of (row, column) pairs (the thresholds' B diagonal pairs and the entries near a threshold), far fewer than
     the B x N entries of one block, and on single vectors (the stock dtype probe)."""
     stock, fast = _losses(tokenizer, "auto")
+    fast.self_check = False  # the first-use self-check runs stock's broadcast on a few rows, by design
+    fast.stock_masks_self_negatives()  # and so does the once-per-process probe of stock's rule (3 rows)
     columns, guide_columns = gist_columns(BATCH, DIM, GUIDE_DIM, 3, seed=3)
     cosine_similarity, pairs = torch.nn.functional.cosine_similarity, []
 
