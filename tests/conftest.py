@@ -26,6 +26,14 @@ import torch  # noqa: E402
 import st_fast.ops.triton_kernels  # noqa: E402, F401
 
 
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path):
+    """all-MiniLM-L6-v2's tokenizer (what the GIST losses' stand-in encoders need)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_self_check_verdicts(monkeypatch):
     """Every test starts with no self-check verdict recorded (st_fast.losses.self_check keeps them per process), so

@@ -10,6 +10,17 @@ ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 
 
+class EmbeddingsOnlyModel(torch.nn.Module):
+    """What the MNRL-family constructors need of a model, for losses called on embeddings only (a first module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Identity()
+
+    def __getitem__(self, index: int) -> torch.nn.Module:
+        return self.first
+
+
 def direction_partition_grid() -> list[tuple[tuple[str, ...], str]]:
     """Every directions subset that contains query_to_doc, with every partition mode the stock class accepts."""
     grid = []

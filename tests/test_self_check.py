@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gist_cases import PrecomputedEncoder, column_features
+from parity import EmbeddingsOnlyModel as _Model
 from parity import random_columns
 from sentence_transformers import util
 from sentence_transformers.sentence_transformer import losses as stock_losses
@@ -26,17 +27,6 @@ CMNRL = stock_losses.CachedMultipleNegativesRankingLoss
 def _fresh_results(monkeypatch):
     """Each test starts with no verdict recorded in this process."""
     monkeypatch.setattr(self_check, "_results", {})
-
-
-class _Model(torch.nn.Module):
-    """What the MNRL-family constructors need of a model (the losses here are called on embeddings)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = torch.nn.Identity()
-
-    def __getitem__(self, index: int) -> torch.nn.Module:
-        return self.first
 
 
 def _mnrl(cls=fast_losses.MultipleNegativesRankingLoss, **kwargs):
@@ -149,13 +139,6 @@ def test_gist_follows_a_scaled_stock_forward(tokenizer, caplog, monkeypatch):
         actual = float(fast_losses.GISTEmbedLoss(model, guide, temperature=0.3)(features, None))
     assert actual == pytest.approx(expected, rel=1e-6)
     assert len(_warnings(caplog)) == 1
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path)
 
 
 def test_cannot_pass_on_a_stock_without_gradient(monkeypatch):

@@ -4,20 +4,11 @@ when it is built (constructor, ``fuse()``, or a later ``loss.backend = "triton"`
 from __future__ import annotations
 
 import pytest
-import torch
+from parity import EmbeddingsOnlyModel as _Model
 from sentence_transformers.sentence_transformer import losses as stock_losses
 
 from st_fast import losses as fast_losses
 from st_fast.ops import triton_lse
-
-
-class _Model(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = torch.nn.Identity()
-
-    def __getitem__(self, index: int) -> torch.nn.Module:
-        return self.first
 
 
 @pytest.fixture

@@ -36,13 +36,6 @@ BACKENDS = ["torch"] + (["native"] if native_available(torch.device("cpu")) else
 BATCH, DIM, GUIDE_DIM = 7, 16, 12
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path)
-
-
 def _losses(tokenizer, backend, **config):
     model, guide = PrecomputedEncoder(tokenizer), PrecomputedEncoder(tokenizer)
     stock = stock_losses.GISTEmbedLoss(model, guide, temperature=0.05, **config)

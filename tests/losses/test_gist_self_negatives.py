@@ -20,13 +20,6 @@ BACKENDS = ["torch"] + (["native"] if native_available(torch.device("cpu")) else
 BATCH, DIM, GUIDE_DIM = 7, 16, 12
 
 
-@pytest.fixture(scope="module")
-def tokenizer(minilm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_path)
-
-
 def duplicate_columns(num_columns: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(model columns, guide columns), float32: rows 0 and 4 have anchor == positive, rows 2 and 5 share a
     positive, row 6's negative repeats row 1's positive; the guide is a fixed linear map of the model's embeddings,
