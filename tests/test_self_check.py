@@ -256,3 +256,16 @@ def test_first_call_in_evaluation_mode_is_checked_properly(mode):
         value = loss.compute_loss_from_embeddings([c.clone() for c in columns], None)
     assert self_check.last_result(loss).startswith("self-check passed"), self_check.last_result(loss)
     assert float(value) == pytest.approx(float(MNRL(_Model()).compute_loss_from_embeddings(columns, None)), rel=1e-5)
+
+
+def test_a_stock_method_that_cannot_run_on_the_check_leaves_the_call_to_stock(monkeypatch):
+    """Nothing proven, nothing fused: the call goes to the stock method, whose own error the user then sees."""
+
+    def broken(self, embeddings, labels):
+        raise RuntimeError("stock cannot compute this")
+
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", broken)
+    loss = _mnrl()
+    with pytest.raises(RuntimeError, match="stock cannot compute this"):
+        loss.compute_loss_from_embeddings(random_columns(5, 8, 2), None)
+    assert "could not run on the check's rows" in self_check.last_result(loss)

@@ -130,7 +130,10 @@ class FusedGISTMixin:
         )  # fmt: skip
         view = stock_view(self, **settings)
         with torch.no_grad(), torch.autocast(anchors.device.type, enabled=False):
-            stock = float(view.stock_on_embeddings(columns, guides))
+            try:
+                stock = float(view.stock_on_embeddings(columns, guides))
+            except Exception:  # noqa: BLE001 (stock cannot run the probe: the self-check decides)
+                return True
             fused = {}
             for masked in (True, False):
                 fused[masked] = float(fused_gist_loss(

@@ -158,13 +158,16 @@ def _evaluate(fn: Callable, columns: Sequence[Tensor], guides: Sequence[Tensor],
 
 
 def _compare(fused: Callable, stock: Callable, columns: Sequence[Tensor], guides: Sequence[Tensor]) -> CheckResult:
-    loss64, grad64 = _evaluate(stock, columns, guides, torch.float64)
+    try:
+        loss64, grad64 = _evaluate(stock, columns, guides, torch.float64)
+        loss32, grad32 = _evaluate(stock, columns, guides, torch.float32)
+    except Exception as exc:  # noqa: BLE001 (nothing proven: the call is left to stock, which will say what it says)
+        return CheckResult(False, f"the stock method could not run on the check's rows ({exc!r})")
     if not torch.isfinite(loss64) or not torch.isfinite(grad64).all():
         return CheckResult(False, f"stock's float64 loss is not finite ({float(loss64)})")
     scale = float(grad64.abs().max())
     if scale == 0.0:
         return CheckResult(False, "every embedding gradient is zero: nothing to compare")
-    loss32, grad32 = _evaluate(stock, columns, guides, torch.float32)
     loss_f, grad_f = _evaluate(fused, columns, guides, torch.float32)
     eps = torch.finfo(torch.float32).eps
     loss_error, loss_bound = float((loss_f - loss64).abs()), float((loss32 - loss64).abs())
