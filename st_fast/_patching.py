@@ -154,9 +154,11 @@ def _warn_trainers_built_before(base: type) -> None:
     from st_fast.trainer import SentenceTransformerTrainer
 
     gc.collect()  # trainers that are only garbage no longer count
+    # by type(), not isinstance(): isinstance reads __class__, which some live objects answer with a warning
     early = [
         o for o in gc.get_objects()
-        if isinstance(o, base) and not isinstance(o, SentenceTransformerTrainer) and "_st_fast_config" not in vars(o)
+        if issubclass(type(o), base) and not issubclass(type(o), SentenceTransformerTrainer)
+        and "_st_fast_config" not in vars(o)
     ]  # fmt: skip
     if early:
         names = ", ".join(sorted({type(trainer).__name__ for trainer in early}))

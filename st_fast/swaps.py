@@ -376,6 +376,8 @@ def _why_not_fused(loss: torch.nn.Module) -> str:
     inner = getattr(loss, "loss", None)
     if isinstance(loss, WRAPPER_CLASSES) and isinstance(inner, torch.nn.Module):
         return _why_not_fused(inner)
+    if type(loss) in FUSED_CLASSES:  # the stock class itself, not fused: the trainer was built before patch()
+        return "the trainer was built before st_fast.patch(): losses are fused when a trainer is built"
     stock_bases = [base.__name__ for base in FUSED_CLASSES if isinstance(loss, base)]
     if stock_bases:
         return f"a subclass of {stock_bases[0]}: st_fast cannot know what its overrides change"

@@ -147,7 +147,48 @@ def test_cannot_pass_on_a_stock_without_gradient(monkeypatch):
     loss = _mnrl()
     value = loss.compute_loss_from_embeddings(random_columns(5, 8, 2), None)
     assert float(value) == 0.0
-    assert "nothing to compare" in self_check.last_result(loss)
+    assert "MISMATCH" in self_check.last_result(loss)
+
+
+def test_a_one_row_first_batch_is_no_mismatch_and_no_pass(caplog):
+    """One row proves nothing (loss 0, zero gradients, both sides): not a mismatch (which would send every later
+    batch to stock), and the random batch still has to pass; later batches are fused and the verdict stands."""
+    loss = _mnrl()
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        assert float(loss.compute_loss_from_embeddings(random_columns(1, 8, 2), None).detach()) == 0.0
+        assert self_check.last_result(loss).startswith("self-check passed")  # on the random batch
+        columns = random_columns(8, 8, 2, seed=2)
+        expected = float(MNRL(_Model()).compute_loss_from_embeddings(columns, None))
+        assert _loss(loss, columns) == pytest.approx(expected, rel=1e-5)
+    assert not _warnings(caplog)
+
+
+def test_equal_but_gradient_free_rows_are_inconclusive_not_a_mismatch(monkeypatch):
+    """When both batches prove nothing (a stock whose loss and gradients are 0 wherever st_fast's are: here every
+    candidate's score patched to the same value on both sides), the call is fused, reported as inconclusive and
+    checked again at the next call."""
+    calls = []
+    stock = MNRL.compute_loss_from_embeddings
+    monkeypatch.setattr(MNRL, "compute_loss_from_embeddings", lambda *a: calls.append(1) or stock(*a))
+    loss = _mnrl()
+    one_row = random_columns(1, 8, 2)
+    monkeypatch.setattr(self_check, "random_columns", lambda columns, **_: [c[:1].detach() for c in columns])
+    loss.compute_loss_from_embeddings(one_row, None)
+    assert self_check.last_result(loss).startswith("self-check inconclusive so far"), self_check.last_result(loss)
+    loss.compute_loss_from_embeddings(one_row, None)
+    assert len(calls) == 8  # checked again: 2 x (float64, float32) per call
+
+
+def test_dot_score_at_scale_20_with_unit_embeddings_passes(caplog):
+    from sentence_transformers import util as st_util
+
+    columns = [torch.nn.functional.normalize(c.detach(), dim=-1) for c in random_columns(6, 384, 2)]
+    loss = _mnrl(similarity_fct=st_util.dot_score)
+    with caplog.at_level(logging.WARNING, logger="st_fast"):
+        value = _loss(loss, columns)
+    assert value == pytest.approx(float(MNRL(_Model(), similarity_fct=st_util.dot_score)
+                                        .compute_loss_from_embeddings(columns, None)), abs=1e-6)  # fmt: skip
+    assert self_check.last_result(loss).startswith("self-check passed") and not _warnings(caplog)
 
 
 def test_a_one_row_batch_is_checked_on_the_random_batch_too(monkeypatch):

@@ -769,6 +769,10 @@ def test_patch_after_a_trainer_was_built_warns_there(tiny_model, tmp_path, caplo
     (warning,) = warned()
     assert f"{before + 1} trainer(s) (SentenceTransformerTrainer) were built before this call" in warning, warning
     assert type(early.loss) is stock_losses.MultipleNegativesRankingLoss
+    assert early.st_fast_report["loss"] == (
+        "MultipleNegativesRankingLoss left stock (the trainer was built before st_fast.patch(): losses are fused "
+        "when a trainer is built)"
+    )
     st_fast.unpatch()
     del early
     caplog.clear()

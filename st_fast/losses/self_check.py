@@ -10,9 +10,10 @@ time (:func:`stock_function`, on a shallow copy of the loss: :func:`stock_view`)
 
 for the loss and, element-wise in the max norm, for the gradients (scaled by max|grad64|), where stock64 / stock32
 are stock's results in float64 / float32: the bound is stock's own float32 error plus a floor of a few float32
-roundings. The random batch has at least 4 rows and a row whose anchor equals its positive, so the check cannot pass
-vacuously on a degenerate slice (one row, every candidate masked, zero gradients); a comparison whose float64
-gradient is all zero, or whose float64 loss is not finite, counts as a mismatch.
+roundings. The random batch has 4 unit rows and a row whose anchor equals its positive, so a degenerate slice of the
+call (one row, a saturated softmax: zero gradients) cannot make the check pass alone: a comparison whose gradients
+are all zero on both sides proves nothing (inconclusive: the call is computed by st_fast and the next call checks
+again), one whose float64 loss is not finite, or where stock cannot run, is a mismatch.
 
 On a mismatch the loss computes that configuration with the stock method from then on (:func:`failed`), with one
 warning naming the loss, the configuration and the installed sentence-transformers version. Results are cached per
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger("st_fast.losses")
@@ -50,8 +52,11 @@ class CheckResult:
 
     passed: bool
     detail: str
+    conclusive: bool = True  # False: equal on rows that prove nothing (zero gradients); never a pass by itself
 
     def describe(self) -> str:
+        if not self.conclusive:
+            return "inconclusive so far (st_fast computes; checked again on the next batch): " + self.detail
         return ("passed: " if self.passed else "MISMATCH, computing stock: ") + self.detail
 
 
@@ -165,18 +170,20 @@ def _compare(fused: Callable, stock: Callable, columns: Sequence[Tensor], guides
         return CheckResult(False, f"the stock method could not run on the check's rows ({exc!r})")
     if not torch.isfinite(loss64) or not torch.isfinite(grad64).all():
         return CheckResult(False, f"stock's float64 loss is not finite ({float(loss64)})")
-    scale = float(grad64.abs().max())
-    if scale == 0.0:
-        return CheckResult(False, "every embedding gradient is zero: nothing to compare")
     loss_f, grad_f = _evaluate(fused, columns, guides, torch.float32)
     eps = torch.finfo(torch.float32).eps
+    scale = float(grad64.abs().max())
     loss_error, loss_bound = float((loss_f - loss64).abs()), float((loss32 - loss64).abs())
     loss_bound = _LOSS_FACTOR * loss_bound + _FLOOR_EPS * eps * max(1.0, abs(float(loss64)))
     grad_error, grad_bound = float((grad_f - grad64).abs().max()), float((grad32 - grad64).abs().max())
-    grad_bound = _LOSS_FACTOR * grad_bound + _FLOOR_EPS * eps * scale
+    grad_bound = _LOSS_FACTOR * grad_bound + _FLOOR_EPS * eps * max(scale, float(grad_f.abs().max()))
     detail = f"loss {float(loss_f):.6g} vs stock {float(loss64):.6g} (|diff| {loss_error:.1e}, bound {loss_bound:.1e})"
     detail += f", max |grad diff| {grad_error:.1e} (bound {grad_bound:.1e})"
-    return CheckResult(loss_error <= loss_bound and grad_error <= grad_bound, detail)
+    agree = loss_error <= loss_bound and grad_error <= grad_bound
+    if agree and scale == 0.0 and float(grad_f.abs().max()) == 0.0:
+        # equal, but on rows that prove little (one row, a saturated softmax): neither a pass nor a mismatch
+        return CheckResult(False, "every embedding gradient is zero on these rows: " + detail, conclusive=False)
+    return CheckResult(agree, detail)
 
 
 def random_columns(columns: Sequence[Tensor], rows: int = RANDOM_ROWS, seed: int = 0) -> list[Tensor]:
@@ -191,7 +198,8 @@ def random_columns(columns: Sequence[Tensor], rows: int = RANDOM_ROWS, seed: int
         if index == 0 and column.shape[-1] == anchor.shape[-1]:
             x[0] = anchor[0]
         out.append(x)
-    return [x.to(column.device) for x, column in zip(out, columns, strict=True)]
+    # unit rows: with dot_score at a large scale, rows of norm ~sqrt(D) would saturate the softmax (zero gradients)
+    return [F.normalize(x, dim=-1).to(column.device) for x, column in zip(out, columns, strict=True)]
 
 
 def check(
@@ -215,11 +223,13 @@ def check(
         # (under torch.inference_mode too: evaluation loops may run the loss there)
         with torch.inference_mode(False), torch.autocast(columns[0].device.type, enabled=False):
             verdicts = [_compare(fused, stock, *user), _compare(fused, stock, *synthetic)]
-        failing = [v for v in verdicts if not v.passed]
-        result = failing[0] if failing else CheckResult(True, verdicts[0].detail)
+        failing = [v for v in verdicts if v.conclusive and not v.passed]
+        passing = [v for v in verdicts if v.passed]
+        result = failing[0] if failing else passing[0] if passing else verdicts[0]
         if gathered:
             result = _agree_across_ranks(result, columns[0].device)
-        _results[key] = result
+        if result.conclusive:  # an inconclusive call is checked again at the next one
+            _results[key] = result
         if not result.passed:
             logger.warning(
                 "st_fast self-check: %s with %s does not match the installed sentence-transformers %s (%s); this "
@@ -228,7 +238,7 @@ def check(
                 type(loss).__name__, configuration, installed_version(), result.detail,
             )  # fmt: skip
     loss.__dict__[_RESULT] = result
-    return result
+    return result if result.conclusive else CheckResult(True, result.detail, conclusive=False)
 
 
 def _agree_across_ranks(result: CheckResult, device: torch.device) -> CheckResult:
@@ -236,8 +246,13 @@ def _agree_across_ranks(result: CheckResult, device: torch.device) -> CheckResul
 
     if not (dist.is_available() and dist.is_initialized()):
         return result
-    flag = torch.tensor([1 if result.passed else 0], dtype=torch.int32, device=device)
+    # 2: passed, 1: inconclusive, 0: mismatch; the ranks take the lowest, so that all compute the same way
+    code = 2 if result.passed else (1 if not result.conclusive else 0)
+    flag = torch.tensor([code], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if result.passed and not bool(flag.item()):
+    agreed = int(flag.item())
+    if agreed == code:
+        return result
+    if agreed == 0:
         return CheckResult(False, "another rank's self-check found a mismatch")
-    return result
+    return CheckResult(False, "another rank's self-check was inconclusive", conclusive=False)
