@@ -167,14 +167,7 @@ class FusedGISTMixin:
         if not self.self_check:
             return False
         check_inputs(columns[0], columns[1:], guides[0], guides[1:], 0)  # bad input: the op's clear error first
-        config = self.self_check_config(columns)
-        key = self_check.configuration_key(self, self._replaced_method, config)
-        described = ", ".join(f"{name}={value!r}" for name, value in config.items())
-        result = self_check.check(
-            self, key, described, columns, self.fused_on_embeddings, self.stock_on_embeddings, guides,
-            gathered=bool(self.gather_across_devices),
-        )  # fmt: skip
-        return not result.passed
+        return not self_check.run(self, columns, guides).passed
 
     def stock_dtypes(
         self, anchors: Tensor, positives: Tensor, anchors_guide: Tensor, positives_guide: Tensor

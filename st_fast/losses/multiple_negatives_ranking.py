@@ -124,13 +124,7 @@ class FusedMNRLMixin:
         if not self.self_check:
             return False
         check_embeddings(columns[0], columns[1:])  # bad input: the op's clear error, before any comparison
-        config = self.self_check_config(columns)
-        key = self_check.configuration_key(self, self._replaced_method, config)
-        described = ", ".join(f"{name}={value!r}" for name, value in config.items())
-        result = self_check.check(
-            self, key, described, columns, self.fused_on_embeddings, self.stock_on_embeddings, guides or (),
-            gathered=bool(self.gather_across_devices),
-        )  # fmt: skip
+        result = self_check.run(self, columns, guides or ())
         if not result.passed:
             self.check_stock_fallback(f"its self-check against stock found a mismatch ({result.detail})")
         return not result.passed

@@ -241,6 +241,19 @@ def check(
     return result if result.conclusive else CheckResult(True, result.detail, conclusive=False)
 
 
+def run(loss: Any, columns: Sequence[Tensor], guides: Sequence[Tensor] = ()) -> CheckResult:
+    """:func:`check` for a fused loss with the self-check hooks (``self_check_config``, ``fused_on_embeddings``,
+    ``stock_on_embeddings``, ``_replaced_method``): its configuration key and description, gathering from
+    ``gather_across_devices``."""
+    config = loss.self_check_config(columns)
+    key = configuration_key(loss, loss._replaced_method, config)
+    described = ", ".join(f"{name}={value!r}" for name, value in config.items())
+    return check(
+        loss, key, described, columns, loss.fused_on_embeddings, loss.stock_on_embeddings, guides,
+        gathered=bool(loss.gather_across_devices),
+    )  # fmt: skip
+
+
 def _agree_across_ranks(result: CheckResult, device: torch.device) -> CheckResult:
     import torch.distributed as dist
 
