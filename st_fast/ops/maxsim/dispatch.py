@@ -1,0 +1,54 @@
+"""The one dispatch point of the MaxSim op: ``backend=`` name, device and dtype -> a backend object.
+
+Every backend object has ``forward(queries (B, Lq, D), query_mask (B, Lq) bool, documents (M, Ld, D), document_mask
+(M, Ld) bool, need_indices) -> (sums (B, M), index (B, Lq, M) int32 or None)`` and ``backward(queries, query_mask,
+documents, index, grad_sums) -> (d queries, d documents)`` in float32 (float64 for float64 embeddings); see
+:mod:`st_fast.ops.maxsim.torch_backend`. The names are the other ops' (:data:`st_fast.ops.backends.BACKENDS`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from st_fast.ops.backends import BACKENDS
+from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS
+
+NATIVE_MISSING = "the native MaxSim kernels are not built into st_fast's extension yet; use backend='torch' or 'auto'"
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    from st_fast.ops.triton_lse import triton_unavailable_reason
+
+    return triton_unavailable_reason(device.type)
+
+
+def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, tile_elements: int | None = None):
+    """The MaxSim backend object for ``backend=name`` on ``device`` with embeddings of ``dtype``. ``auto``: ``torch``
+    (the Triton kernel has run under the interpreter only, not yet measured nor checked on a GPU; the native
+    kernels are not wired yet). ``tile_elements`` bounds the products a chunked backend holds at once.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`, or ``tile_elements`` < 1.
+        TypeError: ``triton`` or ``native`` for float64 embeddings (use ``torch``).
+        RuntimeError: ``triton`` where Triton cannot run (no triton, or CPU tensors without ``TRITON_INTERPRET=1``),
+            ``native`` (not built yet).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    tile_elements = DEFAULT_TILE_ELEMENTS if tile_elements is None else int(tile_elements)
+    if tile_elements < 1:
+        raise ValueError(f"tile_elements must be at least 1, got {tile_elements}")
+    if name in ("triton", "native") and dtype == torch.float64:
+        raise TypeError(f"the {name} MaxSim backend takes float16/bfloat16/float32; use backend='torch' for float64")
+    if name == "triton":
+        reason = _triton_reason(device)
+        if reason is not None:
+            raise RuntimeError(reason)
+        from st_fast.ops.maxsim.triton_backend import TritonBackend
+
+        return TritonBackend(tile_elements)
+    if name == "native":
+        raise RuntimeError(NATIVE_MISSING)
+    from st_fast.ops.maxsim.torch_backend import TorchBackend
+
+    return TorchBackend(tile_elements)

@@ -1,0 +1,228 @@
+"""The MaxSim op (st_fast.ops.maxsim) against a float64 reference written here and against the installed stock
+``colbert_scores`` + cross-entropy: scores, loss and token-embedding gradients, every backend that runs here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+colbert = pytest.importorskip("sentence_transformers.multi_vector_encoder.scoring.colbert")
+stock_similarity = pytest.importorskip("sentence_transformers.util.similarity")
+
+from st_fast.ops.maxsim import fused_maxsim_loss, maxsim_scores  # noqa: E402
+from st_fast.ops.maxsim.spec import EMPTY_DOCUMENT_SCORE  # noqa: E402
+from st_fast.ops.triton_lse import triton_unavailable_reason  # noqa: E402
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    triton_unavailable_reason("cpu") is not None, reason="triton does not run on CPU tensors here"))]  # fmt: skip
+SIZES = dict(batch=3, query_tokens=5, document_tokens=7, dim=12)  # small and odd
+
+
+def make_batch(per_group: int, dtype: torch.dtype, seed: int, grid: bool = False, **sizes):
+    """Queries (B, Lq, D), stacked documents (B, N, Ld, D), masks with holes, one empty document and one query
+    without tokens. ``grid``: values k/4, |k| <= 4, so that 16-bit products are exact in float32 and ties common."""
+    sizes = {**SIZES, **sizes}
+    g = torch.Generator().manual_seed(seed)
+    b, lq, ld, d = sizes["batch"], sizes["query_tokens"], sizes["document_tokens"], sizes["dim"]
+
+    def draw(*shape):
+        if grid:
+            return torch.randint(-4, 5, shape, generator=g).double() / 4
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    queries, documents = draw(b, lq, d), draw(b, per_group, ld, d)
+    query_mask = torch.rand(b, lq, generator=g) > 0.25
+    query_mask[:, 0] = True
+    document_mask = torch.rand(b, per_group, ld, generator=g) > 0.3  # holes anywhere (skiplist words)
+    document_mask[..., 0] = True
+    document_mask[min(1, b - 1), per_group - 1] = False  # an empty document
+    if b > 2:
+        query_mask[2] = False  # a query whose every token is masked
+    return queries.to(dtype), documents.to(dtype), query_mask, document_mask
+
+
+def reference_scores(queries, documents, query_mask, document_mask, length_normalize):
+    """Float64 MaxSim, written from the definition: products rounded once to the embeddings' dtype (as stock's
+    einsum), masked tokens at that dtype's minimum, first arg-max, query-token sum, sentinel, MeanMaxSim."""
+    dtype = queries.dtype
+    b, n, ld, d = documents.shape
+    products = torch.einsum("ash,bth->abst", queries.double(), documents.double().reshape(b * n, ld, d))
+    if dtype != torch.float64:
+        products = products.to(dtype).double()  # its backward rounds the gradient to dtype, as stock's does
+    flat_mask = document_mask.reshape(b * n, ld)
+    products = products.masked_fill(~flat_mask[None, :, None, :], torch.finfo(dtype).min)
+    scores = (products.max(dim=-1).values * query_mask[:, None, :]).sum(dim=-1)
+    scores = scores.masked_fill(~flat_mask.any(dim=-1), EMPTY_DOCUMENT_SCORE)
+    if length_normalize:
+        scores = scores / query_mask.sum(dim=-1).clamp(min=1).unsqueeze(1)
+    return scores
+
+
+def cross_entropy(scores, scale, per_group):
+    return F.cross_entropy(scores * scale, torch.arange(scores.shape[0]) * per_group)
+
+
+def loss_and_grads(fn, queries, documents, scale=1.0):
+    leaves = [queries.detach().clone().requires_grad_(), documents.detach().clone().requires_grad_()]
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().clone().requires_grad_()
+        leaves.append(scale)
+    loss = fn(leaves[0], leaves[1], scale)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+def assert_close(actual, expected, dtype, what):
+    """float32: a few float32 roundings of the magnitude; 16-bit: one rounding of the 16-bit result."""
+    actual, expected = actual.double(), expected.double()
+    magnitude = max(1.0, float(expected.abs().max()))
+    tolerance = 64 * torch.finfo(torch.float32).eps if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    error = float((actual - expected).abs().max())
+    assert error <= tolerance * magnitude, f"{what}: max error {error:.3g} > {tolerance * magnitude:.3g}"
+
+
+def test_empty_document_score_is_stocks():
+    assert EMPTY_DOCUMENT_SCORE == stock_similarity._EMPTY_DOCUMENT_SCORE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_group", [1, 2, 3])
+@pytest.mark.parametrize("length_normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_and_gradients_match_reference_and_stock(backend, per_group, length_normalize, dtype):
+    queries, documents, query_mask, document_mask = make_batch(
+        per_group, dtype, seed=per_group + 10 * length_normalize, grid=dtype != torch.float32
+    )
+    scale = 1.7 if length_normalize else 0.6
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, scale=s, length_normalize=length_normalize,
+                                 backend=backend)  # fmt: skip
+
+    def reference(q, d, s):
+        return cross_entropy(reference_scores(q, d, query_mask, document_mask, length_normalize), s, per_group)
+
+    def stock(q, d, s):
+        scores = colbert.colbert_scores(q, d, query_mask, document_mask, length_normalize=length_normalize)
+        return cross_entropy(scores, s, per_group)
+
+    ours = loss_and_grads(fused, queries, documents, scale)
+    expected = loss_and_grads(reference, queries, documents, scale)
+    stocks = loss_and_grads(stock, queries, documents, scale)
+    assert ours[1].dtype == dtype and ours[2].dtype == dtype
+    assert float(ours[1].abs().max()) > 0 and float(ours[2].abs().max()) > 0
+    for what, a, e, s in zip(("loss", "d queries", "d documents"), ours, expected, stocks, strict=True):
+        assert_close(a, e, dtype, f"{what} vs float64 reference")
+        assert_close(a, s, dtype, f"{what} vs stock")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scores_equal_stock_colbert_scores(backend, dtype):
+    queries, documents, query_mask, document_mask = make_batch(2, dtype, seed=3, batch=4, document_tokens=19)
+    ours = maxsim_scores(queries, documents, query_mask, document_mask, backend=backend)
+    stock = colbert.colbert_scores(queries, documents, query_mask, document_mask)
+    assert ours.dtype == torch.float32 and ours.shape == stock.shape == (4, 8)
+    assert_close(ours, stock, torch.float32, "scores")
+    assert (ours[1, 3] == EMPTY_DOCUMENT_SCORE).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_in_bfloat16_take_the_first_token_as_stock(backend):
+    """Every query token against documents with repeated (tied) rows: the gradient must reach the first of the tied
+    tokens, as torch.max (stock) sends it; a last-index tie would move whole rows of the document gradient."""
+    queries, documents, query_mask, document_mask = make_batch(2, torch.bfloat16, seed=5, grid=True)
+    documents = torch.cat([documents, documents], dim=2)  # every token tied with a later twin
+    document_mask = torch.cat([document_mask, torch.ones_like(document_mask)], dim=2)
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, backend=backend)
+
+    def stock(q, d, s):
+        return cross_entropy(colbert.colbert_scores(q, d, query_mask, document_mask), 1.0, 2)
+
+    ours, stocks = loss_and_grads(fused, queries, documents), loss_and_grads(stock, queries, documents)
+    twin = documents.shape[2] // 2
+    assert float(stocks[2][:, :, twin:][:, :, :].abs().sum()) < float(stocks[2].abs().sum())
+    for what, a, s in zip(("loss", "d queries", "d documents"), ours, stocks, strict=True):
+        assert_close(a, s, torch.bfloat16, what)
+    assert torch.equal(ours[2][..., :twin, :].ne(0), stocks[2][..., :twin, :].ne(0))
+
+
+def test_learnable_scale_gets_stocks_gradient():
+    queries, documents, query_mask, document_mask = make_batch(2, torch.float32, seed=7)
+    scale = torch.tensor(0.8)
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, scale=s, backend="torch")
+
+    def stock(q, d, s):
+        return cross_entropy(colbert.colbert_scores(q, d, query_mask, document_mask), s, 2)
+
+    ours, stocks = loss_and_grads(fused, queries, documents, scale), loss_and_grads(stock, queries, documents, scale)
+    assert_close(ours[3], stocks[3], torch.float32, "d scale")
+
+
+def test_float64_reference_backend():
+    queries, documents, query_mask, document_mask = make_batch(2, torch.float64, seed=8)
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, length_normalize=True, backend="auto")
+
+    def reference(q, d, s):
+        return cross_entropy(reference_scores(q, d, query_mask, document_mask, True), 1.0, 2)
+
+    ours, expected = loss_and_grads(fused, queries, documents), loss_and_grads(reference, queries, documents)
+    assert ours[0].dtype == torch.float64
+    for a, e in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_tiles_bound_memory_and_change_nothing():
+    """A tile budget of a few elements (one query x one document per tile) gives the one-tile result; the backward
+    is deterministic (the same bits twice)."""
+    queries, documents, query_mask, document_mask = make_batch(3, torch.float32, seed=9, batch=5)
+
+    def run(tile_elements):
+        return loss_and_grads(
+            lambda q, d, s: fused_maxsim_loss(q, d, query_mask, document_mask, backend="torch",
+                                              tile_elements=tile_elements),  # fmt: skip
+            queries, documents,
+        )  # fmt: skip
+
+    small, large, again = run(1), run(1 << 24), run(1)
+    for a, b in zip(small, large, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(small, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_default_masks_are_stocks_zero_rows():
+    queries, documents, _, _ = make_batch(2, torch.float32, seed=11)
+    queries[0, 3] = 0.0
+    documents[1, 0, 2:] = 0.0
+    documents[2, 1] = 0.0  # an all-zero (empty) document
+    ours = maxsim_scores(queries, documents, length_normalize=True, backend="torch")
+    stock = colbert.colbert_scores(queries, documents, length_normalize=True)
+    assert_close(ours, stock, torch.float32, "scores")
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda q, d, qm, dm: maxsim_scores(q[0], d, qm, dm), ValueError, "3-D"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d[..., :-1], qm, dm), ValueError, "dim"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d.double(), qm, dm), TypeError, "dtype"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d, qm.float(), dm), TypeError, "boolean"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d, qm[:, :-1], dm), ValueError, "query_mask"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d, qm, dm, backend="fast"), ValueError, "backend"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d, qm, dm, backend="native"), RuntimeError, "native"),
+        (lambda q, d, qm, dm: maxsim_scores(q.double(), d.double(), qm, dm, backend="triton"), TypeError, "float64"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d[:2], qm, dm[:2]), ValueError, "outside"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d[:, 0], qm, dm[:, 0]), ValueError, "stacked"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error, match):
+    queries, documents, query_mask, document_mask = make_batch(2, torch.float32, seed=12)
+    with pytest.raises(error, match=match):
+        call(queries, documents, query_mask, document_mask)
