@@ -41,12 +41,13 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.common import triton_interpreted
 
 # float64 elements of one row chunk of the reference's logits: 2**27 = 1 GiB (2048 rows at N = 65536)
 REFERENCE_CHUNK_ELEMENTS = 2**27
@@ -133,10 +134,6 @@ def relative_errors(loss: float, grads: list[torch.Tensor], ref_loss: float,
 # ---------------------------------------------------------------------------------------------------------------
 # availability
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -13,7 +13,8 @@ every cached embedding's ``.grad``), with fresh ``.grad`` each time and the same
 Columns: median time of ``--repeats`` calls (fewer when they pass ``--cached-time-budget`` seconds: ``runs``) after
 one warm-up; peak memory of one call (as in the fused_loss part);
 ``x_vs_stock`` = stock time / time; ``gemm3_ms``: the three GEMMs any exact loss stage needs (scores (B, D) x (D, N),
-then the two gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)) alone, fp32, measured in the same run, and
+then the two gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)) alone, fp32, measured in the same run
+(``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark.Timer`` on CPU), and
 ``x_gemm3`` = time / gemm3_ms (1.0 would be the GEMM floor). For half-precision cases ``gemm3_dtype_ms`` times the
 same GEMMs in the case's dtype. ``loss_err`` / ``grad_err``: largest absolute differences from stock.
 ``--cached-no-memory`` / ``--cached-no-gemm3`` leave the memory / GEMM columns empty (the demo's short run).
@@ -26,19 +27,24 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import progress, sync, time_call
-from benchmarks.fused_loss import (
+from benchmarks.common import (
     DTYPES,
-    SCALE,
     available_backends,
     bench_device,
     cpu_threads,
     dtype_name,
     free_memory,
+    loss_stage,
+    make_cached_losses,
     make_embeddings,
+    make_reps,
     measure,
-    model_stand_in,
+    op_seconds,
+    progress,
     result_columns,
+    row_threads,
+    stage_grads,
+    sync,
 )
 
 TITLE = "CachedMultipleNegativesRankingLoss loss stage (calculate_loss with backward): stock vs st_fast"
@@ -91,44 +97,13 @@ def cached_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dt
     return cases
 
 
-def make_reps(columns: list[torch.Tensor], mini_batch_size: int) -> list[list[torch.Tensor]]:
-    """GradCache's cached embeddings: per column, detached leaf mini-batches that require gradients."""
-    return [
-        [chunk.detach().clone().requires_grad_() for chunk in column.detach().split(mini_batch_size)]
-        for column in columns
-    ]
+# the names examples/demo.py imports from here (its owner can import loss_stage / stage_grads from benchmarks.common)
+_loss_stage, _grads = loss_stage, stage_grads
 
 
-def make_cached_losses(backends: list[str], mini_batch_size: int, with_stock: bool) -> dict[str, torch.nn.Module]:
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss as StockCachedMNRL,
-    )
-
-    from st_fast.losses import CachedMultipleNegativesRankingLoss as FastCachedMNRL
-
-    losses: dict[str, torch.nn.Module] = {}
-    for backend in backends:
-        losses[backend] = FastCachedMNRL(
-            model_stand_in(), scale=SCALE, mini_batch_size=mini_batch_size, backend=backend
-        )
-    if with_stock:
-        losses["stock"] = StockCachedMNRL(model_stand_in(), scale=SCALE, mini_batch_size=mini_batch_size)
-    return losses
-
-
-def _loss_stage(loss_module: torch.nn.Module, reps: list[list[torch.Tensor]]) -> torch.Tensor:
-    for column in reps:
-        for chunk in column:
-            chunk.grad = None
-    return loss_module.calculate_loss(reps, None, with_backward=True).detach()
-
-
-def _grads(reps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    return [torch.cat([chunk.grad for chunk in column]) for column in reps]
-
-
-def gemm3_seconds(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    """Time of the score GEMM and the two gradient GEMMs of one exact loss stage, nothing else."""
+def gemm3_seconds(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds of the score GEMM and the two gradient GEMMs of one exact loss stage, nothing else
+    (:func:`benchmarks.common.op_seconds`)."""
     generator = torch.Generator(device="cpu").manual_seed(2)
     queries = torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype)
     docs = torch.randn(n, dim, generator=generator).to(device=device, dtype=dtype)
@@ -140,7 +115,7 @@ def gemm3_seconds(batch: int, n: int, dim: int, dtype: torch.dtype, device: torc
         torch.matmul(scores, docs, out=grad_queries)
         torch.matmul(scores.T, queries, out=grad_docs)
 
-    return time_call(three_gemms, repeats=max(3, repeats), warmup=1, device=str(device))
+    return op_seconds(three_gemms, device)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -157,17 +132,17 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         backends = available_backends(device, dtype, args.cached_backends)
         losses = make_cached_losses(backends, mini_batch_size, with_stock=not args.cached_no_stock)
         n = k * batch
-        gemm3 = None if args.cached_no_gemm3 else gemm3_seconds(batch, n, dim, torch.float32, device, repeats)
+        gemm3 = None if args.cached_no_gemm3 else gemm3_seconds(batch, n, dim, torch.float32, device)
         gemm3_dtype = None
         if dtype != torch.float32 and not args.cached_no_gemm3:
-            gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device, repeats)
+            gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device)
         free_memory(device)
         reps = make_reps(make_embeddings(batch, k, dim, dtype, device), mini_batch_size)
         results: dict[str, dict[str, Any]] = {}
         for name in (["stock"] if "stock" in losses else []) + backends:  # stock first: the reference
             result = measure(
-                lambda: _loss_stage(losses[name], reps),  # noqa: B023
-                lambda: _grads(reps),  # noqa: B023
+                lambda: loss_stage(losses[name], reps),  # noqa: B023
+                lambda: stage_grads(reps),  # noqa: B023
                 device, repeats, args.cached_time_budget, memory=not args.cached_no_memory,
             )  # fmt: skip
             for column in reps:
@@ -180,7 +155,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                    "mbs": mini_batch_size}  # fmt: skip
             row.update(dict.fromkeys(["time_ms", "peak_mb", "x_vs_stock", "gemm3_ms", "x_gemm3", "gemm3_dtype_ms"]))
             row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
-            row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+            row["threads"] = row_threads(device)
             row["gemm3_ms"] = None if gemm3 is None else gemm3 * 1e3
             row["gemm3_dtype_ms"] = None if gemm3_dtype is None else gemm3_dtype * 1e3
             row.update(result_columns(name, result, stock, "x_vs_stock"))

@@ -12,7 +12,8 @@ Columns: median time of ``--repeats`` calls (fewer when they pass ``--fused-time
 one warm-up, timed with CUDA events on a GPU and ``time.perf_counter`` on CPU; peak memory of one call (CUDA max
 allocated on a GPU; on CPU the peak of live tensor bytes recorded by ``torch.profiler(profile_memory=True)``,
 falling back to peak-RSS growth); speed-up against stock; ``matmul TFLOP/s``, the rate of one (B, D) x (D, N) matmul
-in the case's dtype measured in the same run; and ``floor_fraction`` = (8·B·N·D / time) / matmul rate, the fraction
+in the case's dtype measured in the same run (``benchmarks.common.op_seconds``: ``triton.testing.do_bench`` on a GPU,
+``torch.utils.benchmark.Timer`` on CPU); and ``floor_fraction`` = (8·B·N·D / time) / matmul rate, the fraction
 of the 4-GEMM floor that the call reaches (8·B·N·D FLOPs: the two score GEMMs, forward and recompute, plus the two
 gradient GEMMs (B, N) x (N, D) and (N, B) x (B, D)). ``loss_err`` and ``grad_err`` are the largest absolute
 differences of the loss and of the embedding gradients from stock's.
@@ -51,242 +52,33 @@ everything up to B = 65536 at D 768 (the B = 65536 cases: D 384 ~8 / 5 s fp32 / 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from benchmarks import anchors as public
-from benchmarks.common import budget_of, peak_memory_mb, progress, sync
+from benchmarks.common import (
+    DTYPES,
+    SCALE,
+    available_backends,
+    bench_device,
+    budget_of,
+    cpu_threads,
+    dtype_name,
+    forward_backward,
+    free_memory,
+    make_embeddings,
+    make_fused_losses,
+    matmul_tflops,
+    measure,
+    progress,
+    result_columns,
+    row_threads,
+    sync,
+)
 
 TITLE = "MultipleNegativesRankingLoss forward + backward: stock vs st_fast fused op (random embeddings)"
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-SCALE = 20.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers shared with benchmarks.cached_loss
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def bench_device(args: argparse.Namespace, option: str | None = None) -> torch.device:
-    """``--<part>-device`` when given, else CUDA with ``--gpu`` (an error without a GPU), else CPU."""
-    name = getattr(args, option, None) if option else None
-    if name is None:
-        name = "cuda" if getattr(args, "gpu", False) else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--gpu / a cuda device was asked for but torch sees no CUDA device")
-    return device
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available_backends(device: torch.device, dtype: torch.dtype, wanted: list[str] | None) -> list[str]:
-    """st_fast backends that can be timed on ``device``: torch always, native when its extension has the kernel
-    for that device, triton on CUDA when not interpreted. A backend named in ``wanted`` that cannot run is skipped
-    with a message."""
-    from st_fast.ops.backends import native_available
-
-    runnable = ["torch"]
-    if dtype != torch.float64 and native_available(device):
-        runnable.append("native")
-    if dtype != torch.float64 and device.type == "cuda" and not triton_interpreted():
-        try:
-            import triton  # noqa: F401
-
-            runnable.append("triton")
-        except ImportError:
-            pass
-    if not wanted:
-        return runnable
-    for name in wanted:
-        if name not in runnable:
-            print(f"[bench] backend {name!r} cannot be timed on {device} / {dtype}: skipped", flush=True)
-    return [name for name in wanted if name in runnable]
-
-
-def model_stand_in() -> torch.nn.Module:
-    """Stands in for the SentenceTransformer the loss constructors take: the loss stage never calls it, and the
-    cached losses only look at ``model[0]`` (to reject StaticEmbedding models)."""
-    return torch.nn.Sequential(torch.nn.Identity())
-
-
-def cpu_peak_live_mb(fn: Callable[[], Any]) -> tuple[float, str]:
-    """Peak of live CPU tensor bytes allocated during ``fn()`` (MiB) and how it was measured.
-
-    The profiler's memory events (one per allocation and free, in time order) are summed into the live-bytes curve
-    relative to the start of the call; its maximum is the peak. Falls back to peak-RSS growth (which only grows,
-    so it under-reports after a bigger earlier case) when the profiler's events are not readable."""
-    gc.collect()
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda e: e.start_ns())
-        live = peak = 0
-        for event in events:
-            if event.device_type() != torch.autograd.DeviceType.CPU:
-                continue
-            live += event.nbytes()
-            peak = max(peak, live)
-        if events:
-            return peak / 2**20, "profiler"
-    except Exception as exc:  # profiler internals differ between torch versions
-        print(f"[bench] torch.profiler memory events unavailable ({exc!r}); using peak-RSS growth", flush=True)
-    return peak_memory_mb(fn), "rss"
-
-
-def peak_mb(fn: Callable[[], Any], device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return peak_memory_mb(fn, device="cuda"), "cuda max allocated"
-    return cpu_peak_live_mb(fn)
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def free_memory(device: torch.device) -> None:
-    """Free what the last measurement left: garbage, torch's CUDA cache and st_fast's kept CPU scratch buffer (so
-    that the next memory measurement sees its allocation, st_fast.ops.workspace)."""
-    from st_fast.ops import workspace
-
-    gc.collect()
-    workspace.release()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def tf32_matmuls(allowed: bool | None):
-    """Run the block with ``torch.backends.cuda.matmul.allow_tf32 = allowed`` (None: as it is), restored after."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    if allowed is not None:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def matmul_tflops(m: int, n: int, d: int, dtype: torch.dtype, device: torch.device, repeats: int,
-                  allow_tf32: bool | None = None) -> float:  # fmt: skip
-    """TFLOP/s of one (m, d) x (d, n) matmul in ``dtype`` on ``device`` (2·m·n·d FLOPs; median of
-    ``max(3, repeats)`` calls after one warm-up, CUDA events on a GPU), with TF32 allowed or not as
-    ``allow_tf32`` says (None: torch's current setting)."""
-    generator = torch.Generator(device="cpu").manual_seed(1)
-    a = torch.randn(m, d, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(d, n, generator=generator).to(device=device, dtype=dtype)
-    out = torch.empty(m, n, device=device, dtype=dtype)
-    with tf32_matmuls(allow_tf32):
-        torch.matmul(a, b, out=out)
-        seconds, _ = timed_runs(lambda: torch.matmul(a, b, out=out), max(3, repeats), device, float("inf"))
-    return 2.0 * m * n * d / seconds / 1e12
-
-
-def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds one ``fn()`` takes: between two CUDA events recorded around it on a GPU (the device's own clock, after
-    a synchronize so that earlier work is not counted), else ``time.perf_counter`` around it."""
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start_s = time.perf_counter()
-    fn()
-    return time.perf_counter() - start_s
-
-
-def timed_runs(fn: Callable[[], Any], repeats: int, device: torch.device, budget_s: float) -> tuple[float, int]:
-    """Median time (s) of up to ``repeats`` calls of ``fn()`` (already warmed up; CUDA events on a GPU, see
-    :func:`elapsed_seconds`) and how many ran: the runs stop early once they have used ``budget_s`` seconds, so
-    that multi-second stock calls are timed once or twice."""
-    times: list[float] = []
-    while len(times) < repeats and (not times or sum(times) + times[-1] <= budget_s):
-        times.append(elapsed_seconds(fn, device))
-    return statistics.median(times), len(times)
-
-
-def measure(fn: Callable[[], torch.Tensor], grads: Callable[[], list[torch.Tensor]], device: torch.device,
-            repeats: int, budget_s: float, memory: bool = True) -> dict[str, Any]:  # fmt: skip
-    """One untimed call under the memory measurement (it is also the warm-up and gives the loss and the gradients
-    that the error columns compare), then the timed calls; ``{"oom": True}`` when the device ran out of memory.
-    ``memory=False``: a plain warm-up call instead (peak None; the CPU profiler slows the stock losses' many small
-    ops down by about 2x)."""
-    result: dict[str, Any] = {}
-    try:
-        holder: list[torch.Tensor] = []
-        if memory:
-            result["peak"], result["memory_by"] = peak_mb(lambda: holder.append(fn()), device)
-        else:
-            holder.append(fn())
-            result["peak"], result["memory_by"] = None, None
-        result["loss"] = float(holder[0])
-        result["grads"] = [g.detach().clone() for g in grads()]
-        result["seconds"], result["runs"] = timed_runs(fn, repeats, device, budget_s)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        result = {"oom": True}
-    free_memory(device)
-    return result
-
-
-@contextlib.contextmanager
-def cpu_threads(threads: int | None):
-    """Run the block with ``torch.set_num_threads(threads)`` (when given), restoring the previous count after. On a
-    shared, loaded machine one thread avoids OpenMP workers waiting on descheduled siblings, which can make the
-    many small ops of the stock losses tens of times slower with two threads."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-
-
-def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b, strict=True))
-
-
-def result_columns(name: str, result: dict[str, Any], stock: dict[str, Any] | None, ratio_key: str) -> dict[str, Any]:
-    """The measured columns of one implementation's row: time, peak memory, its speed-up over stock under
-    ``ratio_key`` and its loss / gradient differences from stock (or OOM markers)."""
-    if result.get("oom"):
-        return {"time_ms": "OOM", "peak_mb": "OOM", "memory_by": "OOM"}
-    columns = {
-        "time_ms": result["seconds"] * 1e3,
-        "peak_mb": result["peak"],
-        "memory_by": result["memory_by"],
-        "runs": result["runs"],
-    }
-    if stock and not stock.get("oom"):
-        columns[ratio_key] = stock["seconds"] / result["seconds"]
-        if name != "stock":
-            columns["loss_err"] = abs(result["loss"] - stock["loss"])
-            columns["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
-    return columns
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,50 +135,6 @@ def fused_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dty
     return cases
 
 
-def single_size_cases(args: argparse.Namespace, k: int) -> list[tuple[int, int, int, torch.dtype]]:
-    """(B, k, D, dtype) cases of the one-size fused parts (``--symmetric``, ``--mask-duplicates``): smoke B 64,
-    D 32; ``--gpu`` B 16384, D 1024, bf16; else B 4096, D 384, fp32; ``k`` hard-negative columns by default; the
-    --fused-* options replace them."""
-    if args.smoke:
-        batch_sizes, dim, dtypes = [64], 32, ["fp32"]
-    elif args.gpu:
-        batch_sizes, dim, dtypes = [16384], 1024, ["bf16"]
-    else:
-        batch_sizes, dim, dtypes = [4096], 384, ["fp32"]
-    batch_sizes = args.fused_batch_sizes or batch_sizes
-    k, dim, dtypes = args.fused_k or k, args.fused_dim or dim, args.fused_dtypes or dtypes
-    return [(b, k, dim, DTYPES[name]) for b in batch_sizes for name in dtypes]
-
-
-def make_embeddings(batch: int, k: int, dim: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    generator = torch.Generator(device="cpu").manual_seed(batch * 31 + k * 7 + dim)
-    return [
-        torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype).requires_grad_()
-        for _ in range(1 + k)
-    ]
-
-
-def make_fused_losses(backends: list[str], with_stock: bool) -> dict[str, torch.nn.Module]:
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as StockMNRL
-
-    from st_fast.losses import MultipleNegativesRankingLoss as FastMNRL
-
-    losses: dict[str, torch.nn.Module] = {}
-    for backend in backends:
-        losses[backend] = FastMNRL(model_stand_in(), scale=SCALE, backend=backend)
-    if with_stock:
-        losses["stock"] = StockMNRL(model_stand_in(), scale=SCALE)
-    return losses
-
-
-def _forward_backward(loss_module: torch.nn.Module, embeddings: list[torch.Tensor]) -> torch.Tensor:
-    for x in embeddings:
-        x.grad = None
-    loss = loss_module.compute_loss_from_embeddings(embeddings, None)
-    loss.backward()
-    return loss.detach()
-
-
 # The fixed part of a case's budget cost, in units of B·N·D: a case's set-up (the matmul-rate measurement, the
 # reference, each implementation's Python, launches and first-call compilation) does not scale with its size.
 # Estimate for an H200: ~2.5 s per case at ~4.5e-12 s per unit (a B = 65536, D = 1024 fp32 case, 4.4e12, ~20 s).
@@ -406,14 +154,8 @@ def skipped_rows(names: list[str], columns: dict[str, Any], note: str = "skipped
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if getattr(args, "symmetric", False):
-        from benchmarks.fused_symmetric import run_symmetric
-
-        return run_symmetric(args)
-    if getattr(args, "mask_duplicates", False):
-        from benchmarks.fused_masking import run_masking
-
-        return run_masking(args)
+    """The fused_loss rows (the --anchors grid with ``--anchors``). ``--symmetric`` and ``--mask-duplicates`` run
+    benchmarks/fused_symmetric.py and benchmarks/fused_masking.py instead, routed by ``benchmarks.__main__.MODES``."""
     with cpu_threads(args.fused_threads):
         return _run_anchors(args) if getattr(args, "anchors", False) else _run(args)
 
@@ -432,7 +174,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows += skipped_rows(names, {"B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)})
             continue
         losses = make_fused_losses(backends, with_stock=not args.fused_no_stock)
-        tflops = matmul_tflops(batch, n, dim, dtype, device, repeats)
+        tflops = matmul_tflops(batch, n, dim, dtype, device)
         free_memory(device)
         floor_flops = 8.0 * batch * n * dim
         embeddings = make_embeddings(batch, k, dim, dtype, device)
@@ -440,7 +182,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         # stock first: its loss and gradients are the reference for the error columns
         for name in (["stock"] if "stock" in losses else []) + backends:
             result = measure(
-                lambda: _forward_backward(losses[name], embeddings),  # noqa: B023
+                lambda: forward_backward(losses[name], embeddings),  # noqa: B023
                 lambda: [x.grad for x in embeddings],  # noqa: B023
                 device, repeats, args.fused_time_budget,
             )  # fmt: skip
@@ -453,7 +195,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "floor_fraction", "matmul_tflops"]))
             row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
             row["matmul_tflops"] = tflops
-            row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+            row["threads"] = row_threads(device)
             row.update(result_columns(name, result, stock, "speedup_vs_stock"))
             if not result.get("oom"):
                 row["floor_fraction"] = floor_flops / result["seconds"] / (tflops * 1e12)
@@ -491,12 +233,11 @@ def anchor_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dt
     return sorted(cases, key=case_cost)
 
 
-def matmul_rate(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device,
-                repeats: int) -> tuple[float, str]:  # fmt: skip
+def matmul_rate(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device) -> tuple[float, str]:
     """(TFLOP/s, precision) of the (B, D) x (D, N) matmul in the case's dtype; fp32 on a GPU is measured with TF32
     allowed (``allow_tf32`` set for this measurement only), the tensor-core rate that fp32 kernels can reach."""
     tf32 = device.type == "cuda" and dtype == torch.float32
-    tflops = matmul_tflops(batch, n, dim, dtype, device, repeats, allow_tf32=True if tf32 else None)
+    tflops = matmul_tflops(batch, n, dim, dtype, device, allow_tf32=True if tf32 else None)
     return tflops, "tf32" if tf32 else dtype_name(dtype)
 
 
@@ -572,7 +313,7 @@ def anchor_case(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype
     """Rows of one case: every implementation on the same embeddings, after the float64 reference of them."""
     batch, k, dim, dtype = case
     n = k * batch
-    tflops, precision = matmul_rate(batch, n, dim, dtype, device, repeats)
+    tflops, precision = matmul_rate(batch, n, dim, dtype, device)
     embeddings = make_embeddings(batch, k, dim, dtype, device)
     reference = public.reference_loss_and_grads(embeddings, SCALE)
     free_memory(device)
@@ -584,7 +325,7 @@ def anchor_case(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype
         row: dict[str, Any] = {"impl": kind, "backend": name, "B": batch, "k": k, "N": n, "D": dim}
         row.update({"dtype": dtype_name(dtype), **dict.fromkeys(ANCHOR_COLUMNS)})
         row.update(matmul_tflops=tflops, matmul_precision=precision)
-        row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+        row["threads"] = row_threads(device)
         if isinstance(what, str):
             rows.append({**row, "note": what})
             continue
@@ -592,7 +333,7 @@ def anchor_case(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype
             fn = lambda: _anchor_forward_backward(what, embeddings)  # noqa: B023, E731
             row["note"] = f"{what.package} {what.version()}"
         else:
-            fn = lambda: _forward_backward(losses[name], embeddings)  # noqa: B023, E731
+            fn = lambda: forward_backward(losses[name], embeddings)  # noqa: B023, E731
         result = measure_or_error(fn, embeddings, device, repeats, args.fused_time_budget)
         row.update(anchor_columns(result, stock_seconds, reference, 8.0 * batch * n * dim, tflops))
         if kind == "stock" and "seconds" in result:

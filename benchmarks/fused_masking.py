@@ -8,10 +8,11 @@ entries exist, as in a real batch). Directions: query_to_doc (one pass) and quer
 symmetric path), each on the st_fast backends (``--fused-backends``; triton on CUDA, or on the CPU interpreter).
 
 Rows: ``mask`` off / on per case, directions and backend, with ``time_ms`` (median of up to ``--repeats`` calls
-within ``--fused-time-budget`` s, after one warm-up, the calls round-robin over the rows of a case so that a change
-in the machine's load reaches all of them) and ``x_unmasked`` = time / the unmasked time (goal <= 1.05); and a
-``labels`` row: the exact text labels of the (k+1)·B texts (:func:`st_fast.ops.text_labels.text_labels` on token
-rows of 32 ids), which the drop-in losses compute once per step.
+within ``--fused-time-budget`` s, after one warm-up, the calls alternating over the rows of a case,
+``benchmarks.common.time_alternating``, so that a change in the machine's load reaches all of them) and
+``x_unmasked`` = time / the unmasked time (goal <= 1.05); and a ``labels`` row: the exact text labels of the
+(k+1)·B texts (:func:`st_fast.ops.text_labels.text_labels` on token rows of 32 ids), which the
+drop-in losses compute once per step.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import progress
-from benchmarks.fused_loss import (
+from benchmarks.common import (
     SCALE,
     available_backends,
     bench_device,
     cpu_threads,
     dtype_name,
-    elapsed_seconds,
     free_memory,
     make_embeddings,
+    progress,
+    row_threads,
     single_size_cases,
+    time_alternating,
 )
 
 DIRECTIONS = {"query_to_doc": ("query_to_doc",), "symmetric": ("query_to_doc", "doc_to_query")}
@@ -96,18 +98,14 @@ def run_masking(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for masked in (False, True):
                         call = _loss_call(embeddings, directions, backend, labels if masked else None)
                         calls[(name, backend, "on" if masked else "off")] = call
-            times: dict[tuple[str, str, str], list[float]] = {key: [] for key in calls}
             for fn in calls.values():
                 fn()  # warm-up
-            for _ in range(repeats):
-                for key, fn in calls.items():
-                    if sum(times[key]) <= args.fused_time_budget:
-                        times[key].append(elapsed_seconds(fn, device))
+            times = time_alternating(calls, repeats, device=device, budget_s=args.fused_time_budget)
             for (name, backend, mask), values in times.items():
                 seconds = statistics.median(values)
                 row = {"directions": name, "backend": backend, "mask": mask, "B": batch, "k": k, "D": dim,
                        "dtype": dtype_name(dtype), "time_ms": 1e3 * seconds, "x_unmasked": None, "runs": len(values),
-                       "threads": torch.get_num_threads() if device.type == "cpu" else None}  # fmt: skip
+                       "threads": row_threads(device)}  # fmt: skip
                 if mask == "on":
                     row["x_unmasked"] = seconds / statistics.median(times[(name, backend, "off")])
                 rows.append(row)

@@ -12,8 +12,8 @@ B 64, D 32). Cosine, scale 20, random embeddings. Rows per case and st_fast back
   of the cached losses on mini-batches of ``--cached-mini-batch-size`` (default 32).
 
 Columns: ``time_ms`` (median of up to ``--repeats`` calls within ``--fused-time-budget`` s per implementation, after
-one warm-up; the calls after the first run round-robin over the implementations, so that a change in the machine's
-load reaches all of them),
+one warm-up; the calls after the first alternate over the implementations, ``benchmarks.common.time_alternating``, so
+that a change in the machine's load reaches all of them),
 ``x_one_direction`` = time / the same backend's one-direction time (MNRL for MNSRL, CMNRL stage for the CMNSRL
 stage; goal <= 1.15), ``speedup_vs_stock`` = stock's time of the same loss / time (goal >= 2), ``floor_fraction`` =
 (GEMM floor FLOPs / time) / the measured (B, D) x (D, N) matmul rate, with the floor of the loss from
@@ -27,30 +27,42 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import warnings
 from typing import Any
 
 import torch
 
-from benchmarks.common import progress
-from benchmarks.fused_loss import (
+from benchmarks.common import (
     SCALE,
-    _forward_backward,
     available_backends,
     bench_device,
     cpu_threads,
     dtype_name,
-    elapsed_seconds,
+    forward_backward,
     free_memory,
+    loss_stage,
     make_embeddings,
+    make_losses,
+    make_reps,
     matmul_tflops,
     measure,
-    model_stand_in,
+    progress,
     result_columns,
+    row_threads,
     single_size_cases,
+    stage_grads,
+    time_alternating,
 )
 
 SYMMETRIC = ("query_to_doc", "doc_to_query")
+# row name -> (loss class name, whether stock's is timed too); the one-direction losses are compared with stock in
+# the plain fused_loss and cached_loss parts
+LOSSES = {
+    "MNRL": ("MultipleNegativesRankingLoss", False),
+    "MNSRL": ("MultipleNegativesSymmetricRankingLoss", True),
+    "CMNRL stage": ("CachedMultipleNegativesRankingLoss", False),
+    "CMNSRL stage": ("CachedMultipleNegativesSymmetricRankingLoss", True),
+}
+ONE_DIRECTION = {"MNSRL": "MNRL", "CMNSRL stage": "CMNRL stage"}
 
 
 def symmetric_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
@@ -58,44 +70,27 @@ def symmetric_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch
 
 
 def _losses(backends: list[str], mini_batch_size: int) -> dict[tuple[str, str], Any]:
-    """(loss, implementation) -> loss object; implementation is a backend name or ``stock``."""
-    from sentence_transformers.sentence_transformer import losses as stock
-
-    from st_fast import losses as fast
-
-    cached = dict(scale=SCALE, mini_batch_size=mini_batch_size)
-    out: dict[tuple[str, str], Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the symmetric aliases are deprecated upstream
-        out[("MNSRL", "stock")] = stock.MultipleNegativesSymmetricRankingLoss(model_stand_in(), scale=SCALE)
-        out[("CMNSRL stage", "stock")] = stock.CachedMultipleNegativesSymmetricRankingLoss(model_stand_in(), **cached)
-        for name in backends:
-            out[("MNRL", name)] = fast.MultipleNegativesRankingLoss(model_stand_in(), scale=SCALE, backend=name)
-            out[("MNSRL", name)] = fast.MultipleNegativesSymmetricRankingLoss(
-                model_stand_in(), scale=SCALE, backend=name
-            )
-            out[("CMNRL stage", name)] = fast.CachedMultipleNegativesRankingLoss(
-                model_stand_in(), backend=name, **cached
-            )
-            out[("CMNSRL stage", name)] = fast.CachedMultipleNegativesSymmetricRankingLoss(
-                model_stand_in(), backend=name, **cached
-            )
+    """(loss, implementation) -> loss object, the stock ones first; implementation is a backend name or ``stock``."""
+    by_loss = {
+        loss_name: make_losses(cls, backends, with_stock, scale=SCALE,
+                               **({"mini_batch_size": mini_batch_size} if loss_name.endswith("stage") else {}))
+        for loss_name, (cls, with_stock) in LOSSES.items()
+    }  # fmt: skip
+    out = {(loss_name, "stock"): losses["stock"] for loss_name, losses in by_loss.items() if "stock" in losses}
+    for name in backends:
+        out.update({(loss_name, name): losses[name] for loss_name, losses in by_loss.items()})
     return out
 
 
-ONE_DIRECTION = {"MNSRL": "MNRL", "CMNSRL stage": "CMNRL stage"}
-
-
-def _call(loss_name: str, loss: Any, embeddings: list[torch.Tensor], reps: list[list[torch.Tensor]],
-          loss_stage: Any, stage_grads: Any) -> tuple[Any, Any]:  # fmt: skip
+def _call(loss_name: str, loss: Any, embeddings: list[torch.Tensor],
+          reps: list[list[torch.Tensor]]) -> tuple[Any, Any]:  # fmt: skip
     """(one timed call, its gradients) of a loss: the cached stage on ``reps`` or forward + backward."""
     if loss_name.endswith("stage"):
         return (lambda: loss_stage(loss, reps)), (lambda: stage_grads(reps))
-    return (lambda: _forward_backward(loss, embeddings)), (lambda: [x.grad for x in embeddings])
+    return (lambda: forward_backward(loss, embeddings)), (lambda: [x.grad for x in embeddings])
 
 
 def run_symmetric(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.cached_loss import _grads, _loss_stage, make_reps
     from st_fast.ops.mnrl.chunked import gemm_flops
 
     device = bench_device(args, "fused_device")
@@ -107,29 +102,26 @@ def run_symmetric(args: argparse.Namespace) -> list[dict[str, Any]]:
         for batch, k, dim, dtype in progress(symmetric_cases(args), desc="fused_loss --symmetric"):
             backends = available_backends(device, dtype, args.fused_backends)
             losses = _losses(backends, mini_batch_size)
-            tflops = matmul_tflops(batch, k * batch, dim, dtype, device, repeats)
+            tflops = matmul_tflops(batch, k * batch, dim, dtype, device)
             embeddings = make_embeddings(batch, k, dim, dtype, device)
             reps = make_reps(embeddings, mini_batch_size)
             results: dict[tuple[str, str], dict[str, Any]] = {}
-            calls = {key: _call(key[0], loss, embeddings, reps, _loss_stage, _grads) for key, loss in losses.items()}
+            calls = {key: _call(key[0], loss, embeddings, reps) for key, loss in losses.items()}
             for key, (fn, grads) in calls.items():  # stock first: the reference of the error columns
                 results[key] = measure(fn, grads, device, 1, args.fused_time_budget)
-                results[key]["times"] = [results[key].get("seconds")]
-            # the other timed calls round-robin, so that a change of the machine's load hits every implementation
-            for _ in range(repeats - 1):
-                for key, (fn, _) in calls.items():
-                    if not results[key].get("oom") and sum(results[key]["times"]) <= args.fused_time_budget:
-                        results[key]["times"].append(elapsed_seconds(fn, device))
-            for result in results.values():
-                if not result.get("oom"):
-                    result["seconds"], result["runs"] = statistics.median(result["times"]), len(result["times"])
+            # the other timed calls alternate, so that a change of the machine's load hits every implementation
+            timed = {key: fn for key, (fn, _) in calls.items() if not results[key].get("oom")}
+            more = time_alternating(timed, repeats - 1, device=device, budget_s=args.fused_time_budget)
+            for key, times in more.items():
+                times = [results[key]["seconds"], *times]
+                results[key]["seconds"], results[key]["runs"] = statistics.median(times), len(times)
             for (loss_name, impl), result in results.items():
                 directions = SYMMETRIC if loss_name in ONE_DIRECTION else ("query_to_doc",)
                 row: dict[str, Any] = {"loss": loss_name, "backend": impl, "B": batch, "k": k, "N": k * batch,
                                        "D": dim, "dtype": dtype_name(dtype)}  # fmt: skip
                 row.update(dict.fromkeys(["time_ms", "x_one_direction", "speedup_vs_stock", "floor_fraction"]))
                 row.update(dict.fromkeys(["peak_mb", "loss_err", "grad_err", "memory_by", "runs"]))
-                row.update(matmul_tflops=tflops, threads=torch.get_num_threads() if device.type == "cpu" else None)
+                row.update(matmul_tflops=tflops, threads=row_threads(device))
                 row.update(result_columns(impl, result, results.get((loss_name, "stock")), "speedup_vs_stock"))
                 if result.get("oom"):
                     rows.append(row)

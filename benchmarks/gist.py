@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import progress
-from benchmarks.fused_loss import (
+from benchmarks.common import (
     DTYPES,
     available_backends,
     bench_device,
@@ -33,7 +32,9 @@ from benchmarks.fused_loss import (
     dtype_name,
     free_memory,
     measure,
+    progress,
     result_columns,
+    row_threads,
 )
 
 TITLE = "GISTEmbedLoss forward + backward: stock vs st_fast guided fused op (random embeddings and guide)"
@@ -161,7 +162,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["dtype"] = dtype_name(dtype)
             row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "memory_vs_stock", "loss_err"]))
             row.update(dict.fromkeys(["grad_err", "memory_by", "runs", "threads"]))
-            row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
+            row["threads"] = row_threads(device)
             row.update(result_columns(name, result, stock, "speedup_vs_stock"))
             if stock_ok and not result.get("oom"):
                 row["memory_vs_stock"] = stock["peak"] / max(result["peak"], 1e-9)

@@ -1,31 +1,25 @@
 """Where the native fused MNRL time goes on a GPU: a chunk-budget sweep, the GEMMs and the row kernel alone, and a
 torch.profiler table of one forward + backward (B = N = 16384, D = 1024, bf16).
 
-    python benchmarks/gpu_profile.py        # on a CUDA machine, after building st_fast with its CUDA extension
+    python -m benchmarks.gpu_profile        # on a CUDA machine, after building st_fast with its CUDA extension
 
 Prints only; the comparison against stock is benchmarks/fused_loss.py (``python -m benchmarks fused_loss --gpu``).
+Times are ``triton.testing.do_bench`` medians (:func:`benchmarks.common.op_seconds`), peaks CUDA max allocated.
 """
-
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import op_seconds, peak_memory_mb
 from st_fast.ops import chunked, fused_mnrl_loss
 from st_fast.ops.mnrl.spec import ContrastiveSpec
 from st_fast.ops.row_kernel import SegmentScales
 from st_fast.ops.row_kernel_native import native_row_kernel
 
 
-def timed(fn, n=8):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e3
+def timed(fn) -> float:
+    """Milliseconds of one ``fn()`` on the GPU (median)."""
+    return op_seconds(fn, "cuda") * 1e3
 
 
 def main() -> None:
@@ -41,9 +35,8 @@ def main() -> None:
     default_budget = chunked.DEFAULT_CHUNK_BYTES["cuda"]
     for budget_mib in (256, 512, 1024, 2048):
         chunked.DEFAULT_CHUNK_BYTES["cuda"] = budget_mib * 2**20
-        torch.cuda.reset_peak_memory_stats()
-        ms = timed(step)
-        print(f"chunk budget {budget_mib} MiB: {ms:.3f} ms, peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        ms, peak = timed(step), peak_memory_mb(step, device="cuda")
+        print(f"chunk budget {budget_mib} MiB: {ms:.3f} ms, peak {peak:.0f} MiB")
     chunked.DEFAULT_CHUNK_BYTES["cuda"] = default_budget
 
     n = 5456

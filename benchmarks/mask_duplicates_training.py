@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from benchmarks.common import cpu_threads, timed  # noqa: E402
 
 TITLE = "Duplicate texts in a batch: stock no-duplicates sampler vs st_fast mask_duplicates (one epoch, CPU)"
 RUNS = ("stock + no_duplicates", "st_fast + mask_duplicates")
@@ -101,9 +102,7 @@ def _train(name: str, train: Any, evaluator: Any, sizes: dict[str, int], seed: i
         model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model), callbacks=[batches],
         **extra,
     )  # fmt: skip
-    start = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - start
+    seconds, output = timed(trainer.train)
     return {
         "run": name,
         "epoch_s": seconds,
@@ -127,9 +126,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         "eval": args.mask_training_eval or (16 if smoke else 500),
     }
     seed = 42
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.mask_training_threads)
-    try:
+    with cpu_threads(args.mask_training_threads):
         pairs = load_debian_pairs().select_columns(["anchor", "positive"])
         split = pairs.train_test_split(test_size=sizes["eval"], seed=seed)
         train = split["train"]
@@ -149,5 +146,3 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                            ndcg_before=before, threads=args.mask_training_threads)  # fmt: skip
                 rows.append(row)
         return rows
-    finally:
-        torch.set_num_threads(threads)

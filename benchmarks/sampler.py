@@ -22,13 +22,12 @@ import ctypes
 import gc
 import logging
 import os
-import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import peak_memory_mb, progress
+from benchmarks.common import peak_memory_mb, progress, timed
 
 TITLE = "NoDuplicatesBatchSampler: stock vs st_fast (synthetic triplets)"
 
@@ -80,12 +79,6 @@ def _epoch(sampler, epoch: int) -> list[list[int]]:
     return list(sampler)
 
 
-def _timed(fn) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def _measure(impl: str, dataset, batch_size: int, repeats: int) -> dict[str, Any]:
     """Median first/later epoch times over ``repeats`` fresh samplers, and the batches of both epochs."""
     firsts, laters = [], []
@@ -96,8 +89,8 @@ def _measure(impl: str, dataset, batch_size: int, repeats: int) -> dict[str, Any
         return sampler, _epoch(sampler, 0)
 
     for _ in range(repeats):
-        first, (sampler, epoch0) = _timed(first_epoch)
-        later, epoch1 = _timed(lambda: _epoch(sampler, 1))  # noqa: B023
+        first, (sampler, epoch0) = timed(first_epoch)
+        later, epoch1 = timed(lambda: _epoch(sampler, 1))  # noqa: B023
         firsts.append(first)
         laters.append(later)
         batches = (epoch0, epoch1)

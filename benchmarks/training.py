@@ -66,7 +66,6 @@ import dataclasses
 import math
 import os
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -74,8 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import budget_of, progress
-from benchmarks.fused_loss import bench_device, cpu_threads, free_memory, is_oom
+from benchmarks.common import Clock, bench_device, budget_of, cpu_threads, free_memory, is_oom, progress
 
 TITLE = "End-to-end training steps: stock vs st_fast SentenceTransformerTrainer (synthetic pairs, no_duplicates)"
 
@@ -84,6 +82,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DUPLICATE_FRACTION = 0.05
 ANCHOR_WORDS = (4, 12)  # inclusive ranges of words per text
 POSITIVE_WORDS = (10, 48)
+HOST_CLOCK = Clock("cpu")  # the sampler and the collator: CPU work, timed on the host whatever the device
 BREAKDOWN = ("encoder_ms", "loss_stage_ms", "sampler_ms", "collate_ms", "optimizer_ms", "other_ms")
 
 
@@ -235,24 +234,6 @@ def load_model(folder: str, arch: Arch, device: torch.device, max_seq_length: in
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class Clock:
-    """Points in time on the device's timeline: CUDA events (recorded on the current stream, read after a
-    synchronize) on a GPU, ``perf_counter`` seconds elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, start: Any, end: Any) -> float:
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
-
-
 class _Probe(torch.autograd.Function):
     """Identity whose backward calls ``callback`` when the gradient reaches it."""
 
@@ -370,24 +351,24 @@ def _timed_subclass(cls: type, method: str, timer_attribute: str, part: str) -> 
             iterator = cls.__iter__(self)
             timer = getattr(self, timer_attribute)
             while True:
-                start = time.perf_counter()
+                start = HOST_CLOCK.mark()
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     return
                 finally:
-                    timer.cpu_ms(part, (time.perf_counter() - start) * 1e3)
+                    timer.cpu_ms(part, HOST_CLOCK.ms(start, HOST_CLOCK.mark()))
                 yield batch
 
         namespace = {"__iter__": __iter__}
     else:
 
         def __call__(self, *args, **kwargs):  # noqa: N807
-            start = time.perf_counter()
+            start = HOST_CLOCK.mark()
             try:
                 return cls.__call__(self, *args, **kwargs)
             finally:
-                getattr(self, timer_attribute).cpu_ms(part, (time.perf_counter() - start) * 1e3)
+                getattr(self, timer_attribute).cpu_ms(part, HOST_CLOCK.ms(start, HOST_CLOCK.mark()))
 
         namespace = {"__call__": __call__}
     return type(cls.__name__, (cls,), {**namespace, "__qualname__": cls.__qualname__, "__module__": cls.__module__})

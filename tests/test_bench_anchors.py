@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import anchors
-from benchmarks.fused_loss import SCALE
+from benchmarks.common import SCALE
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
