@@ -23,56 +23,41 @@ same GEMMs in the case's dtype. ``loss_err`` / ``grad_err``: largest absolute di
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 import torch
 
 from benchmarks.common import (
     DTYPES,
-    available_backends,
-    bench_device,
-    cpu_threads,
+    add_loss_options,
     dtype_name,
     free_memory,
     loss_stage,
     make_cached_losses,
     make_embeddings,
     make_reps,
-    measure,
+    measure_each,
     op_seconds,
-    progress,
     result_columns,
     row_threads,
+    run_cases,
     stage_grads,
-    sync,
 )
 
 TITLE = "CachedMultipleNegativesRankingLoss loss stage (calculate_loss with backward): stock vs st_fast"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cached_loss")
-    group.add_argument("--cached-batch-sizes", type=int, nargs="+", default=None,
-                       help="B values (default: 1024 4096, plus 16384 with --cached-large; smoke: 64; "
-                            "gpu: 4096 16384)")  # fmt: skip
-    group.add_argument("--cached-k", type=int, nargs="+", default=None,
-                       help="candidate columns per anchor, N = k·B (default: 1 2; gpu: 1)")  # fmt: skip
-    group.add_argument(
-        "--cached-dim", type=int, default=None, help="embedding size D (default 384; smoke 32; gpu 1024)"
-    )
-    group.add_argument("--cached-dtypes", nargs="+", choices=list(DTYPES), default=None,
-                       help="embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)")  # fmt: skip
+    group = add_loss_options(
+        parser, "cached_loss", "cached",
+        sizes="B values (default: 1024 4096, plus 16384 with --cached-large; smoke: 64; gpu: 4096 16384)",
+        k="candidate columns per anchor, N = k·B (default: 1 2; gpu: 1)", k_nargs="+",
+        no_stock="skip the stock loss (x_vs_stock left empty)",
+    )  # fmt: skip
     group.add_argument("--cached-mini-batch-size", type=int, default=None,
                        help="mini_batch_size of the cached reps (default 32; smoke 16)")  # fmt: skip
-    group.add_argument("--cached-backends", nargs="+", choices=["torch", "native", "triton"], default=None,
-                       help="st_fast backends to time (default: every one that runs on the device)")  # fmt: skip
     group.add_argument("--cached-large", action="store_true", help="add B=16384 to the default CPU sizes (slow stock)")
-    group.add_argument("--cached-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
-    group.add_argument("--cached-time-budget", type=float, default=6.0,
-                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
-    group.add_argument("--cached-threads", type=int, default=None,
-                       help="torch CPU threads for this part (default: torch's own count)")  # fmt: skip
-    group.add_argument("--cached-no-stock", action="store_true", help="skip the stock loss (x_vs_stock left empty)")
     group.add_argument("--cached-no-memory", action="store_true",
                        help="no peak-memory measurement (the warm-up call runs without the profiler)")  # fmt: skip
     group.add_argument("--cached-no-gemm3", action="store_true", help="skip the GEMM-floor columns (gemm3_*)")
@@ -119,50 +104,41 @@ def gemm3_seconds(batch: int, n: int, dim: int, dtype: torch.dtype, device: torc
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    with cpu_threads(args.cached_threads):
-        return _run(args)
+    return run_cases(args, "cached", cached_cases(args), functools.partial(case_rows, args), "cached_loss")
 
 
-def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = bench_device(args, "cached_device")
-    repeats = 1 if args.smoke else max(1, args.repeats)
+def case_rows(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype], device: torch.device, repeats: int,
+              backends: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of one case: stock and each backend on the same cached embeddings."""
+    batch, k, dim, dtype = case
     mini_batch_size = args.cached_mini_batch_size or (16 if args.smoke else 32)
     rows: list[dict[str, Any]] = []
-    for batch, k, dim, dtype in progress(cached_cases(args), desc="cached_loss"):
-        backends = available_backends(device, dtype, args.cached_backends)
-        losses = make_cached_losses(backends, mini_batch_size, with_stock=not args.cached_no_stock)
-        n = k * batch
-        gemm3 = None if args.cached_no_gemm3 else gemm3_seconds(batch, n, dim, torch.float32, device)
-        gemm3_dtype = None
-        if dtype != torch.float32 and not args.cached_no_gemm3:
-            gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device)
-        free_memory(device)
-        reps = make_reps(make_embeddings(batch, k, dim, dtype, device), mini_batch_size)
-        results: dict[str, dict[str, Any]] = {}
-        for name in (["stock"] if "stock" in losses else []) + backends:  # stock first: the reference
-            result = measure(
-                lambda: loss_stage(losses[name], reps),  # noqa: B023
-                lambda: stage_grads(reps),  # noqa: B023
-                device, repeats, args.cached_time_budget, memory=not args.cached_no_memory,
-            )  # fmt: skip
-            for column in reps:
-                for chunk in column:
-                    chunk.grad = None
-            results[name] = result
-        stock = results.get("stock")
-        for name, result in results.items():
-            row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype),
-                                   "mbs": mini_batch_size}  # fmt: skip
-            row.update(dict.fromkeys(["time_ms", "peak_mb", "x_vs_stock", "gemm3_ms", "x_gemm3", "gemm3_dtype_ms"]))
-            row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
-            row["threads"] = row_threads(device)
-            row["gemm3_ms"] = None if gemm3 is None else gemm3 * 1e3
-            row["gemm3_dtype_ms"] = None if gemm3_dtype is None else gemm3_dtype * 1e3
-            row.update(result_columns(name, result, stock, "x_vs_stock"))
-            if not result.get("oom") and gemm3 is not None:
-                row["x_gemm3"] = result["seconds"] / gemm3
-            rows.append(row)
-        reps = losses = results = None  # free this case's tensors before the next one
-        free_memory(device)
-        sync(device)
+    losses = make_cached_losses(backends, mini_batch_size, with_stock=not args.cached_no_stock)
+    n = k * batch
+    gemm3 = None if args.cached_no_gemm3 else gemm3_seconds(batch, n, dim, torch.float32, device)
+    gemm3_dtype = None
+    if dtype != torch.float32 and not args.cached_no_gemm3:
+        gemm3_dtype = gemm3_seconds(batch, n, dim, dtype, device)
+    free_memory(device)
+    reps = make_reps(make_embeddings(batch, k, dim, dtype, device), mini_batch_size)
+    calls = {
+        name: functools.partial(loss_stage, losses[name], reps)
+        for name in (["stock"] if "stock" in losses else []) + backends
+    }  # stock first: the reference
+    leaves = [chunk for column in reps for chunk in column]
+    results = measure_each(calls, functools.partial(stage_grads, reps), leaves, device, repeats,
+                           args.cached_time_budget, memory=not args.cached_no_memory)  # fmt: skip
+    stock = results.get("stock")
+    for name, result in results.items():
+        row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype),
+                               "mbs": mini_batch_size}  # fmt: skip
+        row.update(dict.fromkeys(["time_ms", "peak_mb", "x_vs_stock", "gemm3_ms", "x_gemm3", "gemm3_dtype_ms"]))
+        row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
+        row["threads"] = row_threads(device)
+        row["gemm3_ms"] = None if gemm3 is None else gemm3 * 1e3
+        row["gemm3_dtype_ms"] = None if gemm3_dtype is None else gemm3_dtype * 1e3
+        row.update(result_columns(name, result, stock, "x_vs_stock"))
+        if not result.get("oom") and gemm3 is not None:
+            row["x_gemm3"] = result["seconds"] / gemm3
+        rows.append(row)
     return rows

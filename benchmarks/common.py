@@ -120,6 +120,34 @@ def tf32_matmuls(allowed: bool | None) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def add_loss_options(parser: argparse.ArgumentParser, part: str, prefix: str, *, sizes: str, k: str, no_stock: str,
+                     dtypes: str = "embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)",
+                     dim: str = "embedding size D (default 384; smoke 32; gpu 1024)",
+                     backends: str = "st_fast backends to time (default: every one that runs on the device)",
+                     threads: str = "torch CPU threads for this part (default: torch's own count)",
+                     k_nargs: str | None = None) -> argparse._ArgumentGroup:  # fmt: skip
+    """The options every loss part has, as ``--<prefix>-*`` in an argument group named ``part`` (returned, for the
+    part's own options): batch sizes, k, D, dtypes, backends, device, time budget, threads and no-stock; the strings
+    are their help texts (each part states its own defaults), ``k_nargs="+"`` takes several k values."""
+    group = parser.add_argument_group(part)
+    group.add_argument(f"--{prefix}-batch-sizes", type=int, nargs="+", default=None, help=sizes)
+    group.add_argument(f"--{prefix}-k", type=int, nargs=k_nargs, default=None, help=k)
+    group.add_argument(f"--{prefix}-dim", type=int, default=None, help=dim)
+    group.add_argument(f"--{prefix}-dtypes", nargs="+", choices=list(DTYPES), default=None, help=dtypes)
+    group.add_argument(f"--{prefix}-backends", nargs="+", choices=list(BACKENDS), default=None, help=backends)
+    group.add_argument(f"--{prefix}-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
+    group.add_argument(f"--{prefix}-time-budget", type=float, default=6.0,
+                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
+    group.add_argument(f"--{prefix}-threads", type=int, default=None, help=threads)
+    group.add_argument(f"--{prefix}-no-stock", action="store_true", help=no_stock)
+    return group
+
+
+def repeats_of(args: argparse.Namespace) -> int:
+    """Timed calls per implementation: ``--repeats`` (at least 1), 1 with ``--smoke``."""
+    return 1 if getattr(args, "smoke", False) else max(1, args.repeats)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,6 +459,37 @@ def measure(fn: Callable[[], torch.Tensor], grads: Callable[[], list[torch.Tenso
         result = {"oom": True}
     free_memory(device)
     return result
+
+
+def run_cases(args: argparse.Namespace, prefix: str, cases: Sequence[tuple[int, int, int, torch.dtype]],
+              case_rows: Callable[..., list[dict[str, Any]]], desc: str) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of a loss part: ``case_rows(case, device, repeats, backends)`` for each (B, k, D, dtype) case in
+    order, under ``--<prefix>-threads`` on ``--<prefix>-device``, with the st_fast backends of ``--<prefix>-backends``
+    that run there (:func:`available_backends`) and :func:`repeats_of` timed calls; what a case leaves is freed before
+    the next one."""
+    device = bench_device(args, f"{prefix}_device")
+    rows: list[dict[str, Any]] = []
+    with cpu_threads(getattr(args, f"{prefix}_threads")):
+        for case in progress(cases, desc=desc):
+            backends = available_backends(device, case[3], getattr(args, f"{prefix}_backends"))
+            rows += case_rows(case, device, repeats_of(args), backends)
+            free_memory(device)
+            sync(device)
+    return rows
+
+
+def measure_each(calls: dict[str, Callable[[], torch.Tensor]], grads: Callable[[], list[torch.Tensor]],
+                 leaves: Sequence[torch.Tensor], device: torch.device, repeats: int, budget_s: float,
+                 memory: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """:func:`measure` of each implementation of ``calls`` (name -> one call) in order, all on the same inputs whose
+    gradients ``grads()`` reads; ``leaves`` (the inputs) get fresh ``.grad`` after each. Put stock first: its loss
+    and gradients are the reference of the error columns."""
+    results = {}
+    for name, fn in calls.items():
+        results[name] = measure(fn, grads, device, repeats, budget_s, memory)
+        for leaf in leaves:
+            leaf.grad = None
+    return results
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -52,6 +52,7 @@ everything up to B = 65536 at D 768 (the B = 65536 cases: D 384 ~8 / 5 s fp32 / 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,7 @@ from benchmarks import anchors as public
 from benchmarks.common import (
     DTYPES,
     SCALE,
+    add_loss_options,
     available_backends,
     bench_device,
     budget_of,
@@ -72,7 +74,9 @@ from benchmarks.common import (
     make_fused_losses,
     matmul_tflops,
     measure,
+    measure_each,
     progress,
+    repeats_of,
     result_columns,
     row_threads,
     sync,
@@ -87,22 +91,12 @@ TITLE = "MultipleNegativesRankingLoss forward + backward: stock vs st_fast fused
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("fused_loss")
-    group.add_argument("--fused-batch-sizes", type=int, nargs="+", default=None,
-                       help="B values (default: 1024 4096; smoke: 64; gpu: 4096 16384 32768)")  # fmt: skip
-    group.add_argument("--fused-k", type=int, default=None,
-                       help="candidate columns per anchor, N = k·B (default 2; gpu 1)")  # fmt: skip
-    group.add_argument("--fused-dim", type=int, default=None, help="embedding size D (default 384; smoke 32; gpu 1024)")
-    group.add_argument("--fused-dtypes", nargs="+", choices=list(DTYPES), default=None,
-                       help="embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)")  # fmt: skip
-    group.add_argument("--fused-backends", nargs="+", choices=["torch", "native", "triton"], default=None,
-                       help="st_fast backends to time (default: every one that runs on the device)")  # fmt: skip
-    group.add_argument("--fused-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
-    group.add_argument("--fused-time-budget", type=float, default=6.0,
-                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
-    group.add_argument("--fused-threads", type=int, default=None,
-                       help="torch CPU threads for this part (default: torch's own count)")  # fmt: skip
-    group.add_argument("--fused-no-stock", action="store_true", help="skip the stock loss (speed-up left empty)")
+    group = add_loss_options(
+        parser, "fused_loss", "fused",
+        sizes="B values (default: 1024 4096; smoke: 64; gpu: 4096 16384 32768)",
+        k="candidate columns per anchor, N = k·B (default 2; gpu 1)",
+        no_stock="skip the stock loss (speed-up left empty)",
+    )  # fmt: skip
     group.add_argument("--anchors", action="store_true",
                        help="the anchor grid (k = 1): stock, the st_fast backends and the public kernels (Inf-CL, "
                             "CCE, Liger) on the same inputs, with errors against a float64 reference")  # fmt: skip
@@ -162,7 +156,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = bench_device(args, "fused_device")
-    repeats = 1 if args.smoke else max(1, args.repeats)
+    repeats = repeats_of(args)
     budget = budget_of(args)
     rows: list[dict[str, Any]] = []
     for case in progress(sorted(fused_cases(args), key=case_cost), desc="fused_loss"):
@@ -178,17 +172,11 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         free_memory(device)
         floor_flops = 8.0 * batch * n * dim
         embeddings = make_embeddings(batch, k, dim, dtype, device)
-        results: dict[str, dict[str, Any]] = {}
         # stock first: its loss and gradients are the reference for the error columns
-        for name in (["stock"] if "stock" in losses else []) + backends:
-            result = measure(
-                lambda: forward_backward(losses[name], embeddings),  # noqa: B023
-                lambda: [x.grad for x in embeddings],  # noqa: B023
-                device, repeats, args.fused_time_budget,
-            )  # fmt: skip
-            for x in embeddings:
-                x.grad = None
-            results[name] = result
+        calls = {name: functools.partial(forward_backward, losses[name], embeddings)
+                 for name in (["stock"] if "stock" in losses else []) + backends}  # fmt: skip
+        grads = lambda: [x.grad for x in embeddings]  # noqa: B023, E731
+        results = measure_each(calls, grads, embeddings, device, repeats, args.fused_time_budget)
         stock = results.get("stock")
         for name, result in results.items():
             row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)}
@@ -344,7 +332,7 @@ def anchor_case(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype
 
 def _run_anchors(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = bench_device(args, "fused_device")
-    repeats = 1 if args.smoke else max(1, args.repeats)
+    repeats = repeats_of(args)
     budget = budget_of(args)
     rows: list[dict[str, Any]] = []
     for case in progress(anchor_cases(args), desc="fused_loss --anchors"):

@@ -32,6 +32,7 @@ from benchmarks.common import (
     free_memory,
     make_embeddings,
     progress,
+    repeats_of,
     row_threads,
     single_size_cases,
     time_alternating,
@@ -80,7 +81,7 @@ def run_masking(args: argparse.Namespace) -> list[dict[str, Any]]:
     from st_fast.ops.text_labels import text_labels
 
     device = bench_device(args, "fused_device")
-    repeats = 1 if args.smoke else max(1, args.repeats)
+    repeats = repeats_of(args)
     threads = args.fused_threads or (1 if device.type == "cpu" else None)
     rows: list[dict[str, Any]] = []
     with cpu_threads(threads):

@@ -46,6 +46,7 @@ from benchmarks.common import (
     matmul_tflops,
     measure,
     progress,
+    repeats_of,
     result_columns,
     row_threads,
     single_size_cases,
@@ -94,7 +95,7 @@ def run_symmetric(args: argparse.Namespace) -> list[dict[str, Any]]:
     from st_fast.ops.mnrl.chunked import gemm_flops
 
     device = bench_device(args, "fused_device")
-    repeats = 1 if args.smoke else max(1, args.repeats)
+    repeats = repeats_of(args)
     mini_batch_size = getattr(args, "cached_mini_batch_size", None) or (16 if args.smoke else 32)
     threads = args.fused_threads or (1 if device.type == "cpu" else None)
     rows: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ differences of the loss and the embedding gradients from stock's (``OOM`` where 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,12 @@ import torch
 
 from benchmarks.common import (
     DTYPES,
-    available_backends,
-    bench_device,
-    cpu_threads,
+    add_loss_options,
     dtype_name,
-    free_memory,
-    measure,
-    progress,
+    measure_each,
     result_columns,
     row_threads,
+    run_cases,
 )
 
 TITLE = "GISTEmbedLoss forward + backward: stock vs st_fast guided fused op (random embeddings and guide)"
@@ -42,22 +40,15 @@ TEMPERATURE = 0.01
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("gist")
-    group.add_argument("--gist-batch-sizes", type=int, nargs="+", default=None,
-                       help="B values (default: 256; smoke: 32; gpu: 4096)")  # fmt: skip
-    group.add_argument("--gist-k", type=int, default=None,
-                       help="candidate columns (positive + negatives), N = k·B (default 2)")  # fmt: skip
-    group.add_argument("--gist-dim", type=int, default=None, help="embedding size D (default 384; smoke 32; gpu 1024)")
-    group.add_argument("--gist-dtypes", nargs="+", choices=list(DTYPES), default=None,
-                       help="embedding dtypes (default fp32; gpu bf16)")  # fmt: skip
-    group.add_argument("--gist-backends", nargs="+", choices=["torch", "native", "triton"], default=None,
-                       help="st_fast backends to time (default: torch and native, where they run; triton on CUDA "
-                            "only when named here)")  # fmt: skip
-    group.add_argument("--gist-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
-    group.add_argument("--gist-time-budget", type=float, default=6.0,
-                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
-    group.add_argument("--gist-threads", type=int, default=None, help="torch CPU threads for this part")
-    group.add_argument("--gist-no-stock", action="store_true", help="skip the stock loss")
+    add_loss_options(
+        parser, "gist", "gist",
+        sizes="B values (default: 256; smoke: 32; gpu: 4096)",
+        k="candidate columns (positive + negatives), N = k·B (default 2)",
+        dtypes="embedding dtypes (default fp32; gpu bf16)",
+        backends="st_fast backends to time (default: torch and native, where they run; triton on CUDA only when "
+                 "named here)",
+        threads="torch CPU threads for this part", no_stock="skip the stock loss",
+    )  # fmt: skip
 
 
 def gist_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dtype]]:
@@ -132,41 +123,32 @@ def _forward_backward(loss_module, columns, guide_columns) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    with cpu_threads(args.gist_threads):
-        return _run(args)
+    return run_cases(args, "gist", gist_cases(args), functools.partial(case_rows, args), "gist")
 
 
-def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = bench_device(args, "gist_device")
-    repeats = 1 if args.smoke else max(1, args.repeats)
+def case_rows(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype], device: torch.device, repeats: int,
+              backends: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of one case: stock and each backend on the same embeddings and guide."""
+    batch, k, dim, dtype = case
     rows: list[dict[str, Any]] = []
-    for batch, k, dim, dtype in progress(gist_cases(args), desc="gist"):
-        backends = available_backends(device, dtype, args.gist_backends)
-        if not args.gist_backends:  # the guided triton kernels are opt-in until checked on a GPU
-            backends = [b for b in backends if b != "triton"]
-        losses = make_losses(backends, with_stock=not args.gist_no_stock)
-        columns, guide_columns = make_inputs(batch, k, dim, dtype, device)
-        results: dict[str, dict[str, Any]] = {}
-        for name in losses:  # stock first: the reference of the error columns
-            results[name] = measure(
-                lambda: _forward_backward(losses[name], columns, guide_columns),  # noqa: B023
-                lambda: [x.grad for x in columns],  # noqa: B023
-                device, repeats, args.gist_time_budget,
-            )  # fmt: skip
-            for x in columns:
-                x.grad = None
-        stock = results.get("stock")
-        stock_ok = stock is not None and not stock.get("oom")
-        for name, result in results.items():
-            row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": k * batch, "D": dim}
-            row["dtype"] = dtype_name(dtype)
-            row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "memory_vs_stock", "loss_err"]))
-            row.update(dict.fromkeys(["grad_err", "memory_by", "runs", "threads"]))
-            row["threads"] = row_threads(device)
-            row.update(result_columns(name, result, stock, "speedup_vs_stock"))
-            if stock_ok and not result.get("oom"):
-                row["memory_vs_stock"] = stock["peak"] / max(result["peak"], 1e-9)
-            rows.append(row)
-        columns = guide_columns = losses = results = None
-        free_memory(device)
+    if not args.gist_backends:  # the guided triton kernels are opt-in until checked on a GPU
+        backends = [b for b in backends if b != "triton"]
+    losses = make_losses(backends, with_stock=not args.gist_no_stock)
+    columns, guide_columns = make_inputs(batch, k, dim, dtype, device)
+    # stock first: the reference of the error columns
+    calls = {name: functools.partial(_forward_backward, loss, columns, guide_columns) for name, loss in losses.items()}
+    grads = lambda: [x.grad for x in columns]  # noqa: B023, E731
+    results = measure_each(calls, grads, columns, device, repeats, args.gist_time_budget)
+    stock = results.get("stock")
+    stock_ok = stock is not None and not stock.get("oom")
+    for name, result in results.items():
+        row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": k * batch, "D": dim}
+        row["dtype"] = dtype_name(dtype)
+        row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "memory_vs_stock", "loss_err"]))
+        row.update(dict.fromkeys(["grad_err", "memory_by", "runs", "threads"]))
+        row["threads"] = row_threads(device)
+        row.update(result_columns(name, result, stock, "speedup_vs_stock"))
+        if stock_ok and not result.get("oom"):
+            row["memory_vs_stock"] = stock["peak"] / max(result["peak"], 1e-9)
+        rows.append(row)
     return rows

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import peak_memory_mb, progress, timed
+from benchmarks.common import peak_memory_mb, progress, repeats_of, timed
 
 TITLE = "NoDuplicatesBatchSampler: stock vs st_fast (synthetic triplets)"
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     smoke = bool(getattr(args, "smoke", False))
     sizes = args.sampler_rows or ([3000] if smoke else [100_000, 1_000_000])
     batch_sizes = args.sampler_batch_sizes or ([32] if smoke else [128, 8192])
-    repeats = 1 if smoke else max(1, args.repeats)
+    repeats = repeats_of(args)
     stock_default_max = max(args.sampler_stock_default_max_rows, max(sizes) if smoke else 0)
     device_note = "CPU sampler (--gpu has no effect)" if getattr(args, "gpu", False) else ""
 
