@@ -8,6 +8,9 @@
   newest, for a quicker build on one known GPU (``benchmarks/gpu_check.sh`` builds for the GPU it runs on).
   A build with the CUDA extension says so in its version, a PEP 440 local label naming the toolkit and the SASS
   targets (``0.1.0+cu130.sm80.sm90``), and in ``st_fast.native_info()`` (``cuda_version``, ``cuda_archs``).
+* ``st_fast._C_test``: test-only native code (``csrc/testing/*.cpp``: the CUDA build's lane algorithm emulated on the
+  CPU, for tests/ops/test_emulated_lanes.py), built only when ``ST_FAST_TEST_EXTENSIONS=1`` (scripts/env.sh sets it
+  for the test environment's editable install); never part of a wheel (``bdist_wheel`` ignores the switch).
 * Extension binaries that this build did not make (a ``_C_cuda`` left in ``build/lib`` or in the source tree by an
   earlier CUDA build when this one has ``ST_FAST_CUDA=0``) are deleted, so a wheel carries exactly what was built.
 
@@ -35,6 +38,7 @@ INCLUDE_DIR = os.path.join("csrc", "include")
 HEADERS = sorted(glob.glob("csrc/include/st_fast/*.h") + glob.glob("csrc/cuda/*.cuh"))
 DEFAULT_CUDA_ARCHS = ("80", "90")  # A100, H100/H200; PTX of the last one for newer GPUs
 BUILD_JOBS_ENV = "ST_FAST_BUILD_JOBS"
+TEST_EXTENSIONS_ENV = "ST_FAST_TEST_EXTENSIONS"
 
 
 def cuda_archs(archs: str | None = None) -> list[str]:
@@ -154,7 +158,7 @@ class CudaExtension(Pybind11Extension):
 
 class BuildExt(build_ext):
     # the module names of st_fast's extensions (built or not by this build)
-    EXTENSION_NAMES = ("st_fast._C", "st_fast._C_cuda")
+    EXTENSION_NAMES = ("st_fast._C", "st_fast._C_cuda", "st_fast._C_test")
 
     def run(self):
         super().run()
@@ -163,7 +167,8 @@ class BuildExt(build_ext):
     def _remove_stale_extensions(self) -> None:
         """Delete the binaries of st_fast's extensions that this build did not make, where this build puts its own
         (``build/lib.*`` for a wheel, the source tree for ``--inplace`` / editable installs): a ``_C_cuda`` left there
-        by an earlier CUDA build would otherwise be packed into a ``ST_FAST_CUDA=0`` wheel, or imported."""
+        by an earlier CUDA build would otherwise be packed into a ``ST_FAST_CUDA=0`` wheel, or imported; a ``_C_test``
+        left by a test build, into a plain one."""
         built = {ext.name for ext in self.extensions}
         for name in self.EXTENSION_NAMES:
             path = self.get_ext_fullpath(name)
@@ -217,6 +222,21 @@ def _extensions() -> tuple[list[Pybind11Extension], str]:
         cxx_std=17,
     )
     extensions = [cpu]
+    if os.environ.get(TEST_EXTENSIONS_ENV) == "1" and "bdist_wheel" in sys.argv:
+        _log(f"{TEST_EXTENSIONS_ENV}=1 ignored: a wheel never carries the test-only extension st_fast._C_test")
+    elif os.environ.get(TEST_EXTENSIONS_ENV) == "1":
+        _log(f"{TEST_EXTENSIONS_ENV}=1: building the test-only extension st_fast._C_test")
+        extensions.append(
+            Pybind11Extension(
+                "st_fast._C_test",
+                sorted(glob.glob("csrc/testing/*.cpp")),
+                depends=HEADERS,
+                include_dirs=[INCLUDE_DIR],
+                extra_compile_args=["-O3", "-pthread"],  # std::thread lanes
+                extra_link_args=["-pthread"],
+                cxx_std=17,
+            )
+        )
     nvcc = _want_cuda()
     if nvcc is not None:
         cuda_home = _find_cuda_home(nvcc)

@@ -3,13 +3,15 @@
 # (a bare `torch` requirement would pull a multi-GB CUDA build), then build and install st_fast (editable) with the
 # extras given in ST_FAST_EXTRAS (default: test). Set ST_FAST_CUDA=0/1 to skip/force the CUDA extension.
 # Whenever the extras include `test`, the install is constrained by scripts/test-constraints.txt (the test
-# environment's pinned sentence-transformers release; user installs keep pyproject.toml's range).
+# environment's pinned sentence-transformers release; user installs keep pyproject.toml's range) and also builds the
+# test-only extension st_fast._C_test (ST_FAST_TEST_EXTENSIONS=1 for setup.py; set ST_FAST_TEST_EXTENSIONS=0/1 to
+# override; it is passed to this install only, so a wheel built later from this shell never carries it).
 #
 # The build is skipped when the installed one is current: .venv/st_fast-build.stamp holds the stamp of the last
 # successful install (st_fast_build_stamp below: a hash of setup.py, pyproject.toml, the test constraints, every
-# file under csrc/, the extras and the CUDA settings), st_fast (with st_fast._C, and st_fast._C_cuda when it is
-# built) imports from this checkout, and every `name==version` pin of the constraints in use is the installed
-# version (so a .venv holding another sentence-transformers is moved to the pinned one). Python changes need no
+# file under csrc/, the extras, the CUDA settings and the test-extension switch), st_fast (with st_fast._C, and
+# st_fast._C_cuda / st_fast._C_test when they are built) imports from this checkout, and every `name==version` pin
+# of the constraints in use is the installed version (so a .venv holding another sentence-transformers is moved to the pinned one). Python changes need no
 # rebuild (editable install); a change to csrc/, the packaging or the pins does. A fresh clone has no .venv, so it
 # always builds (CI). ST_FAST_REBUILD=1 forces the build.
 set -euo pipefail
@@ -44,11 +46,24 @@ st_fast_cuda_wanted() {
   fi
 }
 
+# 1 when the install builds the test-only extension st_fast._C_test (ST_FAST_TEST_EXTENSIONS, default: 1 when the
+# extras include `test`), else 0.
+st_fast_test_extensions() {
+  if [ -n "${ST_FAST_TEST_EXTENSIONS:-}" ]; then
+    [ "$ST_FAST_TEST_EXTENSIONS" = "1" ] && echo 1 || echo 0
+    return
+  fi
+  case ",${ST_FAST_EXTRAS:-test}," in
+    *,test,*) echo 1 ;;
+    *) echo 0 ;;
+  esac
+}
+
 # Prints the stamp of what an install from the current directory would build: sha256 over the build settings and
 # the path and content of every build input.
 st_fast_build_stamp() {
   {
-    echo "extras=${ST_FAST_EXTRAS:-test} cuda=$(st_fast_cuda_wanted) nvcc=$(st_fast_nvcc)"
+    echo "extras=${ST_FAST_EXTRAS:-test} cuda=$(st_fast_cuda_wanted) nvcc=$(st_fast_nvcc) test_ext=$(st_fast_test_extensions)"
     echo "ST_FAST_CUDA_ARCHS=${ST_FAST_CUDA_ARCHS:-} CUDA_HOME=${CUDA_HOME:-} CUDA_PATH=${CUDA_PATH:-}"
     echo "constraints=$(st_fast_constraints)"
     local path
@@ -63,10 +78,11 @@ st_fast_build_stamp() {
 st_fast_build_current() {
   [ "${ST_FAST_REBUILD:-0}" != "1" ] && [ -f "$ST_FAST_STAMP_FILE" ] \
     && [ "$(cat "$ST_FAST_STAMP_FILE")" = "$1" ] \
-    && "$VENV_PY" - "$PWD" "$(st_fast_cuda_wanted)" "$(st_fast_constraints)" >/dev/null 2>&1 <<'EOF'
+    && "$VENV_PY" - "$PWD" "$(st_fast_cuda_wanted)" "$(st_fast_constraints)" "$(st_fast_test_extensions)" \
+      >/dev/null 2>&1 <<'EOF'
 import importlib.metadata, importlib.util, os, re, sys
 from packaging.version import Version
-if len(sys.argv) > 3 and sys.argv[3]:  # the pins first: a moved pin fails without importing st_fast
+if sys.argv[3]:  # the pins first: a moved pin fails without importing st_fast
     with open(os.path.join(sys.argv[1], sys.argv[3])) as constraints:
         for line in constraints:
             pin = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\s*==\s*([^\s;#]+)\s*(#.*)?", line.rstrip("\n"))
@@ -79,7 +95,9 @@ if len(sys.argv) > 3 and sys.argv[3]:  # the pins first: a moved pin fails witho
                     sys.exit(1)
 import st_fast, st_fast._C
 inside = os.path.realpath(st_fast.__file__).startswith(os.path.join(os.path.realpath(sys.argv[1]), ""))
-sys.exit(0 if inside and (sys.argv[2] != "1" or importlib.util.find_spec("st_fast._C_cuda")) else 1)
+cuda_ok = sys.argv[2] != "1" or importlib.util.find_spec("st_fast._C_cuda")
+test_ok = sys.argv[4] != "1" or importlib.util.find_spec("st_fast._C_test")
+sys.exit(0 if inside and cuda_ok and test_ok else 1)
 EOF
 }
 
@@ -101,7 +119,8 @@ else
   "$VENV_PY" -m pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
   ST_FAST_CONSTRAINTS="$(st_fast_constraints)"
   echo "[st_fast] building and installing st_fast[${ST_FAST_EXTRAS:-test}]${ST_FAST_CONSTRAINTS:+ (pip -c $ST_FAST_CONSTRAINTS)}"
-  "$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]" \
+  ST_FAST_TEST_EXTENSIONS="$(st_fast_test_extensions)" \
+    "$VENV_PY" -m pip install --quiet --no-build-isolation -e ".[${ST_FAST_EXTRAS:-test}]" \
     ${ST_FAST_CONSTRAINTS:+-c "$ST_FAST_CONSTRAINTS"}
   echo "$ST_FAST_STAMP" > "$ST_FAST_STAMP_FILE"
 fi

@@ -54,7 +54,8 @@ import torch
 from sentence_transformers.base import sampler as _stock
 
 from st_fast import _compat
-from st_fast._native import add_arrow_chunks, require_cpu_ext
+from st_fast._native import require_cpu_ext
+from st_fast._native_sampler import add_arrow_chunks
 
 __all__ = ["NoDuplicatesBatchSampler", "forward_set_epoch"]
 

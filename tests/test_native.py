@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from native_testing import load_test_extension
 
 import st_fast
 from st_fast import _native
@@ -34,11 +35,12 @@ def _built_extensions():
 
 
 def test_every_built_extension_exports_the_boundary_codes_of_the_python_side():
-    """The enums and dtype codes the kernels read are defined once per side: C++ (contrastive_row.h, half_store.h,
-    exported by name through boundary_codes.h) and Python (st_fast._native). They must agree exactly."""
+    """The enums and dtype codes the kernels read are defined once per side: C++ (row_kernel_args.h, half_store.h,
+    exported by name through boundary_codes.h) and Python (st_fast._native). They must agree exactly (the test-only
+    extension's too)."""
     expected = {enum.__name__: {m.name: int(m) for m in enum} for enum in _native.BOUNDARY_ENUMS}
     assert set(expected) == {"SegmentKind", "HardnessKind", "StoreDtype"}
-    for ext in _built_extensions():
+    for ext in [*_built_extensions(), load_test_extension()]:
         assert ext.boundary_codes == expected, ext.__name__
         assert _native.boundary_errors(ext) == []
 
@@ -82,11 +84,34 @@ def test_an_extension_whose_codes_disagree_is_refused_at_import(monkeypatch, cha
 )
 def test_the_row_kernel_rejects_codes_outside_the_enums(kinds, hardness):
     """The raw entry point checks the codes it is given before it reads any pointer (all null here)."""
+    fields = {
+        "scores": [0] * len(kinds), "lengths": [4] * len(kinds), "kinds": kinds, "rows": 1, "row_start": 0,
+        "width": 4, "scale": 1.0, "alpha": 0.0, "hardness": hardness, "joint": True, "grad_scale": -1.0,
+    }  # fmt: skip
     with pytest.raises(ValueError):
-        _native.require_cpu_ext().contrastive_rows(
-            [0] * len(kinds), [0] * len(kinds), [0] * len(kinds), [0] * len(kinds), 0, [4] * len(kinds), kinds,
-            1, 0, 4, 1.0, 0.0, hardness, True, -1.0, 0,
-        )  # fmt: skip
+        _native.require_cpu_ext().contrastive_rows(_native.build_call(_native.require_cpu_ext(), "RowsCall", fields))
+
+
+ROW_KERNEL_CALLS = ("RowsCall", "StatisticsCall", "CoefficientsCall", "ExpStatisticsCall", "ExpCoefficientsCall")
+
+
+def _fields(cls) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_each_entry_point_takes_one_argument_object_bound_once_for_every_extension():
+    """The row kernel's argument objects (csrc/include/st_fast/row_kernel_calls.h) are bound by one header for the
+    CPU, CUDA and test extensions: the same classes with the same fields everywhere; a misspelt field is refused."""
+    cpu = _native.require_cpu_ext()
+    for ext in [*_built_extensions(), load_test_extension()]:
+        for name in ROW_KERNEL_CALLS:
+            assert _fields(getattr(ext, name)) == _fields(getattr(cpu, name)), (ext.__name__, name)
+    assert {"scores", "kinds", "labels", "row_loss", "grad_scale_factor"} <= _fields(cpu.RowsCall)
+    assert "row_loss" not in _fields(cpu.CoefficientsCall) and "shift" in _fields(cpu.ExpStatisticsCall)
+    call = _native.build_call(cpu, "RowsCall", {"scores": [1, 2], "kinds": [0, 2], "scale": 20.0})
+    assert (call.scores, call.kinds, call.scale) == ([1, 2], [0, 2], 20.0)
+    with pytest.raises(AttributeError):
+        _native.build_call(cpu, "RowsCall", {"row_lse": 0})
 
 
 def test_coefficient_store_codes_select_the_matching_dtype():
@@ -111,13 +136,39 @@ def test_coefficient_store_rejects_bad_input(values, dtype):
 
 
 def test_test_only_native_code_is_not_shipped():
-    """row_logsumexp and xxh64 only served tests: torch.logsumexp and the xxhash package are their references."""
+    """row_logsumexp and xxh64 only served tests: torch.logsumexp and the xxhash package are their references. The
+    emulation of the CUDA build's lanes lives in the test-only extension st_fast._C_test (tests/native_testing.py),
+    which setup.py builds only with ST_FAST_TEST_EXTENSIONS=1 (tests/test_packaging.py: no wheel carries it)."""
     cpu = _native.require_cpu_ext()
     assert not {"row_logsumexp_f32", "xxh64"} & set(dir(cpu))
+    assert not [name for name in dir(cpu) if "emulated" in name or "lanes" in name]
     assert not {"flat", "offsets"} & set(dir(cpu.NoDupPass))
     assert not {"cell_bytes", "cell_present"} & set(dir(cpu.NoDupSamplerCore))
     if _native.cuda_ext is not None:
         assert "row_logsumexp" not in dir(_native.cuda_ext)
+        assert not [name for name in dir(_native.cuda_ext) if "emulated" in name]
+    assert {f"emulated_lanes_{n}" for n in (4, 32, 64, 256)} <= set(dir(load_test_extension()))
+
+
+def test_the_test_extension_is_built_only_when_asked():
+    """setup.py's extensions: st_fast._C_test only with ST_FAST_TEST_EXTENSIONS=1."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    spec = importlib.util.spec_from_file_location("st_fast_setup_py", path)
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ST_FAST_CUDA", "0")
+        for value, built in (("1", True), ("0", False), (None, False)):
+            if value is None:
+                patch.delenv(setup_py.TEST_EXTENSIONS_ENV, raising=False)
+            else:
+                patch.setenv(setup_py.TEST_EXTENSIONS_ENV, value)
+            names = [ext.name for ext in setup_py._extensions()[0]]
+            assert ("st_fast._C_test" in names) is built, (value, names)
+            assert "st_fast._C" in names
 
 
 def test_an_extension_missing_from_the_install_says_so():

@@ -69,11 +69,13 @@ def copy_checkout(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
-def plant_stale_cuda_binaries(src: Path) -> list[Path]:
+def plant_stale_binaries(src: Path) -> list[Path]:
     """What an earlier CUDA build leaves behind: an in-place _C_cuda (build_ext --inplace, editable installs) and
-    one in build/lib.*; neither may reach a ST_FAST_CUDA=0 wheel."""
+    one in build/lib.*; neither may reach a ST_FAST_CUDA=0 wheel. Likewise the test-only _C_test of a test build
+    (ST_FAST_TEST_EXTENSIONS=1, scripts/env.sh), which no wheel may carry. Returns [in place, in build/lib] of
+    _C_cuda, then of _C_test."""
     build_lib = src / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "st_fast"
-    stale = [src / "st_fast" / f"_C_cuda{EXT_SUFFIX}", build_lib / f"_C_cuda{EXT_SUFFIX}"]
+    stale = [where / f"{name}{EXT_SUFFIX}" for name in ("_C_cuda", "_C_test") for where in (src / "st_fast", build_lib)]
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"stale binary of an earlier CUDA build")
@@ -94,14 +96,15 @@ def wheel_metadata(wheel: Path) -> str:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> dict[str, Path]:
     """The repaired wheels of scripts/build_wheels.sh, built from a copy of this checkout that also holds stale CUDA
-    binaries: {"cpu": the CPU wheel, "cuda": the CUDA wheel where nvcc is found, for sm_80 only (a quicker build)}."""
+    and test-only binaries, with ST_FAST_TEST_EXTENSIONS=1 (which a wheel build ignores): {"cpu": the CPU wheel,
+    "cuda": the CUDA wheel where nvcc is found, for sm_80 only (a quicker build)}."""
     tmp = tmp_path_factory.mktemp("wheels")
     src = tmp / "src"
     copy_checkout(src)
-    plant_stale_cuda_binaries(src)
+    plant_stale_binaries(src)
     done = subprocess.run(
         ["bash", str(src / "scripts" / "build_wheels.sh"), "--out", str(tmp / "dist")],
-        env={**os.environ, "PYTHON": sys.executable, "ST_FAST_CUDA_ARCHS": "80"},
+        env={**os.environ, "PYTHON": sys.executable, "ST_FAST_CUDA_ARCHS": "80", "ST_FAST_TEST_EXTENSIONS": "1"},
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, f"build_wheels.sh failed:\n{done.stderr[-6000:]}"
@@ -137,7 +140,7 @@ def test_the_cpu_wheel_is_manylinux_without_an_openmp_runtime_or_cuda(cpu_wheel)
     names = wheel_names(cpu_wheel)
     assert not [n for n in names if "libgomp" in n]  # no st_fast.libs/libgomp-<hash>.so.1: one OpenMP runtime
     assert f"st_fast/_C{EXT_SUFFIX}" in names
-    assert not [n for n in names if "_C_cuda" in n]  # neither stale binary was packed
+    assert not [n for n in names if "_C_cuda" in n or "_C_test" in n]  # no stale binary was packed
     tops = {n.split("/")[0] for n in names}
     assert tops == {"st_fast", f"st_fast-{tag['version']}.dist-info"}, tops  # no tests/, examples/, benchmarks/
     assert not [n for n in names if re.search(r"(^|/)(tests?|examples?|conftest)(/|\.py$)|/test_[^/]*\.py$", n)]
@@ -159,16 +162,17 @@ def test_the_wheel_declares_the_spdx_license_and_triton_only_as_an_extra(cpu_whe
 
 @pytest.mark.slow
 def test_setup_py_drops_stale_extension_binaries(tmp_path):
-    """A plain `pip wheel .` (no build_wheels.sh) in a tree with stale CUDA binaries: ST_FAST_CUDA=0 packs no
-    _C_cuda. build/lib holds a current _C (this checkout's), so nothing is recompiled."""
+    """A plain `pip wheel .` (no build_wheels.sh) in a tree with stale CUDA and test-only binaries: ST_FAST_CUDA=0
+    packs no _C_cuda, and no wheel packs _C_test, even with ST_FAST_TEST_EXTENSIONS=1 (setup.py ignores it for a
+    wheel). build/lib holds a current _C (this checkout's), so nothing is recompiled."""
     from st_fast import _native
 
     src = tmp_path / "src"
     copy_checkout(src)
-    _, in_build_lib = plant_stale_cuda_binaries(src)
+    _, in_build_lib, _, test_in_build_lib = plant_stale_binaries(src)
     current = in_build_lib.parent / f"_C{EXT_SUFFIX}"
     shutil.copy(_native.require_cpu_ext().__file__, current)  # newer than the sources: build_ext skips it
-    env = {**os.environ, "ST_FAST_CUDA": "0"}
+    env = {**os.environ, "ST_FAST_CUDA": "0", "ST_FAST_TEST_EXTENSIONS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
         cwd=src, env=env, capture_output=True, text=True, timeout=600,
@@ -177,8 +181,8 @@ def test_setup_py_drops_stale_extension_binaries(tmp_path):
     (wheel,) = tmp_path.glob("st_fast-*.whl")
     names = wheel_names(wheel)
     assert f"st_fast/_C{EXT_SUFFIX}" in names
-    assert not [n for n in names if "_C_cuda" in n], names
-    assert not in_build_lib.exists()
+    assert not [n for n in names if "_C_cuda" in n or "_C_test" in n], names
+    assert not in_build_lib.exists() and not test_in_build_lib.exists()
     with zipfile.ZipFile(wheel) as zf:  # the build/lib the stale binary sat in is the one that was packed
         assert zf.read(f"st_fast/_C{EXT_SUFFIX}") == current.read_bytes()
 
@@ -199,6 +203,7 @@ def test_the_cuda_wheel_names_its_cuda_release_and_architectures(wheels, tmp_pat
     assert re.fullmatch(rf"st_fast-0\.1\.0{re.escape(label)}-cp\d+-cp\d+-manylinux_\d+_\d+_x86_64\.whl", wheel.name)
     names = wheel_names(wheel)
     assert f"st_fast/_C_cuda{EXT_SUFFIX}" in names and f"st_fast/_C{EXT_SUFFIX}" in names
+    assert not [n for n in names if "_C_test" in n], names
     assert not [n for n in names if n.startswith("st_fast.libs/")], names  # static cudart, torch's libgomp
     assert f"Version: 0.1.0{label}" in wheel_metadata(wheel).splitlines()
     with zipfile.ZipFile(wheel) as zf:

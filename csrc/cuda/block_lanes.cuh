@@ -13,7 +13,7 @@ namespace st_fast {
 template <int kThreads>
 struct BlockLanes {
   static_assert(kThreads % 32 == 0 && kThreads >= 64, "BlockLanes: whole warps, at least two");
-  static constexpr bool kContiguous = false;  // lanes interleave: the online (one-pass) loops of contrastive_row.h
+  static constexpr bool kContiguous = false;  // lanes interleave: the online loops of row_kernel_lanes.h
   static constexpr int kWarps = kThreads / 32;
   float* slots;  // __shared__ float[kWarps] of the kernel
 

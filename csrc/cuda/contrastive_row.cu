@@ -1,4 +1,4 @@
-// CUDA build of the contrastive row kernel (csrc/include/st_fast/contrastive_row.h): one warp per row (WarpLanes), or
+// CUDA build of the contrastive row kernel (csrc/include/st_fast/row_kernel_lanes.h): one warp per row (WarpLanes), or
 // one block of kBlockLanes threads per row (BlockLanes; lanes_per_row = kBlockLanes, st_fast._native's
 // ST_FAST_CUDA_ROW_LANES, a switch for measuring it), fp32 math. The score segments are fp32 (written by the score
 // GEMMs of the native backend, fp32 output from any input dtype); the coefficients are written in the dtype of the
@@ -7,28 +7,28 @@
 
 #include "block_lanes.cuh"
 #include "launch.cuh"
-#include "st_fast/contrastive_row_host.h"
+#include "st_fast/row_kernel_lanes.h"
 #include "warp_lanes.cuh"
 
 namespace st_fast {
 
 template <class Out>
-__global__ void contrastive_row_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_row_kernel(RowArgs args) {
   const int64_t row = warp_row();
-  if (row >= args.rows) return;
+  if (row >= args.seg.rows) return;
   contrastive_row<Out>(args, row, WarpLanes{});
 }
 
 template <class Out>
-__global__ void contrastive_coefficient_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_coefficient_kernel(CoefficientsArgs args) {
   const int64_t row = warp_row();
-  if (row >= args.rows) return;
+  if (row >= args.seg.rows) return;
   contrastive_row_coefficients<Out>(args, row, WarpLanes{});
 }
 
-__global__ void contrastive_row_statistics_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_row_statistics_kernel(StatisticsArgs args) {
   const int64_t row = warp_row();
-  if (row >= args.rows) return;
+  if (row >= args.seg.rows) return;
   contrastive_row_statistics(args, row, WarpLanes{});
 }
 
@@ -37,18 +37,18 @@ constexpr int kBlockLanes = 256;
 using RowBlockLanes = BlockLanes<kBlockLanes>;
 
 template <class Out>
-__global__ void contrastive_row_block_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_row_block_kernel(RowArgs args) {
   __shared__ float slots[RowBlockLanes::kWarps];
   contrastive_row<Out>(args, blockIdx.x, RowBlockLanes{slots});
 }
 
 template <class Out>
-__global__ void contrastive_coefficient_block_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_coefficient_block_kernel(CoefficientsArgs args) {
   __shared__ float slots[RowBlockLanes::kWarps];
   contrastive_row_coefficients<Out>(args, blockIdx.x, RowBlockLanes{slots});
 }
 
-__global__ void contrastive_row_statistics_block_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_row_statistics_block_kernel(StatisticsArgs args) {
   __shared__ float slots[RowBlockLanes::kWarps];
   contrastive_row_statistics(args, blockIdx.x, RowBlockLanes{slots});
 }
@@ -56,61 +56,62 @@ __global__ void contrastive_row_statistics_block_kernel(ContrastiveRowArgs args)
 // One thread per column of the positive block, the chunk's rows in order (adjacent threads read adjacent columns).
 constexpr int kColumnThreads = 256;
 
-__global__ void contrastive_column_statistics_kernel(ContrastiveRowArgs args) {
+__global__ void contrastive_column_statistics_kernel(StatisticsArgs args) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
-  if (j >= args.block_count) return;
+  if (j >= args.block.count) return;
   contrastive_column_statistics(args, j, j + 1);
 }
 
 }  // namespace st_fast
 
 // lanes_per_row: 32 (a warp per row) or kBlockLanes (a block per row); anything else is cudaErrorInvalidValue.
-extern "C" int st_fast_cuda_contrastive_rows(const st_fast::ContrastiveRowArgs* args, int lanes_per_row,
+extern "C" int st_fast_cuda_contrastive_rows(const st_fast::RowArgs* args, int lanes_per_row,
                                              uintptr_t stream_handle) {
   using namespace st_fast;
   if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
-  if (args->rows == 0) return 0;
+  if (args->seg.rows == 0) return 0;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const auto rows = static_cast<unsigned>(args->rows);
-  dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
+  const auto rows = static_cast<unsigned>(args->seg.rows);
+  dispatch_store_dtype(args->out.dtype, [&](auto out) {
     if (lanes_per_row == kBlockLanes)
       contrastive_row_block_kernel<decltype(out)><<<rows, kBlockLanes, 0, stream>>>(*args);
     else
-      contrastive_row_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
+      contrastive_row_kernel<decltype(out)>
+          <<<warp_per_row_grid(args->seg.rows), warp_per_row_block(), 0, stream>>>(*args);
   });
   return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::ContrastiveRowArgs* args, int lanes_per_row,
+extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::StatisticsArgs* args, int lanes_per_row,
                                                    uintptr_t stream_handle) {
   using namespace st_fast;
   if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (args->rows > 0) {
+  if (args->seg.rows > 0) {
     if (lanes_per_row == kBlockLanes)
-      contrastive_row_statistics_block_kernel<<<static_cast<unsigned>(args->rows), kBlockLanes, 0, stream>>>(*args);
+      contrastive_row_statistics_block_kernel<<<static_cast<unsigned>(args->seg.rows), kBlockLanes, 0, stream>>>(*args);
     else
-      contrastive_row_statistics_kernel<<<warp_per_row_grid(args->rows), warp_per_row_block(), 0, stream>>>(*args);
-    if (args->block_count > 0) {
-      const auto blocks = static_cast<unsigned>((args->block_count + kColumnThreads - 1) / kColumnThreads);
+      contrastive_row_statistics_kernel<<<warp_per_row_grid(args->seg.rows), warp_per_row_block(), 0, stream>>>(*args);
+    if (args->block.count > 0) {
+      const auto blocks = static_cast<unsigned>((args->block.count + kColumnThreads - 1) / kColumnThreads);
       contrastive_column_statistics_kernel<<<blocks, kColumnThreads, 0, stream>>>(*args);
     }
   }
   return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::ContrastiveRowArgs* args, int lanes_per_row,
+extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::CoefficientsArgs* args, int lanes_per_row,
                                                      uintptr_t stream_handle) {
   using namespace st_fast;
   if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
-  if (args->rows == 0) return 0;
+  if (args->seg.rows == 0) return 0;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const auto rows = static_cast<unsigned>(args->rows);
-  dispatch_store_dtype(args->coefficient_dtype, [&](auto out) {
+  const auto rows = static_cast<unsigned>(args->seg.rows);
+  dispatch_store_dtype(args->out.dtype, [&](auto out) {
     if (lanes_per_row == kBlockLanes)
       contrastive_coefficient_block_kernel<decltype(out)><<<rows, kBlockLanes, 0, stream>>>(*args);
     else
-      contrastive_coefficient_kernel<decltype(out)><<<warp_per_row_grid(args->rows), warp_per_row_block(), 0,
+      contrastive_coefficient_kernel<decltype(out)><<<warp_per_row_grid(args->seg.rows), warp_per_row_block(), 0,
                                                       stream>>>(*args);
   });
   return static_cast<int>(cudaGetLastError());

@@ -8,7 +8,7 @@
 namespace st_fast {
 
 struct WarpLanes {
-  static constexpr bool kContiguous = false;  // lanes interleave: the online (one-pass) loops of contrastive_row.h
+  static constexpr bool kContiguous = false;  // lanes interleave: the online loops of row_kernel_lanes.h
   __device__ __forceinline__ int64_t id() const { return threadIdx.x & 31; }
   __device__ __forceinline__ int64_t count() const { return 32; }
   __device__ __forceinline__ float max(float v) const {

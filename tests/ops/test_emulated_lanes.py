@@ -1,20 +1,21 @@
 """The CUDA build's lane algorithm, run on the CPU.
 
-The CUDA row kernels (csrc/cuda/contrastive_row.cu) run csrc/include/st_fast/contrastive_row.h with WarpLanes: 32
-lanes per row, the online max / sum and the interleaved column loops (``Lanes::kContiguous == false``), butterfly
-reductions. The CPU build takes the contiguous range loops instead (SerialLanes), so the CPU tests of the row kernel
-never reach that code. st_fast._C's test-only submodules ``emulated_lanes_<N>`` run exactly that template code on
-the CPU with ThreadLanes (csrc/include/st_fast/thread_lanes.h: one thread per lane, the CUDA build's reduction order
-through shared slots and a barrier) and the CUDA build's column statistics (one worker per column): 32 lanes as a
-warp (WarpLanes), 4 lanes for more columns per lane (the unrolled four-load loop at these widths), 64 and 256 lanes as
-a block per row (BlockLanes, csrc/cuda/block_lanes.cuh: warps combined through shared memory; 256 is the CUDA block,
-8x slower to emulate than 64, so it runs a subset of the cases).
+The CUDA row kernels (csrc/cuda/contrastive_row.cu) run csrc/include/st_fast/row_kernel_lanes.h with WarpLanes: 32
+lanes per row, the online max / sum and the interleaved column loops, butterfly reductions. The CPU build takes the
+contiguous range loops instead (SerialLanes, row_kernel_ranges.h), so the CPU tests of the row kernel never reach
+that code. The test-only extension st_fast._C_test (csrc/testing/emulated_lanes.cpp, tests/native_testing.py; never
+shipped) has submodules ``emulated_lanes_<N>`` that run exactly that template code on the CPU with ThreadLanes
+(csrc/include/st_fast/thread_lanes.h: one thread per lane, the CUDA build's reduction order through shared slots and
+a barrier) and the CUDA build's column statistics (one worker per column): 32 lanes as a warp (WarpLanes), 4 lanes
+for more columns per lane (the unrolled four-load loop at these widths), 64 and 256 lanes as a block per row
+(BlockLanes, csrc/cuda/block_lanes.cuh: warps combined through shared memory; 256 is the CUDA block, 8x slower to
+emulate than 64, so it runs a subset of the cases).
 
-Each test here is a CPU test of the SerialLanes build (same cases, same tolerances, same references: the PyTorch row
-kernel in float64 or stock) re-run with the native entry points swapped for an emulated build
-(:func:`emulated_lanes`): the one-pass kernel, the symmetric path's statistics and coefficient passes, and the
-chunked driver end to end. exp differs from the GPU's (row_expf is the CPU polynomial here, expf on CUDA: both within
-2 ulp, tests/test_row_expf.py); everything else is the CUDA build's arithmetic in its order.
+Each test here re-runs a shared case of the SerialLanes build's tests (tests/row_kernel_cases.py: same cases, same
+tolerances, same references: the PyTorch row kernel in float64 or stock) with the native entry points swapped for an
+emulated build (:func:`emulated_lanes`): the one-pass kernel, the symmetric path's statistics and coefficient
+passes, and the chunked driver end to end. exp differs from the GPU's (row_expf is the CPU polynomial here, expf on
+CUDA: both within 2 ulp, tests/test_row_expf.py); everything else is the CUDA build's arithmetic in its order.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-import test_raw_16bit as raw_cases
-import test_symmetric_row_kernel as symmetric_cases
+import row_kernel_cases as shared
 import torch
+from native_testing import load_test_extension
+from row_kernel_cases import cases
 
 from st_fast import _native
 from st_fast.ops.backends import ChunkedBackend
@@ -32,7 +34,6 @@ from st_fast.ops.mnrl import chunked as mnrl_chunked
 
 LANES = [32, 4, 64]  # every case
 BLOCK_LANES = 256  # the CUDA build's block per row: the cases marked below
-HALF_DTYPES = raw_cases.HALF_DTYPES
 
 
 @contextlib.contextmanager
@@ -40,23 +41,11 @@ def emulated_lanes(lanes: int):
     """Within the block, st_fast._native's CPU row-kernel entry points run the emulated CUDA build with ``lanes``
     threads per row (the validated wrappers unchanged), and the chunked driver takes the CUDA path: not the CPU
     build's fixed-shift form of the symmetric passes (st_fast.ops.mnrl.chunked.fixed_shift, CPU only)."""
-    emulated = getattr(_native.require_cpu_ext(), f"emulated_lanes_{lanes}")
+    emulated = getattr(load_test_extension(), f"emulated_lanes_{lanes}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_native, "require_cpu_ext", lambda: emulated)
         patch.setattr(mnrl_chunked, "fixed_shift", lambda ops, problem, row_kernel: None)
         yield
-
-
-def _cases_of(test, *, without=()):
-    """A decorator giving a test the parametrize marks of ``test`` (another module's test), but for the argument
-    names ``without``."""
-
-    def decorate(function):
-        marks = [m for m in test.pytestmark if m.name == "parametrize" and m.args[0] not in without]
-        function.pytestmark = [*getattr(function, "pytestmark", []), *marks]
-        return function
-
-    return decorate
 
 
 def test_the_emulation_runs_the_lane_algorithm():
@@ -78,72 +67,60 @@ def test_the_emulation_runs_the_lane_algorithm():
 
 
 @pytest.mark.parametrize("lanes", LANES)
-@_cases_of(raw_cases.test_native_row_kernel_with_scales_matches_the_torch_row_kernel)
+@cases(shared.ONE_PASS_GRID)
 def test_one_pass_kernel_matches_the_torch_row_kernel(lanes, coefficient_dtype, hardness, rows, width, layout):
     with emulated_lanes(lanes):
-        raw_cases.test_native_row_kernel_with_scales_matches_the_torch_row_kernel(
-            coefficient_dtype, hardness, rows, width, layout
-        )
+        shared.one_pass_kernel_matches_the_torch_row_kernel(coefficient_dtype, hardness, rows, width, layout)
 
 
 @pytest.mark.parametrize("lanes", [*LANES, BLOCK_LANES])
-@pytest.mark.parametrize("layout", raw_cases.ROW_KERNEL_LAYOUTS)
+@pytest.mark.parametrize("layout", shared.ROW_KERNEL_LAYOUTS)
 def test_one_pass_kernel_on_rows_wider_than_four_loads_per_lane(lanes, layout):
     """Rows of 3·131 columns: 32 lanes take the unrolled four-load loop too; 256 lanes, some idle."""
     with emulated_lanes(lanes):
-        raw_cases.test_native_row_kernel_with_scales_matches_the_torch_row_kernel(
-            torch.float16, "hard_negatives", 3, 131, layout
-        )
+        shared.one_pass_kernel_matches_the_torch_row_kernel(torch.float16, "hard_negatives", 3, 131, layout)
 
 
 @pytest.mark.parametrize("lanes", [*LANES, BLOCK_LANES])
-@_cases_of(raw_cases.test_single_column_per_direction_coefficients_are_exactly_zero, without=("kernel",))
+@cases(shared.SINGLE_COLUMN_GRID)
 def test_single_column_coefficients_are_exactly_zero(lanes, coefficient_dtype, with_scales, directions):
     with emulated_lanes(lanes):
-        raw_cases.test_single_column_per_direction_coefficients_are_exactly_zero(
-            "native", coefficient_dtype, with_scales, directions
-        )
+        shared.single_column_coefficients_are_exactly_zero("native", coefficient_dtype, with_scales, directions)
 
 
 @pytest.mark.parametrize("lanes", LANES)
-@_cases_of(
-    symmetric_cases.test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column, without=("device",)
-)
+@cases(shared.TWO_PASS_GRID)
 def test_two_passes_match_the_torch_reference(lanes, directions, partition, hardness, with_scales):
     with emulated_lanes(lanes):
-        symmetric_cases.test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
-            "cpu", directions, partition, hardness, with_scales
-        )
+        shared.two_passes_match_the_torch_reference("cpu", directions, partition, hardness, with_scales)
 
 
 @pytest.mark.parametrize("lanes", LANES)
-@_cases_of(symmetric_cases.test_kept_and_recomputed_tiles_match_the_one_pass_driver, without=("backend",))
+@cases(shared.DRIVER_GRID)
 def test_symmetric_driver_matches_the_one_pass_driver(monkeypatch, lanes, directions, partition, hardness, offset,
                                                       batch, width):  # fmt: skip
     with emulated_lanes(lanes):
-        symmetric_cases.test_kept_and_recomputed_tiles_match_the_one_pass_driver(
+        shared.kept_and_recomputed_tiles_match_the_one_pass_driver(
             monkeypatch, "native", directions, partition, hardness, offset, batch, width
         )
 
 
 @pytest.mark.parametrize("lanes", [32])
-@_cases_of(raw_cases.test_16bit_path_matches_stock, without=("backend",))
+@cases(shared.STOCK_16BIT_GRID)
 def test_16bit_path_matches_stock(monkeypatch, lanes, dtype, similarity, config, batch, dim, columns):
     """The CUDA default end to end (raw 16-bit operands, float16 coefficients) against stock."""
-    monkeypatch.setattr(ChunkedBackend, "takes_raw_operands", lambda self, dtype, device: dtype in HALF_DTYPES)
+    monkeypatch.setattr(ChunkedBackend, "takes_raw_operands", lambda self, dtype, device: dtype in shared.HALF_DTYPES)
     with emulated_lanes(lanes):
-        raw_cases.test_16bit_path_matches_stock("native", dtype, similarity, config, batch, dim, columns)
+        shared.sixteen_bit_path_matches_stock("native", dtype, similarity, config, batch, dim, columns)
 
 
 @pytest.mark.parametrize("partition, hardness", [("per_direction", None), ("joint", "all_negatives")])
 def test_block_lanes_two_passes_and_driver(monkeypatch, partition, hardness):
     """256 lanes (the CUDA block per row): the symmetric path's two passes and the driver, on a subset of the cases
     above (its emulation is 8x slower than 64 lanes')."""
-    directions = symmetric_cases.SYMMETRIC if partition == "per_direction" else symmetric_cases.ALL_FOUR
+    directions = shared.SYMMETRIC if partition == "per_direction" else shared.ALL_FOUR
     with emulated_lanes(BLOCK_LANES):
-        symmetric_cases.test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
-            "cpu", directions, partition, hardness, True
-        )
-        symmetric_cases.test_kept_and_recomputed_tiles_match_the_one_pass_driver(
+        shared.two_passes_match_the_torch_reference("cpu", directions, partition, hardness, True)
+        shared.kept_and_recomputed_tiles_match_the_one_pass_driver(
             monkeypatch, "native", directions, partition, hardness, 5, 9, 19
         )

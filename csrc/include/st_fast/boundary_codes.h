@@ -9,7 +9,7 @@
 #include <initializer_list>
 #include <utility>
 
-#include "st_fast/contrastive_row.h"
+#include "st_fast/row_kernel_args.h"
 #include "st_fast/half_store.h"
 
 namespace st_fast {

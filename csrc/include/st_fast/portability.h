@@ -31,7 +31,8 @@ namespace st_fast {
 
 struct SerialLanes {
   // A row's columns are one worker's contiguous range: the kernels take their vectorizable range loops
-  // (contrastive_row.h), which GCC -O3 turns into SIMD code; WarpLanes (CUDA) says false.
+  // (row_kernel_ranges.h), which GCC -O3 turns into SIMD code; WarpLanes (CUDA) says false (row_kernel_lanes.h's
+  // templates refuse a contiguous Lanes).
   static constexpr bool kContiguous = true;
   ST_FAST_HD int64_t id() const { return 0; }
   ST_FAST_HD int64_t count() const { return 1; }

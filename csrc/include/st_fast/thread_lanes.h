@@ -1,5 +1,5 @@
 // Test-only CPU emulation of the CUDA build's lanes (cuda/warp_lanes.cuh), so that the CPU tests run the code paths
-// of contrastive_row.h that only the CUDA build takes (Lanes::kContiguous == false: the online max / sum and the
+// of row_kernel_lanes.h that only the CUDA build takes (Lanes::kContiguous == false: the online max / sum and the
 // interleaved column loops; SerialLanes takes the contiguous range loops instead).
 //
 // `count` std::threads own one row together, as the 32 lanes of a warp (WarpLanes) or the threads of a block
@@ -7,7 +7,7 @@
 // lanes in the CUDA build's order, so that every lane gets the same value, the one the GPU computes: within each
 // warp of up to 32 lanes WarpLanes' butterfly (v = op(v, v of lane id ^ offset) for offsets 16 .. 1, through shared
 // slots and a barrier), then, with more than 32 lanes, BlockLanes' combination of the warps' values in warp order.
-// Only for tests (st_fast._C's emulated_lanes_* submodules, csrc/contrastive_row.cpp): a barrier per reduction step
+// Only for tests (the test-only st_fast._C_test, csrc/testing/emulated_lanes.cpp): a barrier per reduction step
 // makes it orders of magnitude slower than SerialLanes.
 #pragma once
 
