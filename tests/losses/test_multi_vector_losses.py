@@ -1,0 +1,246 @@
+"""The drop-in multi-vector (late interaction) losses against the stock objects built as users build them: the
+offline all-MiniLM-L6-v2 turned into a 128-d MultiVectorEncoder, loss and gradients (model parameters, cached token
+embeddings, a learnable scale), live attributes, fallbacks, gathering (simulated ranks)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+
+stock_losses = pytest.importorskip("sentence_transformers.multi_vector_encoder.losses")
+scoring = pytest.importorskip("sentence_transformers.multi_vector_encoder.scoring")
+
+from st_fast.losses import stock_contract  # noqa: E402
+from st_fast.losses.cached_multi_vector_multiple_negatives_ranking import (  # noqa: E402
+    CachedMultiVectorMultipleNegativesRankingLoss,
+)
+from st_fast.losses.multi_vector_multiple_negatives_ranking import (  # noqa: E402
+    MultiVectorMultipleNegativesRankingLoss,
+)
+
+TEXTS = [
+    ["what is a cat?", "who won the 1998 world cup", "red apples, green pears!", "how tall is it"],
+    ["a cat is a small furry animal", "France won the 1998 world cup", "fruit: apples and pears", "two metres"],
+    ["dogs bark at night", "Brazil lost the final", "vegetables", "the tower is tall and old"],
+]
+SIMILARITIES = {
+    "model": None,
+    "colbert_scores": scoring.colbert_scores,
+    "mean_colbert_scores": scoring.mean_colbert_scores,
+    "partial_normalized": functools.partial(scoring.colbert_scores, length_normalize=True),
+}
+
+
+@pytest.fixture(scope="module")
+def model(minilm_path):
+    """all-MiniLM-L6-v2 as a MultiVectorEncoder (``MultiVectorEncoder(path)``: its modules, tokenizer and document
+    skiplist), with the BERT replaced by a tiny random one (hidden 32, 2 layers) and a 32 -> 16 projection, so that
+    a forward + backward takes milliseconds; punctuation is skiplisted on documents (holes in the masks)."""
+    import string
+
+    from sentence_transformers import MultiVectorEncoder
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    encoder = MultiVectorEncoder(minilm_path, device="cpu")
+    transformer, dense, mask = encoder[0], encoder[1], encoder[2]
+    config = BertConfig(
+        vocab_size=transformer.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    transformer.model = BertModel(config)
+    dense.linear = torch.nn.Linear(32, 16, bias=False)
+    dense.in_features, dense.out_features = 32, 16
+    mask.skiplist_words = list(string.punctuation)
+    mask.resolve_with_tokenizer(encoder.tokenizer)
+    return encoder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(stock_contract, "_warned", set())
+
+
+def features(model, columns):
+    out = []
+    for texts in columns:
+        feature = dict(model.preprocess(texts))
+        feature.pop("token_type_ids", None)
+        out.append(feature)
+    return out
+
+
+def loss_and_parameter_grads(loss, model, columns):
+    model.zero_grad(set_to_none=True)
+    value = loss(features(model, columns), None)
+    value.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return value.detach(), grads
+
+
+def assert_same(ours, stock, rtol=2e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = ours, stock
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_b
+    flat_a = torch.cat([grads_a[name].flatten() for name in grads_b])
+    flat_b = torch.cat([grads_b[name].flatten() for name in grads_b])
+    error, scale = float((flat_a - flat_b).abs().max()), float(flat_b.abs().max())
+    assert scale > 0 and error <= rtol * scale, f"max |grad diff| {error:.3g} vs max |grad| {scale:.3g}"
+
+
+@pytest.mark.parametrize("similarity", list(SIMILARITIES))
+def test_loss_and_model_gradients_equal_stock(model, similarity):
+    kwargs = dict(scale=2.0, score_mini_batch_size=3)
+    if SIMILARITIES[similarity] is not None:
+        kwargs["similarity_fct"] = SIMILARITIES[similarity]
+    stock = stock_losses.MultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    fused = MultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    assert fused.get_config_dict() == stock.get_config_dict()
+    assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+
+
+def test_cached_forward_and_backward_hook_equal_stock(model):
+    kwargs = dict(mini_batch_size=3, score_mini_batch_size=2, similarity_fct=scoring.mean_colbert_scores, scale=4.0)
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    assert fused.get_config_dict() == stock.get_config_dict()
+    assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+
+
+def random_cache(columns: int, dtype: torch.dtype, seed: int):
+    """Cached token embeddings of 3 mini-batches (2 + 2 + 1 rows) per column, each mini-batch at its own width,
+    unit rows, masks with holes, one empty document."""
+    g = torch.Generator().manual_seed(seed)
+    reps, masks = [], []
+    for column in range(columns):
+        column_reps, column_masks = [], []
+        for rows, width in ((2, 5 + column), (2, 7), (1, 3 + 2 * column)):
+            x = torch.nn.functional.normalize(torch.randn(rows, width, 16, generator=g, dtype=torch.float64), dim=-1)
+            mask = torch.rand(rows, width, generator=g) > 0.3
+            mask[:, 0] = True
+            column_reps.append(x.to(dtype))
+            column_masks.append(mask)
+        reps.append(column_reps)
+        masks.append(column_masks)
+    masks[-1][1][0] = False  # a document without a scoreable token
+    return reps, masks
+
+
+def cached_stage(loss, reps, masks):
+    leaves = [[r.detach().clone().requires_grad_() for r in column] for column in reps]
+    value = loss.calculate_loss(leaves, masks, with_backward=True)
+    assert not value.requires_grad
+    return value, [[r.grad for r in column] for column in leaves]
+
+
+@pytest.mark.parametrize("columns", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("similarity", ["model", "colbert_scores", "mean_colbert_scores"])
+def test_cached_loss_stage_writes_stocks_gradients(model, columns, dtype, similarity):
+    kwargs = dict(mini_batch_size=2, score_mini_batch_size=2, scale=3.0)
+    if SIMILARITIES[similarity] is not None:
+        kwargs["similarity_fct"] = SIMILARITIES[similarity]
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    reps, masks = random_cache(columns, dtype, seed=columns)
+    (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(loss_a.float(), loss_b.float(), rtol=tolerance, atol=tolerance)
+    for column_a, column_b in zip(grads_a, grads_b, strict=True):
+        for a, b in zip(column_a, column_b, strict=True):
+            assert a.dtype == b.dtype == dtype and a.shape == b.shape
+            scale = max(float(b.abs().max()), 1e-3)
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tolerance * scale)
+
+
+def test_learnable_scale_gets_stocks_gradient(model):
+    reps, masks = random_cache(2, torch.float32, seed=9)
+    results = []
+    for cls in (
+        stock_losses.CachedMultiVectorMultipleNegativesRankingLoss,
+        CachedMultiVectorMultipleNegativesRankingLoss,
+    ):
+        scale = torch.nn.Parameter(torch.tensor(2.5))
+        loss = cls(model, mini_batch_size=2, score_mini_batch_size=2)
+        loss.scale = scale
+        value, _ = cached_stage(loss, reps, masks)
+        results.append((value, scale.grad))
+    assert results[0][1] is not None and results[1][1] is not None
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_attributes_are_read_at_call_time(model):
+    reps, masks = random_cache(2, torch.float32, seed=4)
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    for loss in (stock, fused):
+        loss.scale = 7.0
+        loss.similarity_fct = scoring.mean_colbert_scores
+    torch.testing.assert_close(cached_stage(fused, reps, masks)[0], cached_stage(stock, reps, masks)[0])
+    before = cached_stage(fused, reps, masks)[0]
+    fused.scale = 1.0
+    assert not torch.equal(cached_stage(fused, reps, masks)[0], before)
+
+
+def test_other_scorings_are_computed_by_stock_with_one_warning(model, caplog):
+    xtr = scoring.XTRScores(top_k=4)
+    reps, masks = random_cache(2, torch.float32, seed=5)
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=xtr, mini_batch_size=2)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=xtr, mini_batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="st_fast.losses"):
+        first, second = cached_stage(fused, reps, masks), cached_stage(fused, reps, masks)
+    expected = cached_stage(stock, reps, masks)
+    assert torch.equal(first[0], expected[0]) and torch.equal(second[0], expected[0])
+    warnings = [r for r in caplog.records if "XTRScores" in r.getMessage() and "stock" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_evaluation_leaves_modes_and_computes_stocks_loss(model):
+    stock = stock_losses.MultiVectorMultipleNegativesRankingLoss(model)
+    fused = MultiVectorMultipleNegativesRankingLoss(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours, theirs = fused(features(model, TEXTS), None), stock(features(model, TEXTS), None)
+        assert not model.training and not any(module.training for module in model.modules())
+    finally:
+        model.train(was_training)
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+
+
+def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch):
+    """Two simulated ranks: this one (rank 1) gathers a fixed other rank's documents in front of its own, as
+    all_gather_padded does; the fused loss reads stock's helpers, so the same patch reaches both."""
+    from sentence_transformers.multi_vector_encoder.losses import cached_multiple_negatives_ranking as module
+
+    other = {}
+
+    def all_gather_padded(tensor, mask, with_grad=False):
+        if tensor.shape[0] not in other:
+            g = torch.Generator().manual_seed(tensor.shape[0])
+            width = tensor.shape[1] + 2
+            x = torch.nn.functional.normalize(torch.randn(tensor.shape[0], width, tensor.shape[2], generator=g), dim=-1)
+            other[tensor.shape[0]] = (x.to(tensor.dtype), torch.rand(tensor.shape[0], width, generator=g) > 0.2)
+        x, m = other[tensor.shape[0]]
+        pad = x.shape[1] - tensor.shape[1]
+        tensor = torch.nn.functional.pad(tensor, (0, 0, 0, pad))
+        mask = torch.nn.functional.pad(mask, (0, pad))
+        return torch.cat([x, tensor]), torch.cat([m, mask])
+
+    monkeypatch.setattr(module, "all_gather_padded", all_gather_padded)
+    monkeypatch.setattr(module, "get_rank", lambda: 1)
+    reps, masks = random_cache(3, torch.float32, seed=6)
+    kwargs = dict(mini_batch_size=2, gather_across_devices=True)
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
+    (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for column_a, column_b in zip(grads_a, grads_b, strict=True):
+        for a, b in zip(column_a, column_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
