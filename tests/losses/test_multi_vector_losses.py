@@ -64,6 +64,22 @@ def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(stock_contract, "_warned", set())
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused op's calls from the drop-in losses (so a silent stock fallback cannot pass a parity test)."""
+    from st_fast.losses import multi_vector_multiple_negatives_ranking as module
+
+    calls = []
+    original = module.maxsim_scores
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "maxsim_scores", counting)
+    return calls
+
+
 def features(model, columns):
     out = []
     for texts in columns:
@@ -93,7 +109,7 @@ def assert_same(ours, stock, rtol=2e-5):
 
 
 @pytest.mark.parametrize("similarity", list(SIMILARITIES))
-def test_loss_and_model_gradients_equal_stock(model, similarity):
+def test_loss_and_model_gradients_equal_stock(model, similarity, fused_calls):
     kwargs = dict(scale=2.0, score_mini_batch_size=3)
     if SIMILARITIES[similarity] is not None:
         kwargs["similarity_fct"] = SIMILARITIES[similarity]
@@ -101,14 +117,16 @@ def test_loss_and_model_gradients_equal_stock(model, similarity):
     fused = MultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     assert fused.get_config_dict() == stock.get_config_dict()
     assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+    assert fused_calls == ["auto", "auto"]  # two query chunks of score_mini_batch_size=3
 
 
-def test_cached_forward_and_backward_hook_equal_stock(model):
+def test_cached_forward_and_backward_hook_equal_stock(model, fused_calls):
     kwargs = dict(mini_batch_size=3, score_mini_batch_size=2, similarity_fct=scoring.mean_colbert_scores, scale=4.0)
     stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     assert fused.get_config_dict() == stock.get_config_dict()
     assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+    assert fused_calls == ["auto"]  # one fused pass for the whole loss stage
 
 
 def random_cache(columns: int, dtype: torch.dtype, seed: int):
@@ -140,7 +158,7 @@ def cached_stage(loss, reps, masks):
 @pytest.mark.parametrize("columns", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("similarity", ["model", "colbert_scores", "mean_colbert_scores"])
-def test_cached_loss_stage_writes_stocks_gradients(model, columns, dtype, similarity):
+def test_cached_loss_stage_writes_stocks_gradients(model, columns, dtype, similarity, fused_calls):
     kwargs = dict(mini_batch_size=2, score_mini_batch_size=2, scale=3.0)
     if SIMILARITIES[similarity] is not None:
         kwargs["similarity_fct"] = SIMILARITIES[similarity]
@@ -148,6 +166,7 @@ def test_cached_loss_stage_writes_stocks_gradients(model, columns, dtype, simila
     fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     reps, masks = random_cache(columns, dtype, seed=columns)
     (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    assert len(fused_calls) == 1
     tolerance = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     torch.testing.assert_close(loss_a.float(), loss_b.float(), rtol=tolerance, atol=tolerance)
     for column_a, column_b in zip(grads_a, grads_b, strict=True):
@@ -187,7 +206,7 @@ def test_attributes_are_read_at_call_time(model):
     assert not torch.equal(cached_stage(fused, reps, masks)[0], before)
 
 
-def test_other_scorings_are_computed_by_stock_with_one_warning(model, caplog):
+def test_other_scorings_are_computed_by_stock_with_one_warning(model, caplog, fused_calls):
     xtr = scoring.XTRScores(top_k=4)
     reps, masks = random_cache(2, torch.float32, seed=5)
     stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=xtr, mini_batch_size=2)
@@ -197,7 +216,7 @@ def test_other_scorings_are_computed_by_stock_with_one_warning(model, caplog):
     expected = cached_stage(stock, reps, masks)
     assert torch.equal(first[0], expected[0]) and torch.equal(second[0], expected[0])
     warnings = [r for r in caplog.records if "XTRScores" in r.getMessage() and "stock" in r.getMessage()]
-    assert len(warnings) == 1
+    assert len(warnings) == 1 and fused_calls == []
 
 
 def test_evaluation_leaves_modes_and_computes_stocks_loss(model):
@@ -214,7 +233,7 @@ def test_evaluation_leaves_modes_and_computes_stocks_loss(model):
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
 
 
-def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch):
+def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch, fused_calls):
     """Two simulated ranks: this one (rank 1) gathers a fixed other rank's documents in front of its own, as
     all_gather_padded does; the fused loss reads stock's helpers, so the same patch reaches both."""
     from sentence_transformers.multi_vector_encoder.losses import cached_multiple_negatives_ranking as module
@@ -240,6 +259,44 @@ def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch):
     stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    assert len(fused_calls) == 1
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for column_a, column_b in zip(grads_a, grads_b, strict=True):
+        for a, b in zip(column_a, column_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_inside_multi_vector_matryoshka_loss(model, cached, fused_calls):
+    """sentence-transformers >= 6.3: MultiVectorMatryoshkaLoss around each drop-in (the cached one through its
+    CachedLossDecorator on calculate_loss) gives stock's loss and model gradients."""
+    wrapper = getattr(stock_losses, "MultiVectorMatryoshkaLoss", None)
+    if wrapper is None:
+        pytest.skip("this sentence-transformers has no MultiVectorMatryoshkaLoss (added in 6.3)")
+    stock_class = (
+        stock_losses.CachedMultiVectorMultipleNegativesRankingLoss
+        if cached
+        else stock_losses.MultiVectorMultipleNegativesRankingLoss
+    )
+    fused_class = CachedMultiVectorMultipleNegativesRankingLoss if cached else MultiVectorMultipleNegativesRankingLoss
+    kwargs = dict(mini_batch_size=3) if cached else {}
+    stock = wrapper(model, stock_class(model, **kwargs), [16, 8])
+    fused = wrapper(model, fused_class(model, **kwargs), [16, 8])
+    assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+    assert len(fused_calls) == 2  # one per Matryoshka dimension
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backends_through_the_cached_loss_stage(model, backend, fused_calls):
+    from st_fast.ops.triton_lse import triton_unavailable_reason
+
+    if backend == "triton" and triton_unavailable_reason("cpu") is not None:
+        pytest.skip(triton_unavailable_reason("cpu"))
+    reps, masks = random_cache(3, torch.float32, seed=12)
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2, backend=backend)
+    (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    assert fused_calls == [backend]
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
     for column_a, column_b in zip(grads_a, grads_b, strict=True):
         for a, b in zip(column_a, column_b, strict=True):
