@@ -24,3 +24,13 @@ def test_masking_rows():
     for row in rows:
         assert row["time_ms"] > 0 and row["threads"] == 1 and row["runs"] >= 1
         assert (row["x_unmasked"] is not None) == (row["mask"] == "on")
+
+
+def test_the_mask_duplicates_flag_routes_the_fused_loss_part(monkeypatch):
+    """``python -m benchmarks fused_loss --mask-duplicates`` runs fused_masking's rows (the registry's MODES)."""
+    from benchmarks import __main__ as cli
+    from benchmarks import fused_masking
+
+    monkeypatch.setattr(fused_masking, "run_masking", lambda args: [{"routed": "masking"}])
+    args = argparse.Namespace(symmetric=False, mask_duplicates=True)
+    assert cli.run_part("fused_loss", args) == [{"routed": "masking"}]

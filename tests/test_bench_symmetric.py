@@ -28,3 +28,14 @@ def test_symmetric_rows(monkeypatch):
         if row["loss"] in ("MNSRL", "CMNSRL stage") and row["backend"] == "torch":
             assert row["x_one_direction"] > 0 and row["speedup_vs_stock"] > 0
             assert row["loss_err"] < 1e-5 and row["grad_err"] < 1e-6, row
+
+
+def test_the_symmetric_flag_routes_the_fused_loss_part(monkeypatch):
+    """``python -m benchmarks fused_loss --symmetric`` runs fused_symmetric's rows (the registry's MODES), under the
+    fused_loss part's name."""
+    from benchmarks import __main__ as cli
+    from benchmarks import fused_symmetric
+
+    monkeypatch.setattr(fused_symmetric, "run_symmetric", lambda args: [{"routed": "symmetric"}])
+    args = argparse.Namespace(symmetric=True, mask_duplicates=False)
+    assert cli.run_part("fused_loss", args) == [{"routed": "symmetric"}]
