@@ -31,8 +31,10 @@ def __getattr__(name: str):
         from st_fast.sampler import NoDuplicatesBatchSampler
 
         return NoDuplicatesBatchSampler
-    if name in ("SentenceTransformerTrainer", "StFastConfig"):
-        return getattr(importlib.import_module("st_fast.trainer"), name)
+    if name == "SentenceTransformerTrainer":
+        return importlib.import_module("st_fast.trainer").SentenceTransformerTrainer
+    if name == "StFastConfig":
+        return importlib.import_module("st_fast.config").StFastConfig
     if name in ("patch", "unpatch", "is_patched"):
         return getattr(importlib.import_module("st_fast._patching"), name)
     if name in ("losses", "ops"):  # `import st_fast; st_fast.losses.MultipleNegativesRankingLoss(...)`

@@ -12,7 +12,8 @@ CrossEncoderTrainer, whose losses st_fast leaves as they are). Trainers construc
 (they are fused in ``__init__``); the sampler is chosen when a dataloader is built, so it follows the patch state at
 that time. ``patch()`` is idempotent (a second call only updates the options); ``unpatch()`` puts the original
 methods back and removes the property. :class:`st_fast.SentenceTransformerTrainer` is unaffected either way (it
-applies its own ``st_fast=``). The swaps themselves are the functions of :mod:`st_fast.swaps`, shared with that class.
+applies its own ``st_fast=``). The swaps themselves are the functions of :mod:`st_fast.swaps`, shared with that class;
+the options of the ``patch()`` in effect are kept by :mod:`st_fast.config`.
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from st_fast.config import StFastConfig, patch_config, set_patch_config
+from st_fast.report import swap_report
 from st_fast.swaps import (
-    StFastConfig,
     fast_batch_sampler,
     fast_multi_dataset_batch_sampler,
     finish_init,
     fuse_loss,
     fuse_trainer_losses,
-    swap_report,
 )
 
 _PATCHED_METHODS = (
     "__init__", "prepare_loss", "call_model_init", "get_batch_sampler", "get_multi_dataset_batch_sampler",
 )  # fmt: skip
 _originals: dict[str, Any] = {}
-_config = StFastConfig()
 
 
 def _base_trainer():
@@ -52,7 +52,7 @@ def _wrap_init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         if not _owned(self):
-            finish_init(self, _config)
+            finish_init(self, current_config())
 
     return __init__
 
@@ -61,7 +61,7 @@ def _wrap_prepare_loss(original):
     @functools.wraps(original)
     def prepare_loss(self, loss, model):
         prepared = original(self, loss, model)
-        return prepared if _owned(self) else fuse_loss(self, prepared, _config)
+        return prepared if _owned(self) else fuse_loss(self, prepared, current_config())
 
     return prepare_loss
 
@@ -71,7 +71,7 @@ def _wrap_call_model_init(original):
     def call_model_init(self, trial=None):
         model = original(self, trial)
         if hasattr(self, "loss") and not _owned(self):
-            fuse_trainer_losses(self, _config)
+            fuse_trainer_losses(self, current_config())
         return model
 
     return call_model_init
@@ -84,7 +84,7 @@ def _wrap_get_batch_sampler(original):
         stock.__signature__ = _bound_signature(original)  # type: ignore[attr-defined]
         if _owned(self):
             return stock(dataset, *args, **kwargs)
-        return fast_batch_sampler(self, stock, _config, dataset, *args, **kwargs)
+        return fast_batch_sampler(self, stock, current_config(), dataset, *args, **kwargs)
 
     return get_batch_sampler
 
@@ -95,7 +95,7 @@ def _wrap_get_multi_dataset_batch_sampler(original):
         stock = functools.partial(original, self)
         if _owned(self):
             return stock(*args, **kwargs)
-        return fast_multi_dataset_batch_sampler(self, stock, _config, *args, **kwargs)
+        return fast_multi_dataset_batch_sampler(self, stock, current_config(), *args, **kwargs)
 
     return get_multi_dataset_batch_sampler
 
@@ -127,8 +127,7 @@ def patch(st_fast: StFastConfig | dict[str, Any] | bool | None = None) -> None:
     (TypeError / ValueError); a backend that cannot run on a trainer's model fails when that trainer is built.
     Patched trainers show the swap report at train start and have ``trainer.st_fast_report``. Idempotent.
     """
-    global _config
-    _config = StFastConfig.coerce(st_fast)
+    set_patch_config(StFastConfig.coerce(st_fast))
     if _originals:
         return
     base = _base_trainer()
@@ -172,7 +171,6 @@ def _warn_trainers_built_before(base: type) -> None:
 
 def unpatch() -> None:
     """Restore the stock trainer methods that :func:`patch` replaced; a no-op when not patched."""
-    global _config
     base = _base_trainer()
     for name, original in _originals.items():
         if original is None:
@@ -180,12 +178,12 @@ def unpatch() -> None:
         else:
             setattr(base, name, original)
     _originals.clear()
-    _config = StFastConfig()
+    set_patch_config(None)
 
 
 def current_config() -> StFastConfig:
-    """The options of the last :func:`patch` (the defaults when not patched)."""
-    return _config
+    """The options of the :func:`patch` in effect (the defaults when not patched)."""
+    return patch_config() or StFastConfig()
 
 
 def is_patched() -> bool:

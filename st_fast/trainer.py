@@ -23,7 +23,7 @@ At each ``train()`` start, on the main process only, one or two lines on stderr 
 backend that will run on the model's device and dtype (``native`` for a float32 model on a CPU), and what it left
 stock and why; no logging configuration is needed. They are a log record of logger ``st_fast.trainer`` (INFO), so an
 application that configures logging gets them through its own handlers instead (see
-:func:`st_fast.swaps.emit_report`). ``trainer.st_fast_report`` holds the same as a dict (part -> description).
+:func:`st_fast.report.emit_report`). ``trainer.st_fast_report`` holds the same as a dict (part -> description).
 
 ``st_fast=`` takes a :class:`StFastConfig` or a dict of its fields: ``{"loss": False}``, ``{"sampler": False}``,
 ``{"backend": "torch"}``, ``{"report": False}`` (no report), ``{"mask_duplicates": True}`` (beyond stock: every fused
@@ -35,7 +35,7 @@ exactly, without the report). The options are checked when the trainer is built:
 built, TypeError for either with float64 embeddings) fail in the constructor, not at the first step.
 
 :func:`st_fast.patch` applies the same hooks to the stock trainer classes (for code you do not own); both call the
-swap functions of :mod:`st_fast.swaps`.
+swap functions of :mod:`st_fast.swaps`; the report is :mod:`st_fast.report`.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ from sentence_transformers.sentence_transformer.trainer import (
     SentenceTransformerTrainer as StockSentenceTransformerTrainer,
 )
 
+from st_fast.config import StFastConfig
+from st_fast.report import swap_report
 from st_fast.swaps import (
-    StFastConfig,
     fast_batch_sampler,
     fast_multi_dataset_batch_sampler,
     finish_init,
     fuse_loss,
     fuse_trainer_losses,
-    swap_report,
 )
 
 __all__ = ["SentenceTransformerTrainer", "StFastConfig"]

@@ -308,7 +308,7 @@ def test_report_starts_on_its_own_line_after_an_unfinished_progress_bar(tiny_mod
     """The stock model card's widget bar leaves its line open; the report must not be glued to it (issue 26)."""
     import sys
 
-    from st_fast import swaps
+    from st_fast import report
 
     trainer = FastTrainer(
         model=tiny_model, args=_args(tmp_path, "own-line", max_steps=1), train_dataset=_pairs(64),
@@ -317,7 +317,7 @@ def test_report_starts_on_its_own_line_after_an_unfinished_progress_bar(tiny_mod
     with _no_logging_configured():
         capsys.readouterr()
         sys.stderr.write("Computing widget examples:   0%|          | 0/1 [00:00<?, ?it/s]")
-        assert swaps.emit_report(trainer)
+        assert report.emit_report(trainer)
         err = capsys.readouterr().err
     assert "?it/s]\n[st_fast] loss: st_fast MultipleNegativesRankingLoss" in err, err
 

@@ -9,10 +9,12 @@ from torch import Tensor
 
 from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
 from st_fast.losses.gist_embed import FusedGISTMixin
+from st_fast.losses.plan import replaces
 from st_fast.losses.self_check import stock_function, stock_view
 from st_fast.losses.stock_contract import warn_stock_fallback_once
 
 
+@replaces(StockCachedGISTEmbedLoss)
 class CachedGISTEmbedLoss(FusedGISTMixin, StockCachedGISTEmbedLoss):
     """sentence-transformers' :class:`~sentence_transformers.sentence_transformer.losses.CachedGISTEmbedLoss`
     (GradCache) with its loss stage computed by st_fast's guided fused op. Stock builds, per chunk of

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from st_fast.losses.cached_stage import concatenate_mini_batches, finish_loss_stage, fused_loss_stage
 from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin
+from st_fast.losses.plan import replaces
 from st_fast.losses.self_check import stock_function, stock_view
 from st_fast.losses.stock_contract import (
     subclassing_deprecated_stock,
@@ -60,6 +61,7 @@ class FusedCachedLossStageMixin(FusedMNRLMixin):
         return stock(view, reps, with_backward=False)
 
 
+@replaces(StockCachedMultipleNegativesRankingLoss)
 class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedMultipleNegativesRankingLoss):
     """sentence-transformers' CachedMultipleNegativesRankingLoss (GradCache)
     with its loss stage computed by st_fast's fused op: for B cached embeddings per column the stock class builds a
@@ -86,6 +88,7 @@ class CachedMultipleNegativesRankingLoss(FusedCachedLossStageMixin, StockCachedM
 
 with subclassing_deprecated_stock():
 
+    @replaces(StockCachedMultipleNegativesSymmetricRankingLoss)
     class CachedMultipleNegativesSymmetricRankingLoss(
         FusedCachedLossStageMixin, StockCachedMultipleNegativesSymmetricRankingLoss
     ):

@@ -1,6 +1,7 @@
 """``fuse(loss)``: the st_fast equivalent of a stock sentence-transformers loss, wrappers included.
 
-A stock loss of a class st_fast replaces (exact class, not user subclasses, whose overrides st_fast cannot know)
+A stock loss of a class st_fast replaces (exact class, not user subclasses, whose overrides st_fast cannot know;
+the drop-in classes register themselves in :data:`st_fast.losses.plan.FUSED_CLASSES`)
 becomes an object of the st_fast class that shares the stock object's state (its ``__dict__``: attributes,
 submodules, parameters, hooks, training flag), so that the fused loss reads the live stock configuration at every
 call: an attribute changed later on either object (``loss.scale = 30``, a learnable scale, a replaced
@@ -23,30 +24,11 @@ from sentence_transformers.sentence_transformer import losses as stock_losses
 from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
 from torch import nn
 
-from st_fast.losses.cached_gist_embed import CachedGISTEmbedLoss
-from st_fast.losses.cached_multiple_negatives_ranking import (
-    CachedMultipleNegativesRankingLoss,
-    CachedMultipleNegativesSymmetricRankingLoss,
-)
 from st_fast.losses.duplicate_masking import MaskDuplicatesOption
-from st_fast.losses.gist_embed import GISTEmbedLoss
-from st_fast.losses.multiple_negatives_ranking import (
-    MultipleNegativesRankingLoss,
-    MultipleNegativesSymmetricRankingLoss,
-)
-from st_fast.losses.sparse_multiple_negatives_ranking import SparseMultipleNegativesRankingLoss
+from st_fast.losses.plan import FUSED_CLASSES
 from st_fast.ops import BACKENDS
 
-# stock class -> st_fast class (the same state; st_fast's classes replace one method and add ``backend``)
-FUSED_CLASSES: dict[type, type] = {
-    stock_losses.MultipleNegativesRankingLoss: MultipleNegativesRankingLoss,
-    stock_losses.MultipleNegativesSymmetricRankingLoss: MultipleNegativesSymmetricRankingLoss,
-    stock_losses.CachedMultipleNegativesRankingLoss: CachedMultipleNegativesRankingLoss,
-    stock_losses.CachedMultipleNegativesSymmetricRankingLoss: CachedMultipleNegativesSymmetricRankingLoss,
-    stock_sparse_losses.SparseMultipleNegativesRankingLoss: SparseMultipleNegativesRankingLoss,
-    stock_losses.GISTEmbedLoss: GISTEmbedLoss,  # same model and guide objects
-    stock_losses.CachedGISTEmbedLoss: CachedGISTEmbedLoss,
-}
+__all__ = ["FUSED_CLASSES", "WRAPPER_CLASSES", "fuse"]  # FUSED_CLASSES: stock class -> st_fast class (see plan.py)
 
 WRAPPER_CLASSES: tuple[type, ...] = (
     stock_losses.MatryoshkaLoss,

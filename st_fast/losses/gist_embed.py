@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as S
 from torch import Tensor, nn
 
 from st_fast.losses import self_check
+from st_fast.losses.plan import LossFamily, LossPlan, StFastLoss, replaces
 from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_view
 from st_fast.losses.stock_contract import (
     BackendOption,
@@ -24,7 +25,7 @@ from st_fast.losses.stock_contract import (
     warn_stock_fallback_once,
 )
 from st_fast.ops import BACKENDS, fused_gist_loss
-from st_fast.ops.backends import GIST, drop_in_backend
+from st_fast.ops.backends import GIST
 from st_fast.ops.gist.spec import COSINE_EPS, check_inputs
 
 # stock method (its identity) -> whether it masks each row's own anchor-anchor / positive-positive entry
@@ -43,7 +44,7 @@ def plain_cross_entropy(module: Any) -> bool:
     )
 
 
-class FusedGISTMixin:
+class FusedGISTMixin(StFastLoss):
     """The GIST loss of given embeddings on the fused guided op, and the guide's view of the input features.
 
     Uses the stock class's own attributes, read at every call (temperature, margin_strategy, margin,
@@ -52,6 +53,7 @@ class FusedGISTMixin:
     (see :meth:`fallback_reason`) is computed by the stock method.
     """
 
+    family = LossFamily("GIST", GIST)
     backend = BackendOption(BACKENDS, triton_kernels=False)  # "triton" computes with torch (see GISTEmbedLoss)
     self_check = SelfCheckOption()
     _replaced_method = "forward"  # where the stock class looks its helpers up
@@ -70,6 +72,15 @@ class FusedGISTMixin:
         temperature = scalar_problem("temperature", self.temperature, differentiable=True)
         temperature = temperature or positive_problem("temperature", self.temperature)
         return temperature or scalar_problem("margin", self.margin, differentiable=True)
+
+    def training_plan(
+        self, device: torch.device, embedding_dtype: Callable[[nn.Module | None], torch.dtype]
+    ) -> LossPlan:
+        """As :meth:`StFastLoss.training_plan`, with the masks decided in the guide's embedding dtype (the guide's
+        similarities decide them)."""
+        dtype = embedding_dtype(getattr(self, "model", None))
+        guide = getattr(self, "guide", None)
+        return self.plan(device, dtype, mask_dtype=embedding_dtype(guide) if guide is not None else dtype)
 
     def guide_features(self, sentence_feature: dict[str, Tensor]) -> dict[str, Tensor]:
         """The guide's input for one column: the model's token ids decoded and re-tokenized by the guide (as stock,
@@ -97,14 +108,14 @@ class FusedGISTMixin:
             candidates = [all_gather_with_grad(candidate) for candidate in candidates]
             candidates_guide = [all_gather_with_grad(candidate) for candidate in candidates_guide]
             offset = stock_helper(self, self._replaced_method, "get_rank")() * anchors.shape[0]
-        backend, reason = drop_in_backend(self.backend, GIST)
-        if reason is not None:
-            warn_once(self, reason)
+        plan = self.plan(anchors.device, anchors.dtype, mask_dtype=mask_dtype)
+        if plan.reason is not None:
+            warn_once(self, plan.reason)
         loss = fused_gist_loss(
             anchors, candidates, anchors_guide, candidates_guide, row_offset=offset, temperature=self.temperature,
             margin_strategy=self.margin_strategy, margin=self.margin, contrast_anchors=self.contrast_anchors,
             contrast_positives=self.contrast_positives, mask_dtype=mask_dtype,
-            mask_self_negatives=self.stock_masks_self_negatives(), backend=backend,
+            mask_self_negatives=self.stock_masks_self_negatives(), backend=plan.runs(),
         )  # fmt: skip
         return loss.to(loss_dtype)
 
@@ -207,6 +218,7 @@ class _PrecomputedColumns(nn.Module):
         return {"sentence_embedding": self.columns[features["st_fast_column"]]}
 
 
+@replaces(StockGISTEmbedLoss)
 class GISTEmbedLoss(FusedGISTMixin, StockGISTEmbedLoss):
     """sentence-transformers' :class:`~sentence_transformers.sentence_transformer.losses.GISTEmbedLoss` computed by
     st_fast's guided fused op: the same loss and gradients without the (B, N, D) broadcast tensors that the stock

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from st_fast.losses import self_check
 from st_fast.losses.duplicate_masking import MaskDuplicatesOption, batch_labels, remembering_texts
+from st_fast.losses.plan import LossFamily, StFastLoss, replaces
 from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_view
 from st_fast.losses.similarity import fused_similarity_name
 from st_fast.losses.stock_contract import (
@@ -32,11 +33,11 @@ from st_fast.losses.stock_contract import (
     warn_stock_fallback_once,
 )
 from st_fast.ops import BACKENDS, fused_mnrl_loss
-from st_fast.ops.backends import MNRL, drop_in_backend
+from st_fast.ops.backends import MNRL
 from st_fast.ops.mnrl.spec import check_embeddings
 
 
-class FusedMNRLMixin:
+class FusedMNRLMixin(StFastLoss):
     """Replaces ``compute_loss_from_embeddings`` of a stock MNRL-family class with the fused op.
 
     The configuration attributes (scale, similarity_fct, directions, partition_mode, hardness_mode,
@@ -48,6 +49,7 @@ class FusedMNRLMixin:
     receives (:mod:`st_fast.losses.duplicate_masking`).
     """
 
+    family = LossFamily("MNRL", MNRL)
     backend = BackendOption(BACKENDS)
     mask_duplicates = MaskDuplicatesOption()
     self_check = SelfCheckOption()
@@ -147,14 +149,14 @@ class FusedMNRLMixin:
             queries = all_gather_with_grad(queries)
             docs = [all_gather_with_grad(doc) for doc in docs]
             offset = stock_helper(self, self._replaced_method, "get_rank")() * batch_size
-        backend, reason = drop_in_backend(self.backend, MNRL)
-        if reason is not None:
-            warn_once(self, reason)
+        plan = self.plan(queries.device, queries.dtype, mask_duplicates=text_labels is not None)
+        if plan.reason is not None:
+            warn_once(self, plan.reason)
         loss = fused_mnrl_loss(
             queries, docs, row_offset=offset, batch_size=batch_size, scale=self.scale,
             similarity=fused_similarity_name(self.similarity_fct), directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
-            hardness_strength=self.hardness_strength, backend=backend, labels=text_labels,
+            hardness_strength=self.hardness_strength, backend=plan.runs(), labels=text_labels,
         )  # fmt: skip
         return loss.to(dtype)
 
@@ -177,6 +179,7 @@ class FusedMNRLMixin:
         return stock_dtype(key, probe)
 
 
+@replaces(StockMultipleNegativesRankingLoss)
 class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRankingLoss):
     """sentence-transformers' :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss`
     computed by st_fast's fused op: the same loss and gradients without the (B, k·W) score matrices.
@@ -222,6 +225,7 @@ class MultipleNegativesRankingLoss(FusedMNRLMixin, StockMultipleNegativesRanking
 
 with subclassing_deprecated_stock():
 
+    @replaces(StockMultipleNegativesSymmetricRankingLoss)
     class MultipleNegativesSymmetricRankingLoss(FusedMNRLMixin, StockMultipleNegativesSymmetricRankingLoss):
         """Deprecated upstream alias (MNRL with ``directions=("query_to_doc", "doc_to_query")`` and
         ``partition_mode="per_direction"``) on the fused op. Same arguments as the stock class plus ``backend`` and

@@ -9,8 +9,10 @@ from sentence_transformers.sparse_encoder.losses import (
 )
 
 from st_fast.losses.multiple_negatives_ranking import FusedMNRLMixin
+from st_fast.losses.plan import replaces
 
 
+@replaces(StockSparseMultipleNegativesRankingLoss)
 class SparseMultipleNegativesRankingLoss(FusedMNRLMixin, StockSparseMultipleNegativesRankingLoss):
     """sentence-transformers' SparseMultipleNegativesRankingLoss with ``compute_loss_from_embeddings`` computed by the
     fused op (dense (B, vocab) embeddings, dot similarity by default). Same arguments as the stock class plus
