@@ -4,9 +4,19 @@ A part is one module exposing ``add_arguments(parser)`` and ``run(args) -> list[
 registered by one line in ``benchmarks/__main__.py``'s ``PARTS``; its rows are printed as a table and written as
 JSON, Markdown and PNG under ``args.out`` by :func:`report`. Parts never import each other.
 
+A loss part is three functions on this toolkit (``cached_loss`` and ``gist`` are the shortest examples)::
+
+    def add_arguments(parser):  # --<prefix>-batch-sizes / -k / -dim / -dtypes / -backends / -device / ...
+        group = add_loss_options(parser, "<part>", "<prefix>", sizes="...", k="...", no_stock="...")
+    def run(args):
+        return run_cases(args, "<prefix>", <cases>, functools.partial(case_rows, args), "<part>")
+    def case_rows(args, case, device, repeats, backends):  # inputs, losses, then
+        results = measure_each(calls, grads, leaves, device, repeats, args.<prefix>_time_budget)  # stock first
+        return [{**<case columns>, **result_columns(name, result, results.get("stock"), "speedup_vs_stock")}, ...]
+
 Sections: devices, dtypes and threads; timing; peak memory; inputs and losses (stock and st_fast, built the same way
-for every part); a part's measurement of one implementation (:func:`measure`, :func:`result_columns`); the wall-clock
-budget of a part's cases; writing the results.
+for every part); a loss part (its options, its case loop, the measurement of one implementation and its row
+columns); the wall-clock budget of a part's cases; writing the results.
 
 Timing. Fixed-size operations (a matmul's rate, the GEMM floor) are timed by the libraries made for it:
 ``triton.testing.do_bench`` on CUDA (CUDA events, the L2 cache flushed before each call) and
@@ -118,34 +128,6 @@ def tf32_matmuls(allowed: bool | None) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def add_loss_options(parser: argparse.ArgumentParser, part: str, prefix: str, *, sizes: str, k: str, no_stock: str,
-                     dtypes: str = "embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)",
-                     dim: str = "embedding size D (default 384; smoke 32; gpu 1024)",
-                     backends: str = "st_fast backends to time (default: every one that runs on the device)",
-                     threads: str = "torch CPU threads for this part (default: torch's own count)",
-                     k_nargs: str | None = None) -> argparse._ArgumentGroup:  # fmt: skip
-    """The options every loss part has, as ``--<prefix>-*`` in an argument group named ``part`` (returned, for the
-    part's own options): batch sizes, k, D, dtypes, backends, device, time budget, threads and no-stock; the strings
-    are their help texts (each part states its own defaults), ``k_nargs="+"`` takes several k values."""
-    group = parser.add_argument_group(part)
-    group.add_argument(f"--{prefix}-batch-sizes", type=int, nargs="+", default=None, help=sizes)
-    group.add_argument(f"--{prefix}-k", type=int, nargs=k_nargs, default=None, help=k)
-    group.add_argument(f"--{prefix}-dim", type=int, default=None, help=dim)
-    group.add_argument(f"--{prefix}-dtypes", nargs="+", choices=list(DTYPES), default=None, help=dtypes)
-    group.add_argument(f"--{prefix}-backends", nargs="+", choices=list(BACKENDS), default=None, help=backends)
-    group.add_argument(f"--{prefix}-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
-    group.add_argument(f"--{prefix}-time-budget", type=float, default=6.0,
-                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
-    group.add_argument(f"--{prefix}-threads", type=int, default=None, help=threads)
-    group.add_argument(f"--{prefix}-no-stock", action="store_true", help=no_stock)
-    return group
-
-
-def repeats_of(args: argparse.Namespace) -> int:
-    """Timed calls per implementation: ``--repeats`` (at least 1), 1 with ``--smoke``."""
-    return 1 if getattr(args, "smoke", False) else max(1, args.repeats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,6 +398,39 @@ def stage_grads(reps: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.cat([chunk.grad for chunk in column]) for column in reps]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# a loss part: its options, its cases, one implementation's measurement and its row columns
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_loss_options(parser: argparse.ArgumentParser, part: str, prefix: str, *, sizes: str, k: str, no_stock: str,
+                     dtypes: str = "embedding dtypes (default fp32; gpu: bf16, plus fp32 at the smallest B)",
+                     dim: str = "embedding size D (default 384; smoke 32; gpu 1024)",
+                     backends: str = "st_fast backends to time (default: every one that runs on the device)",
+                     threads: str = "torch CPU threads for this part (default: torch's own count)",
+                     k_nargs: str | None = None) -> argparse._ArgumentGroup:  # fmt: skip
+    """The options every loss part has, as ``--<prefix>-*`` in an argument group named ``part`` (returned, for the
+    part's own options): batch sizes, k, D, dtypes, backends, device, time budget, threads and no-stock; the strings
+    are their help texts (each part states its own defaults), ``k_nargs="+"`` takes several k values."""
+    group = parser.add_argument_group(part)
+    group.add_argument(f"--{prefix}-batch-sizes", type=int, nargs="+", default=None, help=sizes)
+    group.add_argument(f"--{prefix}-k", type=int, nargs=k_nargs, default=None, help=k)
+    group.add_argument(f"--{prefix}-dim", type=int, default=None, help=dim)
+    group.add_argument(f"--{prefix}-dtypes", nargs="+", choices=list(DTYPES), default=None, help=dtypes)
+    group.add_argument(f"--{prefix}-backends", nargs="+", choices=list(BACKENDS), default=None, help=backends)
+    group.add_argument(f"--{prefix}-device", default=None, help="torch device (default: cuda with --gpu, else cpu)")
+    group.add_argument(f"--{prefix}-time-budget", type=float, default=6.0,
+                       help="seconds of timed calls per case and implementation before repeats stop early")  # fmt: skip
+    group.add_argument(f"--{prefix}-threads", type=int, default=None, help=threads)
+    group.add_argument(f"--{prefix}-no-stock", action="store_true", help=no_stock)
+    return group
+
+
+def repeats_of(args: argparse.Namespace) -> int:
+    """Timed calls per implementation: ``--repeats`` (at least 1), 1 with ``--smoke``."""
+    return 1 if getattr(args, "smoke", False) else max(1, args.repeats)
+
+
 def single_size_cases(args: argparse.Namespace, k: int) -> list[tuple[int, int, int, torch.dtype]]:
     """(B, k, D, dtype) cases of the one-size fused parts (``fused_loss --symmetric``, ``--mask-duplicates``): smoke
     B 64, D 32; ``--gpu`` B 16384, D 1024, bf16; else B 4096, D 384, fp32; ``k`` hard-negative columns by default;
@@ -431,9 +446,21 @@ def single_size_cases(args: argparse.Namespace, k: int) -> list[tuple[int, int, 
     return [(b, k, dim, DTYPES[name]) for b in batch_sizes for name in dtypes]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# one implementation's measurement and its row columns
-# ---------------------------------------------------------------------------------------------------------------
+def run_cases(args: argparse.Namespace, prefix: str, cases: Sequence[tuple[int, int, int, torch.dtype]],
+              case_rows: Callable[..., list[dict[str, Any]]], desc: str) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of a loss part: ``case_rows(case, device, repeats, backends)`` for each (B, k, D, dtype) case in
+    order, under ``--<prefix>-threads`` on ``--<prefix>-device``, with the st_fast backends of ``--<prefix>-backends``
+    that run there (:func:`available_backends`) and :func:`repeats_of` timed calls; what a case leaves is freed before
+    the next one."""
+    device = bench_device(args, f"{prefix}_device")
+    rows: list[dict[str, Any]] = []
+    with cpu_threads(getattr(args, f"{prefix}_threads")):
+        for case in progress(cases, desc=desc):
+            backends = available_backends(device, case[3], getattr(args, f"{prefix}_backends"))
+            rows += case_rows(case, device, repeats_of(args), backends)
+            free_memory(device)
+            sync(device)
+    return rows
 
 
 def measure(fn: Callable[[], torch.Tensor], grads: Callable[[], list[torch.Tensor]], device: torch.device,
@@ -459,23 +486,6 @@ def measure(fn: Callable[[], torch.Tensor], grads: Callable[[], list[torch.Tenso
         result = {"oom": True}
     free_memory(device)
     return result
-
-
-def run_cases(args: argparse.Namespace, prefix: str, cases: Sequence[tuple[int, int, int, torch.dtype]],
-              case_rows: Callable[..., list[dict[str, Any]]], desc: str) -> list[dict[str, Any]]:  # fmt: skip
-    """The rows of a loss part: ``case_rows(case, device, repeats, backends)`` for each (B, k, D, dtype) case in
-    order, under ``--<prefix>-threads`` on ``--<prefix>-device``, with the st_fast backends of ``--<prefix>-backends``
-    that run there (:func:`available_backends`) and :func:`repeats_of` timed calls; what a case leaves is freed before
-    the next one."""
-    device = bench_device(args, f"{prefix}_device")
-    rows: list[dict[str, Any]] = []
-    with cpu_threads(getattr(args, f"{prefix}_threads")):
-        for case in progress(cases, desc=desc):
-            backends = available_backends(device, case[3], getattr(args, f"{prefix}_backends"))
-            rows += case_rows(case, device, repeats_of(args), backends)
-            free_memory(device)
-            sync(device)
-    return rows
 
 
 def measure_each(calls: dict[str, Callable[[], torch.Tensor]], grads: Callable[[], list[torch.Tensor]],
@@ -515,6 +525,55 @@ def result_columns(name: str, result: dict[str, Any], stock: dict[str, Any] | No
             columns["loss_err"] = abs(result["loss"] - stock["loss"])
             columns["grad_err"] = max_abs_diff(result["grads"], stock["grads"])
     return columns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a part's cases: wall-clock budget and progress
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CaseBudget:
+    """Wall-clock budget for a part's cases, run smallest first so that a short budget drops the largest.
+
+    ``admit(cost)`` predicts a case's seconds from the last finished case, scaled by the ratio of their ``cost``
+    (any size measure, e.g. B·N·D), and admits it when the prediction fits the time left; ``done(cost)`` records a
+    finished case. Without a budget (``seconds`` None) every case is admitted. The first case is always admitted.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self._case_start = self.start
+        self._last: tuple[float, float] | None = None  # (cost, seconds) of the last finished case
+
+    def time_left(self) -> float:
+        if self.seconds is None:
+            return float("inf")
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def admit(self, cost: float) -> bool:
+        self._case_start = time.perf_counter()
+        if self.seconds is None or self._last is None:
+            return self.seconds is None or self.time_left() > 0
+        last_cost, last_seconds = self._last
+        return last_seconds * max(cost / last_cost, 1.0) <= self.time_left()
+
+    def done(self, cost: float) -> None:
+        self._last = (cost, time.perf_counter() - self._case_start)
+
+
+def budget_of(args) -> CaseBudget:
+    """The :class:`CaseBudget` of ``--budget-s`` (seconds per part; none when absent)."""
+    return CaseBudget(getattr(args, "budget_s", None))
+
+
+def progress(iterable, **kwargs):
+    """tqdm progress bar when tqdm is installed and stderr is a terminal, else the iterable itself."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -611,47 +670,3 @@ def plot(name: str, rows: Sequence[dict[str, Any]], out_dir: str, *, title: str)
         plt.close(figure)
         written.append(path)
     return written
-
-
-class CaseBudget:
-    """Wall-clock budget for a part's cases, run smallest first so that a short budget drops the largest.
-
-    ``admit(cost)`` predicts a case's seconds from the last finished case, scaled by the ratio of their ``cost``
-    (any size measure, e.g. B·N·D), and admits it when the prediction fits the time left; ``done(cost)`` records a
-    finished case. Without a budget (``seconds`` None) every case is admitted. The first case is always admitted.
-    """
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.start = time.perf_counter()
-        self._case_start = self.start
-        self._last: tuple[float, float] | None = None  # (cost, seconds) of the last finished case
-
-    def time_left(self) -> float:
-        if self.seconds is None:
-            return float("inf")
-        return self.seconds - (time.perf_counter() - self.start)
-
-    def admit(self, cost: float) -> bool:
-        self._case_start = time.perf_counter()
-        if self.seconds is None or self._last is None:
-            return self.seconds is None or self.time_left() > 0
-        last_cost, last_seconds = self._last
-        return last_seconds * max(cost / last_cost, 1.0) <= self.time_left()
-
-    def done(self, cost: float) -> None:
-        self._last = (cost, time.perf_counter() - self._case_start)
-
-
-def budget_of(args) -> CaseBudget:
-    """The :class:`CaseBudget` of ``--budget-s`` (seconds per part; none when absent)."""
-    return CaseBudget(getattr(args, "budget_s", None))
-
-
-def progress(iterable, **kwargs):
-    """tqdm progress bar when tqdm is installed and stderr is a terminal, else the iterable itself."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
