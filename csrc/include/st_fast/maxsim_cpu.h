@@ -1,0 +1,245 @@
+// CPU MaxSim (late interaction): the forward as register tiles of query tokens x document tokens with the running
+// max in the epilogue, and the sparse, deterministic backward through the stored arg-max.
+//
+// Forward (OpenMP over blocks of kQueryBlock queries; each thread packs one document at a time, transposed, and
+// scores its block's queries against it, so the packing is shared by kQueryBlock queries):
+//
+//   p[s, t]        = Σ_k q[i, s, k] · d[m, t, k]            float32 accumulation (a kRows x kCols register tile)
+//   p[s, t]        = bfloat16(p[s, t])                      for bfloat16 embeddings (to nearest even, as torch)
+//   p[s, t]        = fill                                   where document token t is masked (stock's masked_fill)
+//   best[s], at[s] = running max over t, first index of a tie (strictly greater replaces), as torch.max
+//   sums[i, m]     = Σ_{s unmasked} best[s]                 float32, in token order; index[i, s, m] = at[s]
+//
+// A NaN product never wins here (torch.max would return it); a query token's mask removes its term (stock multiplies
+// by the mask, which differs only for an infinite max). No products tensor exists beyond one register tile.
+//
+// Backward, with w = dL/dsums[i, m] rounded to the embeddings' dtype (the gradient of stock's float32 cast) and
+// t* = index[i, s, m], for unmasked query tokens:
+//
+//   dQ[i, s]     = Σ_m w · d[m, t*]       OpenMP over queries: each thread owns its rows
+//   dD[m, t*]   += w · q[i, s]            OpenMP over documents: each thread owns its documents' rows and adds in the
+//                                          fixed (i, s) order: no atomics, the same bits every run
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "st_fast/maxsim_args.h"
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in always-inline helpers: no call, no ABI
+// Inlined into the caller, so that the caller's target (maxsim.cpp's haswell clone) compiles them too.
+#define ST_FAST_MAXSIM_INLINE inline __attribute__((always_inline))
+#else
+#define ST_FAST_MAXSIM_INLINE inline
+#endif
+
+namespace st_fast {
+namespace maxsim {
+
+constexpr int kRows = 4;         // query tokens per register tile
+constexpr int kCols = 16;        // document tokens per register tile
+constexpr int64_t kQueryBlock = 4;  // queries scored against one packed document
+
+ST_FAST_MAXSIM_INLINE float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+ST_FAST_MAXSIM_INLINE float element(const void* base, int64_t offset, MaxSimDtype dtype) {
+  if (dtype == MaxSimDtype::kBFloat16) {
+    return bits_to_float(static_cast<uint32_t>(static_cast<const uint16_t*>(base)[offset]) << 16);
+  }
+  return static_cast<const float*>(base)[offset];
+}
+
+// float32 -> bfloat16 -> float32, to nearest even (torch's rounding; NaN stays NaN).
+ST_FAST_MAXSIM_INLINE float round_to_bfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return value;
+  bits = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
+  return bits_to_float(bits);
+}
+
+ST_FAST_MAXSIM_INLINE float in_dtype(float value, MaxSimDtype dtype) {
+  return dtype == MaxSimDtype::kBFloat16 ? round_to_bfloat16(value) : value;
+}
+
+inline int64_t padded_tokens(int64_t tokens) { return (tokens + kCols - 1) / kCols * kCols; }
+
+// Eight floats, loaded and stored unaligned (GCC vector extension: SSE pairs in the baseline build, one AVX
+// register in the haswell clone).
+typedef float Float8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t Int8 __attribute__((vector_size(32), aligned(4)));
+typedef uint32_t Bits8 __attribute__((vector_size(32), aligned(4)));
+
+ST_FAST_MAXSIM_INLINE Float8 broadcast(float x) { return Float8{x, x, x, x, x, x, x, x}; }
+
+// The tile's products as the masked max sees them: rounded to the embeddings' dtype (bfloat16: to nearest even on
+// the bits; a quiet NaN stays NaN), ``fill`` on masked tokens (``keep`` 0), -inf past the document's end.
+ST_FAST_MAXSIM_INLINE Float8 scored(const float* products, const int32_t* keep_lanes, const int32_t* inside_lanes,
+                                    float fill, bool bfloat16) {
+  Float8 p = *reinterpret_cast<const Float8*>(products);
+  const Int8 keep = *reinterpret_cast<const Int8*>(keep_lanes);
+  const Int8 inside = *reinterpret_cast<const Int8*>(inside_lanes);
+  if (bfloat16) {
+    Bits8 bits = (Bits8)p;  // a vector cast reinterprets the bits
+    bits = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
+    p = (Float8)bits;
+  }
+  p = keep ? p : broadcast(fill);
+  return inside ? p : broadcast(-std::numeric_limits<float>::infinity());
+}
+
+ST_FAST_MAXSIM_INLINE float lane_max(const Float8& v) {
+  float m = v[0];
+  for (int c = 1; c < 8; ++c) m = v[c] > m ? v[c] : m;
+  return m;
+}
+
+// out[r][c] = Σ_k q[r·D + k] · dt[k·stride + c], r < ROWS, c < kCols: one register tile of 2·ROWS accumulators
+// (FMAs in the haswell clone: GCC contracts a·b + c).
+template <int ROWS>
+ST_FAST_MAXSIM_INLINE void tile_products(const float* q, int64_t dim, const float* dt, int64_t stride,
+                                         float (&out)[kRows][kCols]) {
+  static_assert(kCols == 16, "two Float8 accumulators per row");
+  Float8 low[ROWS], high[ROWS];
+  for (int r = 0; r < ROWS; ++r) low[r] = high[r] = Float8{};
+  for (int64_t k = 0; k < dim; ++k) {
+    const Float8 b_low = *reinterpret_cast<const Float8*>(dt + k * stride);
+    const Float8 b_high = *reinterpret_cast<const Float8*>(dt + k * stride + 8);
+    for (int r = 0; r < ROWS; ++r) {
+      const float qk = q[r * dim + k];
+      const Float8 a = broadcast(qk);
+      low[r] += a * b_low;
+      high[r] += a * b_high;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    *reinterpret_cast<Float8*>(out[r]) = low[r];
+    *reinterpret_cast<Float8*>(out[r] + 8) = high[r];
+  }
+}
+
+ST_FAST_MAXSIM_INLINE void tile_products(int rows, const float* q, int64_t dim, const float* dt, int64_t stride,
+                                         float (&out)[kRows][kCols]) {
+  switch (rows) {
+    case 4: tile_products<4>(q, dim, dt, stride, out); break;
+    case 3: tile_products<3>(q, dim, dt, stride, out); break;
+    case 2: tile_products<2>(q, dim, dt, stride, out); break;
+    default: tile_products<1>(q, dim, dt, stride, out); break;
+  }
+}
+
+// Document m transposed into dt (D x padded_tokens(Ld), zero past Ld), as float32.
+ST_FAST_MAXSIM_INLINE void pack_document(const MaxSimForwardArgs& a, int64_t m, float* dt) {
+  const MaxSimShape& s = a.shape;
+  const int64_t stride = padded_tokens(s.document_tokens);
+  for (int64_t k = 0; k < s.dim; ++k) std::fill(dt + k * stride + s.document_tokens, dt + (k + 1) * stride, 0.0f);
+  for (int64_t t = 0; t < s.document_tokens; ++t) {
+    const int64_t base = (m * s.document_tokens + t) * s.dim;
+    for (int64_t k = 0; k < s.dim; ++k) dt[k * stride + t] = element(a.documents, base + k, s.dtype);
+  }
+}
+
+// Queries [q0, q1) of the forward against every document (see the file comment). ``queries``: (q1-q0)·Lq·D floats,
+// ``dt``: D·padded_tokens(Ld) floats of scratch.
+ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64_t q0, int64_t q1, float* queries, float* dt) {
+  const MaxSimShape& s = a.shape;
+  const int64_t lq = s.query_tokens, ld = s.document_tokens, dim = s.dim, stride = padded_tokens(ld);
+  for (int64_t i = q0; i < q1; ++i)
+    for (int64_t e = 0; e < lq * dim; ++e) queries[(i - q0) * lq * dim + e] = element(a.queries, i * lq * dim + e, s.dtype);
+  alignas(32) float acc[kRows][kCols];
+  const bool bfloat16 = s.dtype == MaxSimDtype::kBFloat16;
+  std::vector<int32_t> keep(stride), inside(stride);  // per document token: lane masks (-1: true)
+  for (int64_t m = 0; m < s.documents; ++m) {
+    pack_document(a, m, dt);
+    const uint8_t* valid = a.document_mask + m * ld;
+    for (int64_t t = 0; t < stride; ++t) {
+      keep[t] = (t < ld && valid[t]) ? -1 : 0;
+      inside[t] = t < ld ? -1 : 0;
+    }
+    for (int64_t i = q0; i < q1; ++i) {
+      const float* q = queries + (i - q0) * lq * dim;
+      const uint8_t* query_valid = a.query_mask + i * lq;
+      float total = 0.0f;
+      for (int64_t r0 = 0; r0 < lq; r0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, lq - r0));
+        float best[kRows];
+        int32_t best_at[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          best[r] = -std::numeric_limits<float>::infinity();
+          best_at[r] = 0;
+        }
+        for (int64_t c0 = 0; c0 < ld; c0 += kCols) {
+          tile_products(rows, q + r0 * dim, dim, dt + c0, stride, acc);
+          for (int r = 0; r < rows; ++r) {
+            const Float8 low = scored(acc[r], keep.data() + c0, inside.data() + c0, a.fill, bfloat16);
+            const Float8 high = scored(acc[r] + 8, keep.data() + c0 + 8, inside.data() + c0 + 8, a.fill, bfloat16);
+            const float tile_best = lane_max(low > high ? low : high);  // (lane-wise: NaN-free inputs)
+            if (tile_best > best[r]) {  // strictly greater: an earlier tile keeps a tie; the first lane wins here
+              int c = 0;
+              while ((c < 8 ? low[c] : high[c - 8]) != tile_best) ++c;
+              best[r] = tile_best;
+              best_at[r] = static_cast<int32_t>(c0 + c);
+            }
+          }
+        }
+        for (int r = 0; r < rows; ++r) {
+          if (query_valid[r0 + r]) total += best[r];
+          if (a.index != nullptr) a.index[(i * lq + r0 + r) * s.documents + m] = best_at[r];
+        }
+      }
+      a.sums[i * s.documents + m] = total;
+    }
+  }
+}
+
+inline float weight(const MaxSimBackwardArgs& a, int64_t i, int64_t m) {
+  return in_dtype(a.grad_sums[i * a.shape.documents + m], a.shape.dtype);
+}
+
+// dQ rows of query i (see the file comment).
+inline void backward_query(const MaxSimBackwardArgs& a, int64_t i) {
+  const MaxSimShape& s = a.shape;
+  const int64_t lq = s.query_tokens, ld = s.document_tokens, dim = s.dim;
+  for (int64_t r = 0; r < lq; ++r) {
+    float* out = a.grad_queries + (i * lq + r) * dim;
+    std::fill(out, out + dim, 0.0f);
+    if (!a.query_mask[i * lq + r]) continue;
+    const int32_t* at = a.index + (i * lq + r) * s.documents;
+    for (int64_t m = 0; m < s.documents; ++m) {
+      const float w = weight(a, i, m);
+      if (w == 0.0f) continue;
+      const int64_t base = (m * ld + at[m]) * dim;
+      for (int64_t k = 0; k < dim; ++k) out[k] += w * element(a.documents, base + k, s.dtype);
+    }
+  }
+}
+
+// dD rows of document m (see the file comment).
+inline void backward_document(const MaxSimBackwardArgs& a, int64_t m) {
+  const MaxSimShape& s = a.shape;
+  const int64_t lq = s.query_tokens, ld = s.document_tokens, dim = s.dim;
+  float* rows = a.grad_documents + m * ld * dim;
+  std::fill(rows, rows + ld * dim, 0.0f);
+  for (int64_t i = 0; i < s.queries; ++i) {
+    const float w = weight(a, i, m);
+    if (w == 0.0f) continue;
+    for (int64_t r = 0; r < lq; ++r) {
+      if (!a.query_mask[i * lq + r]) continue;
+      float* out = rows + static_cast<int64_t>(a.index[(i * lq + r) * s.documents + m]) * dim;
+      const int64_t base = (i * lq + r) * dim;
+      for (int64_t k = 0; k < dim; ++k) out[k] += w * element(a.queries, base + k, s.dtype);
+    }
+  }
+}
+
+}  // namespace maxsim
+}  // namespace st_fast
