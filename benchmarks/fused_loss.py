@@ -62,6 +62,7 @@ from benchmarks import anchors as public
 from benchmarks.common import (
     DTYPES,
     SCALE,
+    CaseBudget,
     add_loss_options,
     available_backends,
     bench_device,
@@ -79,7 +80,7 @@ from benchmarks.common import (
     repeats_of,
     result_columns,
     row_threads,
-    sync,
+    run_cases,
 )
 
 TITLE = "MultipleNegativesRankingLoss forward + backward: stock vs st_fast fused op (random embeddings)"
@@ -150,48 +151,44 @@ def skipped_rows(names: list[str], columns: dict[str, Any], note: str = "skipped
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The fused_loss rows (the --anchors grid with ``--anchors``). ``--symmetric`` and ``--mask-duplicates`` run
     benchmarks/fused_symmetric.py and benchmarks/fused_masking.py instead, routed by ``benchmarks.__main__.MODES``."""
-    with cpu_threads(args.fused_threads):
-        return _run_anchors(args) if getattr(args, "anchors", False) else _run(args)
+    if getattr(args, "anchors", False):
+        with cpu_threads(args.fused_threads):
+            return _run_anchors(args)
+    cases = sorted(fused_cases(args), key=case_cost)
+    return run_cases(args, "fused", cases, functools.partial(case_rows, args, budget_of(args)), "fused_loss")
 
 
-def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = bench_device(args, "fused_device")
-    repeats = repeats_of(args)
-    budget = budget_of(args)
+def case_rows(args: argparse.Namespace, budget: CaseBudget, case: tuple[int, int, int, torch.dtype],
+              device: torch.device, repeats: int, backends: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows of one case: stock and each backend on the same embeddings, or one ``skipped (budget)`` row each
+    when ``budget`` does not admit the case."""
+    batch, k, dim, dtype = case
+    n = k * batch
+    if not budget.admit(case_cost(case)):
+        names = ([] if args.fused_no_stock else ["stock"]) + backends
+        return skipped_rows(names, {"B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)})
+    losses = make_fused_losses(backends, with_stock=not args.fused_no_stock)
+    tflops = matmul_tflops(batch, n, dim, dtype, device)
+    free_memory(device)
+    floor_flops = 8.0 * batch * n * dim
+    embeddings = make_embeddings(batch, k, dim, dtype, device)
+    # stock first: its loss and gradients are the reference for the error columns
+    calls = {name: functools.partial(forward_backward, losses[name], embeddings)
+             for name in (["stock"] if "stock" in losses else []) + backends}  # fmt: skip
+    results = measure_each(calls, lambda: [x.grad for x in embeddings], embeddings, device, repeats,
+                           args.fused_time_budget)  # fmt: skip
     rows: list[dict[str, Any]] = []
-    for case in progress(sorted(fused_cases(args), key=case_cost), desc="fused_loss"):
-        batch, k, dim, dtype = case
-        backends = available_backends(device, dtype, args.fused_backends)
-        n = k * batch
-        if not budget.admit(case_cost(case)):
-            names = ([] if args.fused_no_stock else ["stock"]) + backends
-            rows += skipped_rows(names, {"B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)})
-            continue
-        losses = make_fused_losses(backends, with_stock=not args.fused_no_stock)
-        tflops = matmul_tflops(batch, n, dim, dtype, device)
-        free_memory(device)
-        floor_flops = 8.0 * batch * n * dim
-        embeddings = make_embeddings(batch, k, dim, dtype, device)
-        # stock first: its loss and gradients are the reference for the error columns
-        calls = {name: functools.partial(forward_backward, losses[name], embeddings)
-                 for name in (["stock"] if "stock" in losses else []) + backends}  # fmt: skip
-        grads = lambda: [x.grad for x in embeddings]  # noqa: B023, E731
-        results = measure_each(calls, grads, embeddings, device, repeats, args.fused_time_budget)
-        stock = results.get("stock")
-        for name, result in results.items():
-            row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)}
-            row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "floor_fraction", "matmul_tflops"]))
-            row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
-            row["matmul_tflops"] = tflops
-            row["threads"] = row_threads(device)
-            row.update(result_columns(name, result, stock, "speedup_vs_stock"))
-            if not result.get("oom"):
-                row["floor_fraction"] = floor_flops / result["seconds"] / (tflops * 1e12)
-            rows.append(row)
-        embeddings = losses = results = None  # free this case's tensors before the next one
-        free_memory(device)
-        sync(device)
-        budget.done(case_cost(case))
+    for name, result in results.items():
+        row: dict[str, Any] = {"backend": name, "B": batch, "k": k, "N": n, "D": dim, "dtype": dtype_name(dtype)}
+        row.update(dict.fromkeys(["time_ms", "peak_mb", "speedup_vs_stock", "floor_fraction", "matmul_tflops"]))
+        row.update(dict.fromkeys(["loss_err", "grad_err", "memory_by", "runs", "threads"]))
+        row["matmul_tflops"] = tflops
+        row["threads"] = row_threads(device)
+        row.update(result_columns(name, result, results.get("stock"), "speedup_vs_stock"))
+        if not result.get("oom"):
+            row["floor_fraction"] = floor_flops / result["seconds"] / (tflops * 1e12)
+        rows.append(row)
+    budget.done(case_cost(case))
     return rows
 
 
