@@ -53,21 +53,62 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         scorer = self.fused_scorer()
         if scorer is None:
             return super().calculate_loss(reps, masks_chunks, with_backward=with_backward)
+        if with_backward and not self.gather_across_devices:
+            return self.loss_stage_with_gradients(reps, masks_chunks, scorer)
+        queries, query_mask, stacked, stacked_mask, row_offset = self.joined_columns(reps, masks_chunks)
+        return finish_loss_stage(
+            self.loss_of(scorer, queries, query_mask, stacked, stacked_mask, row_offset), with_backward
+        )
+
+    def joined_columns(self, reps: list[list[Tensor]], masks_chunks: list[list[Tensor]]):
+        """(queries (B, Lq, D), query mask, stacked documents (W, N, Ld, D), their mask, row offset) as stock's
+        loss stage joins the cached mini-batches: stock's helpers, looked up now, gathered across devices (labels
+        offset by rank·B) with ``gather_across_devices``."""
         helper = lambda name: stock_helper(self, "calculate_loss", name)  # noqa: E731 (stock's names, looked up now)
         catted = [helper("cat_padded_token_embeddings")(r, m) for r, m in zip(reps, masks_chunks, strict=True)]
         queries, query_mask = catted[0]
         documents = [embeddings for embeddings, _ in catted[1:]]
         document_masks = [mask for _, mask in catted[1:]]
-        batch_size, row_offset = len(queries), 0
+        row_offset = 0
         if self.gather_across_devices:
             gather = helper("all_gather_padded")
             gathered = [gather(e, m, with_grad=True) for e, m in zip(documents, document_masks, strict=True)]
             documents = [embeddings for embeddings, _ in gathered]
             document_masks = [mask for _, mask in gathered]
-            row_offset = helper("get_rank")() * batch_size
+            row_offset = helper("get_rank")() * len(queries)
         stacked, stacked_mask = helper("stack_padded_token_embeddings")(documents, document_masks)
+        return queries, query_mask, stacked, stacked_mask, row_offset
+
+    def loss_of(self, scorer, queries, query_mask, stacked, stacked_mask, row_offset) -> Tensor:
+        """Stock's loss (the mean cross-entropy of scale · scores, positive of query i at column (offset + i)·N) with
+        the fused scores."""
         scores = scorer(queries, stacked, queries_mask=query_mask, documents_mask=stacked_mask)
-        per_group = len(documents)
-        labels = (torch.arange(batch_size, device=scores.device) + row_offset) * per_group
-        loss = torch.nn.functional.cross_entropy(scores * self.scale, labels)
-        return finish_loss_stage(loss, with_backward)
+        labels = (torch.arange(len(queries), device=scores.device) + row_offset) * stacked.shape[1]
+        return torch.nn.functional.cross_entropy(scores * self.scale, labels)
+
+    def loss_stage_with_gradients(self, reps: list[list[Tensor]], masks_chunks: list[list[Tensor]], scorer) -> Tensor:
+        """The GradCache loss stage on one device: the columns joined once without autograd, one fused forward and
+        backward on those copies, then each cached mini-batch's gradient added to its ``.grad`` as the slice of its
+        rows and tokens (what autograd's cat / pad / stack backward would give, without its copies)."""
+        with torch.no_grad():
+            queries, query_mask, stacked, stacked_mask, _ = self.joined_columns(reps, masks_chunks)
+        queries, stacked = queries.detach().requires_grad_(), stacked.detach().requires_grad_()
+        loss = self.loss_of(scorer, queries, query_mask, stacked, stacked_mask, 0)
+        loss.backward()  # the queries' and documents' gradients, and a learnable scale's
+        add_row_gradients(reps[0], queries.grad)
+        for column, mini_batches in enumerate(reps[1:]):
+            add_row_gradients(mini_batches, stacked.grad[:, column])
+        return loss.detach()
+
+
+def add_row_gradients(mini_batches: list[Tensor], grad: Tensor) -> None:
+    """Add to each mini-batch (b, T, D) of one column its rows and first T tokens of ``grad`` (B, T_max, D), in the
+    order the mini-batches were joined, accumulating into ``.grad`` as autograd does."""
+    start = 0
+    for rep in mini_batches:
+        piece = grad[start : start + rep.shape[0], : rep.shape[1]].to(rep.dtype)
+        start += rep.shape[0]
+        if rep.grad is None:
+            rep.grad = piece.clone()
+        else:
+            rep.grad += piece
