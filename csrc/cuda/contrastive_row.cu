@@ -62,57 +62,55 @@ __global__ void contrastive_column_statistics_kernel(StatisticsArgs args) {
   contrastive_column_statistics(args, j, j + 1);
 }
 
+// Launches `warp` (one warp per row) or `block` (one block of kBlockLanes threads per row) over the rows of args;
+// lanes_per_row: 32 or kBlockLanes, anything else is cudaErrorInvalidValue. Returns the launch's error code.
+template <class Args>
+int launch_per_row(void (*warp)(Args), void (*block)(Args), const Args& args, int lanes_per_row,
+                   uintptr_t stream_handle) {
+  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
+  if (args.seg.rows == 0) return 0;
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  if (lanes_per_row == kBlockLanes)
+    block<<<static_cast<unsigned>(args.seg.rows), kBlockLanes, 0, stream>>>(args);
+  else
+    warp<<<warp_per_row_grid(args.seg.rows), warp_per_row_block(), 0, stream>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace st_fast
 
-// lanes_per_row: 32 (a warp per row) or kBlockLanes (a block per row); anything else is cudaErrorInvalidValue.
 extern "C" int st_fast_cuda_contrastive_rows(const st_fast::RowArgs* args, int lanes_per_row,
                                              uintptr_t stream_handle) {
   using namespace st_fast;
-  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
-  if (args->seg.rows == 0) return 0;
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const auto rows = static_cast<unsigned>(args->seg.rows);
+  int code = 0;
   dispatch_store_dtype(args->out.dtype, [&](auto out) {
-    if (lanes_per_row == kBlockLanes)
-      contrastive_row_block_kernel<decltype(out)><<<rows, kBlockLanes, 0, stream>>>(*args);
-    else
-      contrastive_row_kernel<decltype(out)>
-          <<<warp_per_row_grid(args->seg.rows), warp_per_row_block(), 0, stream>>>(*args);
+    using Out = decltype(out);
+    code = launch_per_row(contrastive_row_kernel<Out>, contrastive_row_block_kernel<Out>, *args, lanes_per_row,
+                          stream_handle);
   });
-  return static_cast<int>(cudaGetLastError());
+  return code;
 }
 
 extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::StatisticsArgs* args, int lanes_per_row,
                                                    uintptr_t stream_handle) {
   using namespace st_fast;
-  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (args->seg.rows > 0) {
-    if (lanes_per_row == kBlockLanes)
-      contrastive_row_statistics_block_kernel<<<static_cast<unsigned>(args->seg.rows), kBlockLanes, 0, stream>>>(*args);
-    else
-      contrastive_row_statistics_kernel<<<warp_per_row_grid(args->seg.rows), warp_per_row_block(), 0, stream>>>(*args);
-    if (args->block.count > 0) {
-      const auto blocks = static_cast<unsigned>((args->block.count + kColumnThreads - 1) / kColumnThreads);
-      contrastive_column_statistics_kernel<<<blocks, kColumnThreads, 0, stream>>>(*args);
-    }
-  }
+  const int code = launch_per_row(contrastive_row_statistics_kernel, contrastive_row_statistics_block_kernel, *args,
+                                  lanes_per_row, stream_handle);
+  if (code != 0 || args->seg.rows == 0 || args->block.count == 0) return code;
+  const auto blocks = static_cast<unsigned>((args->block.count + kColumnThreads - 1) / kColumnThreads);
+  contrastive_column_statistics_kernel<<<blocks, kColumnThreads, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
+      *args);
   return static_cast<int>(cudaGetLastError());
 }
 
 extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::CoefficientsArgs* args, int lanes_per_row,
                                                      uintptr_t stream_handle) {
   using namespace st_fast;
-  if (lanes_per_row != 32 && lanes_per_row != kBlockLanes) return static_cast<int>(cudaErrorInvalidValue);
-  if (args->seg.rows == 0) return 0;
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const auto rows = static_cast<unsigned>(args->seg.rows);
+  int code = 0;
   dispatch_store_dtype(args->out.dtype, [&](auto out) {
-    if (lanes_per_row == kBlockLanes)
-      contrastive_coefficient_block_kernel<decltype(out)><<<rows, kBlockLanes, 0, stream>>>(*args);
-    else
-      contrastive_coefficient_kernel<decltype(out)><<<warp_per_row_grid(args->seg.rows), warp_per_row_block(), 0,
-                                                      stream>>>(*args);
+    using Out = decltype(out);
+    code = launch_per_row(contrastive_coefficient_kernel<Out>, contrastive_coefficient_block_kernel<Out>, *args,
+                          lanes_per_row, stream_handle);
   });
-  return static_cast<int>(cudaGetLastError());
+  return code;
 }

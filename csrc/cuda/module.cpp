@@ -32,6 +32,19 @@ namespace {
 void check(int code, const char* what) {
   if (code != 0) throw std::runtime_error(std::string(what) + ": " + st_fast_cuda_error_string(code));
 }
+
+// The entry point `name`: its argument object (row_kernel_calls.h), the stream and the threads per row, run by the
+// .cu launcher `launch`.
+template <class Call, class Args>
+void def_entry(py::module_& m, const char* name, int (*launch)(const Args*, int, uintptr_t)) {
+  m.def(
+      name,
+      [name, launch](const Call& call, uintptr_t stream, int lanes_per_row) {
+        const Args args = st_fast::to_args(call);
+        check(launch(&args, lanes_per_row, stream), name);
+      },
+      py::arg("call"), py::arg("stream"), py::arg("lanes_per_row") = 32);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -41,26 +54,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("cuda_archs") = ST_FAST_CUDA_ARCHS;      // e.g. "sm_80 sm_90 compute_90"
   m.def("device_count", &st_fast_cuda_device_count, "CUDA devices visible to the static runtime (0 without a driver)");
   st_fast::bind_row_kernel_calls(m);
-  // the entry points take their argument object (row_kernel_calls.h), the stream and the threads per row
-  m.def(
-      "contrastive_rows",
-      [](const st_fast::RowsCall& call, uintptr_t stream, int lanes_per_row) {
-        const st_fast::RowArgs args = st_fast::to_args(call);
-        check(st_fast_cuda_contrastive_rows(&args, lanes_per_row, stream), "contrastive_rows");
-      },
-      py::arg("call"), py::arg("stream"), py::arg("lanes_per_row") = 32);
-  m.def(
-      "contrastive_statistics",
-      [](const st_fast::StatisticsCall& call, uintptr_t stream, int lanes_per_row) {
-        const st_fast::StatisticsArgs args = st_fast::to_args(call);
-        check(st_fast_cuda_contrastive_statistics(&args, lanes_per_row, stream), "contrastive_statistics");
-      },
-      py::arg("call"), py::arg("stream"), py::arg("lanes_per_row") = 32);
-  m.def(
-      "contrastive_coefficients",
-      [](const st_fast::CoefficientsCall& call, uintptr_t stream, int lanes_per_row) {
-        const st_fast::CoefficientsArgs args = st_fast::to_args(call);
-        check(st_fast_cuda_contrastive_coefficients(&args, lanes_per_row, stream), "contrastive_coefficients");
-      },
-      py::arg("call"), py::arg("stream"), py::arg("lanes_per_row") = 32);
+  def_entry<st_fast::RowsCall>(m, "contrastive_rows", &st_fast_cuda_contrastive_rows);
+  def_entry<st_fast::StatisticsCall>(m, "contrastive_statistics", &st_fast_cuda_contrastive_statistics);
+  def_entry<st_fast::CoefficientsCall>(m, "contrastive_coefficients", &st_fast_cuda_contrastive_coefficients);
 }

@@ -191,11 +191,39 @@ inline int directions(int d) {
 
 }  // namespace calls
 
+namespace calls {
+
+// The general passes' segments, logits' rule and scales.
+template <class Args, class Call>
+void set_general(Args& a, const Call& c) {
+  a.seg = segments(c);
+  a.rule = rule(c, c);
+  a.scales = scales(c, c);
+}
+
+// The statistics passes' positive block and outputs.
+template <class Args, class Call>
+void set_statistics(Args& a, const Call& c) {
+  a.block = block(c, c);
+  a.stats = statistics(c);
+}
+
+// The coefficient passes' positive block, outputs, partition and factors (the general pass's references: its own).
+template <class Args, class Call>
+void set_coefficients(Args& a, const Call& c, uintptr_t grad_scale_factor) {
+  a.block = block(c, c);
+  a.out = output(c, c, true, grad_scale_factor);
+  a.joint = c.joint ? 1 : 0;
+  a.directions = directions(c.directions);
+  a.row_factor = address<float>(c.row_factor);
+  a.col_factor = address<float>(c.col_factor);
+}
+
+}  // namespace calls
+
 inline RowArgs to_args(const RowsCall& c) {
   RowArgs a{};
-  a.seg = calls::segments(c);
-  a.rule = calls::rule(c, c);
-  a.scales = calls::scales(c, c);
+  calls::set_general(a, c);
   a.out = calls::output(c, c, c.grad_scale >= 0.0f, c.grad_scale_factor);
   a.joint = c.joint ? 1 : 0;
   a.row_loss = reinterpret_cast<float*>(c.row_loss);
@@ -204,27 +232,17 @@ inline RowArgs to_args(const RowsCall& c) {
 
 inline StatisticsArgs to_args(const StatisticsCall& c) {
   StatisticsArgs a{};
-  a.seg = calls::segments(c);
-  a.rule = calls::rule(c, c);
-  a.scales = calls::scales(c, c);
-  a.block = calls::block(c, c);
-  a.stats = calls::statistics(c);
+  calls::set_general(a, c);
+  calls::set_statistics(a, c);
   return a;
 }
 
 inline CoefficientsArgs to_args(const CoefficientsCall& c) {
   CoefficientsArgs a{};
-  a.seg = calls::segments(c);
-  a.rule = calls::rule(c, c);
-  a.scales = calls::scales(c, c);
-  a.block = calls::block(c, c);
-  a.out = calls::output(c, c, true, c.grad_scale_factor);
-  a.joint = c.joint ? 1 : 0;
-  a.directions = calls::directions(c.directions);
+  calls::set_general(a, c);
+  calls::set_coefficients(a, c, c.grad_scale_factor);
   a.row_ref = calls::address<float>(c.row_ref);
   a.col_ref = calls::address<float>(c.col_ref);
-  a.row_factor = calls::address<float>(c.row_factor);
-  a.col_factor = calls::address<float>(c.col_factor);
   return a;
 }
 
@@ -233,8 +251,7 @@ inline ExpStatisticsArgs to_args(const ExpStatisticsCall& c) {
   a.seg = calls::segments(c);
   a.scale = c.scale;
   a.shift = c.shift;
-  a.block = calls::block(c, c);
-  a.stats = calls::statistics(c);
+  calls::set_statistics(a, c);
   return a;
 }
 
@@ -242,12 +259,7 @@ inline ExpCoefficientsArgs to_args(const ExpCoefficientsCall& c) {
   ExpCoefficientsArgs a{};
   a.seg = calls::segments(c);
   a.scale = c.scale;
-  a.block = calls::block(c, c);
-  a.out = calls::output(c, c, true, 0);
-  a.joint = c.joint ? 1 : 0;
-  a.directions = calls::directions(c.directions);
-  a.row_factor = calls::address<float>(c.row_factor);
-  a.col_factor = calls::address<float>(c.col_factor);
+  calls::set_coefficients(a, c, 0);
   return a;
 }
 

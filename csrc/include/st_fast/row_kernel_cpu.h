@@ -12,13 +12,18 @@
 
 namespace st_fast {
 
+// Runs pass(out, r, lanes) for every row of a, with out the Store of a's coefficient dtype (half_store.h).
+template <class Exec, class Args, class Pass>
+void run_store_rows(const Args& a, Pass&& pass) {
+  dispatch_store_dtype(a.out.dtype, [&](auto out) {
+    Exec::rows(a.seg.rows, [&](int64_t r, const auto& lanes) { pass(out, r, lanes); });
+  });
+}
+
 template <class Exec>
 void contrastive_rows_cpu(const RowsCall& call) {
   const RowArgs a = to_args(call);
-  dispatch_store_dtype(a.out.dtype, [&](auto out) {
-    using Out = decltype(out);
-    Exec::rows(a.seg.rows, [&](int64_t r, const auto& lanes) { contrastive_row<Out>(a, r, lanes); });
-  });
+  run_store_rows<Exec>(a, [&](auto out, int64_t r, const auto& lanes) { contrastive_row<decltype(out)>(a, r, lanes); });
 }
 
 template <class Exec>
@@ -31,9 +36,8 @@ void contrastive_statistics_cpu(const StatisticsCall& call) {
 template <class Exec>
 void contrastive_coefficients_cpu(const CoefficientsCall& call) {
   const CoefficientsArgs a = to_args(call);
-  dispatch_store_dtype(a.out.dtype, [&](auto out) {
-    using Out = decltype(out);
-    Exec::rows(a.seg.rows, [&](int64_t r, const auto& lanes) { contrastive_row_coefficients<Out>(a, r, lanes); });
+  run_store_rows<Exec>(a, [&](auto out, int64_t r, const auto& lanes) {
+    contrastive_row_coefficients<decltype(out)>(a, r, lanes);
   });
 }
 

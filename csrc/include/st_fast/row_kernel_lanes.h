@@ -88,47 +88,50 @@ ST_FAST_HD float segment_lse(const Args& a, int64_t r, int x, const Lanes& lanes
 
 // ---- The one-pass kernel.
 
-// One segment of row r in the one-pass kernel's coefficient step: what its lane and range forms share.
+// One segment x of row r in the one-pass kernel's coefficient step: the row's softmax reference and weights, and the
+// own columns' coefficient, which its lane and range forms share.
 struct RowSegmentTerms {
   const RowArgs& a;
+  int64_t r;
   int x;
-  int64_t g;
-  int kind;
-  const float* v;  // the row's scores
-  void* out;
-  int64_t out_offset;
-  const float* col_scale;
-  float row_scale, bulk, ref, weight, positive_share;
-  bool holder;
+  float ref, weight, positive_share;
 
   // An own column's coefficient (the positive's one-hot term folded in), stored.
   template <class Out>
   ST_FAST_HD void own(int64_t c, int64_t j, float value) const {
+    const int kind = a.seg.kinds[x];
     const float mult = own_column_multiplier(a.rule, kind, j);
-    const float scales = scales_at(col_scale, row_scale, c);
-    const bool masked = mult == 0.0f || duplicate(a.seg, x, c, g);
+    const float scales = scales_at(a.scales.columns[x], row_scale_of(a.scales, x, r), c);
+    const bool masked = mult == 0.0f || duplicate(a.seg, x, c, a.seg.row_start + r);
     float coefficient = masked ? 0.0f : weight * row_expf(value * scales * mult - ref);
-    if (holder && j == 0) coefficient -= positive_share;  // the positive's one-hot term
-    Out::put(out, out_offset + c, coefficient * scales);
+    if (holds_positive(a.joint, kind) && j == 0) coefficient -= positive_share;  // the positive's one-hot term
+    Out::put(a.out.segments[x], r * a.seg.lengths[x] + c, coefficient * scales);
   }
 };
 
 template <class Out, class Lanes>
 ST_FAST_HD void store_row_coefficients(const RowSegmentTerms& t, const Lanes& lanes) {
   const RowArgs& a = t.a;
+  const int x = t.x;
+  const int64_t n = a.seg.lengths[x], g = a.seg.row_start + t.r, out_offset = t.r * n;
+  const float* v = a.seg.scores[x] + out_offset;
+  void* out = a.out.segments[x];
+  const float* col_scale = a.scales.columns[x];
+  const float row_scale = row_scale_of(a.scales, x, t.r);
+  const float bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
+  const float ref = t.ref, weight = t.weight;
   for_each_segment_column(
-      t.v, a.seg.lengths[t.x], a.seg.width, t.g, lanes,
+      v, n, a.seg.width, g, lanes,
       [&](int64_t c, float value) {
-        const float scales = scales_at(t.col_scale, t.row_scale, c);
-        const float coefficient = t.weight * row_expf(value * scales * t.bulk - t.ref) * scales;
-        Out::put(t.out, t.out_offset + c, duplicate(a.seg, t.x, c, t.g) ? 0.0f : coefficient);
+        const float scales = scales_at(col_scale, row_scale, c);
+        const float coefficient = weight * row_expf(value * scales * bulk - ref) * scales;
+        Out::put(out, out_offset + c, duplicate(a.seg, x, c, g) ? 0.0f : coefficient);
       },
       [&](int64_t c, int64_t j, float value) { t.own<Out>(c, j, value); });
 }
 
 template <class Out, class Lanes>
 ST_FAST_HD void contrastive_row(const RowArgs& a, int64_t r, const Lanes& lanes) {
-  const int64_t g = a.seg.row_start + r;
   float seg_lse[kMaxSegments];
   float positive = 0.0f;  // lane 0's
   for (int x = 0; x < a.seg.num_segments; ++x) seg_lse[x] = segment_lse(a, r, x, lanes, positive);
@@ -142,23 +145,9 @@ ST_FAST_HD void contrastive_row(const RowArgs& a, int64_t r, const Lanes& lanes)
   for (int x = 0; x < a.seg.num_segments; ++x) holders += holds_positive(a.joint, a.seg.kinds[x]) ? 1 : 0;
   const float positive_share = base / static_cast<float>(holders);
   for (int x = 0; x < a.seg.num_segments; ++x) {
-    const int64_t n = a.seg.lengths[x];
-    const int kind = a.seg.kinds[x];
-    const RowSegmentTerms t{a,
-                            x,
-                            g,
-                            kind,
-                            a.seg.scores[x] + r * n,
-                            a.out.segments[x],
-                            r * n,
-                            a.scales.columns[x],
-                            row_scale_of(a.scales, x, r),
-                            bulk_multiplier(a.rule, kind),
-                            a.joint ? log_z : seg_lse[x],
-                            a.joint ? base : base / static_cast<float>(a.seg.num_segments),
-                            positive_share,
-                            holds_positive(a.joint, kind)};
-    store_row_coefficients<Out>(t, lanes);
+    const float ref = a.joint ? log_z : seg_lse[x];
+    const float weight = a.joint ? base : base / static_cast<float>(a.seg.num_segments);
+    store_row_coefficients<Out>(RowSegmentTerms{a, r, x, ref, weight, positive_share}, lanes);
   }
 }
 
@@ -200,21 +189,15 @@ ST_FAST_HD void contrastive_column_statistics(const StatisticsArgs& a, int64_t j
 
 // ---- The symmetric coefficient pass.
 
-// One segment of row r in the coefficient pass: what its lane and range forms share.
+// One segment x of row r in the coefficient pass: its row softmax's reference, the row factor, the weights, and the
+// column term and own columns' coefficient, which its lane and range forms share.
 struct SymmetricSegmentTerms {
   const CoefficientsArgs& a;
+  int64_t r;
   int x;
-  int64_t g;
-  int kind;
-  bool q2d;
-  const float* v;  // the row's scores
-  void* out;
-  int64_t out_offset;
-  float row_scale, bulk, ref;
-  // exp(row_ref[r, Q2D] - K) (Q2D with factors), else 0
-  float row_factor;
+  float ref;
+  float row_factor;  // exp(row_ref[r, Q2D] - K) (Q2D with factors), else 0
   SymmetricWeights w;
-  int64_t block_end;
 
   // The column-softmax term of entry c of the Q2D row (0 outside the positive block), given the row term's
   // exp(l - ref) for the logit l = mult·s. Where the logit is unpenalized (mult == scale) and both factors exist,
@@ -222,7 +205,10 @@ struct SymmetricSegmentTerms {
   // two (a relative error of a few fp32 roundings; with both factors within e^±8, an exp(l - ref) that underflows
   // leaves out a column term below e^-87).
   ST_FAST_HD float column_term(int64_t c, float s, float mult, float row_exp) const {
-    if (!q2d || c < a.block.begin || c >= block_end || column_duplicate(a.block, c, g)) return 0.0f;
+    const int64_t block_end = a.block.begin + a.block.count;
+    if (a.seg.kinds[x] != kQ2D || c < a.block.begin || c >= block_end ||
+        column_duplicate(a.block, c, a.seg.row_start + r))
+      return 0.0f;
     const int64_t j = c - a.block.begin;
     const float col_factor = a.col_factor ? a.col_factor[j] : 0.0f;
     if (mult == a.rule.scale && row_factor > 0.0f && col_factor > 0.0f)
@@ -233,29 +219,39 @@ struct SymmetricSegmentTerms {
   // An own column's coefficient (at the diagonal, the one-hot shares folded in), stored.
   template <class Out>
   ST_FAST_HD void own(int64_t c, int64_t j, float value) const {
+    const int kind = a.seg.kinds[x];
     const float mult = own_column_multiplier(a.rule, kind, j);
-    const float scales = scales_at(a.scales.columns[x], row_scale, c);
+    const float scales = scales_at(a.scales.columns[x], row_scale_of(a.scales, x, r), c);
     const float s = value * scales;
     // (a duplicate own column is a hard negative of the row, outside the positive block: no column term)
-    const float row_exp = mult == 0.0f || duplicate(a.seg, x, c, g) ? 0.0f : row_expf(s * mult - ref);
+    const bool masked = mult == 0.0f || duplicate(a.seg, x, c, a.seg.row_start + r);
+    const float row_exp = masked ? 0.0f : row_expf(s * mult - ref);
     const float coefficient = w.weight * row_exp;
     const float column = column_term(c, s, mult, row_exp);
-    const float total = q2d && j == 0 ? diagonal_coefficient(coefficient, column, w) : coefficient + column;
-    Out::put(out, out_offset + c, total * scales);
+    const bool diagonal = kind == kQ2D && j == 0;
+    const float total = diagonal ? diagonal_coefficient(coefficient, column, w) : coefficient + column;
+    Out::put(a.out.segments[x], r * a.seg.lengths[x] + c, total * scales);
   }
 };
 
 template <class Out, class Lanes>
 ST_FAST_HD void store_symmetric_coefficients(const SymmetricSegmentTerms& t, const Lanes& lanes) {
   const CoefficientsArgs& a = t.a;
+  const int x = t.x;
+  const int64_t n = a.seg.lengths[x], g = a.seg.row_start + t.r, out_offset = t.r * n;
+  const float* v = a.seg.scores[x] + out_offset;
+  void* out = a.out.segments[x];
+  const float row_scale = row_scale_of(a.scales, x, t.r);
+  const float bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
+  const float ref = t.ref, weight = t.w.weight;
   for_each_segment_column(
-      t.v, a.seg.lengths[t.x], a.seg.width, t.g, lanes,
+      v, n, a.seg.width, g, lanes,
       [&](int64_t c, float value) {
-        const float scales = scales_at(a.scales.columns[t.x], t.row_scale, c);
+        const float scales = scales_at(a.scales.columns[x], row_scale, c);
         const float s = value * scales;
-        const float row_exp = row_expf(s * t.bulk - t.ref);
-        const float row_term = duplicate(a.seg, t.x, c, t.g) ? 0.0f : t.w.weight * row_exp;
-        Out::put(t.out, t.out_offset + c, (row_term + t.column_term(c, s, t.bulk, row_exp)) * scales);
+        const float row_exp = row_expf(s * bulk - ref);
+        const float row_term = duplicate(a.seg, x, c, g) ? 0.0f : weight * row_exp;
+        Out::put(out, out_offset + c, (row_term + t.column_term(c, s, bulk, row_exp)) * scales);
       },
       [&](int64_t c, int64_t j, float value) { t.own<Out>(c, j, value); });
 }
@@ -264,28 +260,11 @@ ST_FAST_HD void store_symmetric_coefficients(const SymmetricSegmentTerms& t, con
 // positive block).
 template <class Out, class Lanes>
 ST_FAST_HD void contrastive_row_coefficients(const CoefficientsArgs& a, int64_t r, const Lanes& lanes) {
-  const int64_t g = a.seg.row_start + r;
   const SymmetricWeights w = symmetric_weights(coefficient_base(a.out, a.rule.scale), a.joint, a.directions);
-  const int64_t block_end = a.block.begin + a.block.count;
   for (int x = 0; x < a.seg.num_segments; ++x) {
-    const int64_t n = a.seg.lengths[x];
-    const int kind = a.seg.kinds[x];
-    const bool q2d = kind == kQ2D;
-    const SymmetricSegmentTerms t{a,
-                                  x,
-                                  g,
-                                  kind,
-                                  q2d,
-                                  a.seg.scores[x] + r * n,
-                                  a.out.segments[x],
-                                  r * n,
-                                  row_scale_of(a.scales, x, r),
-                                  bulk_multiplier(a.rule, kind),
-                                  a.row_ref[r * a.seg.num_segments + x],
-                                  q2d && a.row_factor ? a.row_factor[r] : 0.0f,
-                                  w,
-                                  block_end};
-    store_symmetric_coefficients<Out>(t, lanes);
+    const float ref = a.row_ref[r * a.seg.num_segments + x];
+    const float row_factor = a.seg.kinds[x] == kQ2D && a.row_factor ? a.row_factor[r] : 0.0f;
+    store_symmetric_coefficients<Out>(SymmetricSegmentTerms{a, r, x, ref, row_factor, w}, lanes);
   }
 }
 

@@ -175,12 +175,15 @@ ST_FAST_HD float segment_lse(const Args& a, int64_t r, int x, const SerialLanes&
 // ---- The one-pass kernel's coefficients of one segment.
 template <class Out>
 ST_FAST_HD void store_row_coefficients(const RowSegmentTerms& t, const SerialLanes&) {
-  const int64_t n = t.a.seg.lengths[t.x], width = t.a.seg.width, g = t.g, out_offset = t.out_offset;
-  const float* v = t.v;
-  void* out = t.out;
-  const float* col_scale = t.col_scale;
-  const float row_scale = t.row_scale, bulk = t.bulk, ref = t.ref, weight = t.weight;
-  const Label* labels = t.a.seg.labels[t.x];
+  const RowArgs& a = t.a;
+  const int x = t.x;
+  const int64_t n = a.seg.lengths[x], width = a.seg.width, g = a.seg.row_start + t.r, out_offset = t.r * n;
+  const float* v = a.seg.scores[x] + out_offset;
+  void* out = a.out.segments[x];
+  const float* col_scale = a.scales.columns[x];
+  const float row_scale = row_scale_of(a.scales, x, t.r), bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
+  const float ref = t.ref, weight = t.weight;
+  const Label* labels = a.seg.labels[x];
   const Label ref_label = labels ? labels[g] : 0;
   auto store_rows = [&](auto has_col_scale, auto has_labels) {
     constexpr bool kColScale = decltype(has_col_scale)::value;
@@ -203,14 +206,17 @@ ST_FAST_HD void store_row_coefficients(const RowSegmentTerms& t, const SerialLan
 template <class Out>
 ST_FAST_HD void store_symmetric_coefficients(const SymmetricSegmentTerms& t, const SerialLanes&) {
   const CoefficientsArgs& a = t.a;
-  const int64_t n = a.seg.lengths[t.x], g = t.g, out_offset = t.out_offset, block_end = t.block_end;
-  const float* v = t.v;
-  void* out = t.out;
-  const float row_scale = t.row_scale, bulk = t.bulk, ref = t.ref, row_factor = t.row_factor, weight = t.w.weight;
-  const bool q2d = t.q2d;
-  const float* col_scale = a.scales.columns[t.x];
+  const int x = t.x;
+  const int64_t n = a.seg.lengths[x], g = a.seg.row_start + t.r, out_offset = t.r * n;
+  const int64_t block_end = a.block.begin + a.block.count;
+  const float* v = a.seg.scores[x] + out_offset;
+  void* out = a.out.segments[x];
+  const float row_scale = row_scale_of(a.scales, x, t.r), bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
+  const float ref = t.ref, row_factor = t.row_factor, weight = t.w.weight;
+  const bool q2d = a.seg.kinds[x] == kQ2D;
+  const float* col_scale = a.scales.columns[x];
   // mask_duplicates: the row term's labels (the segment's) and the column term's (the query labels)
-  const Label* labels = a.seg.labels[t.x];
+  const Label* labels = a.seg.labels[x];
   const Label ref_label = labels ? labels[g] : 0;
   const Label* query_labels = a.block.query_labels;
   const Label query_ref = query_labels ? query_labels[g] : 0;
