@@ -131,7 +131,7 @@ def test_cached_forward_and_backward_hook_equal_stock(model, fused_calls):
 
 def random_cache(columns: int, dtype: torch.dtype, seed: int):
     """Cached token embeddings of 3 mini-batches (2 + 2 + 1 rows) per column, each mini-batch at its own width,
-    unit rows, masks with holes, one empty document."""
+    unit rows, masks with holes, one empty document (with 3 or more columns)."""
     g = torch.Generator().manual_seed(seed)
     reps, masks = [], []
     for column in range(columns):
@@ -144,7 +144,8 @@ def random_cache(columns: int, dtype: torch.dtype, seed: int):
             column_masks.append(mask)
         reps.append(column_reps)
         masks.append(column_masks)
-    masks[-1][1][0] = False  # a document without a scoreable token
+    if columns > 2:  # a hard negative without a scoreable token (an empty positive: a loss of about 1e9 · scale)
+        masks[-1][1][0] = False
     return reps, masks
 
 
@@ -167,8 +168,9 @@ def test_cached_loss_stage_writes_stocks_gradients(model, columns, dtype, simila
     reps, masks = random_cache(columns, dtype, seed=columns)
     (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
     assert len(fused_calls) == 1
+    # the same products (one GEMM rounding to dtype) and maxima: the loss differs by float32 summation order only
+    torch.testing.assert_close(loss_a.float(), loss_b.float(), rtol=1e-5, atol=1e-6)
     tolerance = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
-    torch.testing.assert_close(loss_a.float(), loss_b.float(), rtol=tolerance, atol=tolerance)
     for column_a, column_b in zip(grads_a, grads_b, strict=True):
         for a, b in zip(column_a, column_b, strict=True):
             assert a.dtype == b.dtype == dtype and a.shape == b.shape
@@ -301,3 +303,23 @@ def test_backends_through_the_cached_loss_stage(model, backend, fused_calls):
     for column_a, column_b in zip(grads_a, grads_b, strict=True):
         for a, b in zip(column_a, column_b, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_under_autocast_the_products_take_the_autocast_dtype_as_stocks(model, fused_calls):
+    """CPU bf16 autocast: stock's einsum computes the float32 embeddings' products in bfloat16 (its masked_fill and
+    max too); the fused scorer casts them as autocast would, so loss and gradients are stock's to bf16 rounding."""
+    reps, masks = random_cache(2, torch.float32, seed=13)
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    fused = CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss_a, grads_a), (loss_b, grads_b) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    with torch.autocast("cpu", enabled=False):
+        loss_float32 = cached_stage(fused, reps, masks)[0]
+    assert len(fused_calls) == 2
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    tolerance = 2 * torch.finfo(torch.bfloat16).eps
+    assert abs(float(loss_a) - float(loss_float32)) > 1e-6  # autocast did change stock's (and st_fast's) products
+    for column_a, column_b in zip(grads_a, grads_b, strict=True):
+        for a, b in zip(column_a, column_b, strict=True):
+            assert a.dtype == b.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=0, atol=tolerance * float(b.abs().max()))
