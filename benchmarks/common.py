@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -215,8 +216,9 @@ def time_alternating(fns: dict[Any, Callable[[], Any]], rounds: int, *, device: 
 def op_seconds(fn: Callable[[], Any], device: str | torch.device, min_run_time: float = 0.5) -> float:
     """Median seconds of a fixed-size operation (a GEMM, a kernel): ``triton.testing.do_bench`` on CUDA (about 25 ms
     of warm-up, 100 ms of runs, the L2 cache flushed before each), else ``torch.utils.benchmark.Timer``'s
-    ``blocked_autorange`` (blocks of calls for at least ``min_run_time`` seconds, at torch's current thread count)."""
-    if torch.device(device).type == "cuda":
+    ``blocked_autorange`` (blocks of calls for at least ``min_run_time`` seconds, at torch's current thread count;
+    also on CUDA without triton, optional to st_fast: the Timer synchronizes around each block)."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
         from triton.testing import do_bench
 
         return do_bench(fn, return_mode="median") / 1e3
