@@ -75,7 +75,7 @@ def native_backward(library, queries, query_mask, documents, index, grad_sums):
     return grad_queries, grad_documents
 
 
-def batch(dtype, seed, queries=5, documents=7, query_tokens=6, document_tokens=19, dim=24, grid=False):
+def batch(dtype, seed, queries=5, documents=7, query_tokens=7, document_tokens=19, dim=24, grid=False):
     g = torch.Generator().manual_seed(seed)
     if grid:  # k/4 values: exact float32 products, common bfloat16 ties
         q = torch.randint(-4, 5, (queries, query_tokens, dim), generator=g) / 4

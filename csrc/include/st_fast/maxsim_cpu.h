@@ -1,8 +1,8 @@
 // CPU MaxSim (late interaction): the forward as register tiles of query tokens x document tokens with the running
 // max in the epilogue, and the sparse, deterministic backward through the stored arg-max.
 //
-// Forward (OpenMP over blocks of kQueryBlock queries; each thread packs one document at a time, transposed, and
-// scores its block's queries against it, so the packing is shared by kQueryBlock queries):
+// Forward (OpenMP over blocks of kQueryBlock queries; each thread packs one document at a time into transposed panels
+// of kCols tokens and scores its block's queries against it, so the packing is shared by kQueryBlock queries):
 //
 //   p[s, t]        = Σ_k q[i, s, k] · d[m, t, k]            float32 accumulation (a kRows x kCols register tile)
 //   p[s, t]        = bfloat16(p[s, t])                      for bfloat16 embeddings (to nearest even, as torch)
@@ -41,7 +41,7 @@
 namespace st_fast {
 namespace maxsim {
 
-constexpr int kRows = 4;         // query tokens per register tile
+constexpr int kRows = 6;         // query tokens per register tile (12 accumulators of 8 floats)
 constexpr int kCols = 16;        // document tokens per register tile
 constexpr int64_t kQueryBlock = 4;  // queries scored against one packed document
 
@@ -130,6 +130,8 @@ ST_FAST_MAXSIM_INLINE void tile_products(const float* q, int64_t dim, const floa
 ST_FAST_MAXSIM_INLINE void tile_products(int rows, const float* q, int64_t dim, const float* dt, int64_t stride,
                                          float (&out)[kRows][kCols]) {
   switch (rows) {
+    case 6: tile_products<6>(q, dim, dt, stride, out); break;
+    case 5: tile_products<5>(q, dim, dt, stride, out); break;
     case 4: tile_products<4>(q, dim, dt, stride, out); break;
     case 3: tile_products<3>(q, dim, dt, stride, out); break;
     case 2: tile_products<2>(q, dim, dt, stride, out); break;
@@ -137,14 +139,19 @@ ST_FAST_MAXSIM_INLINE void tile_products(int rows, const float* q, int64_t dim, 
   }
 }
 
-// Document m transposed into dt (D x padded_tokens(Ld), zero past Ld), as float32.
+// Document m packed as panels of kCols tokens, each transposed: dt[(t / kCols)·D·kCols + k·kCols + t % kCols] =
+// d[m, t, k] as float32, zero past Ld (padded_tokens(Ld)·D floats): a register tile reads its panel sequentially.
 ST_FAST_MAXSIM_INLINE void pack_document(const MaxSimForwardArgs& a, int64_t m, float* dt) {
   const MaxSimShape& s = a.shape;
-  const int64_t stride = padded_tokens(s.document_tokens);
-  for (int64_t k = 0; k < s.dim; ++k) std::fill(dt + k * stride + s.document_tokens, dt + (k + 1) * stride, 0.0f);
-  for (int64_t t = 0; t < s.document_tokens; ++t) {
+  const int64_t padded = padded_tokens(s.document_tokens);
+  for (int64_t t = 0; t < padded; ++t) {
+    float* out = dt + (t / kCols) * s.dim * kCols + t % kCols;
+    if (t >= s.document_tokens) {
+      for (int64_t k = 0; k < s.dim; ++k) out[k * kCols] = 0.0f;
+      continue;
+    }
     const int64_t base = (m * s.document_tokens + t) * s.dim;
-    for (int64_t k = 0; k < s.dim; ++k) dt[k * stride + t] = element(a.documents, base + k, s.dtype);
+    for (int64_t k = 0; k < s.dim; ++k) out[k * kCols] = element(a.documents, base + k, s.dtype);
   }
 }
 
@@ -178,7 +185,7 @@ ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64
           best_at[r] = 0;
         }
         for (int64_t c0 = 0; c0 < ld; c0 += kCols) {
-          tile_products(rows, q + r0 * dim, dim, dt + c0, stride, acc);
+          tile_products(rows, q + r0 * dim, dim, dt + c0 * dim, kCols, acc);
           for (int r = 0; r < rows; ++r) {
             const Float8 low = scored(acc[r], keep.data() + c0, inside.data() + c0, a.fill, bfloat16);
             const Float8 high = scored(acc[r] + 8, keep.data() + c0 + 8, inside.data() + c0 + 8, a.fill, bfloat16);
