@@ -157,11 +157,11 @@ ST_FAST_MAXSIM_INLINE void pack_document(const MaxSimForwardArgs& a, int64_t m, 
 
 // Queries [q0, q1) of the forward against every document (see the file comment). ``queries``: (q1-q0)·Lq·D floats,
 // ``dt``: D·padded_tokens(Ld) floats of scratch.
-ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64_t q0, int64_t q1, float* queries, float* dt) {
+ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64_t q0, int64_t q1, float* queries,
+                                               float* dt) {
   const MaxSimShape& s = a.shape;
   const int64_t lq = s.query_tokens, ld = s.document_tokens, dim = s.dim, stride = padded_tokens(ld);
-  for (int64_t i = q0; i < q1; ++i)
-    for (int64_t e = 0; e < lq * dim; ++e) queries[(i - q0) * lq * dim + e] = element(a.queries, i * lq * dim + e, s.dtype);
+  for (int64_t e = 0; e < (q1 - q0) * lq * dim; ++e) queries[e] = element(a.queries, q0 * lq * dim + e, s.dtype);
   alignas(32) float acc[kRows][kCols];
   const bool bfloat16 = s.dtype == MaxSimDtype::kBFloat16;
   std::vector<int32_t> keep(stride), inside(stride);  // per document token: lane masks (-1: true)
