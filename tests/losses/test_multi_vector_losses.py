@@ -235,11 +235,10 @@ def test_evaluation_leaves_modes_and_computes_stocks_loss(model):
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
 
 
-def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch, fused_calls):
-    """Two simulated ranks: this one (rank 1) gathers a fixed other rank's documents in front of its own, as
-    all_gather_padded does; the fused loss reads stock's helpers, so the same patch reaches both."""
-    from sentence_transformers.multi_vector_encoder.losses import cached_multiple_negatives_ranking as module
-
+def simulated_gather(monkeypatch, module):
+    """Two simulated ranks in ``module`` (a stock loss module): this one is rank 1, and all_gather_padded puts a
+    fixed other rank's documents (2 tokens wider: the padding to the cross-rank width) in front of its own, as the
+    real one does; the fused losses read stock's helpers, so the same patch reaches both."""
     other = {}
 
     def all_gather_padded(tensor, mask, with_grad=False):
@@ -256,6 +255,12 @@ def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch, fu
 
     monkeypatch.setattr(module, "all_gather_padded", all_gather_padded)
     monkeypatch.setattr(module, "get_rank", lambda: 1)
+
+
+def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch, fused_calls):
+    from sentence_transformers.multi_vector_encoder.losses import cached_multiple_negatives_ranking as module
+
+    simulated_gather(monkeypatch, module)
     reps, masks = random_cache(3, torch.float32, seed=6)
     kwargs = dict(mini_batch_size=2, gather_across_devices=True)
     stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
@@ -266,6 +271,16 @@ def test_gathered_documents_and_label_offsets_equal_stock(model, monkeypatch, fu
     for column_a, column_b in zip(grads_a, grads_b, strict=True):
         for a, b in zip(column_a, column_b, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_gathered_documents_in_the_loss_forward_equal_stock(model, monkeypatch, fused_calls):
+    from sentence_transformers.multi_vector_encoder.losses import multiple_negatives_ranking as module
+
+    simulated_gather(monkeypatch, module)
+    stock = stock_losses.MultiVectorMultipleNegativesRankingLoss(model, gather_across_devices=True)
+    fused = MultiVectorMultipleNegativesRankingLoss(model, gather_across_devices=True)
+    assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+    assert fused_calls == ["auto"]
 
 
 @pytest.mark.parametrize("cached", [False, True])
