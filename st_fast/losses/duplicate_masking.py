@@ -19,25 +19,19 @@ from typing import Any
 
 import torch
 
+from st_fast.losses.stock_contract import BoolOption
 from st_fast.ops.text_labels import exact_labels, text_keys, token_rows
 
 _TEXTS = "_st_fast_texts"  # the loss __dict__ entry holding the current call's token rows
 _OPTION = "_st_fast_mask_duplicates"
 
 
-class MaskDuplicatesOption:
+class MaskDuplicatesOption(BoolOption):
     """The ``mask_duplicates`` attribute of the fused MNRL-family losses: a bool, False until set (also on instances
     built without ``__init__``, e.g. by :func:`st_fast.losses.fuse`), stored under a private name."""
 
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.get(_OPTION, False)
-
-    def __set__(self, obj: Any, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"mask_duplicates must be a bool, got {type(value).__name__}")
-        obj.__dict__[_OPTION] = value
+    def __init__(self) -> None:
+        super().__init__("mask_duplicates", _OPTION, False)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from st_fast.losses.stock_contract import BoolOption
+
 logger = logging.getLogger("st_fast.losses")
 
 SLICE_ROWS = 5  # rows of the call's own batch compared
@@ -63,19 +65,12 @@ class CheckResult:
 _results: dict[Hashable, CheckResult] = {}
 
 
-class SelfCheckOption:
+class SelfCheckOption(BoolOption):
     """The ``self_check`` attribute of the fused losses: a bool, True until set (also on instances built without
     ``__init__``, e.g. by :func:`st_fast.losses.fuse`), stored under a private name."""
 
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.get(_OPTION, True)
-
-    def __set__(self, obj: Any, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"self_check must be a bool, got {type(value).__name__}")
-        obj.__dict__[_OPTION] = value
+    def __init__(self) -> None:
+        super().__init__("self_check", _OPTION, True)
 
 
 def stock_function(loss: Any, method: str) -> Callable:

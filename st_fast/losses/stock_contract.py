@@ -143,6 +143,25 @@ def stock_dtype(key: Hashable, probe: Callable[[], torch.dtype]) -> torch.dtype:
     return dtype
 
 
+class BoolOption:
+    """A bool attribute of the fused losses: validated on assignment (TypeError for anything but a bool),
+    ``default`` until set (also on instances built without ``__init__``, e.g. by :func:`st_fast.losses.fuse`),
+    stored in the instance's ``__dict__`` under ``key``."""
+
+    def __init__(self, name: str, key: str, default: bool) -> None:
+        self.name, self.key, self.default = name, key, default
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.key, self.default)
+
+    def __set__(self, obj: Any, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{self.name} must be a bool, got {type(value).__name__}")
+        obj.__dict__[self.key] = value
+
+
 class BackendOption:
     """The ``backend`` attribute of the fused losses: validated on assignment, ``"auto"`` until set (also on
     instances built without ``__init__``, e.g. ``cls.__new__(cls)``), stored under a private name.
