@@ -299,7 +299,8 @@ def test_inside_multi_vector_matryoshka_loss(model, cached, fused_calls):
     kwargs = dict(mini_batch_size=3) if cached else {}
     stock = wrapper(model, stock_class(model, **kwargs), [16, 8])
     fused = wrapper(model, fused_class(model, **kwargs), [16, 8])
-    assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
+    texts = [column[:3] for column in TEXTS]  # one mini-batch per column: the embedding passes are stock's cost
+    assert_same(loss_and_parameter_grads(fused, model, texts), loss_and_parameter_grads(stock, model, texts))
     assert len(fused_calls) == 2  # one per Matryoshka dimension
 
 
