@@ -109,6 +109,6 @@ def add_row_gradients(mini_batches: list[Tensor], grad: Tensor) -> None:
         piece = grad[start : start + rep.shape[0], : rep.shape[1]].to(rep.dtype)
         start += rep.shape[0]
         if rep.grad is None:
-            rep.grad = piece.clone()
+            rep.grad = piece  # a view of the joined gradient, as autograd's cat / stack backward would leave it
         else:
             rep.grad += piece
