@@ -1,19 +1,21 @@
-"""What the chunked backends (``torch`` and ``native``) of both ops share: the row-chunk size, the result of a
-chunked driver and the backend object around a driver and a row kernel.
+"""What the chunked backends (``torch`` and ``native``) of every op share: the row-chunk size, the chunk loop, the
+result of a chunked driver and the backend object around a driver and a row kernel.
 
 Each op has its own driver (:func:`st_fast.ops.mnrl.chunked.loss_and_grad`, :func:`st_fast.ops.gist.chunked.
-loss_and_grad`): for each chunk of local rows it computes the score GEMMs, lets the row kernel
-(:mod:`st_fast.ops.row_kernel`) turn the scores into per-row losses and gradient coefficients, and accumulates the
-gradient GEMMs, so that no B x N score matrix exists at once (the MNRL op's symmetric path keeps the B x N tile
-when it fits :data:`DEFAULT_KEEP_BYTES`, see :mod:`st_fast.ops.mnrl.chunked`). The gradients are computed during the
-forward pass and scaled by the incoming gradient in the backward.
+loss_and_grad`), built from the shared pieces: for each chunk of local rows (:func:`row_chunks`, sized by
+:func:`chunk_rows_for_budget`) it computes the score GEMMs (:class:`st_fast.ops.operands.Operands`, into buffers of
+the scratch arena, :mod:`st_fast.ops.workspace`), lets the row kernel (:mod:`st_fast.ops.row_kernel`) turn the
+scores into per-row losses and gradient coefficients, and accumulates the gradient GEMMs, so that no B x N score
+matrix exists at once (the MNRL op's symmetric path keeps the B x N tile when it fits :data:`DEFAULT_KEEP_BYTES`,
+see :mod:`st_fast.ops.mnrl.chunked`). The gradients are computed during the forward pass and scaled by the incoming
+gradient in the backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +54,37 @@ def chunk_rows_for_budget(
     return min(batch_size, aligned if aligned <= most else rows)
 
 
+class RowChunk(NamedTuple):
+    """One chunk of local rows: local rows ``begin .. begin + size`` (indices into per-local-row arrays), which are the
+    global rows ``row_offset + begin ..`` of the gathered batch (row g of this rank's chunk is global row g)."""
+
+    begin: int
+    size: int
+    row_offset: int
+
+    @property
+    def local(self) -> slice:
+        """The chunk's rows among the B local rows."""
+        return slice(self.begin, self.begin + self.size)
+
+    @property
+    def start(self) -> int:
+        """The global index of the chunk's first row (the row kernels' ``row_start``)."""
+        return self.row_offset + self.begin
+
+    @property
+    def global_rows(self) -> slice:
+        """The chunk's rows among the W gathered rows."""
+        return slice(self.start, self.start + self.size)
+
+
+def row_chunks(batch_size: int, chunk_rows: int, row_offset: int = 0) -> Iterator[RowChunk]:
+    """The B = ``batch_size`` local rows in order, ``chunk_rows`` at a time (the last chunk may be shorter), the
+    local rows being global rows ``row_offset .. row_offset + B``: the chunk loop of every chunked driver."""
+    for begin in range(0, batch_size, chunk_rows):
+        yield RowChunk(begin, min(chunk_rows, batch_size - begin), row_offset)
+
+
 @dataclass
 class LossAndGrad:
     """Mean loss over the local rows (0-dim) and, when requested, the gradients of the two trainable operands (the
@@ -72,7 +105,7 @@ class ChunkedBackend:
     the coefficients on the kept tile or recomputed chunks) and scaled by the incoming gradient later.
 
     ``raw_16bit``: the op's driver can take fp16 / bf16 embeddings raw (16-bit GEMMs with fp32 output, the cosine
-    normalization applied by the row kernel, see :mod:`st_fast.ops.mnrl.chunked`); it does so on CUDA only, where
+    normalization applied by the row kernel, see :mod:`st_fast.ops.raw_16bit`); it does so on CUDA only, where
     16-bit GEMMs are fast (tests/ops/test_raw_16bit.py patches :meth:`takes_raw_operands` to run that path on the
     CPU)."""
 

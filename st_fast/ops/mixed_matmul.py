@@ -3,7 +3,8 @@
 16-bit operands are multiplied with fp32 accumulation and an fp32 result (``torch.mm(..., out_dtype=float32)``,
 cuBLAS on CUDA): products of two bf16 / fp16 numbers are exact in fp32, so raw 16-bit embeddings give scores as
 accurate as stock's fp32 GEMM on the upcast embeddings, at the 16-bit tensor-core rate. Where that overload is
-missing (CPU, older torch) the operands are upcast first: the same numbers, at the fp32 rate.
+missing (CPU, older torch) the operands are upcast first: the same numbers, at the fp32 rate. The float16 copies
+of bf16 operands and the power-of-two scales of the raw 16-bit path are in :mod:`st_fast.ops.raw_16bit`.
 """
 
 from __future__ import annotations
@@ -67,30 +68,3 @@ def accumulate_product(
         target.addmm_(a, b, alpha=alpha * exact_scale)
     else:
         target.add_(matmul_fp32(a, b), alpha=alpha * exact_scale)
-
-
-def power_of_two_scale(value: torch.Tensor, top: int) -> torch.Tensor:
-    """2^(top - ceil(log2(value))), a float32 tensor on ``value``'s device (no host sync): the power of two that puts
-    ``value`` (> 0, finite; any floating 0-dim tensor) in (2^(top-1), 2^top]; 1 where ``value`` is not finite or not
-    positive. ceil(log2(v)) is exact from the binary exponent (v = m·2^e, m in [0.5, 1): e, or e - 1 for m = 0.5), and
-    the power is built from its bits, with the exponent clamped to float32's normal range [-126, 127]."""
-    mantissa, exponent = torch.frexp(value)
-    ceil_log2 = exponent - (mantissa == 0.5).to(exponent.dtype)
-    power = (top - ceil_log2).clamp(-126, 127).to(torch.int32)
-    scale = torch.bitwise_left_shift(power + 127, 23).view(torch.float32)
-    usable = torch.isfinite(value) & (value > 0)
-    return torch.where(usable, scale, torch.ones((), dtype=torch.float32, device=value.device))
-
-
-def as_float16_operand(x: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
-    """(x · σ as float16, σ) with σ a power of two that puts max |x| at 2^14: a bf16 operand becomes a float16 one
-    without rounding (bf16's 8 significant bits fit float16's 11) down to entries 2^-28 below the largest, so that it
-    can meet float16 gradient coefficients (2^-11 rounding instead of bf16's 2^-8) in one 16-bit GEMM. float16 input
-    is returned as it is (σ = 1). σ is a 0-dim float32 tensor on x's device for bf16 input (1 for zero or non-finite
-    entries; :func:`power_of_two_scale`): computed and applied there, no host sync."""
-    if x.dtype == torch.float16:
-        return x, 1.0
-    if not x.numel():
-        return x.to(torch.float16), 1.0
-    sigma = power_of_two_scale(x.abs().max().float(), 14)
-    return (x * sigma).to(torch.float16), sigma

@@ -11,6 +11,8 @@ Use::
     with scratch(device) as arena:
         scores = arena.take((rows, columns), torch.float32)
 
+or, for a chunked driver, :func:`with_scratch`.
+
 One arena per process: a call takes it for its duration; a call that finds it in use (another thread, a nested
 call) allocates normally. The arena keeps, after the call, one flat buffer of the largest total a call took (up to
 :data:`MAX_KEPT_BYTES`; at most that much CPU memory stays allocated between calls, the score tile of the
@@ -20,14 +22,17 @@ buffer: they must not outlive the ``with`` block (the drivers keep them internal
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
 MAX_KEPT_BYTES = 512 * 2**20
+Result = TypeVar("Result")
 _ALIGN = 64  # bytes: each taken tensor starts on a cache line
 
 _lock = threading.Lock()
@@ -69,6 +74,18 @@ def scratch(device: torch.device) -> Iterator[Arena]:
             _kept = torch.empty(arena.taken, dtype=torch.uint8)
     finally:
         _lock.release()
+
+
+def with_scratch(driver: Callable[..., Result]) -> Callable[..., Result]:
+    """A chunked driver ``driver(anchors, *args, arena, **kwargs)`` as a function of the same arguments but
+    ``arena``, which runs it with :func:`scratch` on the anchors' device as ``arena``."""
+
+    @functools.wraps(driver)
+    def run(anchors: torch.Tensor, *args, **kwargs) -> Result:
+        with scratch(anchors.device) as arena:
+            return driver(anchors, *args, arena=arena, **kwargs)
+
+    return run
 
 
 def release() -> None:

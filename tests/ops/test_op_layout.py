@@ -81,3 +81,28 @@ def test_auto_on_cuda_without_the_native_extension(monkeypatch, triton_runs):
     assert backend.name == ("triton" if triton_runs else "torch")
     assert backends.resolve_backend("auto", cuda, torch.bfloat16, backends.GIST).name == "torch"
     assert backends.resolve_backend("auto", cuda, torch.float64, backends.MNRL).name == "torch"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_chunked_drivers_run_on_the_shared_operands(monkeypatch, op):
+    """Both drivers hold their operands in st_fast.ops.operands.Operands (GIST: the guide's too)."""
+    from gist_cases import gist_columns
+
+    from st_fast.ops import fused_gist_loss, fused_mnrl_loss
+    from st_fast.ops.operands import Operands
+
+    prepared = []
+    prepare = Operands.prepare.__func__
+
+    def spy(cls, operands, *args, **kwargs):
+        prepared.append(tuple(operands))
+        return prepare(cls, operands, *args, **kwargs)
+
+    monkeypatch.setattr(Operands, "prepare", classmethod(spy))
+    model, guide = gist_columns(5, 8, 6, 2, seed=1)
+    if op == "mnrl":
+        fused_mnrl_loss(model[0], model[1:], backend="torch")
+        assert prepared == [("queries", "docs")]
+    else:
+        fused_gist_loss(model[0], model[1:], guide[0], guide[1:], backend="torch")
+        assert prepared == [("anchors", "candidates")] * 2

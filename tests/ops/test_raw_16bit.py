@@ -23,8 +23,9 @@ from parity import assert_close_to_reference, assert_coefficients_close, directi
 from st_fast import _native
 from st_fast.ops import fused_mnrl_loss
 from st_fast.ops.backends import ChunkedBackend, resolve_backend
-from st_fast.ops.mixed_matmul import as_float16_operand, matmul_fp32
+from st_fast.ops.mixed_matmul import matmul_fp32
 from st_fast.ops.mnrl.spec import ContrastiveSpec
+from st_fast.ops.raw_16bit import as_float16_operand
 from st_fast.ops.row_kernel import SegmentScales
 from st_fast.ops.row_kernel_torch import torch_row_kernel
 
@@ -250,19 +251,6 @@ def test_matmul_fp32_and_float16_operands_are_exact():
         converted, sigma = as_float16_operand(x)
         assert converted.dtype == torch.float16 and torch.isfinite(converted).all()
         assert torch.equal(converted.double() / sigma, x.double())
-
-
-@pytest.mark.parametrize(
-    "batch, budget_rows, expected",
-    [(32768, 10922, 8192), (16384, 21845, 16384), (100, 7, 7), (20, 9, 8), (1, 5, 1), (24, 24, 24), (25, 24, 16)],
-)
-def test_chunks_are_balanced_within_the_budget(batch, budget_rows, expected):
-    from st_fast.ops.chunked import chunk_rows_for_budget
-
-    columns = 1000
-    rows = chunk_rows_for_budget(batch, columns, torch.device("cpu"), budget_rows * 6 * columns, bytes_per_score=6)
-    assert rows == expected
-    assert rows <= budget_rows and -(-batch // rows) == -(-batch // budget_rows)  # as few chunks as the budget allows
 
 
 @pytest.mark.usefixtures("raw_16bit_on_cpu")

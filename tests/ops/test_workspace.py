@@ -102,3 +102,27 @@ def test_driver_results_do_not_alias_the_kept_buffer(directions):
         expected = call(inputs[i])
         assert torch.equal(results[i].loss, expected.loss)
         assert torch.equal(results[i].grad_anchors, expected.grad_anchors)
+
+
+def _gist_call(seed: int):
+    """The GIST driver on normalized columns of gist_cases (all three blocks)."""
+    from gist_cases import gist_columns
+
+    from st_fast.ops.gist import chunked as gist_chunked
+    from st_fast.ops.gist.spec import GuidedProblem, GuidedSpec
+
+    model, guide = gist_columns(9, 16, 12, 3, seed=seed)
+    unit, guide_unit = ([torch.nn.functional.normalize(x.detach(), dim=1) for x in xs] for xs in (model, guide))
+    spec = GuidedSpec(0.05, "absolute", 0.0, contrast_anchors=True, contrast_positives=True)
+    problem = GuidedProblem(spec, 0, 9, guide_unit[0], torch.cat(guide_unit[1:]), guide[0].detach(),
+                            tuple(g.detach() for g in guide[1:]))  # fmt: skip
+    return gist_chunked.loss_and_grad(unit[0], torch.cat(unit[1:]), problem, TORCH_ROW_KERNEL, need_grad=True)
+
+
+def test_the_gist_driver_takes_the_arena_and_its_results_do_not_alias_it():
+    first = _gist_call(1)
+    assert workspace.kept_bytes() > 0
+    snapshot = [first.loss.clone(), first.grad_anchors.clone(), first.grad_candidates.clone()]
+    _gist_call(2)  # the same scratch memory, other inputs
+    for got, want in zip((first.loss, first.grad_anchors, first.grad_candidates), snapshot, strict=True):
+        assert torch.equal(got, want)

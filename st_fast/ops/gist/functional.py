@@ -11,18 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from st_fast.ops.autograd import FusedLoss
 from st_fast.ops.backends import GIST, resolve_backend
 from st_fast.ops.gist.spec import COSINE_EPS, GuidedProblem, GuidedSpec, check_inputs
 from st_fast.ops.learnable_scale import learnable, scalar_value
 from st_fast.ops.mixed_matmul import compute_dtype
-
-
-def normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x / max(‖x‖, 1e-8) per vector, in ``dtype``: nn.CosineSimilarity up to rounding."""
-    return F.normalize(x.to(dtype), p=2, dim=-1, eps=COSINE_EPS).contiguous()
+from st_fast.ops.normalization import normalized
 
 
 def fused_gist_loss(
@@ -78,12 +73,12 @@ def fused_gist_loss(
     chosen = resolve_backend(backend, anchors.device, anchors.dtype, GIST, mask_dtype=spec.mask_dtype)
     dtype, guide_dtype = compute_dtype(anchors.dtype), compute_dtype(anchors_guide.dtype)
     operand_dtype = chosen.operand_dtype(anchors.dtype)
-    anchor_operand = normalized(anchors, dtype).to(operand_dtype)
-    candidate_operand = normalized(torch.cat(candidates, dim=0), dtype).to(operand_dtype)
+    anchor_operand = normalized(anchors, dtype, COSINE_EPS).to(operand_dtype)
+    candidate_operand = normalized(torch.cat(candidates, dim=0), dtype, COSINE_EPS).to(operand_dtype)
     with torch.no_grad():  # the guide's similarities in the backend's dtype for it (float64 stays float64 in torch)
         guide_operand_dtype = chosen.operand_dtype(anchors_guide.dtype)
-        anchor_guide = normalized(anchors_guide.detach(), guide_dtype).to(guide_operand_dtype)
-        candidate_guide = normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), guide_dtype)
+        anchor_guide = normalized(anchors_guide.detach(), guide_dtype, COSINE_EPS).to(guide_operand_dtype)
+        candidate_guide = normalized(torch.cat([c.detach() for c in candidates_guide], dim=0), guide_dtype, COSINE_EPS)
         candidate_guide = candidate_guide.to(guide_operand_dtype)
     problem = GuidedProblem(
         spec, row_offset, candidates[0].shape[0], anchor_guide, candidate_guide, anchors_guide.detach(),

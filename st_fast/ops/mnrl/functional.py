@@ -13,21 +13,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from st_fast.ops.autograd import FusedLoss
 from st_fast.ops.backends import MNRL, resolve_backend
 from st_fast.ops.learnable_scale import learnable
 from st_fast.ops.mixed_matmul import compute_dtype
 from st_fast.ops.mnrl.spec import SIMILARITIES, ContrastiveProblem, ContrastiveSpec, check_embeddings, check_labels
+from st_fast.ops.normalization import normalized
 
 
 def prepare_operand(x: torch.Tensor, similarity: str, operand_dtype: torch.dtype) -> torch.Tensor:
     """Upcast (as stock does), normalize once for cosine (eps 1e-12, as F.normalize in cos_sim), cast to the dtype
     the backend consumes. Differentiable: autograd takes the gradient back through the normalization."""
-    x = x.to(compute_dtype(x.dtype))
-    if similarity == "cos":
-        x = F.normalize(x, p=2, dim=-1)
+    dtype = compute_dtype(x.dtype)
+    x = normalized(x, dtype) if similarity == "cos" else x.to(dtype)
     return x.to(operand_dtype).contiguous()
 
 
