@@ -86,6 +86,26 @@ ST_FAST_HD float segment_lse(const Args& a, int64_t r, int x, const Lanes& lanes
   return acc.reduce(lanes);
 }
 
+// Row r of segment x as the coefficient steps of every form read it.
+struct SegmentRow {
+  int64_t n;           // the segment's length
+  int64_t g;           // the global row
+  int64_t out_offset;  // the row's offset in the segment's scores and coefficients
+  const float* v;      // the row's scores
+  void* out;           // the segment's coefficients
+  float row_scale;
+  float bulk;  // the bulk entries' multiplier
+  template <class Args>
+  ST_FAST_HD SegmentRow(const Args& a, int64_t r, int x)
+      : n(a.seg.lengths[x]),
+        g(a.seg.row_start + r),
+        out_offset(r * n),
+        v(a.seg.scores[x] + out_offset),
+        out(a.out.segments[x]),
+        row_scale(row_scale_of(a.scales, x, r)),
+        bulk(bulk_multiplier(a.rule, a.seg.kinds[x])) {}
+};
+
 // ---- The one-pass kernel.
 
 // One segment x of row r in the one-pass kernel's coefficient step: the row's softmax reference and weights, and the
@@ -113,19 +133,15 @@ template <class Out, class Lanes>
 ST_FAST_HD void store_row_coefficients(const RowSegmentTerms& t, const Lanes& lanes) {
   const RowArgs& a = t.a;
   const int x = t.x;
-  const int64_t n = a.seg.lengths[x], g = a.seg.row_start + t.r, out_offset = t.r * n;
-  const float* v = a.seg.scores[x] + out_offset;
-  void* out = a.out.segments[x];
+  const SegmentRow row(a, t.r, x);
   const float* col_scale = a.scales.columns[x];
-  const float row_scale = row_scale_of(a.scales, x, t.r);
-  const float bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
   const float ref = t.ref, weight = t.weight;
   for_each_segment_column(
-      v, n, a.seg.width, g, lanes,
+      row.v, row.n, a.seg.width, row.g, lanes,
       [&](int64_t c, float value) {
-        const float scales = scales_at(col_scale, row_scale, c);
-        const float coefficient = weight * row_expf(value * scales * bulk - ref) * scales;
-        Out::put(out, out_offset + c, duplicate(a.seg, x, c, g) ? 0.0f : coefficient);
+        const float scales = scales_at(col_scale, row.row_scale, c);
+        const float coefficient = weight * row_expf(value * scales * row.bulk - ref) * scales;
+        Out::put(row.out, row.out_offset + c, duplicate(a.seg, x, c, row.g) ? 0.0f : coefficient);
       },
       [&](int64_t c, int64_t j, float value) { t.own<Out>(c, j, value); });
 }
@@ -238,20 +254,16 @@ template <class Out, class Lanes>
 ST_FAST_HD void store_symmetric_coefficients(const SymmetricSegmentTerms& t, const Lanes& lanes) {
   const CoefficientsArgs& a = t.a;
   const int x = t.x;
-  const int64_t n = a.seg.lengths[x], g = a.seg.row_start + t.r, out_offset = t.r * n;
-  const float* v = a.seg.scores[x] + out_offset;
-  void* out = a.out.segments[x];
-  const float row_scale = row_scale_of(a.scales, x, t.r);
-  const float bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
+  const SegmentRow row(a, t.r, x);
   const float ref = t.ref, weight = t.w.weight;
   for_each_segment_column(
-      v, n, a.seg.width, g, lanes,
+      row.v, row.n, a.seg.width, row.g, lanes,
       [&](int64_t c, float value) {
-        const float scales = scales_at(a.scales.columns[x], row_scale, c);
+        const float scales = scales_at(a.scales.columns[x], row.row_scale, c);
         const float s = value * scales;
-        const float row_exp = row_expf(s * bulk - ref);
-        const float row_term = duplicate(a.seg, x, c, g) ? 0.0f : weight * row_exp;
-        Out::put(out, out_offset + c, (row_term + t.column_term(c, s, bulk, row_exp)) * scales);
+        const float row_exp = row_expf(s * row.bulk - ref);
+        const float row_term = duplicate(a.seg, x, c, row.g) ? 0.0f : weight * row_exp;
+        Out::put(row.out, row.out_offset + c, (row_term + t.column_term(c, s, row.bulk, row_exp)) * scales);
       },
       [&](int64_t c, int64_t j, float value) { t.own<Out>(c, j, value); });
 }

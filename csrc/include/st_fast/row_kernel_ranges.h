@@ -177,12 +177,12 @@ template <class Out>
 ST_FAST_HD void store_row_coefficients(const RowSegmentTerms& t, const SerialLanes&) {
   const RowArgs& a = t.a;
   const int x = t.x;
-  const int64_t n = a.seg.lengths[x], width = a.seg.width, g = a.seg.row_start + t.r, out_offset = t.r * n;
-  const float* v = a.seg.scores[x] + out_offset;
-  void* out = a.out.segments[x];
+  const SegmentRow row(a, t.r, x);
+  const int64_t n = row.n, width = a.seg.width, g = row.g, out_offset = row.out_offset;
+  const float* v = row.v;
+  void* out = row.out;
   const float* col_scale = a.scales.columns[x];
-  const float row_scale = row_scale_of(a.scales, x, t.r), bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
-  const float ref = t.ref, weight = t.weight;
+  const float row_scale = row.row_scale, bulk = row.bulk, ref = t.ref, weight = t.weight;
   const Label* labels = a.seg.labels[x];
   const Label ref_label = labels ? labels[g] : 0;
   auto store_rows = [&](auto has_col_scale, auto has_labels) {
@@ -207,12 +207,11 @@ template <class Out>
 ST_FAST_HD void store_symmetric_coefficients(const SymmetricSegmentTerms& t, const SerialLanes&) {
   const CoefficientsArgs& a = t.a;
   const int x = t.x;
-  const int64_t n = a.seg.lengths[x], g = a.seg.row_start + t.r, out_offset = t.r * n;
-  const int64_t block_end = a.block.begin + a.block.count;
-  const float* v = a.seg.scores[x] + out_offset;
-  void* out = a.out.segments[x];
-  const float row_scale = row_scale_of(a.scales, x, t.r), bulk = bulk_multiplier(a.rule, a.seg.kinds[x]);
-  const float ref = t.ref, row_factor = t.row_factor, weight = t.w.weight;
+  const SegmentRow row(a, t.r, x);
+  const int64_t n = row.n, g = row.g, out_offset = row.out_offset, block_end = a.block.begin + a.block.count;
+  const float* v = row.v;
+  void* out = row.out;
+  const float row_scale = row.row_scale, bulk = row.bulk, ref = t.ref, row_factor = t.row_factor, weight = t.w.weight;
   const bool q2d = a.seg.kinds[x] == kQ2D;
   const float* col_scale = a.scales.columns[x];
   // mask_duplicates: the row term's labels (the segment's) and the column term's (the query labels)
