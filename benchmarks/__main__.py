@@ -24,6 +24,7 @@ PARTS = {
     "training": "benchmarks.training",
     "gist": "benchmarks.gist",
     "mask_duplicates_training": "benchmarks.mask_duplicates_training",
+    "maxsim": "benchmarks.maxsim",
 }
 # (part, flag set by the part's add_arguments) -> (module, function(args) -> list[dict]) run instead of the part's own
 MODES = {
