@@ -151,7 +151,7 @@ def test_test_only_native_code_is_not_shipped():
 
 
 def test_the_test_extension_is_built_only_when_asked():
-    """setup.py's extensions: st_fast._C_test only with ST_FAST_TEST_EXTENSIONS=1."""
+    """setup.py's extensions: st_fast._C_test only with ST_FAST_TEST_EXTENSIONS=1, and never for a wheel."""
     import importlib.util
     from pathlib import Path
 
@@ -169,6 +169,9 @@ def test_the_test_extension_is_built_only_when_asked():
             names = [ext.name for ext in setup_py._extensions()[0]]
             assert ("st_fast._C_test" in names) is built, (value, names)
             assert "st_fast._C" in names
+        patch.setenv(setup_py.TEST_EXTENSIONS_ENV, "1")
+        patch.setattr(sys, "argv", ["setup.py", "bdist_wheel"])  # a wheel never carries it
+        assert "st_fast._C_test" not in [ext.name for ext in setup_py._extensions()[0]]
 
 
 def test_an_extension_missing_from_the_install_says_so():
