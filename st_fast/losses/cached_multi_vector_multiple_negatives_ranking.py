@@ -4,8 +4,6 @@ embedding's gradient. Imported lazily, as :mod:`st_fast.losses.multi_vector_mult
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from sentence_transformers.multi_vector_encoder.losses import (
     CachedMultiVectorMultipleNegativesRankingLoss as StockCachedMultiVectorMultipleNegativesRankingLoss,
@@ -38,10 +36,6 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
     """
 
     _replaced_method = "calculate_loss"
-
-    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
 
     @fused_loss_stage
     def calculate_loss(

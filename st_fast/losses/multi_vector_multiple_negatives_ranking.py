@@ -82,6 +82,10 @@ class FusedMaxSimMixin:
 
     backend = BackendOption(BACKENDS)
 
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the stock constructor, its arguments and checks
+        self.backend = backend
+
     def fused_scorer(self) -> Callable | None:
         """A scorer with ``colbert_scores``' signature computing this call's MaxSim scoring with the fused op
         (float32 scores, as stock returns them), or None (warned once) when stock must compute it."""
@@ -147,10 +151,6 @@ class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVector
 
         loss = MultiVectorMultipleNegativesRankingLoss(model)  # instead of sentence_transformers' class
     """
-
-    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
 
     def forward(self, sentence_features: Any, labels: Tensor | None = None) -> Tensor:
         scorer = self.fused_scorer()

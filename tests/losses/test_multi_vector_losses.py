@@ -339,3 +339,21 @@ def test_under_autocast_the_products_take_the_autocast_dtype_as_stocks(model, fu
         for a, b in zip(column_a, column_b, strict=True):
             assert a.dtype == b.dtype == torch.float32
             torch.testing.assert_close(a, b, rtol=0, atol=tolerance * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_constructor_takes_stocks_arguments_and_checks(model, cached):
+    stock_class = (
+        stock_losses.CachedMultiVectorMultipleNegativesRankingLoss
+        if cached
+        else stock_losses.MultiVectorMultipleNegativesRankingLoss
+    )
+    fused_class = CachedMultiVectorMultipleNegativesRankingLoss if cached else MultiVectorMultipleNegativesRankingLoss
+    kwargs = dict(scale=5.0, similarity_fct=scoring.colbert_scores, score_mini_batch_size=7, mini_batch_size=3)
+    fused, stock = fused_class(model, backend="torch", **kwargs), stock_class(model, **kwargs)
+    assert isinstance(fused, stock_class) and fused.backend == "torch"
+    assert fused.get_config_dict() == stock.get_config_dict() and fused.citation == stock.citation
+    with pytest.raises(ValueError, match="Scale must be a positive value"):
+        fused_class(model, scale=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_class(model, backend="fast")
