@@ -19,8 +19,7 @@ from transformers import TrainerCallback
 
 from st_fast.config import StFastConfig, patch_config, trainer_config
 from st_fast.decisions import Part, multi_part, recorded_samplers, sampler_part, trainer_losses, training_plan
-from st_fast.losses.fuse import WRAPPER_CLASSES
-from st_fast.losses.plan import FUSED_CLASSES, LossPlan, fused_modules
+from st_fast.losses.plan import FUSED_CLASSES, LossPlan, fused_modules, is_wrapper
 from st_fast.losses.self_check import installed_version, last_result, verdict
 
 logger = logging.getLogger("st_fast.trainer")  # the name users configure: the report is the trainer's
@@ -38,16 +37,14 @@ def place_name(device: torch.device) -> str:
 
 def _loss_label(loss: torch.nn.Module) -> str:
     """``MatryoshkaLoss(CoSENTLoss)`` for a wrapper, the class name otherwise."""
-    inner = getattr(loss, "loss", None)
-    if isinstance(loss, WRAPPER_CLASSES) and isinstance(inner, torch.nn.Module):
-        return f"{type(loss).__name__}({_loss_label(inner)})"
+    if is_wrapper(loss):
+        return f"{type(loss).__name__}({_loss_label(loss.loss)})"
     return type(loss).__name__
 
 
 def _why_not_fused(loss: torch.nn.Module) -> str:
-    inner = getattr(loss, "loss", None)
-    if isinstance(loss, WRAPPER_CLASSES) and isinstance(inner, torch.nn.Module):
-        return _why_not_fused(inner)
+    if is_wrapper(loss):
+        return _why_not_fused(loss.loss)
     if type(loss) in FUSED_CLASSES:  # the stock class itself, not fused: the trainer was built before patch()
         return "the trainer was built before st_fast.patch(): losses are fused when a trainer is built"
     stock_bases = [base.__name__ for base in FUSED_CLASSES if isinstance(loss, base)]

@@ -11,7 +11,8 @@ mode is touched. The stock object keeps its class and computes as before; a per-
 decoration (MatryoshkaLoss's CachedLossDecorator) wraps the fused method when called through the fused object (see
 :class:`st_fast.losses.cached_stage.fused_loss_stage`).
 
-A wrapper (MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss, SpladeLoss, CSRLoss, CachedSpladeLoss) is copied
+A wrapper (MatryoshkaLoss, Matryoshka2dLoss, AdaptiveLayerLoss, SpladeLoss, CSRLoss, CachedSpladeLoss, and those a
+family registers with :func:`st_fast.losses.plan.wraps_a_loss`) is copied
 (shallow: its own attributes as they are now) with its inner loss fused, keeping its other children. Anything else is
 returned unchanged (the same object).
 """
@@ -25,12 +26,12 @@ from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
 from torch import nn
 
 from st_fast.losses.duplicate_masking import MaskDuplicatesOption
-from st_fast.losses.plan import FUSED_CLASSES
+from st_fast.losses.plan import FUSED_CLASSES, is_wrapper, wraps_a_loss
 from st_fast.ops import BACKENDS
 
-__all__ = ["FUSED_CLASSES", "WRAPPER_CLASSES", "fuse"]  # FUSED_CLASSES: stock class -> st_fast class (see plan.py)
+__all__ = ["FUSED_CLASSES", "fuse"]  # FUSED_CLASSES: stock class -> st_fast class (see plan.py)
 
-WRAPPER_CLASSES: tuple[type, ...] = (
+wraps_a_loss(
     stock_losses.MatryoshkaLoss,
     stock_losses.AdaptiveLayerLoss,  # Matryoshka2dLoss is an AdaptiveLayerLoss around a MatryoshkaLoss
     stock_sparse_losses.SpladeLoss,  # CachedSpladeLoss is a SpladeLoss
@@ -46,7 +47,7 @@ def fuse(loss: nn.Module, *, backend: str = "auto") -> nn.Module:
     fused_class = FUSED_CLASSES.get(type(loss))
     if fused_class is not None:
         return _fused_view(loss, fused_class, backend)
-    if isinstance(loss, WRAPPER_CLASSES) and isinstance(getattr(loss, "loss", None), nn.Module):
+    if is_wrapper(loss):
         inner = fuse(loss.loss, backend=backend)
         if inner is not loss.loss:
             wrapper = copy.copy(loss)

@@ -8,8 +8,9 @@ plan for the training device and dtype (:meth:`StFastLoss.training_plan`), so th
 
 Each drop-in class registers the stock class it replaces with :func:`replaces` (a class decorator);
 :data:`FUSED_CLASSES` (stock class -> st_fast class) is what :func:`st_fast.losses.fuse` swaps, what the model card
-renames and what the report explains. A new family needs nothing else: its mixin derives from :class:`StFastLoss`
-with a ``family``, its classes are decorated with :func:`replaces`, and ``st_fast/losses/__init__.py`` imports them.
+renames and what the report explains; stock wrappers of a loss (``MatryoshkaLoss``-like) register with
+:func:`wraps_a_loss`. A new family needs nothing else: its mixin derives from :class:`StFastLoss` with a ``family``,
+its classes are decorated with :func:`replaces`, and ``st_fast/losses/__init__.py`` imports them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ from st_fast.ops.backends import OpCapabilities, drop_in_backend, resolve_backen
 # stock class -> st_fast class (the same state; st_fast's classes replace one method and add ``backend``), filled by
 # :func:`replaces` when the loss modules are imported (``st_fast.losses`` imports them all)
 FUSED_CLASSES: dict[type, type] = {}
+
+
+_WRAPPERS: list[type] = []  # stock wrapper classes whose inner ``loss`` fuse() fuses (see :func:`wraps_a_loss`)
+
+
+def wraps_a_loss(*stock_wrappers: type) -> None:
+    """Register stock wrapper classes (``MatryoshkaLoss``-like: the wrapped loss is their ``loss`` attribute):
+    :func:`st_fast.losses.fuse` fuses the inner loss of a wrapper and the report names it ``Wrapper(Inner)``."""
+    _WRAPPERS.extend(wrapper for wrapper in stock_wrappers if wrapper not in _WRAPPERS)
+
+
+def is_wrapper(loss: Any) -> bool:
+    """Whether ``loss`` is a registered wrapper around an inner loss module (:func:`wraps_a_loss`)."""
+    return isinstance(loss, tuple(_WRAPPERS)) and isinstance(getattr(loss, "loss", None), torch.nn.Module)
 
 
 def replaces(stock_class: type) -> Callable[[type], type]:

@@ -13,7 +13,7 @@ from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
 
 from st_fast import losses as fast_losses
 from st_fast.losses import fuse
-from st_fast.losses.fuse import WRAPPER_CLASSES
+from st_fast.losses.plan import is_wrapper
 
 TEXTS = [
     ["a cat sat on the mat", "dogs bark at night", "rain is expected today", "tea is hot"],
@@ -31,7 +31,7 @@ def _assert_same_behaviour(model, stock, fused, features):
 
 def _innermost(loss):
     """The loss inside the wrappers (cached losses keep their own inner MNRL as ``.loss``: not a wrapper)."""
-    while isinstance(loss, WRAPPER_CLASSES):
+    while is_wrapper(loss):
         loss = loss.loss
     return loss
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from st_fast import losses as fast_losses
 from st_fast import report
-from st_fast.losses.plan import FUSED_CLASSES, LossFamily, StFastLoss, fused_modules, replaces
+from st_fast.losses import plan as plan_module
+from st_fast.losses.plan import FUSED_CLASSES, LossFamily, StFastLoss, fused_modules, replaces, wraps_a_loss
 from st_fast.ops.backends import MNRL, OpCapabilities, native_available
 
 CPU = torch.device("cpu")
@@ -124,23 +125,37 @@ class _ToyMixin(StFastLoss):
         return None
 
 
+class _StockToyWrapper(nn.Module):
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+
 def test_a_new_family_registers_by_data_and_is_checked_and_reported_with_its_own_capabilities(tiny_model):
     toy_class = replaces(_StockToyLoss)(type("ToyLoss", (_ToyMixin, _StockToyLoss), {}))
+    wraps_a_loss(_StockToyWrapper)
     try:
         assert FUSED_CLASSES[_StockToyLoss] is toy_class
-        fused = fast_losses.fuse(_StockToyLoss(tiny_model), backend="triton")
-        assert type(fused) is toy_class and fused_modules(fused) == [fused]
+        wrapped = fast_losses.fuse(_StockToyWrapper(_StockToyLoss(tiny_model)), backend="triton")
+        fused = wrapped.loss
+        assert type(wrapped) is _StockToyWrapper and type(fused) is toy_class and fused_modules(wrapped) == [fused]
         plan = fused.plan(CPU, torch.float32)
         # MNRL's capabilities would run "triton" here (TRITON_INTERPRET=1); the toy family's say its kernels are
         # inexact, so its drop-in loss computes with torch, and the trainer's report says so
         assert (plan.family, plan.backend) == (TOY, "torch") and plan.reason.startswith("toy kernels")
-        trainer = types.SimpleNamespace(args=types.SimpleNamespace(device="cpu"), loss=fused, model=tiny_model)
+        trainer = types.SimpleNamespace(args=types.SimpleNamespace(device="cpu"), loss=wrapped, model=tiny_model)
         assert report.swap_report(trainer)["loss"].startswith(
-            "st_fast ToyLoss, backend torch (triton asked: toy kernels; computing with backend='torch'; cpu, float32), "
-            "self-check off"
+            "_StockToyWrapper around st_fast ToyLoss, backend torch (triton asked: toy kernels; computing with "
+            "backend='torch'; cpu, float32), self-check off"
+        )
+        trainer.loss = _StockToyWrapper(nn.Identity())
+        assert (
+            report.swap_report(trainer)["loss"]
+            == "_StockToyWrapper(Identity) left stock (Identity has no st_fast equivalent)"
         )
     finally:
         del FUSED_CLASSES[_StockToyLoss]
+        plan_module._WRAPPERS.remove(_StockToyWrapper)
 
 
 def test_replaces_refuses_a_class_that_cannot_plan_and_a_second_drop_in():
