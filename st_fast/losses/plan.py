@@ -69,6 +69,10 @@ class LossFamily:
     label: str
     op: OpCapabilities | None = None
 
+    def __post_init__(self) -> None:
+        if self.op is None and type(self).choose_backend is LossFamily.choose_backend:
+            raise TypeError(f"the {self.label} family needs OpCapabilities (op=) or its own choose_backend")
+
     def choose_backend(
         self, asked: str, device: torch.device, dtype: torch.dtype, **inputs: Any
     ) -> tuple[str, str | None]:
@@ -77,8 +81,7 @@ class LossFamily:
         A drop-in loss takes every decision as stock: :func:`~st_fast.ops.backends.drop_in_backend`, then
         :func:`~st_fast.ops.backends.resolve_backend`, which raises (RuntimeError, TypeError, ValueError) for a
         backend that cannot run there."""
-        if self.op is None:
-            raise NotImplementedError(f"the {self.label} family has no OpCapabilities: override choose_backend")
+        assert self.op is not None
         name, reason = drop_in_backend(asked, self.op)
         return resolve_backend(name, device, dtype, self.op, **inputs).name, reason
 

@@ -165,3 +165,34 @@ def test_replaces_refuses_a_class_that_cannot_plan_and_a_second_drop_in():
         replaces(stock_losses.MultipleNegativesRankingLoss)(type("Other", (_ToyMixin, nn.Module), {}))
     assert _StockToyLoss not in FUSED_CLASSES
     assert FUSED_CLASSES[stock_losses.MultipleNegativesRankingLoss] is fast_losses.MultipleNegativesRankingLoss
+
+
+class _OwnDispatch(LossFamily):
+    """A family whose op has its own dispatch point (as the MaxSim op): no OpCapabilities."""
+
+    def choose_backend(self, asked, device, dtype, **inputs):
+        if asked == "native":
+            return "torch", "no native kernels yet; computing with backend='torch'"
+        if dtype == torch.float64 and asked != "auto":
+            raise TypeError(f"the {asked} backend takes float32")
+        return ("torch" if asked == "auto" else asked), None
+
+
+def test_a_family_with_its_own_dispatch_point_plans_through_it():
+    with pytest.raises(TypeError, match="needs OpCapabilities"):
+        LossFamily("NONE")
+    own = type("OwnLoss", (StFastLoss,), {"family": _OwnDispatch("OWN"), "fallback_reason": lambda self: None})
+    loss = own()
+    for asked, dtype, expected, reason, error in [
+        ("auto", torch.float32, "torch", None, None),
+        ("native", torch.float32, "torch", "no native kernels yet; computing with backend='torch'", None),
+        ("triton", torch.float64, None, None, TypeError),
+    ]:
+        loss.backend = asked
+        plan = loss.plan(CPU, dtype)
+        assert (plan.family.label, plan.backend, plan.reason, type(plan.error) if error else None) == (
+            "OWN",
+            expected,
+            reason,
+            error,
+        )
