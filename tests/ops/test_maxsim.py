@@ -234,3 +234,23 @@ def test_bad_input_raises_a_clear_error(call, error, match):
     queries, documents, query_mask, document_mask = make_batch(2, torch.float32, seed=12)
     with pytest.raises(error, match=match):
         call(queries, documents, query_mask, document_mask)
+
+
+@pytest.mark.parametrize("tile_elements", [1, None])
+def test_trailing_padding_of_any_length_equals_stock(tile_elements):
+    """Documents padded to the batch's longest (the torch backend skips the products of a tile's trailing masked
+    tokens): loss and gradients equal stock's, per-document tiles (1) or shared ones."""
+    queries, documents, query_mask, _ = make_batch(2, torch.float32, seed=14, batch=5, document_tokens=23)
+    lengths = torch.tensor([[23, 4], [1, 17], [9, 23], [12, 2], [6, 20]])
+    document_mask = torch.arange(23) < lengths.unsqueeze(-1)
+    document_mask[3, 0, 5] = True  # a token after a hole
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, backend="torch", tile_elements=tile_elements)
+
+    def stock(q, d, s):
+        return cross_entropy(colbert.colbert_scores(q, d, query_mask, document_mask), 1.0, 2)
+
+    ours, stocks = loss_and_grads(fused, queries, documents), loss_and_grads(stock, queries, documents)
+    for what, a, s in zip(("loss", "d queries", "d documents"), ours, stocks, strict=True):
+        assert_close(a, s, torch.float32, what)

@@ -40,6 +40,18 @@ def _row_target(query_tokens: int) -> int:
     return max(1, math.ceil(512 / max(1, query_tokens)))  # ~512 GEMM rows per tile
 
 
+def length_order(document_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Documents longest first (stable) and, per position in that order, the token width up to the last unmasked
+    token of the document there (at least 1). Tiles of similar widths skip the products of trailing masked tokens,
+    which stock computes only to fill them with finfo(dtype).min: the max and its first index are unchanged (a
+    masked token wins only where every product is -inf or the document is empty, which keeps its token 0). One
+    host read of the widths per call."""
+    positions = torch.arange(1, document_mask.shape[1] + 1, device=document_mask.device)
+    lengths = torch.where(document_mask, positions, 0).amax(dim=1).clamp(min=1)
+    lengths, order = torch.sort(lengths, descending=True, stable=True)
+    return order, lengths.tolist()
+
+
 def maxsim_forward(
     queries: torch.Tensor,
     query_mask: torch.Tensor,
@@ -64,24 +76,25 @@ def maxsim_forward(
         num_queries, num_documents, query_tokens * document_tokens, tile_elements, _row_target(query_tokens)
     )
     query_rows = queries.reshape(num_queries * query_tokens, dim)
-    document_rows = documents.reshape(num_documents * document_tokens, dim)
     query_weight = query_mask.to(accumulate).unsqueeze(-1)  # (B, Lq, 1): stock multiplies by the mask
     fill = torch.finfo(queries.dtype).min
+    order, widths = length_order(document_mask)
     for d0 in range(0, num_documents, document_tile):
         d1 = min(num_documents, d0 + document_tile)
-        document_block = document_rows[d0 * document_tokens : d1 * document_tokens].t()
-        holes = ~document_mask[d0:d1]
+        chosen, width = order[d0:d1], widths[d0]  # the tile's documents, longest first: its token width
+        document_block = documents[chosen, :width].reshape(-1, dim).t()
+        holes = ~document_mask[chosen, :width]
         has_holes = queries.device.type != "cpu" or bool(holes.any())  # no host sync off the CPU: always fill
         for q0 in range(0, num_queries, query_tile):
             q1 = min(num_queries, q0 + query_tile)
             products = query_rows[q0 * query_tokens : q1 * query_tokens] @ document_block
-            products = products.view(q1 - q0, query_tokens, d1 - d0, document_tokens)
+            products = products.view(q1 - q0, query_tokens, d1 - d0, width)
             if has_holes:
-                products.masked_fill_(holes.view(1, 1, d1 - d0, document_tokens), fill)
+                products.masked_fill_(holes.view(1, 1, d1 - d0, width), fill)
             best, where = products.max(dim=-1)  # (qc, Lq, dc)
-            sums[q0:q1, d0:d1] = (best.to(accumulate) * query_weight[q0:q1]).sum(dim=1)
+            sums[q0:q1, chosen] = (best.to(accumulate) * query_weight[q0:q1]).sum(dim=1)
             if index is not None:
-                index[q0:q1, :, d0:d1] = where
+                index[q0:q1, :, chosen] = where.to(torch.int32)
     return sums, index
 
 
