@@ -1,6 +1,6 @@
 // CPU build of the MaxSim kernels (csrc/include/st_fast/maxsim_cpu.h): OpenMP over query blocks (forward), over
-// queries and documents (backward). The forward's block function is compiled twice (GCC target_clones: a haswell
-// clone with AVX2 / FMA and the baseline), picked once at load time by the CPU.
+// queries and documents (backward). The forward's block function is compiled twice on x86-64 (GCC / Clang: the
+// baseline and an AVX2 + FMA version), picked once at the first call by the CPU's features.
 //
 // Not bound to Python yet: the entry points go into st_fast's extension with the shared binding of the native
 // restructuring (issue 27). With -DST_FAST_MAXSIM_C_API they are also exported as C functions, for a standalone
@@ -14,15 +14,27 @@ namespace st_fast {
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ST_FAST_MAXSIM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define ST_FAST_MAXSIM_CLONES
-#endif
-
-ST_FAST_MAXSIM_CLONES
 void forward_block(const MaxSimForwardArgs& a, int64_t q0, int64_t q1, float* queries, float* dt) {
   maxsim::forward_query_block(a, q0, q1, queries, dt);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ST_FAST_MAXSIM_X86_CLONE 1
+// The same block compiled for AVX2 + FMA (the always-inline helpers are compiled into it), picked at run time.
+__attribute__((target("avx2,fma"))) void forward_block_avx2(const MaxSimForwardArgs& a, int64_t q0, int64_t q1,
+                                                             float* queries, float* dt) {
+  maxsim::forward_query_block(a, q0, q1, queries, dt);
+}
+#endif
+
+using ForwardBlock = void (*)(const MaxSimForwardArgs&, int64_t, int64_t, float*, float*);
+
+ForwardBlock pick_forward_block() {
+#ifdef ST_FAST_MAXSIM_X86_CLONE
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return forward_block_avx2;
+#endif
+  return forward_block;
 }
 
 }  // namespace
@@ -37,6 +49,7 @@ void maxsim_forward_cpu(const MaxSimForwardArgs& a) {
     return;
   }
   const int64_t blocks = (s.queries + maxsim::kQueryBlock - 1) / maxsim::kQueryBlock;
+  static const ForwardBlock block_function = pick_forward_block();
 #pragma omp parallel
   {
     std::vector<float> queries(maxsim::kQueryBlock * s.query_tokens * s.dim);
@@ -44,7 +57,7 @@ void maxsim_forward_cpu(const MaxSimForwardArgs& a) {
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t q0 = b * maxsim::kQueryBlock;
-      forward_block(a, q0, std::min(s.queries, q0 + maxsim::kQueryBlock), queries.data(), dt.data());
+      block_function(a, q0, std::min(s.queries, q0 + maxsim::kQueryBlock), queries.data(), dt.data());
     }
   }
 }
