@@ -90,7 +90,10 @@ def batch(dtype, seed, queries=5, documents=7, query_tokens=7, document_tokens=1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("sizes", [dict(), dict(query_tokens=4, document_tokens=16, dim=16), dict(query_tokens=1)])
+@pytest.mark.parametrize(
+    "sizes",
+    [dict(), dict(query_tokens=4, document_tokens=16, dim=16), dict(query_tokens=1), dict(queries=37, documents=3)],
+)
 def test_native_kernels_equal_the_torch_backend(library, dtype, sizes):
     queries, query_mask, documents, document_mask = batch(dtype, seed=len(sizes), grid=dtype != torch.float32, **sizes)
     sums, index = native_forward(library, queries, query_mask, documents, document_mask)

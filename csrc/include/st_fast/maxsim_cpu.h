@@ -41,9 +41,9 @@
 namespace st_fast {
 namespace maxsim {
 
-constexpr int kRows = 6;         // query tokens per register tile (12 accumulators of 8 floats)
+constexpr int kRows = 4;         // query tokens per register tile: 8 accumulators of 8 floats, no spills
 constexpr int kCols = 16;        // document tokens per register tile
-constexpr int64_t kQueryBlock = 4;  // queries scored against one packed document
+constexpr int64_t kQueryBlock = 16;  // queries scored against one packed document
 
 ST_FAST_MAXSIM_INLINE float bits_to_float(uint32_t bits) {
   float value;
@@ -79,7 +79,7 @@ typedef float Float8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t Int8 __attribute__((vector_size(32), aligned(4)));
 typedef uint32_t Bits8 __attribute__((vector_size(32), aligned(4)));
 
-ST_FAST_MAXSIM_INLINE Float8 broadcast(float x) { return Float8{x, x, x, x, x, x, x, x}; }
+ST_FAST_MAXSIM_INLINE Float8 broadcast(float x) { return x + Float8{}; }  // vector + scalar: one broadcast
 
 // The tile's products as the masked max sees them: rounded to the embeddings' dtype (bfloat16: to nearest even on
 // the bits; a quiet NaN stays NaN), ``fill`` on masked tokens (``keep`` 0), -inf past the document's end.
@@ -108,17 +108,16 @@ ST_FAST_MAXSIM_INLINE float lane_max(const Float8& v) {
 template <int ROWS>
 ST_FAST_MAXSIM_INLINE void tile_products(const float* q, int64_t dim, const float* dt, int64_t stride,
                                          float (&out)[kRows][kCols]) {
-  static_assert(kCols == 16, "two Float8 accumulators per row");
+  static_assert(kCols == 16 && ROWS <= kRows, "two Float8 accumulators per row, at most kRows rows");
   Float8 low[ROWS], high[ROWS];
   for (int r = 0; r < ROWS; ++r) low[r] = high[r] = Float8{};
   for (int64_t k = 0; k < dim; ++k) {
     const Float8 b_low = *reinterpret_cast<const Float8*>(dt + k * stride);
     const Float8 b_high = *reinterpret_cast<const Float8*>(dt + k * stride + 8);
     for (int r = 0; r < ROWS; ++r) {
-      const float qk = q[r * dim + k];
-      const Float8 a = broadcast(qk);
-      low[r] += a * b_low;
-      high[r] += a * b_high;
+      const float qk = q[r * dim + k];  // vector * scalar: one broadcast
+      low[r] += qk * b_low;
+      high[r] += qk * b_high;
     }
   }
   for (int r = 0; r < ROWS; ++r) {
@@ -130,8 +129,6 @@ ST_FAST_MAXSIM_INLINE void tile_products(const float* q, int64_t dim, const floa
 ST_FAST_MAXSIM_INLINE void tile_products(int rows, const float* q, int64_t dim, const float* dt, int64_t stride,
                                          float (&out)[kRows][kCols]) {
   switch (rows) {
-    case 6: tile_products<6>(q, dim, dt, stride, out); break;
-    case 5: tile_products<5>(q, dim, dt, stride, out); break;
     case 4: tile_products<4>(q, dim, dt, stride, out); break;
     case 3: tile_products<3>(q, dim, dt, stride, out); break;
     case 2: tile_products<2>(q, dim, dt, stride, out); break;
