@@ -118,15 +118,15 @@ def test_cuda_row_kernel_matches_the_torch_row_kernel(rows, width, coefficient_d
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_block_per_row_kernels_match_stock(monkeypatch, dtype, config):
     """The block-per-row kernels (ST_FAST_CUDA_ROW_LANES=256) end to end, and their symmetric two passes."""
-    import test_symmetric_row_kernel as symmetric_cases
+    import row_kernel_cases
 
     from st_fast import _native
 
     monkeypatch.setattr(_native, "CUDA_ROW_LANES", 256)
     test_gpu_backend_matches_stock("native", dtype, 1000, 1024, config)
-    directions = CONFIGS[config].get("directions", symmetric_cases.SYMMETRIC)
+    directions = CONFIGS[config].get("directions", row_kernel_cases.SYMMETRIC)
     partition = CONFIGS[config].get("partition_mode", "joint")
-    symmetric_cases.test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
+    row_kernel_cases.two_passes_match_the_torch_reference(
         "cuda", directions, partition, CONFIGS[config].get("hardness_mode"), True
     )
 

@@ -1,7 +1,7 @@
 """The symmetric path (query_to_doc with doc_to_query from one score tile, st_fast/ops/mnrl/chunked.py) at the row
 kernel level and in the chunked driver.
 
-1. The row kernel's two passes (csrc/include/st_fast/contrastive_row.h: CPU build here, CUDA build under the ``gpu``
+1. The row kernel's two passes (csrc/include/st_fast/row_kernel_*.h: CPU build here, CUDA build under the ``gpu``
    marker) against the PyTorch reference (st_fast/ops/row_kernel_torch.py) on float64 copies of the same scores:
    the statistics row by row (each row segment's LSE, the positive logit) and column by column (each column's LSE
    from its online max / sum, continued over several row chunks), the coefficients entry by entry (with and without
@@ -15,20 +15,21 @@ kernel level and in the chunked driver.
 from __future__ import annotations
 
 import pytest
+import row_kernel_cases as shared
 import torch
 from parity import assert_coefficients_close, random_columns
-
+from row_kernel_cases import cases
 from st_fast.ops import chunked as chunked_common  # noqa: I001
 from st_fast.ops import fused_mnrl_loss
 from st_fast.ops.backends import native_available
 from st_fast.ops.layout import SegmentKind
 from st_fast.ops.mnrl import chunked as mnrl_chunked
 from st_fast.ops.mnrl.spec import ContrastiveSpec
-from st_fast.ops.row_kernel import PositiveBlock, SegmentScales, column_lse, reference_factors
+from st_fast.ops.row_kernel import PositiveBlock, column_lse
 from st_fast.ops.row_kernel_torch import torch_row_coefficients, torch_row_statistics
 
-SYMMETRIC = ("query_to_doc", "doc_to_query")
-ALL_FOUR = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+SYMMETRIC = shared.SYMMETRIC
+ALL_FOUR = shared.ALL_FOUR
 
 DEVICES = [
     pytest.param(
@@ -38,180 +39,25 @@ DEVICES = [
 ]
 
 
-def _segments(kinds, width, k, rows, device, generator, *, with_scales):
-    """Raw scores of the row segments (D2Q: the other ranks' queries only, local columns -inf) and their scales."""
-    lengths = [k * width if kind in (SegmentKind.Q2D, SegmentKind.D2D) else width for kind in kinds]
-    scores = [(torch.rand(rows, n, generator=generator) * 2 - 1).to(device) for n in lengths]
-    scales = None
-    if with_scales:
-        scales = [
-            SegmentScales((torch.rand(rows, generator=generator) + 0.5).to(device),
-                          (torch.rand(n, generator=generator) + 0.5).to(device))
-            for n in lengths
-        ]  # fmt: skip
-    return scores, scales
-
-
-def _double(scores, scales):
-    doubled = [s.double() for s in scores]
-    return doubled, None if scales is None else [SegmentScales(s.rows.double(), s.columns.double()) for s in scales]
-
-
-def _chunk(scores, scales, rows):
-    part = [s[rows].contiguous() for s in scores]
-    return part, None if scales is None else [SegmentScales(s.rows[rows].contiguous(), s.columns) for s in scales]
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "directions, partition, hardness",
-    [
-        (SYMMETRIC, "per_direction", None),
-        (SYMMETRIC, "joint", "hard_negatives"),
-        (ALL_FOUR, "joint", "all_negatives"),
-        (ALL_FOUR, "joint", "in_batch_negatives"),
-    ],
-)
-@pytest.mark.parametrize("with_scales", [False, True], ids=["plain", "scaled"])
+@cases(shared.TWO_PASS_GRID)
 def test_two_passes_match_the_torch_reference_row_by_row_and_column_by_column(
     device, directions, partition, hardness, with_scales
 ):
-    from st_fast.ops.row_kernel_native import native_row_coefficients, native_row_statistics
-
-    width, batch, offset, k, chunk = 13, 7, 4, 2, 3  # local rows 4 .. 11 of 13: other ranks' rows on both sides
-    spec = ContrastiveSpec.from_loss_config(
-        scale=20.0, directions=directions, partition_mode=partition, hardness_mode=hardness,
-        hardness_strength=0.0 if hardness is None else 5.0,
-    )  # fmt: skip
-    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.D2Q) + (SegmentKind.D2Q,)
-    generator = torch.Generator().manual_seed(len(directions) + 3 * with_scales)
-    scores, scales = _segments(kinds, width, k, batch, device, generator, with_scales=with_scales)
-    remote = scores[-1]
-    remote[:, offset : offset + batch] = float("-inf")
-    block = PositiveBlock(offset, batch)
-    ref_scores, ref_scales = _double(scores, scales)
-
-    # statistics: the whole tile at once (reference, float64) vs row chunks in order (native, fp32)
-    ref_max = torch.full((batch,), float("-inf"), dtype=torch.float64, device=device)
-    ref_sum = torch.zeros(batch, dtype=torch.float64, device=device)
-    ref_lse, ref_positive = torch_row_statistics(
-        ref_scores, kinds, spec, offset, width, block, ref_max, ref_sum, ref_scales
-    )
-    column_max = torch.full((batch,), float("-inf"), device=device)
-    column_sum = torch.zeros(batch, device=device)
-    lse, positive = [], []
-    for begin in range(0, batch, chunk):
-        rows = slice(begin, min(batch, begin + chunk))
-        part, part_scales = _chunk(scores, scales, rows)
-        chunk_lse, chunk_positive = native_row_statistics(
-            part, kinds, spec, offset + begin, width, block, column_max, column_sum, part_scales
-        )
-        lse.append(chunk_lse)
-        positive.append(chunk_positive)
-    lse, positive = torch.cat(lse), torch.cat(positive)
-    for row in range(batch):
-        torch.testing.assert_close(lse[row].double(), ref_lse[row], rtol=1e-6, atol=1e-5, msg=f"row {row}")
-        torch.testing.assert_close(positive[row].double(), ref_positive[row], rtol=1e-6, atol=1e-5)
-    columns, ref_columns = column_lse(column_max, column_sum), column_lse(ref_max, ref_sum)
-    q2d = ref_scores[0] if ref_scales is None else ref_scores[0] * ref_scales[0].rows[:, None] * ref_scales[0].columns
-    direct = torch.logsumexp(spec.scale * q2d[:, offset : offset + batch], dim=0)
-    for column in range(batch):
-        torch.testing.assert_close(columns[column].double(), ref_columns[column], rtol=1e-6, atol=1e-5)
-        torch.testing.assert_close(ref_columns[column], direct[column], rtol=1e-12, atol=1e-12)
-
-    # coefficients from references as the driver forms them
-    d2q_lse = torch.logaddexp(ref_columns, ref_lse[:, -1])
-    directions_lse = torch.cat([ref_lse[:, :-1], d2q_lse[:, None]], dim=1)
-    if spec.joint:
-        log_z = torch.logsumexp(directions_lse, dim=1)
-        row_ref, column_ref = log_z[:, None].expand(-1, len(kinds)).contiguous(), log_z.clone()
-    else:
-        row_ref, column_ref = directions_lse.clone(), d2q_lse.clone()
-    # one row and one column far above the others: their factors are 0 and take the direct exp
-    row_ref[1] += 30.0
-    column_ref[2] += 30.0
-    factors = [f.float() for f in reference_factors(row_ref[:, 0].float(), column_ref.float())]
-    assert factors[0][1] == 0 and factors[1][2] == 0 and (factors[0] > 0).sum() > 1 and (factors[1] > 0).sum() > 1
-    grad_scale = 1.0 / batch
-    expected = [torch.empty_like(s) for s in ref_scores]
-    torch_row_coefficients(
-        ref_scores, kinds, spec, offset, width, grad_scale, block, row_ref, column_ref, ref_scales, expected
-    )
-    for dtype, with_factors in ((torch.float32, False), (torch.float32, True), (torch.float16, True)):
-        actual = [torch.full(s.shape, float("nan"), device=device).to(dtype) for s in scores]
-        for begin in range(0, batch, chunk):
-            rows = slice(begin, min(batch, begin + chunk))
-            part, part_scales = _chunk(scores, scales, rows)
-            outputs = [torch.empty(p.shape, dtype=dtype, device=device) for p in part]
-            native_row_coefficients(
-                part, kinds, spec, offset + begin, width, grad_scale, block, row_ref[rows].float().contiguous(),
-                column_ref.float().contiguous(), part_scales, outputs,
-                (factors[0][rows], factors[1]) if with_factors else None,
-            )  # fmt: skip
-            for out, piece in zip(actual, outputs, strict=True):
-                out[rows] = piece
-        pairs = [(s.rows, s.columns) for s in scales] if scales else [(torch.ones(1), torch.ones(1))]
-        assert_coefficients_close(actual, expected, pairs, grad_scale, spec.scale, dtype)
-
-
-def _driver_result(queries, docs, problem, backend):
-    from st_fast.ops.backends import resolve_backend
-
-    chosen = resolve_backend(backend, queries.device, queries.dtype)
-    return chosen.driver(queries, docs, problem, chosen.row_kernel, need_grad=True)
+    shared.two_passes_match_the_torch_reference(device, directions, partition, hardness, with_scales)
 
 
 BACKENDS = ["torch"] + (["native"] if native_available(torch.device("cpu")) else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "directions, partition, hardness",
-    [
-        (SYMMETRIC, "per_direction", "in_batch_negatives"),
-        (SYMMETRIC, "joint", None),
-        (ALL_FOUR, "joint", "hard_negatives"),
-    ],
-)
-@pytest.mark.parametrize("offset, batch, width", [(0, 19, 19), (5, 9, 19)], ids=["local", "gathered"])
+@cases(shared.DRIVER_GRID)
 def test_kept_and_recomputed_tiles_match_the_one_pass_driver(
     monkeypatch, backend, directions, partition, hardness, offset, batch, width
 ):
-    spec = ContrastiveSpec.from_loss_config(
-        scale=20.0, directions=directions, partition_mode=partition, hardness_mode=hardness,
-        hardness_strength=0.0 if hardness is None else 4.0,
-    )  # fmt: skip
-    columns = random_columns(width, 12, 3, seed=offset + batch)
-    queries = torch.nn.functional.normalize(columns[0].detach(), dim=1)
-    docs = torch.nn.functional.normalize(torch.cat([c.detach() for c in columns[1:]]), dim=1)
-    calls = []
-    segment_scores = mnrl_chunked._segment_scores
-
-    def spy(ops, kind, rows, out, ranges=None):
-        calls.append((kind, ranges))
-        return segment_scores(ops, kind, rows, out, ranges)
-
-    monkeypatch.setattr(mnrl_chunked, "_segment_scores", spy)
-    problem = mnrl_chunked.ContrastiveProblem(spec, offset, batch)
-    kept = _driver_result(queries, docs, problem, backend)
-    # doc_to_query is never its own GEMM over this rank's queries: only over the other ranks' (gathered) ones
-    d2q = [ranges for kind, ranges in calls if kind == SegmentKind.D2Q]
-    expected_ranges = [(lo, hi) for lo, hi in ((0, offset), (offset + batch, width)) if hi > lo]
-    assert all(ranges == expected_ranges for ranges in d2q) and (len(d2q) > 0) == (batch < width)
-    # recomputed: chunks of 4 rows, nothing kept
-    monkeypatch.setitem(chunked_common.DEFAULT_KEEP_BYTES, "cpu", 1)
-    monkeypatch.setattr(mnrl_chunked, "chunk_rows_for_budget", lambda *args, **kwargs: 4)
-    calls.clear()
-    recomputed = _driver_result(queries, docs, problem, backend)
-    row_segments = len(spec.kinds) - (batch == width)  # D2Q is a row segment only against other ranks' queries
-    assert len(calls) == 2 * row_segments * -(-batch // 4)  # every chunk's row segments, in both passes
-    # the one-pass driver: every direction its own GEMMs
-    monkeypatch.setattr(ContrastiveSpec, "fuses_doc_to_query", property(lambda self: False))
-    one_pass = _driver_result(queries, docs, problem, backend)
-    for result in (kept, recomputed):
-        torch.testing.assert_close(result.loss, one_pass.loss, rtol=2e-6, atol=1e-6)
-        torch.testing.assert_close(result.grad_anchors, one_pass.grad_anchors, rtol=1e-5, atol=2e-6)
-        torch.testing.assert_close(result.grad_candidates, one_pass.grad_candidates, rtol=1e-5, atol=2e-6)
+    shared.kept_and_recomputed_tiles_match_the_one_pass_driver(
+        monkeypatch, backend, directions, partition, hardness, offset, batch, width
+    )
 
 
 def test_symmetric_loss_is_the_mean_of_both_directions():
@@ -266,11 +112,13 @@ def test_fixed_shift_passes_match_the_torch_reference(directions, partition, off
         (SegmentKind.D2Q,) if remote_columns else ()
     )
     generator = torch.Generator().manual_seed(batch + len(directions))
-    scores, _ = _segments(kinds, width, k, batch, "cpu", generator, with_scales=False)  # cosines in [-1, 1)
+    scores, _ = shared.random_segments(
+        kinds, width, k, batch, "cpu", generator, with_scales=False
+    )  # cosines in [-1, 1)
     if remote_columns:
         scores[-1][:, offset : offset + batch] = float("-inf")
     block = PositiveBlock(offset, batch)
-    ref_scores, _ = _double(scores, None)
+    ref_scores, _ = shared.in_float64(scores, None)
     ref_max = torch.full((batch,), float("-inf"), dtype=torch.float64)
     ref_sum = torch.zeros(batch, dtype=torch.float64)
     ref_lse, ref_positive = torch_row_statistics(ref_scores, kinds, spec, offset, width, block, ref_max, ref_sum)
