@@ -108,3 +108,17 @@ def test_native_kernels_equal_the_torch_backend(library, dtype, sizes):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     again = native_backward(library, queries, query_mask, documents, index, grad_sums)
     assert all(torch.equal(a, b) for a, b in zip(ours, again, strict=True))  # deterministic
+
+
+def test_trailing_padding_equals_stock_colbert_scores(library):
+    """Documents padded after their last token (the kernel skips those products) score as stock's colbert_scores,
+    and their arg-max equals the torch backend's."""
+    colbert = pytest.importorskip("sentence_transformers.multi_vector_encoder.scoring.colbert")
+    queries, query_mask, documents, _ = batch(torch.float32, seed=21, documents=6, document_tokens=37)
+    lengths = torch.tensor([37, 1, 16, 17, 33, 5])
+    document_mask = torch.arange(37) < lengths.unsqueeze(-1)
+    document_mask[2, 3] = False  # a hole before the padding
+    sums, index = native_forward(library, queries, query_mask, documents, document_mask)
+    stock = colbert.colbert_scores(queries, documents.unsqueeze(1), query_mask, document_mask.unsqueeze(1))
+    torch.testing.assert_close(sums, stock, rtol=1e-6, atol=1e-5)
+    assert torch.equal(index, maxsim_forward(queries, query_mask, documents, document_mask, True)[1])

@@ -6,7 +6,8 @@
 //
 //   p[s, t]        = Σ_k q[i, s, k] · d[m, t, k]            float32 accumulation (a kRows x kCols register tile)
 //   p[s, t]        = bfloat16(p[s, t])                      for bfloat16 embeddings (to nearest even, as torch)
-//   p[s, t]        = fill                                   where document token t is masked (stock's masked_fill)
+//   p[s, t]        = fill                                   where document token t is masked (stock's masked_fill;
+//                                                           not computed after the document's last unmasked token)
 //   best[s], at[s] = running max over t, first index of a tie (strictly greater replaces), as torch.max
 //   sums[i, m]     = Σ_{s unmasked} best[s]                 float32, in token order; index[i, s, m] = at[s]
 //
@@ -136,20 +137,29 @@ ST_FAST_MAXSIM_INLINE void tile_products(int rows, const float* q, int64_t dim, 
   }
 }
 
-// Document m packed as panels of kCols tokens, each transposed: dt[(t / kCols)·D·kCols + k·kCols + t % kCols] =
-// d[m, t, k] as float32, zero past Ld (padded_tokens(Ld)·D floats): a register tile reads its panel sequentially.
-ST_FAST_MAXSIM_INLINE void pack_document(const MaxSimForwardArgs& a, int64_t m, float* dt) {
+// Document m's first ``width`` tokens packed as panels of kCols tokens, each transposed:
+// dt[(t / kCols)·D·kCols + k·kCols + t % kCols] = d[m, t, k] as float32, zero up to padded_tokens(width).
+ST_FAST_MAXSIM_INLINE void pack_document(const MaxSimForwardArgs& a, int64_t m, int64_t width, float* dt) {
   const MaxSimShape& s = a.shape;
-  const int64_t padded = padded_tokens(s.document_tokens);
+  const int64_t padded = padded_tokens(width);
   for (int64_t t = 0; t < padded; ++t) {
     float* out = dt + (t / kCols) * s.dim * kCols + t % kCols;
-    if (t >= s.document_tokens) {
+    if (t >= width) {
       for (int64_t k = 0; k < s.dim; ++k) out[k * kCols] = 0.0f;
       continue;
     }
     const int64_t base = (m * s.document_tokens + t) * s.dim;
     for (int64_t k = 0; k < s.dim; ++k) out[k * kCols] = element(a.documents, base + k, s.dtype);
   }
+}
+
+// The tokens of document m up to its last unmasked one (at least 1): the products of the masked tokens after it
+// are not computed. Stock fills them with finfo(dtype).min, which wins the max only where every product is -inf or
+// the document is empty (token 0 then, which stays in): the max and its first index are unchanged.
+ST_FAST_MAXSIM_INLINE int64_t scored_width(const uint8_t* valid, int64_t tokens) {
+  int64_t width = tokens;
+  while (width > 1 && !valid[width - 1]) --width;
+  return width;
 }
 
 // Queries [q0, q1) of the forward against every document (see the file comment). ``queries``: (q1-q0)·Lq·D floats,
@@ -163,11 +173,12 @@ ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64
   const bool bfloat16 = s.dtype == MaxSimDtype::kBFloat16;
   std::vector<int32_t> keep(stride), inside(stride);  // per document token: lane masks (-1: true)
   for (int64_t m = 0; m < s.documents; ++m) {
-    pack_document(a, m, dt);
     const uint8_t* valid = a.document_mask + m * ld;
-    for (int64_t t = 0; t < stride; ++t) {
-      keep[t] = (t < ld && valid[t]) ? -1 : 0;
-      inside[t] = t < ld ? -1 : 0;
+    const int64_t width = scored_width(valid, ld);
+    pack_document(a, m, width, dt);
+    for (int64_t t = 0; t < padded_tokens(width); ++t) {
+      keep[t] = (t < width && valid[t]) ? -1 : 0;
+      inside[t] = t < width ? -1 : 0;
     }
     for (int64_t i = q0; i < q1; ++i) {
       const float* q = queries + (i - q0) * lq * dim;
@@ -181,7 +192,7 @@ ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64
           best[r] = -std::numeric_limits<float>::infinity();
           best_at[r] = 0;
         }
-        for (int64_t c0 = 0; c0 < ld; c0 += kCols) {
+        for (int64_t c0 = 0; c0 < width; c0 += kCols) {
           tile_products(rows, q + r0 * dim, dim, dt + c0 * dim, kCols, acc);
           for (int r = 0; r < rows; ++r) {
             const Float8 low = scored(acc[r], keep.data() + c0, inside.data() + c0, a.fill, bfloat16);
