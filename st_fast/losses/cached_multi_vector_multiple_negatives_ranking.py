@@ -84,15 +84,35 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         """The GradCache loss stage on one device: the columns joined once without autograd, one fused forward and
         backward on those copies, then each cached mini-batch's gradient added to its ``.grad`` as the slice of its
         rows and tokens (what autograd's cat / pad / stack backward would give, without its copies)."""
-        with torch.no_grad():
-            queries, query_mask, stacked, stacked_mask, _ = self.joined_columns(reps, masks_chunks)
-        queries, stacked = queries.detach().requires_grad_(), stacked.detach().requires_grad_()
+        queries_buffer, query_mask = padded_rows(reps[:1], masks_chunks[:1])  # (B, 1, Lq, D): one column
+        stacked, stacked_mask = padded_rows(reps[1:], masks_chunks[1:])
+        queries, query_mask = queries_buffer.requires_grad_()[:, 0], query_mask[:, 0]
+        stacked.requires_grad_()
         loss = self.loss_of(scorer, queries, query_mask, stacked, stacked_mask, 0)
         loss.backward()  # the queries' and documents' gradients, and a learnable scale's
-        add_row_gradients(reps[0], queries.grad)
+        add_row_gradients(reps[0], queries_buffer.grad[:, 0])
         for column, mini_batches in enumerate(reps[1:]):
             add_row_gradients(mini_batches, stacked.grad[:, column])
         return loss.detach()
+
+
+def padded_rows(columns: list[list[Tensor]], masks: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+    """Columns of cached mini-batches (each (b, T, D), masks (b, T)) written once into one zero-padded (B, k, T_max, D)
+    tensor and a (B, k, T_max) mask (False on padding), without autograd: what stock's cat_padded_token_embeddings
+    and stack_padded_token_embeddings give, in one copy instead of two."""
+    first = columns[0][0]
+    rows = sum(rep.shape[0] for rep in columns[0])
+    width = max(rep.shape[1] for column in columns for rep in column)
+    out = first.new_zeros(rows, len(columns), width, first.shape[-1])
+    out_mask = torch.zeros(rows, len(columns), width, dtype=torch.bool, device=first.device)
+    with torch.no_grad():
+        for index, (column, column_masks) in enumerate(zip(columns, masks, strict=True)):
+            start = 0
+            for rep, mask in zip(column, column_masks, strict=True):
+                out[start : start + rep.shape[0], index, : rep.shape[1]] = rep
+                out_mask[start : start + rep.shape[0], index, : rep.shape[1]] = mask
+                start += rep.shape[0]
+    return out, out_mask
 
 
 def add_row_gradients(mini_batches: list[Tensor], grad: Tensor) -> None:
