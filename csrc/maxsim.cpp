@@ -2,12 +2,12 @@
 // queries and documents (backward). The forward's block function is compiled twice on x86-64 (GCC / Clang: the
 // baseline and an AVX2 + FMA version), picked once at the first call by the CPU's features.
 //
-// Not bound to Python yet: the entry points go into st_fast's extension with the shared binding of the native
-// restructuring (issue 27). With -DST_FAST_MAXSIM_C_API they are also exported as C functions, for a standalone
-// build (tests/ops/test_maxsim_native.py).
+// Bound into st_fast._C by bind_maxsim (the argument objects of maxsim_calls.h; st_fast/_native_maxsim.py calls them).
 #include <vector>
 
 #include "st_fast/maxsim_args.h"
+#include "st_fast/maxsim_bindings.h"
+#include "st_fast/maxsim_calls.h"
 #include "st_fast/maxsim_cpu.h"
 
 namespace st_fast {
@@ -70,11 +70,18 @@ void maxsim_backward_cpu(const MaxSimBackwardArgs& a) {
   for (int64_t m = 0; m < s.documents; ++m) maxsim::backward_document(a, m);
 }
 
-}  // namespace st_fast
-
-#ifdef ST_FAST_MAXSIM_C_API
-extern "C" {
-void st_fast_maxsim_forward_cpu(const st_fast::MaxSimForwardArgs* a) { st_fast::maxsim_forward_cpu(*a); }
-void st_fast_maxsim_backward_cpu(const st_fast::MaxSimBackwardArgs* a) { st_fast::maxsim_backward_cpu(*a); }
+void bind_maxsim(pybind11::module_& m) {
+  bind_maxsim_calls(m);
+  m.def(
+      "maxsim_forward", [](const MaxSimForwardCall& call) { maxsim_forward_cpu(to_args(call)); }, pybind11::arg("call"),
+      "MaxSim sums and first arg-max (a MaxSimForwardCall; call through st_fast._native_maxsim.maxsim_forward).",
+      pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def(
+      "maxsim_backward", [](const MaxSimBackwardCall& call) { maxsim_backward_cpu(to_args(call)); },
+      pybind11::arg("call"),
+      "MaxSim query and document gradients through the arg-max (a MaxSimBackwardCall; call through "
+      "st_fast._native_maxsim.maxsim_backward).",
+      pybind11::call_guard<pybind11::gil_scoped_release>());
 }
-#endif
+
+}  // namespace st_fast

@@ -1,6 +1,7 @@
 // The always-built CPU extension `st_fast._C`.
 #include "st_fast/bindings.h"
 #include "st_fast/boundary_codes.h"
+#include "st_fast/maxsim_bindings.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
   st_fast::bind_half_store(m);
   st_fast::bind_contrastive_row(m);
   st_fast::bind_sampler(m);
+  st_fast::bind_maxsim(m);
 }

@@ -19,7 +19,7 @@ from sentence_transformers.multi_vector_encoder.losses import (
 from torch import Tensor
 
 from st_fast.losses.self_check import stock_function, stock_view
-from st_fast.losses.stock_contract import BackendOption, warn_once, warn_stock_fallback_once
+from st_fast.losses.stock_contract import BackendOption, warn_stock_fallback_once
 from st_fast.ops.backends import BACKENDS
 from st_fast.ops.maxsim import maxsim_scores
 from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE
@@ -93,9 +93,7 @@ class FusedMaxSimMixin:
         if length_normalize is None:
             warn_stock_fallback_once(self, described)
             return None
-        if self.backend == "native":
-            warn_once(self, "backend='native' has no MaxSim kernels yet; computing MaxSim with backend='torch'")
-        backend = "torch" if self.backend == "native" else self.backend
+        backend = self.backend
         default_normalize = length_normalize
 
         def scorer(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None, **kwargs):
@@ -136,8 +134,8 @@ class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVector
 
     Args:
         Same as the stock class (model, scale, similarity_fct, mini_batch_size, score_mini_batch_size,
-        gather_across_devices), plus ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` (``"native"``: torch until
-        the native MaxSim kernels are built).
+        gather_across_devices), plus ``backend``: ``"auto"`` (native C++ kernels on the CPU for float32 / bfloat16
+        when built, else torch), ``"native"``, ``"torch"`` or ``"triton"``.
 
     Everything but the scoring is the stock ``forward`` (the embedding pass, the padded gather across devices with
     its label offsets, the query chunks of ``score_mini_batch_size``, the cross-entropy and a learnable ``scale``),

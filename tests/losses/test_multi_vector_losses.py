@@ -304,12 +304,15 @@ def test_inside_multi_vector_matryoshka_loss(model, cached, fused_calls):
     assert len(fused_calls) == 2  # one per Matryoshka dimension
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_backends_through_the_cached_loss_stage(model, backend, fused_calls):
+    from st_fast._native_maxsim import native_maxsim_available
     from st_fast.ops.triton_lse import triton_unavailable_reason
 
     if backend == "triton" and triton_unavailable_reason("cpu") is not None:
         pytest.skip(triton_unavailable_reason("cpu"))
+    if backend == "native" and not native_maxsim_available(torch.device("cpu"), torch.float32):
+        pytest.skip("the native MaxSim kernels are not built")
     reps, masks = random_cache(3, torch.float32, seed=12)
     stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2)
     fused = CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2, backend=backend)

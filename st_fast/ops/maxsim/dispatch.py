@@ -13,7 +13,13 @@ import torch
 from st_fast.ops.backends import BACKENDS
 from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS
 
-NATIVE_MISSING = "the native MaxSim kernels are not built into st_fast's extension yet; use backend='torch' or 'auto'"
+
+def _native_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        from st_fast._native_maxsim import native_maxsim_available
+    except ImportError:
+        return False
+    return native_maxsim_available(device, dtype)
 
 
 def _triton_reason(device: torch.device) -> str | None:
@@ -23,21 +29,24 @@ def _triton_reason(device: torch.device) -> str | None:
 
 
 def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, tile_elements: int | None = None):
-    """The MaxSim backend object for ``backend=name`` on ``device`` with embeddings of ``dtype``. ``auto``: ``torch``
-    (the Triton kernel has run under the interpreter only, not yet measured nor checked on a GPU; the native
-    kernels are not wired yet). ``tile_elements`` bounds the products a chunked backend holds at once.
+    """The MaxSim backend object for ``backend=name`` on ``device`` with embeddings of ``dtype``. ``auto``: ``native``
+    where its kernels run (CPU, float32 / bfloat16, st_fast's extension built), else ``torch`` (also on CUDA: the
+    Triton kernel has run under the interpreter only, not yet measured nor checked on a GPU; there is no CUDA MaxSim
+    kernel yet). ``tile_elements`` bounds the products the torch backend holds at once.
 
     Raises:
         ValueError: ``name`` is not one of :data:`BACKENDS`, or ``tile_elements`` < 1.
         TypeError: ``triton`` or ``native`` for float64 embeddings (use ``torch``).
         RuntimeError: ``triton`` where Triton cannot run (no triton, or CPU tensors without ``TRITON_INTERPRET=1``),
-            ``native`` (not built yet).
+            ``native`` where its kernels do not run (not the CPU, float16, or the extension not built).
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     tile_elements = DEFAULT_TILE_ELEMENTS if tile_elements is None else int(tile_elements)
     if tile_elements < 1:
         raise ValueError(f"tile_elements must be at least 1, got {tile_elements}")
+    if name == "auto":
+        name = "native" if _native_runs(device, dtype) else "torch"
     if name in ("triton", "native") and dtype == torch.float64:
         raise TypeError(f"the {name} MaxSim backend takes float16/bfloat16/float32; use backend='torch' for float64")
     if name == "triton":
@@ -48,7 +57,14 @@ def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, 
 
         return TritonBackend(tile_elements)
     if name == "native":
-        raise RuntimeError(NATIVE_MISSING)
+        if not _native_runs(device, dtype):
+            raise RuntimeError(
+                f"the native MaxSim kernels run on CPU float32 / bfloat16 embeddings with st_fast's extension built, "
+                f"not on {device.type} / {dtype} (see st_fast.native_info()); use backend='torch' or 'auto'"
+            )
+        from st_fast.ops.maxsim.native_backend import NativeBackend
+
+        return NativeBackend()
     from st_fast.ops.maxsim.torch_backend import TorchBackend
 
     return TorchBackend(tile_elements)

@@ -1,0 +1,24 @@
+"""The ``native`` backend of the MaxSim op: the C++ kernels (csrc/include/st_fast/maxsim_cpu.h) on the CPU, float32
+and bfloat16: the forward as register tiles with the max epilogue (no products tensor at all), the backward
+OpenMP-parallel over queries (dQ) and documents (dD) without atomics (the same bits every run)."""
+
+from __future__ import annotations
+
+from st_fast import _native_maxsim
+
+
+class NativeBackend:
+    """The native backend object (see :mod:`st_fast.ops.maxsim.dispatch`)."""
+
+    name = "native"
+
+    def forward(self, queries, query_mask, documents, document_mask, need_indices):
+        return _native_maxsim.maxsim_forward(
+            queries.contiguous(), query_mask.contiguous(), documents.contiguous(), document_mask.contiguous(),
+            need_indices,
+        )  # fmt: skip
+
+    def backward(self, queries, query_mask, documents, index, grad_sums):
+        return _native_maxsim.maxsim_backward(
+            queries.contiguous(), query_mask.contiguous(), documents.contiguous(), index.contiguous(), grad_sums
+        )
