@@ -28,16 +28,17 @@ import torch
 
 
 class SegmentKind(IntEnum):
-    """The kind of a score segment of the contrastive row kernel (see st_fast/ops/layout.py)."""
+    """The kind of a score segment of the contrastive row kernels, named by its rule for the row's own column(s) g
+    (row g's global index, W the column block width; see st_fast/ops/layout.py)."""
 
-    Q2D = 0
-    Q2Q = 1
-    D2Q = 2
-    D2D = 3
+    OWN_POSITIVE = 0  # column g holds the row's positive (the target); the hardness penalty applies here only
+    OWN_MASKED = 1  # column g is the row vector itself: masked (-inf)
+    PLAIN = 2  # nothing masked; holds the positive at column g only under per-direction partitions
+    OWN_GROUP_MASKED = 3  # every column c with c % W == g masked (the row's own positive and hard negatives)
 
 
 class HardnessKind(IntEnum):
-    """Which Q2D entries the hardness penalty applies to (see st_fast/ops/layout.py)."""
+    """Which OWN_POSITIVE entries the hardness penalty applies to (see st_fast/ops/layout.py)."""
 
     NONE = 0
     IN_BATCH = 1

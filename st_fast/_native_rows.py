@@ -8,11 +8,11 @@ its entry point's argument object by field name (csrc/include/st_fast/row_kernel
 (st_fast/ops/row_kernel_native.py).
 
 Common arguments: ``scores``, one contiguous fp32 (rows, length) tensor per segment on one device; ``kinds``, one
-SegmentKind per segment (the first Q2D); ``row_start``, the global row of local row 0; ``width``, the column block
-width W; ``scale``, the logits' scale; ``row_scales`` / ``col_scales``, None or one fp32 (rows,) / (length,) tensor
-per segment (s = v · row_scale · col_scale); ``labels``, None or one int32 (length,) tensor per segment
+SegmentKind per segment (the first OWN_POSITIVE); ``row_start``, the global row of local row 0; ``width``, the column
+block width W; ``scale``, the logits' scale; ``row_scales`` / ``col_scales``, None or one fp32 (rows,) / (length,)
+tensor per segment (s = v · row_scale · col_scale); ``labels``, None or one int32 (length,) tensor per segment
 (mask_duplicates), with ``query_labels`` the int32 labels of the positive block's column softmax (two-pass entry
-points); ``block_begin`` / ``block_count``, the positive block's Q2D columns (two-pass entry points).
+points); ``block_begin`` / ``block_count``, the positive block's columns of segment 0 (two-pass entry points).
 """
 
 from __future__ import annotations

@@ -195,7 +195,9 @@ DRIVER_GRID = [
 
 def random_segments(kinds, width, k, rows, device, generator, *, with_scales):
     """Raw scores of the row segments (D2Q: the other ranks' queries only, local columns -inf) and their scales."""
-    lengths = [k * width if kind in (SegmentKind.Q2D, SegmentKind.D2D) else width for kind in kinds]
+    lengths = [
+        k * width if kind in (SegmentKind.OWN_POSITIVE, SegmentKind.OWN_GROUP_MASKED) else width for kind in kinds
+    ]
     scores = [(torch.rand(rows, n, generator=generator) * 2 - 1).to(device) for n in lengths]
     scales = None
     if with_scales:
@@ -227,7 +229,7 @@ def two_passes_match_the_torch_reference(device, directions, partition, hardness
         scale=20.0, directions=directions, partition_mode=partition, hardness_mode=hardness,
         hardness_strength=0.0 if hardness is None else 5.0,
     )  # fmt: skip
-    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.D2Q) + (SegmentKind.D2Q,)
+    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.PLAIN) + (SegmentKind.PLAIN,)
     generator = torch.Generator().manual_seed(len(directions) + 3 * with_scales)
     scores, scales = random_segments(kinds, width, k, batch, device, generator, with_scales=with_scales)
     remote = scores[-1]
@@ -326,7 +328,7 @@ def kept_and_recomputed_tiles_match_the_one_pass_driver(monkeypatch, backend, di
     problem = mnrl_chunked.ContrastiveProblem(spec, offset, batch)
     kept = driver_result(queries, docs, problem, backend)
     # doc_to_query is never its own GEMM over this rank's queries: only over the other ranks' (gathered) ones
-    d2q = [ranges for kind, ranges in calls if kind == SegmentKind.D2Q]
+    d2q = [ranges for kind, ranges in calls if kind == SegmentKind.PLAIN]
     expected_ranges = [(lo, hi) for lo, hi in ((0, offset), (offset + batch, width)) if hi > lo]
     assert all(ranges == expected_ranges for ranges in d2q) and (len(d2q) > 0) == (batch < width)
     # recomputed: chunks of 4 rows, nothing kept

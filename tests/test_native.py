@@ -56,7 +56,7 @@ def test_the_ops_use_the_boundary_enums():
     "change",
     [
         lambda codes: codes["StoreDtype"].update(BF16=2, FP16=1),  # the old CUDA dtype order
-        lambda codes: codes["SegmentKind"].pop("D2D"),
+        lambda codes: codes["SegmentKind"].pop("OWN_GROUP_MASKED"),
         lambda codes: codes["HardnessKind"].update(EXTRA=4),
         lambda codes: codes.pop("HardnessKind"),
         lambda codes: codes.update(NewEnum={"A": 0}),

@@ -76,7 +76,7 @@ def compile_variant(name, dtype, d, own, *, k=1, guide_dtype=None, dg=0, kind=No
     from st_fast.ops import triton_lse
     from st_fast.ops.layout import HardnessKind, SegmentKind
 
-    kind = SegmentKind.Q2D if kind is None else kind
+    kind = SegmentKind.OWN_POSITIVE if kind is None else kind
     hardness = HardnessKind.ALL if hardness is None else hardness
     kernel = getattr(triton_lse, name)
     params = list(inspect.signature(kernel.fn).parameters)

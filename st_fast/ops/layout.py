@@ -6,14 +6,22 @@ block, k candidate columns (positive + hard negatives), row i of this rank has g
 A row's logits are the concatenation of the segments of the selected directions; each segment is the raw similarity
 of one row vector (the query q_g or the positive document d_g) to one column matrix:
 
-=========  ==========  ==============  ======================================================================
-kind       row vector  columns         rule for column c of the segment
-=========  ==========  ==============  ======================================================================
-Q2D        q_g         docs (k·W)      positive at c == g; hardness penalty on the entries given below
-Q2Q        q_g         queries (W)     c == g masked to -inf (the query itself)
-D2Q        d_g         queries (W)     nothing masked
-D2D        d_g         docs (k·W)      c % W == g masked to -inf (the document itself and its own negatives)
-=========  ==========  ==============  ======================================================================
+=========  ==========  ==============  ================  =====================================================
+direction  row vector  columns         kernel kind       rule for column c of the segment
+=========  ==========  ==============  ================  =====================================================
+Q2D        q_g         docs (k·W)      OWN_POSITIVE      positive at c == g; hardness penalty on the entries
+                                                         given below
+Q2Q        q_g         queries (W)     OWN_MASKED        c == g masked to -inf (the query itself)
+D2Q        d_g         queries (W)     PLAIN             nothing masked
+D2D        d_g         docs (k·W)      OWN_GROUP_MASKED  c % W == g masked to -inf (the document itself and its
+                                                         own negatives)
+=========  ==========  ==============  ================  =====================================================
+
+The row kernels know segments only by their kind (:class:`st_fast._native.SegmentKind`), the rule for the row's own
+column(s) g; Q2D .. D2D are MNRL's directions (query_to_doc, query_to_query, doc_to_query, doc_to_doc) and name them
+where the symmetric path needs the direction. Other ops pick kinds by rule (GIST: OWN_POSITIVE for [AP | AN..],
+OWN_MASKED or PLAIN for its AA / PP blocks, :mod:`st_fast.ops.gist.spec`). A PLAIN segment holds the positive at
+column g under per-direction partitions (MNRL's doc_to_query LSE), never in a joint one.
 
 Hardness (Q2D only, strength α > 0): logit = scale·s + α·stopgrad(s) on the penalized entries:
 IN_BATCH penalizes c % W != g (other rows' positives and negatives), HARD penalizes c % W == g with c >= W (the
@@ -35,10 +43,10 @@ from __future__ import annotations
 from st_fast._native import HardnessKind, SegmentKind
 
 DIRECTION_TO_KIND = {
-    "query_to_doc": SegmentKind.Q2D,
-    "query_to_query": SegmentKind.Q2Q,
-    "doc_to_query": SegmentKind.D2Q,
-    "doc_to_doc": SegmentKind.D2D,
+    "query_to_doc": SegmentKind.OWN_POSITIVE,
+    "query_to_query": SegmentKind.OWN_MASKED,
+    "doc_to_query": SegmentKind.PLAIN,
+    "doc_to_doc": SegmentKind.OWN_GROUP_MASKED,
 }
 
 HARDNESS_TO_KIND = {
@@ -49,10 +57,15 @@ HARDNESS_TO_KIND = {
 }
 
 # Which operand ("queries" or "docs") gives each kind its row vectors and its columns.
-ROW_SOURCE = {SegmentKind.Q2D: "queries", SegmentKind.Q2Q: "queries", SegmentKind.D2Q: "docs", SegmentKind.D2D: "docs"}
+ROW_SOURCE = {
+    SegmentKind.OWN_POSITIVE: "queries",
+    SegmentKind.OWN_MASKED: "queries",
+    SegmentKind.PLAIN: "docs",
+    SegmentKind.OWN_GROUP_MASKED: "docs",
+}
 COLUMN_SOURCE = {
-    SegmentKind.Q2D: "docs",
-    SegmentKind.Q2Q: "queries",
-    SegmentKind.D2Q: "queries",
-    SegmentKind.D2D: "docs",
+    SegmentKind.OWN_POSITIVE: "docs",
+    SegmentKind.OWN_MASKED: "queries",
+    SegmentKind.PLAIN: "queries",
+    SegmentKind.OWN_GROUP_MASKED: "docs",
 }

@@ -58,11 +58,11 @@ def segment_mask_and_penalty(
     cols = torch.arange(n_cols, device=rows_global.device)
     g = rows_global[:, None]
     masked = penalized = None
-    if kind == SegmentKind.Q2Q:
+    if kind == SegmentKind.OWN_MASKED:
         masked = cols[None, :] == g
-    elif kind == SegmentKind.D2D:
+    elif kind == SegmentKind.OWN_GROUP_MASKED:
         masked = (cols % width)[None, :] == g
-    elif kind == SegmentKind.Q2D and spec.hardness != HardnessKind.NONE:
+    elif kind == SegmentKind.OWN_POSITIVE and spec.hardness != HardnessKind.NONE:
         own = (cols % width)[None, :] == g
         if spec.hardness == HardnessKind.IN_BATCH:
             penalized = ~own
@@ -95,7 +95,7 @@ def _segment_labels(labels: DuplicateLabels | None, count: int) -> list[torch.Te
 def holds_positive(kind: SegmentKind, spec: ContrastiveSpec) -> bool:
     """Whether column g of the segment's row r holds the positive pair's score and so takes a share of the one-hot
     term: Q2D always, D2Q in per_direction (in joint it is one more entry of the single softmax)."""
-    return kind == SegmentKind.Q2D or (not spec.joint and kind == SegmentKind.D2Q)
+    return kind == SegmentKind.OWN_POSITIVE or (not spec.joint and kind == SegmentKind.PLAIN)
 
 
 def _segment_logits(
@@ -243,7 +243,7 @@ def torch_row_coefficients(
         coefficient = torch.exp(logit - row_ref[:, x, None]) * weight
         if masked is not None:  # the row term only: a block entry may be masked in one softmax and not the other
             coefficient = coefficient.masked_fill(masked, 0.0)
-        if kind == SegmentKind.Q2D:
+        if kind == SegmentKind.OWN_POSITIVE:
             columns = slice(block.begin, block.begin + block.count)
             column_term = torch.exp(spec.scale * s[:, columns] - column_ref[None, :]) * weight
             if column_masked is not None:

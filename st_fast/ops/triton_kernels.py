@@ -83,10 +83,10 @@ except ImportError as _exc:  # the package imports without triton; every launche
     TRITON_IMPORT_ERROR = str(_exc)
 
 
-_Q2D = tl.constexpr(int(SegmentKind.Q2D))
-_Q2Q = tl.constexpr(int(SegmentKind.Q2Q))
-_D2Q = tl.constexpr(int(SegmentKind.D2Q))
-_D2D = tl.constexpr(int(SegmentKind.D2D))
+_OWN_POSITIVE = tl.constexpr(int(SegmentKind.OWN_POSITIVE))
+_OWN_MASKED = tl.constexpr(int(SegmentKind.OWN_MASKED))
+_PLAIN = tl.constexpr(int(SegmentKind.PLAIN))
+_OWN_GROUP_MASKED = tl.constexpr(int(SegmentKind.OWN_GROUP_MASKED))
 _NONE = tl.constexpr(int(HardnessKind.NONE))
 _IN_BATCH = tl.constexpr(int(HardnessKind.IN_BATCH))
 _HARD = tl.constexpr(int(HardnessKind.HARD))
@@ -150,7 +150,7 @@ def _segment_logits(
     entry or c >= N (the tile's tail).
     """
     logit = s * scale
-    if KIND == _Q2D:
+    if KIND == _OWN_POSITIVE:
         if HARDNESS == _IN_BATCH:  # other rows' positives and negatives
             logit = tl.where((c % width) != g, logit + s * alpha, logit)
         elif HARDNESS == _HARD:  # the row's own hard negatives
@@ -158,11 +158,11 @@ def _segment_logits(
         elif HARDNESS == _ALL:  # everything but the positive
             logit = tl.where(c != g, logit + s * alpha, logit)
         masked = c >= N
-    elif KIND == _Q2Q:  # the query itself
+    elif KIND == _OWN_MASKED:  # the row vector itself (MNRL's query_to_query, GIST's AA / PP blocks)
         masked = (c == g) | (c >= N)
-    elif KIND == _D2D:  # the document itself and its own hard negatives
+    elif KIND == _OWN_GROUP_MASKED:  # the row's own positive and hard negatives (MNRL's doc_to_doc)
         masked = ((c % width) == g) | (c >= N)
-    else:  # D2Q: nothing masked
+    else:  # PLAIN: nothing masked
         masked = c >= N
     return tl.where(masked, float("-inf"), logit)
 

@@ -102,9 +102,9 @@ def _validate(
         raise ValueError(f"empty segment: M={m}, N={n}, D={d} (all must be >= 1)")
     if width < 1:
         raise ValueError(f"width must be >= 1; got {width}")
-    if kind in (SegmentKind.Q2D, SegmentKind.D2D) and n % width != 0:
+    if kind in (SegmentKind.OWN_POSITIVE, SegmentKind.OWN_GROUP_MASKED) and n % width != 0:
         raise ValueError(f"{kind.name} columns must be k·width; got N={n}, width={width}")
-    if kind in (SegmentKind.Q2Q, SegmentKind.D2Q) and n != width:
+    if kind in (SegmentKind.OWN_MASKED, SegmentKind.PLAIN) and n != width:
         raise ValueError(f"{kind.name} columns must number width; got N={n}, width={width}")
     if row_start < 0 or row_start + m > width:
         raise ValueError(f"rows' global indices [{row_start}, {row_start + m}) must lie in [0, width={width})")
@@ -137,7 +137,7 @@ def _validate_guide(guide: SegmentGuide, rows: torch.Tensor, cols: torch.Tensor)
 
 def _kinds(kind: SegmentKind | int, hardness: HardnessKind | int, alpha: float) -> tuple[SegmentKind, HardnessKind]:
     kind, hardness = SegmentKind(kind), HardnessKind(hardness)
-    if kind != SegmentKind.Q2D or alpha <= 0.0:  # the penalty exists only for Q2D with alpha > 0
+    if kind != SegmentKind.OWN_POSITIVE or alpha <= 0.0:  # the penalty exists only for OWN_POSITIVE with alpha > 0
         hardness = HardnessKind.NONE
     return kind, hardness
 

@@ -310,7 +310,7 @@ def test_a_grad_scale_tensor_gives_the_coefficients_of_the_number(kernel):
     for grad_scale in (gamma, torch.tensor(gamma)):
         out = [torch.empty(rows, width, dtype=torch.float16) for _ in spec.kinds]
         loss = row_kernel(scores, spec, 2, width, grad_scale, scales, out)
-        kinds = (SegmentKind.Q2D, SegmentKind.Q2Q)
+        kinds = (SegmentKind.OWN_POSITIVE, SegmentKind.OWN_MASKED)
         references = torch.rand(rows, 2, generator=torch.Generator().manual_seed(1)) + 2
         column_ref = torch.rand(rows, generator=torch.Generator().manual_seed(2)) + 2
         pass_out = [torch.empty(rows, width, dtype=torch.float16) for _ in kinds]

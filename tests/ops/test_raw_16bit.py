@@ -19,6 +19,7 @@ import row_kernel_cases as shared
 import torch
 from parity import direction_partition_grid, random_columns
 from row_kernel_cases import cases
+
 from st_fast import _native
 from st_fast.ops import fused_mnrl_loss
 from st_fast.ops.backends import ChunkedBackend, resolve_backend

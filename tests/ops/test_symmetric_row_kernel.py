@@ -19,6 +19,7 @@ import row_kernel_cases as shared
 import torch
 from parity import assert_coefficients_close, random_columns
 from row_kernel_cases import cases
+
 from st_fast.ops import chunked as chunked_common  # noqa: I001
 from st_fast.ops import fused_mnrl_loss
 from st_fast.ops.backends import native_available
@@ -108,8 +109,8 @@ def test_fixed_shift_passes_match_the_torch_reference(directions, partition, off
     k, chunk, scale = 2, 3, 20.0
     spec = ContrastiveSpec.from_loss_config(scale=scale, directions=directions, partition_mode=partition)
     remote_columns = batch < width
-    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.D2Q) + (
-        (SegmentKind.D2Q,) if remote_columns else ()
+    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.PLAIN) + (
+        (SegmentKind.PLAIN,) if remote_columns else ()
     )
     generator = torch.Generator().manual_seed(batch + len(directions))
     scores, _ = shared.random_segments(

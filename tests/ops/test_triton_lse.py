@@ -22,7 +22,7 @@ from st_fast.ops import triton_lse  # noqa: E402
 from st_fast.ops.layout import HardnessKind, SegmentKind  # noqa: E402
 from st_fast.ops.triton_lse import segment_lse_backward, segment_lse_forward, triton_available_for  # noqa: E402
 
-Q2D, Q2Q, D2Q, D2D = SegmentKind.Q2D, SegmentKind.Q2Q, SegmentKind.D2Q, SegmentKind.D2D
+Q2D, Q2Q, D2Q, D2D = SegmentKind.OWN_POSITIVE, SegmentKind.OWN_MASKED, SegmentKind.PLAIN, SegmentKind.OWN_GROUP_MASKED
 NONE, IN_BATCH, HARD, ALL = HardnessKind.NONE, HardnessKind.IN_BATCH, HardnessKind.HARD, HardnessKind.ALL
 REPO = Path(__file__).resolve().parents[2]
 

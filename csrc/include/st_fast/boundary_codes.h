@@ -1,5 +1,5 @@
 // The integer codes that cross the Python/C++ boundary, by name: both extensions export them as the module attribute
-// `boundary_codes` ({"SegmentKind": {"Q2D": 0, ...}, ...}). st_fast/_native.py defines the same codes as IntEnums,
+// `boundary_codes` ({"SegmentKind": {"OWN_POSITIVE": 0, ...}, ...}). st_fast/_native.py defines the same codes as IntEnums,
 // refuses an extension whose codes disagree (a build from other sources) and tests/test_native.py checks them, so a
 // code changed on one side only fails at import and in the tests instead of silently mixing up segments or dtypes.
 #pragma once
@@ -21,7 +21,10 @@ inline pybind11::dict boundary_codes() {
     return codes;
   };
   pybind11::dict out;
-  out["SegmentKind"] = table({{"Q2D", kQ2D}, {"Q2Q", kQ2Q}, {"D2Q", kD2Q}, {"D2D", kD2D}});
+  out["SegmentKind"] = table({{"OWN_POSITIVE", kOwnPositive},
+                                {"OWN_MASKED", kOwnMasked},
+                                {"PLAIN", kPlain},
+                                {"OWN_GROUP_MASKED", kOwnGroupMasked}});
   out["HardnessKind"] = table({{"NONE", kHardnessNone}, {"IN_BATCH", kInBatch}, {"HARD", kHard}, {"ALL", kAll}});
   out["StoreDtype"] = table({{"FP32", kStoreFp32}, {"BF16", kStoreBf16}, {"FP16", kStoreFp16}});
   return out;

@@ -8,10 +8,13 @@
 // Segment kinds, masks and the hardness penalty follow st_fast/ops/layout.py; the codes of SegmentKind and
 // HardnessKind are exported by name (boundary_codes.h) and checked against st_fast/_native.py:
 //
-//   Q2D  columns k·W  positive at c == g; hardness multiplier on the penalized entries
-//   Q2Q  columns W    c == g masked
-//   D2Q  columns W    nothing masked
-//   D2D  columns k·W  c % W == g masked
+//   kind              rule for the row's own column(s) (g: the row's global index)     MNRL's direction / GIST's block
+//   kOwnPositive      c == g holds the positive; hardness multiplier on penalized entries  Q2D / [AP | AN..]
+//   kOwnMasked        c == g masked (the row vector itself)                                Q2Q / AA, PP (6.3)
+//   kPlain            nothing masked (holds the positive in per_direction)                 D2Q / AA, PP (6.0-6.2)
+//   kOwnGroupMasked   c % W == g masked (the row's positive and hard negatives)            D2D
+//
+// Below, Q2D / D2Q name MNRL's directions (query_to_doc, doc_to_query) where the symmetric path needs them.
 //
 // Scores may come unnormalized, with per-row and per-column scales (the inverse norms of cosine similarity):
 // s_x[c] = v_x[c] · (row_scale_x · col_scale_x[c])  (a missing scale is 1). Per row (g = row_start + r):
@@ -48,7 +51,7 @@
 namespace st_fast {
 
 constexpr int kMaxSegments = 4;
-enum SegmentKind : int { kQ2D = 0, kQ2Q = 1, kD2Q = 2, kD2D = 3 };
+enum SegmentKind : int { kOwnPositive = 0, kOwnMasked = 1, kPlain = 2, kOwnGroupMasked = 3 };
 enum HardnessKind : int { kHardnessNone = 0, kInBatch = 1, kHard = 2, kAll = 3 };
 
 // mask_duplicates' text labels: dense int32 (the op renumbers any int64 labels to 0 .. texts - 1), so that the CPU
@@ -62,7 +65,7 @@ struct RowSegments {
   int num_segments;
   const float* scores[kMaxSegments];  // (rows, lengths[x]) row-major raw scores v (fixed-shift statistics: e over v)
   int64_t lengths[kMaxSegments];
-  int kinds[kMaxSegments];            // kinds[0] is kQ2D
+  int kinds[kMaxSegments];            // kinds[0] is kOwnPositive
   const Label* labels[kMaxSegments];  // mask_duplicates: (lengths[x],) the labels of segment x's columns, or null
   int64_t rows;
   int64_t row_start;  // the global row g of local row r is row_start + r
@@ -182,14 +185,14 @@ ST_FAST_HD float coefficient_base(const CoefficientOutput& out, float scale) {
 
 // Multiplier of the similarity for the bulk of a segment's entries.
 ST_FAST_HD float bulk_multiplier(const LogitRule& rule, int kind) {
-  const bool penalize_bulk = kind == kQ2D && (rule.hardness == kInBatch || rule.hardness == kAll);
+  const bool penalize_bulk = kind == kOwnPositive && (rule.hardness == kInBatch || rule.hardness == kAll);
   return penalize_bulk ? rule.scale + rule.alpha : rule.scale;
 }
 
 // Multiplier for the row's own column j·W + g of a segment (the positive for j == 0 in Q2D); 0 means masked.
 ST_FAST_HD float own_column_multiplier(const LogitRule& rule, int kind, int64_t j) {
-  if (kind == kQ2Q || kind == kD2D) return 0.0f;
-  if (kind == kD2Q || j == 0) return rule.scale;  // D2Q has no own-column rule; the positive is never penalized
+  if (kind == kOwnMasked || kind == kOwnGroupMasked) return 0.0f;
+  if (kind == kPlain || j == 0) return rule.scale;  // D2Q has no own-column rule; the positive is never penalized
   const bool penalized = rule.hardness == kHard || rule.hardness == kAll;
   return penalized ? rule.scale + rule.alpha : rule.scale;
 }
@@ -199,7 +202,7 @@ ST_FAST_HD LogitRule unpenalized(float scale) { return LogitRule{scale, 0.0f, kH
 
 // Whether the segment's own column g (block 0) holds the positive pair's score and so takes a share of the one-hot
 // term: Q2D always, D2Q in per_direction (in joint it is one more entry of the single softmax).
-ST_FAST_HD bool holds_positive(int joint, int kind) { return kind == kQ2D || (!joint && kind == kD2Q); }
+ST_FAST_HD bool holds_positive(int joint, int kind) { return kind == kOwnPositive || (!joint && kind == kPlain); }
 
 // Whether column c of segment x is a duplicate of row g's reference text (mask_duplicates; never the target c == g).
 ST_FAST_HD bool duplicate(const RowSegments& seg, int x, int64_t c, int64_t g) {

@@ -23,7 +23,7 @@ namespace st_fast {
 struct SegmentsCall {
   std::vector<uintptr_t> scores;  // one fp32 (rows, lengths[x]) array per segment
   std::vector<int64_t> lengths;
-  std::vector<int> kinds;          // SegmentKind codes; the first is Q2D
+  std::vector<int> kinds;          // SegmentKind codes; the first is kOwnPositive
   std::vector<uintptr_t> labels;   // mask_duplicates: empty, or one int32 (lengths[x],) array per segment
   int64_t rows = 0;
   int64_t row_start = 0;
@@ -112,9 +112,9 @@ inline RowSegments segments(const SegmentsCall& c) {
   const size_t count = c.scores.size();
   require(count >= 1 && count <= kMaxSegments && c.lengths.size() == count && c.kinds.size() == count,
           "contrastive_row: 1 to 4 segments, each with scores, a length and a kind");
-  require(c.kinds[0] == kQ2D, "contrastive_row: the first segment must be query_to_doc");
+  require(c.kinds[0] == kOwnPositive, "contrastive_row: the first segment must be query_to_doc");
   for (const int kind : c.kinds)
-    require(kind >= kQ2D && kind <= kD2D, "contrastive_row: kinds must be SegmentKind codes (see boundary_codes)");
+    require(kind >= kOwnPositive && kind <= kOwnGroupMasked, "contrastive_row: kinds must be SegmentKind codes (see boundary_codes)");
   require(c.labels.empty() || c.labels.size() == count,
           "contrastive_row: one label pointer per segment (0: no duplicate masking)");
   size_t labelled = 0;

@@ -73,7 +73,7 @@ ST_FAST_HD void contrastive_row_exp_statistics(const ExpStatisticsArgs& a, int64
             return;
           }
           const float logit = v[c] * mult;
-          if (kind == kQ2D && j == 0) positive = logit;
+          if (kind == kOwnPositive && j == 0) positive = logit;
           v[c] = row_expf(logit - shift);
           if (!duplicate(a.seg, x, c, g)) total += v[c];  // (a duplicate own column is outside the positive block)
         });
@@ -127,7 +127,7 @@ ST_FAST_HD void contrastive_row_exp_coefficients(const ExpCoefficientsArgs& a, i
     };
     // (row_only's label test also takes a non-Q2D segment's own column c == g, whose e is 0: masked, or -inf in
     // the other ranks' D2Q segment)
-    if (a.seg.kinds[x] != kQ2D) {
+    if (a.seg.kinds[x] != kOwnPositive) {
       row_only(0, n);
       continue;
     }

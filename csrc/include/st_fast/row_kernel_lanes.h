@@ -80,7 +80,7 @@ ST_FAST_HD float segment_lse(const Args& a, int64_t r, int x, const Lanes& lanes
         const float mult = own_column_multiplier(a.rule, kind, j);
         if (mult == 0.0f || duplicate(a.seg, x, c, g)) return;
         const float logit = scaled(a.scales, x, row_scale, c, value) * mult;
-        if (kind == kQ2D && j == 0) positive = logit;
+        if (kind == kOwnPositive && j == 0) positive = logit;
         acc.add(logit);
       });
   return acc.reduce(lanes);
@@ -222,7 +222,7 @@ struct SymmetricSegmentTerms {
   // leaves out a column term below e^-87).
   ST_FAST_HD float column_term(int64_t c, float s, float mult, float row_exp) const {
     const int64_t block_end = a.block.begin + a.block.count;
-    if (a.seg.kinds[x] != kQ2D || c < a.block.begin || c >= block_end ||
+    if (a.seg.kinds[x] != kOwnPositive || c < a.block.begin || c >= block_end ||
         column_duplicate(a.block, c, a.seg.row_start + r))
       return 0.0f;
     const int64_t j = c - a.block.begin;
@@ -244,7 +244,7 @@ struct SymmetricSegmentTerms {
     const float row_exp = masked ? 0.0f : row_expf(s * mult - ref);
     const float coefficient = w.weight * row_exp;
     const float column = column_term(c, s, mult, row_exp);
-    const bool diagonal = kind == kQ2D && j == 0;
+    const bool diagonal = kind == kOwnPositive && j == 0;
     const float total = diagonal ? diagonal_coefficient(coefficient, column, w) : coefficient + column;
     Out::put(a.out.segments[x], r * a.seg.lengths[x] + c, total * scales);
   }
@@ -275,7 +275,7 @@ ST_FAST_HD void contrastive_row_coefficients(const CoefficientsArgs& a, int64_t 
   const SymmetricWeights w = symmetric_weights(coefficient_base(a.out, a.rule.scale), a.joint, a.directions);
   for (int x = 0; x < a.seg.num_segments; ++x) {
     const float ref = a.row_ref[r * a.seg.num_segments + x];
-    const float row_factor = a.seg.kinds[x] == kQ2D && a.row_factor ? a.row_factor[r] : 0.0f;
+    const float row_factor = a.seg.kinds[x] == kOwnPositive && a.row_factor ? a.row_factor[r] : 0.0f;
     store_symmetric_coefficients<Out>(SymmetricSegmentTerms{a, r, x, ref, row_factor, w}, lanes);
   }
 }

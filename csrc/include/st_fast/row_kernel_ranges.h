@@ -146,7 +146,7 @@ ST_FAST_HD float segment_lse_ranges(const Args& a, int64_t r, int x, float& posi
       [&](int64_t c, int64_t j) {
         float logit;
         if (!own_logit(c, j, logit)) return;
-        if (kind == kQ2D && j == 0) positive = logit;
+        if (kind == kOwnPositive && j == 0) positive = logit;
         m = logit > m ? logit : m;
       });
   const float shift = finite_shift(m);
@@ -212,7 +212,7 @@ ST_FAST_HD void store_symmetric_coefficients(const SymmetricSegmentTerms& t, con
   const float* v = row.v;
   void* out = row.out;
   const float row_scale = row.row_scale, bulk = row.bulk, ref = t.ref, row_factor = t.row_factor, weight = t.w.weight;
-  const bool q2d = a.seg.kinds[x] == kQ2D;
+  const bool q2d = a.seg.kinds[x] == kOwnPositive;
   const float* col_scale = a.scales.columns[x];
   // mask_duplicates: the row term's labels (the segment's) and the column term's (the query labels)
   const Label* labels = a.seg.labels[x];

@@ -6,13 +6,13 @@ For each chunk of rows (:func:`st_fast.ops.chunked.row_chunks`): the trainable a
 the scratch arena of :mod:`st_fast.ops.workspace`), the guide masks applied to the trainable scores in place (-inf,
 decided as stock decides them by :class:`st_fast.ops.gist.spec.StockGuide`), then the row kernel of the MNRL op
 (:mod:`st_fast.ops.row_kernel`, PyTorch or native C++/CUDA) with one joint partition at scale 1/T: segment 0 is
-``[AP | AN_1 | ..]`` (kind Q2D, positive at column g), AA and PP are kind Q2Q segments (the row's own column g masked by
-the kernel: ``mask_self_negatives``) or D2Q (nothing masked by the kernel). AA is laid out W wide with the local
-anchors at columns o .. o+B and -inf elsewhere, so that the kernel's own-column index g is the row's own anchor. Each
-row is shifted by its positive score first (the softmax CE is invariant; it keeps the loss free of the cancellation
-log Z - positive logit at logits of magnitude 1/T). Then ``d_rows += G @ columns`` and ``d_columns += Gᵀ @ rows`` per
-block (:meth:`st_fast.ops.operands.Operands.accumulate`). Memory beyond the inputs: the fp32 gradients and one chunk
-of scores and guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).
+``[AP | AN_1 | ..]`` (kind OWN_POSITIVE: positive at column g), AA and PP are OWN_MASKED segments (the row's own
+column g masked by the kernel: ``mask_self_negatives``) or PLAIN (nothing masked by the kernel). AA is laid out W
+wide with the local anchors at columns o .. o+B and -inf elsewhere, so that the kernel's own-column index g is the
+row's own anchor. Each row is shifted by its positive score first (the softmax CE is invariant; it keeps the loss free
+of the cancellation log Z - positive logit at logits of magnitude 1/T). Then ``d_rows += G @ columns`` and
+``d_columns += Gᵀ @ rows`` per block (:meth:`st_fast.ops.operands.Operands.accumulate`). Memory beyond the inputs:
+the fp32 gradients and one chunk of scores and guide scores (chunk x (k+2)·W), never B x N at once, never (B, N, D).
 """
 
 from __future__ import annotations

@@ -66,13 +66,13 @@ class GuidedSpec:
     @property
     def self_block_kind(self) -> SegmentKind:
         """The segment kind of the AA and PP blocks, by the kernels' masking rule: the row's own column g masked
-        (Q2Q) with ``mask_self_negatives``, else nothing masked but by the guide (D2Q)."""
-        return SegmentKind.Q2Q if self.mask_self_negatives else SegmentKind.D2Q
+        (OWN_MASKED) with ``mask_self_negatives``, else nothing masked but by the guide (PLAIN)."""
+        return SegmentKind.OWN_MASKED if self.mask_self_negatives else SegmentKind.PLAIN
 
     def row_spec(self) -> ContrastiveSpec:
         """The row kernel's view: one joint softmax at scale 1/T over [AP | AN..], AA?, PP? (no hardness)."""
         blocks = int(self.contrast_anchors) + int(self.contrast_positives)
-        kinds = (SegmentKind.Q2D,) + (self.self_block_kind,) * blocks
+        kinds = (SegmentKind.OWN_POSITIVE,) + (self.self_block_kind,) * blocks
         return ContrastiveSpec(kinds, True, 1.0 / self.temperature, HardnessKind.NONE, 0.0)
 
     def thresholds(self, positive_guide: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The ``triton`` backend of the GIST op: composes the segment launchers of :mod:`st_fast.ops.triton_lse` with the
 guide's mask inside the kernels (the same kernel family as the MNRL op, guide flag on).
 
-Three guided segments, as laid out in :mod:`st_fast.ops.gist.spec`: ``[AP | AN..]`` (kind Q2D, the target column
-g = o + i protected from the mask), AA (contrast_anchors) and PP (contrast_positives), of the spec's
-``self_block_kind`` (Q2Q: the row's own column g masked; D2Q: nothing masked but by the guide). Every row is
+Three guided segments, as laid out in :mod:`st_fast.ops.gist.spec`: ``[AP | AN..]`` (kind OWN_POSITIVE, the target
+column g = o + i protected from the mask), AA (contrast_anchors) and PP (contrast_positives), of the spec's
+``self_block_kind`` (OWN_MASKED: the row's own column g masked; PLAIN: nothing masked but by the guide). Every row is
 shifted by its positive score h_i = <a_i, c_0[g]> and masked where the guide's float32 tile similarity exceeds
 threshold_i (computed from the float32 guide diagonal), so that an entry within float32 rounding
 of its threshold may be decided differently from stock (see :data:`st_fast.ops.backends.GIST`).
@@ -61,8 +61,8 @@ def _segments(anchors, candidates, problem: GuidedProblem, shift, threshold) -> 
 
     self_kind = spec.self_block_kind
     segments = [
-        _Segment(anchors, candidates, SegmentKind.Q2D, offset, width, guide(anchors_guide, candidates_guide, True),
-                 ("anchors", everything), ("candidates", everything)),
+        _Segment(anchors, candidates, SegmentKind.OWN_POSITIVE, offset, width,
+                 guide(anchors_guide, candidates_guide, True), ("anchors", everything), ("candidates", everything)),
     ]  # fmt: skip
     if spec.contrast_anchors:
         segments.append(

@@ -179,8 +179,8 @@ def _symmetric_passes(
     device = ops.scores["queries"].device
     # the row segments: every direction but D2Q, and D2Q against the other ranks' queries (local columns -inf)
     remote = [(lo, hi) for lo, hi in ((0, offset), (offset + batch_size, width)) if hi > lo]
-    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.D2Q) + ((SegmentKind.D2Q,) if remote else ())
-    ranges = [remote if kind == SegmentKind.D2Q else None for kind in kinds]
+    kinds = tuple(kind for kind in spec.kinds if kind != SegmentKind.PLAIN) + ((SegmentKind.PLAIN,) if remote else ())
+    ranges = [remote if kind == SegmentKind.PLAIN else None for kind in kinds]
     lengths = [ops.rows(COLUMN_SOURCE[kind]) for kind in kinds]
     block = PositiveBlock(offset, batch_size)
     labels = _duplicate_labels(problem, kinds)
@@ -284,7 +284,7 @@ def gemm_flops(
     gradient GEMMs. ``kept=False`` with doc_to_query gives the 4-GEMM floor of a fused design that keeps nothing."""
     spec = ContrastiveSpec.from_loss_config(scale=1.0, directions=directions)
     columns = {"queries": width, "docs": k * width}
-    lengths = [columns[COLUMN_SOURCE[kind]] for kind in spec.kinds if kind != SegmentKind.D2Q]
+    lengths = [columns[COLUMN_SOURCE[kind]] for kind in spec.kinds if kind != SegmentKind.PLAIN]
     if not spec.fuses_doc_to_query:
         return sum(6 * batch_size * length * dim for length in lengths)
     lengths.append(width - batch_size)  # D2Q against the other ranks' queries

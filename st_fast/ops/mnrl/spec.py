@@ -64,11 +64,11 @@ class ContrastiveSpec:
     def fuses_doc_to_query(self) -> bool:
         """query_to_doc with doc_to_query: the chunked driver derives doc_to_query from the query_to_doc tile's
         columns (the symmetric path of :mod:`st_fast.ops.mnrl.chunked`)."""
-        return SegmentKind.D2Q in self.kinds
+        return SegmentKind.PLAIN in self.kinds
 
     @property
     def needs_query_columns(self) -> bool:
-        return SegmentKind.Q2Q in self.kinds or SegmentKind.D2Q in self.kinds
+        return SegmentKind.OWN_MASKED in self.kinds or SegmentKind.PLAIN in self.kinds
 
     def scale_gradient(self, score_coefficient_sum: torch.Tensor) -> torch.Tensor:
         """d loss / d scale from Σ C⊙S (:mod:`st_fast.ops.learnable_scale`): logits = scale · S, so Σ C⊙S / scale."""
