@@ -82,10 +82,6 @@ def cached_cases(args: argparse.Namespace) -> list[tuple[int, int, int, torch.dt
     return cases
 
 
-# the names examples/demo.py imports from here (its owner can import loss_stage / stage_grads from benchmarks.common)
-_loss_stage, _grads = loss_stage, stage_grads
-
-
 def gemm3_seconds(batch: int, n: int, dim: int, dtype: torch.dtype, device: torch.device) -> float:
     """Seconds of the score GEMM and the two gradient GEMMs of one exact loss stage, nothing else
     (:func:`benchmarks.common.op_seconds`)."""

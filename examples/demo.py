@@ -455,8 +455,7 @@ class LossStage:
     def __init__(self, batch: int, dim: int, backend: str, device: str) -> None:
         import torch
 
-        from benchmarks.cached_loss import make_cached_losses, make_reps
-        from benchmarks.fused_loss import make_embeddings
+        from benchmarks.common import make_cached_losses, make_embeddings, make_reps
 
         self.batch, self.dim, self.backend, self.device = batch, dim, backend, device
         self.losses = make_cached_losses([backend], 32, with_stock=True)
@@ -465,9 +464,9 @@ class LossStage:
 
     def call(self, name: str):
         """One loss-stage call: (loss, gradients of every cached embedding, one tensor per column)."""
-        from benchmarks.cached_loss import _grads, _loss_stage
+        from benchmarks.common import loss_stage, stage_grads
 
-        return _loss_stage(self.losses[name], self.reps), _grads(self.reps)
+        return loss_stage(self.losses[name], self.reps), stage_grads(self.reps)
 
     def timed_once(self) -> tuple[float, float]:
         """(stock s, st_fast s) of one call each after a warm-up call each (the calibration)."""
@@ -487,8 +486,7 @@ class LossStage:
 def _loss_stage_row(args, backend: str) -> dict:
     """Stock CachedMNRL's loss stage vs st_fast's: a warm-up call each, then ``repeats`` alternating pairs; the
     first pair's loss and gradients are compared."""
-    from benchmarks.common import time_alternating
-    from benchmarks.fused_loss import cpu_threads
+    from benchmarks.common import cpu_threads, time_alternating
 
     with cpu_threads(args.bench_threads if args.device == "cpu" else None) as threads:
         stage = LossStage(args.loss_batch_size, args.loss_dim, backend, args.device)
@@ -823,7 +821,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     base.zero_grad(set_to_none=True)
     cal = Calibration(args.train_threads, encode_s, backward_s)
     if not args.no_parts:
-        from benchmarks.fused_loss import cpu_threads
+        from benchmarks.common import cpu_threads
 
         with cpu_threads(args.bench_threads if args.device == "cpu" else None):
             probe_batch = min(LOSS_PROBE_BATCH, args.loss_batch_size)

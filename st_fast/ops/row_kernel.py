@@ -47,7 +47,7 @@ or scales (:func:`st_fast.ops.mnrl.chunked.fixed_shift` decides)::
            row_factor = exp(shift - row_ref) (n, len(kinds)) and column_factor = exp(shift - column_ref) (count,)
 
 One shift serves every row and column, so one exp per entry gives both the row and the column statistics and the
-coefficients need none (see csrc/include/st_fast/contrastive_row.h). Both take ``labels=`` as the general form
+coefficients need none (see csrc/include/st_fast/row_kernel_args.h). Both take ``labels=`` as the general form
 (the duplicates keep their e; each sum and coefficient term leaves out the entries its softmax masks).
 """
 
@@ -100,7 +100,7 @@ FIXED_SHIFT_LIMIT = 80.0
 def reference_factors(q2d_ref: torch.Tensor, column_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row factors exp(q2d_ref - K), column factors exp(K - column_ref)) for K the median column reference, each 0
     where it is not within e^±8: the coefficient pass then takes an unpenalized entry's column term as
-    row term · row factor · column factor (one exp per entry instead of two; see contrastive_row.h)."""
+    row term · row factor · column factor (one exp per entry instead of two; see row_kernel_fixed_shift.h)."""
     shift = column_ref.median()
 
     def factor(exponent: torch.Tensor) -> torch.Tensor:

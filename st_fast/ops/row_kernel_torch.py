@@ -128,7 +128,7 @@ def _grad_weight(
     grad_scale: float | torch.Tensor, scale: float, multiplier: float = 1.0, divisor: float = 1.0
 ) -> float | torch.Tensor:
     """grad_scale · scale · multiplier / divisor: in float64, left to right, for a number; for a tensor (the
-    power-of-two γ on the device, :func:`st_fast.ops.mnrl.chunked.coefficient_scale`) γ times the host part
+    power-of-two γ on the device, :func:`st_fast.ops.raw_16bit.coefficient_scale`) γ times the host part
     scale · multiplier / divisor, which rounds to the same float32 value (scaling by a power of two commutes with
     rounding)."""
     if isinstance(grad_scale, torch.Tensor):
