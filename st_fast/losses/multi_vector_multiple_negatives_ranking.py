@@ -7,6 +7,7 @@ raises ImportError: import it lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -18,10 +19,12 @@ from sentence_transformers.multi_vector_encoder.losses import (
 )
 from torch import Tensor
 
+from st_fast.losses.plan import LossFamily, StFastLoss, replaces, wraps_a_loss
 from st_fast.losses.self_check import stock_function, stock_view
 from st_fast.losses.stock_contract import BackendOption, warn_stock_fallback_once
 from st_fast.ops.backends import BACKENDS
 from st_fast.ops.maxsim import maxsim_scores
+from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
 from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE
 
 _COLBERT = "sentence_transformers.multi_vector_encoder.scoring.colbert"
@@ -74,17 +77,34 @@ def stock_operands(queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor]:
     return queries, documents
 
 
-class FusedMaxSimMixin:
+@dataclasses.dataclass(frozen=True)
+class MaxSimFamily(LossFamily):
+    """The MaxSim losses' family (st_fast.losses.plan): its op has its own dispatch point
+    (:func:`st_fast.ops.maxsim.dispatch.resolve_maxsim_backend`), which raises for a backend that cannot run."""
+
+    def choose_backend(self, asked: str, device: Any, dtype: Any, **inputs: Any) -> tuple[str, str | None]:
+        return resolve_maxsim_backend(asked, device, dtype).name, None
+
+
+class FusedMaxSimMixin(StFastLoss):
     """The MaxSim scoring of a stock multi-vector loss computed by the fused op. ``similarity_fct``, ``scale``,
     ``score_mini_batch_size``, ``gather_across_devices`` and the model's similarity are read at every call (users
     change attributes after construction); a scoring the op does not compute (e.g. ``XTRScores``) is computed by the
-    stock method, with one warning."""
+    stock method, with one warning. No first-use self-check against stock (``self_check`` False) yet."""
 
+    family = MaxSimFamily("MaxSim")
     backend = BackendOption(BACKENDS)
+    self_check = False
+    _replaced_method = "forward"
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # the stock constructor, its arguments and checks
         self.backend = backend
+
+    def fallback_reason(self) -> str | None:
+        """Why stock computes this call's scoring (None: the fused op computes it)."""
+        length_normalize, described = maxsim_length_normalize(self.similarity_fct, self.model)
+        return described if length_normalize is None else None
 
     def fused_scorer(self) -> Callable | None:
         """A scorer with ``colbert_scores``' signature computing this call's MaxSim scoring with the fused op
@@ -156,3 +176,20 @@ class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVector
             return super().forward(sentence_features, labels)
         view = stock_view(self, similarity_fct=scorer)
         return stock_function(self, "forward")(view, sentence_features, labels)
+
+
+def register() -> None:
+    """Make the MaxSim family known to ``fuse()``, the swaps and the report (st_fast.losses.plan): both drop-in
+    classes replace their stock classes, and sentence-transformers >= 6.3's MultiVectorMatryoshkaLoss and
+    MultiVectorTokenPoolingLoss are wrappers whose inner loss is fused. Idempotent. Called by ``st_fast.losses`` when it
+    exports these classes (plan.py's registry requires every registered class to be exported there)."""
+    from sentence_transformers.multi_vector_encoder import losses as stock_losses
+
+    from st_fast.losses.cached_multi_vector_multiple_negatives_ranking import (
+        CachedMultiVectorMultipleNegativesRankingLoss,
+    )
+
+    replaces(StockMultiVectorMultipleNegativesRankingLoss)(MultiVectorMultipleNegativesRankingLoss)
+    replaces(stock_losses.CachedMultiVectorMultipleNegativesRankingLoss)(CachedMultiVectorMultipleNegativesRankingLoss)
+    names = ("MultiVectorMatryoshkaLoss", "MultiVectorTokenPoolingLoss")
+    wraps_a_loss(*[wrapper for wrapper in (getattr(stock_losses, name, None) for name in names) if wrapper is not None])

@@ -360,3 +360,45 @@ def test_constructor_takes_stocks_arguments_and_checks(model, cached):
         fused_class(model, scale=0.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_class(model, backend="fast")
+
+
+@pytest.fixture
+def registered():
+    """The MaxSim family registered (st_fast.losses.plan) for one test, the registry restored after it."""
+    from st_fast.losses import plan
+    from st_fast.losses.multi_vector_multiple_negatives_ranking import register
+
+    fused_before, wrappers_before = dict(plan.FUSED_CLASSES), list(plan._WRAPPERS)
+    register()
+    register()  # idempotent
+    yield
+    plan.FUSED_CLASSES.clear()
+    plan.FUSED_CLASSES.update(fused_before)
+    plan._WRAPPERS[:] = wrappers_before
+
+
+def test_registered_family_fuse_and_plan(model, fused_calls, registered):
+    """Registered (st_fast.losses.plan), fuse() turns the stock objects (also inside MultiVectorMatryoshkaLoss, 6.3)
+    into the drop-ins with the same state, and plan() answers through the MaxSim dispatch."""
+    from st_fast.losses.fuse import fuse
+    from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
+
+    stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2, scale=3.0)
+    fused = fuse(stock, backend="torch")
+    assert type(fused) is CachedMultiVectorMultipleNegativesRankingLoss and fused.__dict__ is stock.__dict__
+    assert type(stock) is stock_losses.CachedMultiVectorMultipleNegativesRankingLoss and fused.backend == "torch"
+    reps, masks = random_cache(3, torch.float32, seed=15)
+    (loss_a, _), (loss_b, _) = cached_stage(fused, reps, masks), cached_stage(stock, reps, masks)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert fused_calls == ["torch"]
+    cpu = torch.device("cpu")
+    auto = resolve_maxsim_backend("auto", cpu, torch.float32).name
+    fused.backend = "auto"
+    assert fused.plan(cpu, torch.float32).runs() == auto and fused.plan(cpu, torch.float64).runs() == "torch"
+    assert fused.plan(cpu, torch.float32).fused
+    fused.similarity_fct = scoring.XTRScores(top_k=4)
+    assert not fused.plan(cpu, torch.float32).fused  # stock computes XTR
+    wrapper = getattr(stock_losses, "MultiVectorMatryoshkaLoss", None)
+    if wrapper is not None:
+        wrapped = fuse(wrapper(model, stock_losses.MultiVectorMultipleNegativesRankingLoss(model), [16, 8]))
+        assert type(wrapped.loss) is MultiVectorMultipleNegativesRankingLoss
