@@ -23,3 +23,13 @@ __all__ = [
     "SparseMultipleNegativesRankingLoss",
     "fuse",
 ]
+
+try:  # the multi-vector (MaxSim) family: sentence-transformers versions without MultiVectorEncoder have none
+    from st_fast.losses.cached_multi_vector_multiple_negatives_ranking import (
+        CachedMultiVectorMultipleNegativesRankingLoss,
+    )
+    from st_fast.losses.multi_vector_multiple_negatives_ranking import MultiVectorMultipleNegativesRankingLoss
+except ImportError:
+    pass
+else:
+    __all__ += ["CachedMultiVectorMultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]

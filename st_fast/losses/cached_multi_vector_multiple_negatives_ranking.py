@@ -12,9 +12,11 @@ from torch import Tensor
 
 from st_fast.losses.cached_stage import finish_loss_stage, fused_loss_stage
 from st_fast.losses.multi_vector_multiple_negatives_ranking import FusedMaxSimMixin
+from st_fast.losses.plan import replaces
 from st_fast.losses.stock_contract import stock_helper
 
 
+@replaces(StockCachedMultiVectorMultipleNegativesRankingLoss)
 class CachedMultiVectorMultipleNegativesRankingLoss(
     FusedMaxSimMixin, StockCachedMultiVectorMultipleNegativesRankingLoss
 ):

@@ -113,7 +113,6 @@ class FusedMaxSimMixin(StFastLoss):
         if length_normalize is None:
             warn_stock_fallback_once(self, described)
             return None
-        backend = self.backend
         default_normalize = length_normalize
 
         def scorer(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None, **kwargs):
@@ -122,6 +121,7 @@ class FusedMaxSimMixin(StFastLoss):
                 raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
             normalize = kwargs.get("length_normalize")
             queries, documents = stock_operands(queries_embeddings, documents_embeddings)
+            backend = self.plan(queries.device, queries.dtype).runs()  # what the report says runs, or its error
             scores = maxsim_scores(
                 queries, documents, queries_mask, documents_mask,
                 length_normalize=default_normalize if normalize is None else bool(normalize),
@@ -144,6 +144,7 @@ class FusedMaxSimMixin(StFastLoss):
         return max(1, min(DEFAULT_TILE_ELEMENTS, step * per_query))
 
 
+@replaces(StockMultiVectorMultipleNegativesRankingLoss)
 class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVectorMultipleNegativesRankingLoss):
     """sentence-transformers' :class:`~sentence_transformers.multi_vector_encoder.losses.
     MultiVectorMultipleNegativesRankingLoss` with its MaxSim scoring computed by st_fast's fused op: no
@@ -178,18 +179,13 @@ class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVector
         return stock_function(self, "forward")(view, sentence_features, labels)
 
 
-def register() -> None:
-    """Make the MaxSim family known to ``fuse()``, the swaps and the report (st_fast.losses.plan): both drop-in
-    classes replace their stock classes, and sentence-transformers >= 6.3's MultiVectorMatryoshkaLoss and
-    MultiVectorTokenPoolingLoss are wrappers whose inner loss is fused. Idempotent. Called by ``st_fast.losses`` when it
-    exports these classes (plan.py's registry requires every registered class to be exported there)."""
+def _register_wrappers() -> None:
+    """sentence-transformers >= 6.3 wraps multi-vector losses in MultiVectorMatryoshkaLoss and
+    MultiVectorTokenPoolingLoss (the inner loss is their ``loss``): fuse() fuses the inner loss."""
     from sentence_transformers.multi_vector_encoder import losses as stock_losses
 
-    from st_fast.losses.cached_multi_vector_multiple_negatives_ranking import (
-        CachedMultiVectorMultipleNegativesRankingLoss,
-    )
-
-    replaces(StockMultiVectorMultipleNegativesRankingLoss)(MultiVectorMultipleNegativesRankingLoss)
-    replaces(stock_losses.CachedMultiVectorMultipleNegativesRankingLoss)(CachedMultiVectorMultipleNegativesRankingLoss)
     names = ("MultiVectorMatryoshkaLoss", "MultiVectorTokenPoolingLoss")
     wraps_a_loss(*[wrapper for wrapper in (getattr(stock_losses, name, None) for name in names) if wrapper is not None])
+
+
+_register_wrappers()

@@ -20,12 +20,15 @@ from st_fast.losses.cached_multi_vector_multiple_negatives_ranking import (  # n
 from st_fast.losses.multi_vector_multiple_negatives_ranking import (  # noqa: E402
     MultiVectorMultipleNegativesRankingLoss,
 )
+from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend  # noqa: E402
 
 TEXTS = [
     ["what is a cat?", "who won the 1998 world cup", "red apples, green pears!", "how tall is it"],
     ["a cat is a small furry animal", "France won the 1998 world cup", "fruit: apples and pears", "two metres"],
     ["dogs bark at night", "Brazil lost the final", "vegetables", "the tower is tall and old"],
 ]
+# the backend backend="auto" runs here (native where its MaxSim kernels are built), as the losses' plan() says
+AUTO = resolve_maxsim_backend("auto", torch.device("cpu"), torch.float32).name
 SIMILARITIES = {
     "model": None,
     "colbert_scores": scoring.colbert_scores,
@@ -117,7 +120,7 @@ def test_loss_and_model_gradients_equal_stock(model, similarity, fused_calls):
     fused = MultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     assert fused.get_config_dict() == stock.get_config_dict()
     assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
-    assert fused_calls == ["auto", "auto"]  # two query chunks of score_mini_batch_size=3
+    assert fused_calls == [AUTO, AUTO]  # two query chunks of score_mini_batch_size=3
 
 
 def test_cached_forward_and_backward_hook_equal_stock(model, fused_calls):
@@ -126,7 +129,7 @@ def test_cached_forward_and_backward_hook_equal_stock(model, fused_calls):
     fused = CachedMultiVectorMultipleNegativesRankingLoss(model, **kwargs)
     assert fused.get_config_dict() == stock.get_config_dict()
     assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
-    assert fused_calls == ["auto"]  # one fused pass for the whole loss stage
+    assert fused_calls == [AUTO]  # one fused pass for the whole loss stage
 
 
 def random_cache(columns: int, dtype: torch.dtype, seed: int):
@@ -280,7 +283,7 @@ def test_gathered_documents_in_the_loss_forward_equal_stock(model, monkeypatch, 
     stock = stock_losses.MultiVectorMultipleNegativesRankingLoss(model, gather_across_devices=True)
     fused = MultiVectorMultipleNegativesRankingLoss(model, gather_across_devices=True)
     assert_same(loss_and_parameter_grads(fused, model, TEXTS), loss_and_parameter_grads(stock, model, TEXTS))
-    assert fused_calls == ["auto"]
+    assert fused_calls == [AUTO]
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -362,26 +365,11 @@ def test_constructor_takes_stocks_arguments_and_checks(model, cached):
         fused_class(model, backend="fast")
 
 
-@pytest.fixture
-def registered():
-    """The MaxSim family registered (st_fast.losses.plan) for one test, the registry restored after it."""
-    from st_fast.losses import plan
-    from st_fast.losses.multi_vector_multiple_negatives_ranking import register
-
-    fused_before, wrappers_before = dict(plan.FUSED_CLASSES), list(plan._WRAPPERS)
-    register()
-    register()  # idempotent
-    yield
-    plan.FUSED_CLASSES.clear()
-    plan.FUSED_CLASSES.update(fused_before)
-    plan._WRAPPERS[:] = wrappers_before
-
-
-def test_registered_family_fuse_and_plan(model, fused_calls, registered):
-    """Registered (st_fast.losses.plan), fuse() turns the stock objects (also inside MultiVectorMatryoshkaLoss, 6.3)
-    into the drop-ins with the same state, and plan() answers through the MaxSim dispatch."""
+def test_registered_family_fuse_and_plan(model, fused_calls):
+    """Registered at import (st_fast.losses.plan), fuse() turns the stock objects (also inside
+    MultiVectorMatryoshkaLoss, 6.3) into the drop-ins with the same state; plan() answers through the MaxSim
+    dispatch."""
     from st_fast.losses.fuse import fuse
-    from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
 
     stock = stock_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=2, scale=3.0)
     fused = fuse(stock, backend="torch")
@@ -392,9 +380,8 @@ def test_registered_family_fuse_and_plan(model, fused_calls, registered):
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
     assert fused_calls == ["torch"]
     cpu = torch.device("cpu")
-    auto = resolve_maxsim_backend("auto", cpu, torch.float32).name
     fused.backend = "auto"
-    assert fused.plan(cpu, torch.float32).runs() == auto and fused.plan(cpu, torch.float64).runs() == "torch"
+    assert fused.plan(cpu, torch.float32).runs() == AUTO and fused.plan(cpu, torch.float64).runs() == "torch"
     assert fused.plan(cpu, torch.float32).fused
     fused.similarity_fct = scoring.XTRScores(top_k=4)
     assert not fused.plan(cpu, torch.float32).fused  # stock computes XTR
