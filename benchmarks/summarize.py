@@ -22,9 +22,9 @@ from benchmarks.common import format_table
 
 # parts in the order the summary shows them, with the check's step name
 PARTS = (("fused", "fused_loss"), ("training", "training"), ("cached", "cached_loss"), ("gist", "gist"),
-         ("sampler", "sampler"))  # fmt: skip
+         ("maxsim", "maxsim"), ("sampler", "sampler"))  # fmt: skip
 # pivots of the loss parts: (case columns, implementation column, value columns)
-CASE_KEYS = ("B", "k", "D", "dtype")
+CASE_KEYS = ("B", "k", "D", "dtype", "stage")
 IMPL_KEYS = ("backend",)
 PIVOT_VALUES = (
     ("time_ms", "time (ms, median)"),

@@ -33,14 +33,24 @@ def mnrl_cases():
         ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
     ]
     for seed, (dirs, mode, sim, hard, k, labelled) in enumerate(
-        itertools.product(directions, ["joint", "per_direction"], ["cos", "dot"], [None, "hard_negatives"], [1, 3],
-                          [False, True])
+        itertools.product(
+            directions, ["joint", "per_direction"], ["cos", "dot"], [None, "hard_negatives"], [1, 3], [False, True]
+        )
     ):
         if hard and "doc_to_doc" in dirs:
             continue
-        yield f"mnrl/{'+'.join(d[:5] for d in dirs)}/{mode}/{sim}/{hard}/k{k}/labels{labelled}", seed, dict(
-            directions=dirs, partition_mode=mode, similarity=sim, hardness_mode=hard,
-            hardness_strength=0.3 if hard else 0.0, k=k, labelled=labelled,
+        yield (
+            f"mnrl/{'+'.join(d[:5] for d in dirs)}/{mode}/{sim}/{hard}/k{k}/labels{labelled}",
+            seed,
+            dict(
+                directions=dirs,
+                partition_mode=mode,
+                similarity=sim,
+                hardness_mode=hard,
+                hardness_strength=0.3 if hard else 0.0,
+                k=k,
+                labelled=labelled,
+            ),
         )
 
 
@@ -54,9 +64,16 @@ def run_mnrl(config: dict, seed: int, dtype: torch.dtype, backend: str) -> list[
     from st_fast.ops import fused_mnrl_loss
 
     loss = fused_mnrl_loss(
-        q, docs, scale=17.0, similarity=config["similarity"], directions=config["directions"],
-        partition_mode=config["partition_mode"], hardness_mode=config["hardness_mode"],
-        hardness_strength=config["hardness_strength"], backend=backend, labels=labels,
+        q,
+        docs,
+        scale=17.0,
+        similarity=config["similarity"],
+        directions=config["directions"],
+        partition_mode=config["partition_mode"],
+        hardness_mode=config["hardness_mode"],
+        hardness_strength=config["hardness_strength"],
+        backend=backend,
+        labels=labels,
     )
     loss.backward()
     return [loss.detach(), q.grad, *(d.grad for d in docs)]
@@ -66,9 +83,17 @@ def gist_cases():
     for seed, (strategy, ca, cp, k, self_neg) in enumerate(
         itertools.product(["absolute", "relative"], [True, False], [True, False], [1, 3], [True, False])
     ):
-        yield f"gist/{strategy}/ca{ca}/cp{cp}/k{k}/self{self_neg}", 500 + seed, dict(
-            margin_strategy=strategy, margin=0.05 if strategy == "absolute" else 0.9, contrast_anchors=ca,
-            contrast_positives=cp, k=k, mask_self_negatives=self_neg,
+        yield (
+            f"gist/{strategy}/ca{ca}/cp{cp}/k{k}/self{self_neg}",
+            500 + seed,
+            dict(
+                margin_strategy=strategy,
+                margin=0.05 if strategy == "absolute" else 0.9,
+                contrast_anchors=ca,
+                contrast_positives=cp,
+                k=k,
+                mask_self_negatives=self_neg,
+            ),
         )
 
 
@@ -84,9 +109,17 @@ def run_gist(config: dict, seed: int, dtype: torch.dtype, backend: str) -> list[
     cands[0].data[3] = a.data[3]  # an anchor equal to its positive: the self-negative rule decides
     ga[3] = gc[0][3]
     loss = fused_gist_loss(
-        a, cands, ga, gc, temperature=0.05, margin_strategy=config["margin_strategy"], margin=config["margin"],
-        contrast_anchors=config["contrast_anchors"], contrast_positives=config["contrast_positives"],
-        mask_self_negatives=config["mask_self_negatives"], backend=backend,
+        a,
+        cands,
+        ga,
+        gc,
+        temperature=0.05,
+        margin_strategy=config["margin_strategy"],
+        margin=config["margin"],
+        contrast_anchors=config["contrast_anchors"],
+        contrast_positives=config["contrast_positives"],
+        mask_self_negatives=config["mask_self_negatives"],
+        backend=backend,
     )
     loss.backward()
     return [loss.detach(), a.grad, *(c.grad for c in cands)]
@@ -119,7 +152,8 @@ def compare(a_path: str, b_path: str) -> int:
     for key in sorted(set(a) & set(b)):
         x, y = a[key], b[key]
         same = len(x) == len(y) and all(
-            type(u) is type(v) and (u == v if isinstance(u, str) else _bitwise_equal(u, v)) for u, v in zip(x, y)
+            type(u) is type(v) and (u == v if isinstance(u, str) else _bitwise_equal(u, v))
+            for u, v in zip(x, y, strict=True)
         )
         if not same:
             bad.append(key)

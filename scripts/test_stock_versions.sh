@@ -25,6 +25,8 @@ VERSION_SENSITIVE_TESTS=(
   tests/losses/test_gist_self_negatives.py
   tests/losses/test_mask_duplicates_losses.py
   tests/losses/test_mask_duplicates_ddp.py
+  tests/ops/test_maxsim.py
+  tests/losses/test_multi_vector_losses.py
 )
 
 versions="${ST_FAST_OLD_ST:-6.2.0 6.0.1}"

@@ -21,12 +21,25 @@ from benchmarks.common import CaseBudget
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ("machine", "wheels", "build", "native_info", "fused", "gpu_tests", "training", "cached", "gist", "sampler")
+STEPS = (
+    "machine",
+    "wheels",
+    "build",
+    "native_info",
+    "fused",
+    "gpu_tests",
+    "training",
+    "cached",
+    "gist",
+    "maxsim",
+    "sampler",
+)
 BENCH_STEPS = {
     "fused": "fused_loss",
     "training": "training",
     "cached": "cached_loss",
     "gist": "gist",
+    "maxsim": "maxsim",
     "sampler": "sampler",
 }
 
