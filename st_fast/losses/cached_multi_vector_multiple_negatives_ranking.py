@@ -11,8 +11,9 @@ from sentence_transformers.multi_vector_encoder.losses import (
 from torch import Tensor
 
 from st_fast.losses.cached_stage import finish_loss_stage, fused_loss_stage
-from st_fast.losses.multi_vector_multiple_negatives_ranking import FusedMaxSimMixin
+from st_fast.losses.multi_vector_multiple_negatives_ranking import FusedMaxSimMixin, token_columns
 from st_fast.losses.plan import replaces
+from st_fast.losses.self_check import SLICE_ROWS, stock_function, stock_view
 from st_fast.losses.stock_contract import stock_helper
 
 
@@ -46,8 +47,8 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         """Loss of the cached token embeddings ``reps[column][mini_batch]`` (each (mb, T, D)) with their scoring
         masks ``masks_chunks``; with ``with_backward`` every cached embedding's ``.grad`` is written by one backward
         and the detached loss is returned (stock's GradCache contract)."""
-        scorer = self.fused_scorer()
-        if scorer is None:
+        scorer = self.fused_scorer(checked=False)
+        if scorer is None or self.computes_stock(*self.first_rows(reps, masks_chunks)):
             return super().calculate_loss(reps, masks_chunks, with_backward=with_backward)
         if with_backward and not self.gather_across_devices:
             return self.loss_stage_with_gradients(reps, masks_chunks, scorer)
@@ -55,6 +56,41 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         return finish_loss_stage(
             self.loss_of(scorer, queries, query_mask, stacked, stacked_mask, row_offset), with_backward
         )
+
+    def first_rows(self, reps: list[list[Tensor]], masks_chunks: list[list[Tensor]]):
+        """(token embeddings, masks) of the first rows of each column (what the self-check compares), joined as
+        stock joins a column's mini-batches, without copying the whole batch."""
+        if not self.self_check:
+            return [], []
+        join = stock_helper(self, "calculate_loss", "cat_padded_token_embeddings")
+        embeddings, masks = [], []
+        for column, column_masks in zip(reps, masks_chunks, strict=True):
+            pieces, piece_masks, rows = [], [], 0
+            for rep, mask in zip(column, column_masks, strict=True):
+                if rows >= SLICE_ROWS:
+                    break
+                pieces.append(rep[: SLICE_ROWS - rows])
+                piece_masks.append(mask[: SLICE_ROWS - rows])
+                rows += pieces[-1].shape[0]
+            joined, joined_mask = join(pieces, piece_masks)
+            embeddings.append(joined)
+            masks.append(joined_mask.bool())
+        return embeddings, masks
+
+    def stock_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """Stock's loss stage (one device, no gathering, no backward) on flat token embeddings (see the self-check
+        note of :class:`FusedMaxSimMixin`), each column as one mini-batch."""
+        embeddings, masks = token_columns(columns, guides)
+        view = stock_view(self, gather_across_devices=False, show_progress_bar=False)
+        stock = stock_function(self, "calculate_loss")
+        return stock(view, [[e] for e in embeddings], [[m] for m in masks], with_backward=False)
+
+    def fused_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """st_fast's loss stage (one device, no gathering, no backward) on flat token embeddings."""
+        embeddings, masks = token_columns(columns, guides)
+        view = stock_view(self, gather_across_devices=False)
+        joined = view.joined_columns([[e] for e in embeddings], [[m] for m in masks])
+        return view.loss_of(self.fused_scorer(checked=False), *joined)
 
     def joined_columns(self, reps: list[list[Tensor]], masks_chunks: list[list[Tensor]]):
         """(queries (B, Lq, D), query mask, stacked documents (W, N, Ld, D), their mask, row offset) as stock's

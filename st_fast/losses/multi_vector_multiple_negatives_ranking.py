@@ -19,13 +19,14 @@ from sentence_transformers.multi_vector_encoder.losses import (
 )
 from torch import Tensor
 
+from st_fast.losses import self_check
 from st_fast.losses.plan import LossFamily, StFastLoss, replaces, wraps_a_loss
-from st_fast.losses.self_check import stock_function, stock_view
+from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_view
 from st_fast.losses.stock_contract import BackendOption, warn_stock_fallback_once
 from st_fast.ops.backends import BACKENDS
 from st_fast.ops.maxsim import maxsim_scores
 from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
-from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE
+from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE, token_mask
 
 _COLBERT = "sentence_transformers.multi_vector_encoder.scoring.colbert"
 _SIMILARITY = "sentence_transformers.util.similarity"
@@ -90,11 +91,18 @@ class FusedMaxSimMixin(StFastLoss):
     """The MaxSim scoring of a stock multi-vector loss computed by the fused op. ``similarity_fct``, ``scale``,
     ``score_mini_batch_size``, ``gather_across_devices`` and the model's similarity are read at every call (users
     change attributes after construction); a scoring the op does not compute (e.g. ``XTRScores``) is computed by the
-    stock method, with one warning. No first-use self-check against stock (``self_check`` False) yet."""
+    stock method, with one warning.
+
+    The first-use self-check (:mod:`st_fast.losses.self_check`): the first call of each configuration compares the
+    fused loss and token-embedding gradients with the stock method's on a few rows of the call's own token embeddings
+    and a seeded random batch; on a mismatch stock computes that configuration from then on (one warning).
+    ``self_check = False`` turns it off. The check compares flat rows: a multi-vector row is its (T, D) token
+    vectors flattened to T·D values, with its token mask as the row's guide (1.0 / 0.0; the random batch's guides
+    are Gaussian, a token counts where its guide is positive: random holes in both masks)."""
 
     family = MaxSimFamily("MaxSim")
     backend = BackendOption(BACKENDS)
-    self_check = False
+    self_check = SelfCheckOption()
     _replaced_method = "forward"
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any) -> None:
@@ -106,20 +114,27 @@ class FusedMaxSimMixin(StFastLoss):
         length_normalize, described = maxsim_length_normalize(self.similarity_fct, self.model)
         return described if length_normalize is None else None
 
-    def fused_scorer(self) -> Callable | None:
+    def fused_scorer(self, checked: bool = True) -> Callable | None:
         """A scorer with ``colbert_scores``' signature computing this call's MaxSim scoring with the fused op
-        (float32 scores, as stock returns them), or None (warned once) when stock must compute it."""
+        (float32 scores, as stock returns them), or None (warned once) when stock must compute it. With
+        ``checked`` the scorer runs the first-use self-check on its first call's embeddings (see
+        :meth:`checked_scores`)."""
         length_normalize, described = maxsim_length_normalize(self.similarity_fct, self.model)
         if length_normalize is None:
             warn_stock_fallback_once(self, described)
             return None
         default_normalize = length_normalize
+        stock_scoring = self.stock_scoring() if checked else None
 
         def scorer(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None, **kwargs):
             unknown = set(kwargs) - _FUSABLE_KEYWORDS
             if unknown:
                 raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
             normalize = kwargs.get("length_normalize")
+            if stock_scoring is not None and self.checked_scores(
+                queries_embeddings, documents_embeddings, queries_mask, documents_mask
+            ):
+                return stock_scoring(queries_embeddings, documents_embeddings, queries_mask, documents_mask, **kwargs)
             queries, documents = stock_operands(queries_embeddings, documents_embeddings)
             backend = self.plan(queries.device, queries.dtype).runs()  # what the report says runs, or its error
             scores = maxsim_scores(
@@ -132,6 +147,52 @@ class FusedMaxSimMixin(StFastLoss):
 
         scorer.__name__ = f"st_fast_maxsim[{described}]"
         return scorer
+
+    def stock_scoring(self) -> Callable:
+        """The scoring the stock method computes this call with: ``similarity_fct``, or for None the function stock's
+        method binds to the model's similarity (``_colbert_scores``, looked up where that method is defined)."""
+        if self.similarity_fct is not None:
+            return self.similarity_fct
+        stock = stock_function(self, self._replaced_method)
+        bind = stock.__globals__.get("_colbert_scores") or _stock(_COLBERT, "_colbert_scores")
+        return functools.partial(bind, self.model.similarity)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The first-use self-check (st_fast.losses.self_check)
+
+    def self_check_config(self, columns: list[Tensor]) -> dict[str, Any]:
+        """Everything the comparison with stock depends on besides the embeddings."""
+        length_normalize, described = maxsim_length_normalize(self.similarity_fct, self.model)
+        return {
+            "scoring": described, "length_normalize": length_normalize, "scale": self.scale,
+            "score_mini_batch_size": self.score_mini_batch_size, "columns": len(columns), "backend": self.backend,
+            "device": columns[0].device.type,
+        }  # fmt: skip
+
+    def computes_stock(self, embeddings: list[Tensor], masks: list[Tensor]) -> bool:
+        """Run the first-use self-check of this configuration (once per process) on token embeddings ``embeddings``
+        (each column (rows, T, D)) with their boolean masks; True when the stock method must compute it (a
+        mismatch: see :mod:`st_fast.losses.self_check`)."""
+        if not self.self_check or any(e.shape[1] == 0 or e.shape[2] == 0 for e in embeddings):
+            return False  # (rows without tokens prove nothing: checked on a later call)
+        rows = self_check.SLICE_ROWS  # the rows the check compares (no copy of the whole batch)
+        columns = [e[:rows].flatten(1) for e in embeddings]
+        guides = [m[:rows].to(e.dtype) for e, m in zip(embeddings, masks, strict=True)]
+        return not self_check.run(self, columns, guides).passed
+
+    def checked_scores(self, queries: Tensor, documents: Tensor, queries_mask, documents_mask) -> bool:
+        """The self-check from a scorer's arguments (queries (Q, Lq, D), stacked documents (G, N, Ld, D)): True
+        when stock must score this call."""
+        if not self.self_check or documents.dim() != 4:
+            return False
+        rows = self_check.SLICE_ROWS
+        queries, documents = queries[:rows], documents[:rows]
+        query_mask = token_mask(queries, None if queries_mask is None else queries_mask[:rows], "queries_mask")
+        document_mask = token_mask(
+            documents, None if documents_mask is None else documents_mask[:rows], "documents_mask"
+        )
+        embeddings = [queries, *documents.unbind(1)]
+        return self.computes_stock(embeddings, [query_mask, *document_mask.unbind(1)])
 
     def tile_elements(self, queries: Tensor, documents: Tensor) -> int | None:
         """The products the op may hold at once: its default, and never more than stock's transient for one
@@ -177,6 +238,47 @@ class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVector
             return super().forward(sentence_features, labels)
         view = stock_view(self, similarity_fct=scorer)
         return stock_function(self, "forward")(view, sentence_features, labels)
+
+    def stock_on_embeddings(self, columns: list[Tensor], guides: list[Tensor], scorer: Callable | None = None):
+        """Stock's ``forward`` (one device, no gathering) on flat token embeddings (see the self-check note of
+        :class:`FusedMaxSimMixin`), the model replaced by a stand-in returning them; ``scorer``: a similarity_fct
+        for it (default: this loss's own)."""
+        embeddings, masks = token_columns(columns, guides)
+        stand_in = EmbeddedColumns(embeddings, masks, self.model)
+        overrides = {"model": stand_in, "gather_across_devices": False, "mini_batch_size": None}
+        if scorer is not None:
+            overrides["similarity_fct"] = scorer
+        view = stock_view(self, **overrides)
+        features = [{EmbeddedColumns.KEY: index} for index in range(len(columns))]
+        return stock_function(self, "forward")(view, features, None)
+
+    def fused_on_embeddings(self, columns: list[Tensor], guides: list[Tensor]) -> Tensor:
+        """st_fast's loss of flat token embeddings: stock's ``forward`` with the fused scorer (unchecked)."""
+        return self.stock_on_embeddings(columns, guides, scorer=self.fused_scorer(checked=False))
+
+
+def token_columns(columns: list[Tensor], guides: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The self-check's flat rows back as token embeddings (rows, T, D) and boolean masks (rows, T): T is the
+    guide's width, a token counts where its guide is positive."""
+    embeddings = [c.view(c.shape[0], g.shape[1], -1) for c, g in zip(columns, guides, strict=True)]
+    return embeddings, [g > 0 for g in guides]
+
+
+class EmbeddedColumns(torch.nn.Module):
+    """A stand-in for the multi-vector model in the self-check: ``model(features, task=...)`` returns the
+    ``token_embeddings`` / ``attention_mask`` of the column ``features[KEY]`` names; ``similarity`` is the real
+    model's (stock binds it when ``similarity_fct`` is None)."""
+
+    KEY = "st_fast_self_check_column"
+
+    def __init__(self, embeddings: list[Tensor], masks: list[Tensor], model: Any) -> None:
+        super().__init__()
+        self.embeddings, self.masks = embeddings, masks
+        self.similarity = getattr(model, "similarity", None)
+
+    def forward(self, features: dict[str, Any], task: str | None = None) -> dict[str, Tensor]:
+        index = features[self.KEY]
+        return {"token_embeddings": self.embeddings[index], "attention_mask": self.masks[index]}
 
 
 def _register_wrappers() -> None:

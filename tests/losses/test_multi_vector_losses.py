@@ -69,17 +69,28 @@ def _fresh_warnings(monkeypatch):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused op's calls from the drop-in losses (so a silent stock fallback cannot pass a parity test)."""
+    """Counts the fused op's calls from the drop-in losses (so a silent stock fallback cannot pass a parity test),
+    not those of the first-use self-check (tests/losses/test_multi_vector_self_check.py)."""
     from st_fast.losses import multi_vector_multiple_negatives_ranking as module
+    from st_fast.losses import self_check
 
-    calls = []
-    original = module.maxsim_scores
+    calls, checking = [], []
+    original, original_check = module.maxsim_scores, self_check.check
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
+        if not checking:
+            calls.append(kwargs.get("backend"))
         return original(*args, **kwargs)
 
+    def check(*args, **kwargs):
+        checking.append(True)
+        try:
+            return original_check(*args, **kwargs)
+        finally:
+            checking.pop()
+
     monkeypatch.setattr(module, "maxsim_scores", counting)
+    monkeypatch.setattr(self_check, "check", check)
     return calls
 
 
