@@ -13,6 +13,7 @@ from st_fast._native import native_info
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiVectorEncoderTrainer",
     "NoDuplicatesBatchSampler",
     "SentenceTransformerTrainer",
     "StFastConfig",
@@ -31,8 +32,8 @@ def __getattr__(name: str):
         from st_fast.sampler import NoDuplicatesBatchSampler
 
         return NoDuplicatesBatchSampler
-    if name == "SentenceTransformerTrainer":
-        return importlib.import_module("st_fast.trainer").SentenceTransformerTrainer
+    if name in ("SentenceTransformerTrainer", "MultiVectorEncoderTrainer"):
+        return getattr(importlib.import_module("st_fast.trainer"), name)
     if name == "StFastConfig":
         return importlib.import_module("st_fast.config").StFastConfig
     if name in ("patch", "unpatch", "is_patched"):

@@ -150,13 +150,13 @@ def _warn_trainers_built_before(base: type) -> None:
     import gc
     import logging
 
-    from st_fast.trainer import SentenceTransformerTrainer
+    from st_fast.trainer import StFastTrainerMixin
 
     gc.collect()  # trainers that are only garbage no longer count
     # by type(), not isinstance(): isinstance reads __class__, which some live objects answer with a warning
     early = [
         o for o in gc.get_objects()
-        if issubclass(type(o), base) and not issubclass(type(o), SentenceTransformerTrainer)
+        if issubclass(type(o), base) and not issubclass(type(o), StFastTrainerMixin)
         and "_st_fast_config" not in vars(o)
     ]  # fmt: skip
     if early:

@@ -56,25 +56,14 @@ from st_fast.swaps import (
     fuse_trainer_losses,
 )
 
-__all__ = ["SentenceTransformerTrainer", "StFastConfig"]
+__all__ = ["SentenceTransformerTrainer", "StFastConfig", "StFastTrainerMixin"]  # + MultiVectorEncoderTrainer (lazy)
 
 
-class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
-    """Drop-in for :class:`sentence_transformers.SentenceTransformerTrainer` that swaps in st_fast's parts.
-
-    Same constructor, plus the keyword ``st_fast``: a :class:`StFastConfig`, a dict with its fields (``loss``,
-    ``sampler``, ``backend``, ``report``, ``mask_duplicates``) or a bool (``False``: the stock trainer exactly). See
-    the module docstring.
-
-    Example::
-
-        from st_fast import SentenceTransformerTrainer
-
-        trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=train_dataset,
-            loss=CachedMultipleNegativesRankingLoss(model, mini_batch_size=32),  # the stock class
-        )  # trains with st_fast's fused CachedMultipleNegativesRankingLoss and native NoDuplicatesBatchSampler
-    """
+class StFastTrainerMixin:
+    """st_fast's hooks for a stock sentence-transformers trainer class (any subclass of the stock ``BaseTrainer``):
+    the keyword ``st_fast`` and the swaps of :mod:`st_fast.swaps` in ``prepare_loss``, ``call_model_init``,
+    ``get_batch_sampler`` and ``get_multi_dataset_batch_sampler``. ``class T(StFastTrainerMixin, StockTrainer)`` is
+    the st_fast form of ``StockTrainer`` (:class:`SentenceTransformerTrainer`, :class:`MultiVectorEncoderTrainer`)."""
 
     _st_fast_owner = True  # st_fast.patch() leaves this class's hooks to the class itself
 
@@ -105,3 +94,50 @@ class SentenceTransformerTrainer(StockSentenceTransformerTrainer):
     def get_multi_dataset_batch_sampler(self, *args, **kwargs):
         stock = super().get_multi_dataset_batch_sampler
         return fast_multi_dataset_batch_sampler(self, stock, self.st_fast_config, *args, **kwargs)
+
+
+class SentenceTransformerTrainer(StFastTrainerMixin, StockSentenceTransformerTrainer):
+    """Drop-in for :class:`sentence_transformers.SentenceTransformerTrainer` that swaps in st_fast's parts.
+
+    Same constructor, plus the keyword ``st_fast``: a :class:`StFastConfig`, a dict with its fields (``loss``,
+    ``sampler``, ``backend``, ``report``, ``mask_duplicates``, ``self_check``) or a bool (``False``: the stock
+    trainer exactly). See the module docstring.
+
+    Example::
+
+        from st_fast import SentenceTransformerTrainer
+
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=train_dataset,
+            loss=CachedMultipleNegativesRankingLoss(model, mini_batch_size=32),  # the stock class
+        )  # trains with st_fast's fused CachedMultipleNegativesRankingLoss and native NoDuplicatesBatchSampler
+    """
+
+
+def __getattr__(name: str):
+    # MultiVectorEncoderTrainer exists from sentence-transformers 6.2: built on first access, so that this module
+    # imports with 6.0 / 6.1 too (AttributeError there, naming the version that has it).
+    if name == "MultiVectorEncoderTrainer":
+        try:
+            from sentence_transformers.multi_vector_encoder.trainer import (
+                MultiVectorEncoderTrainer as StockMultiVectorEncoderTrainer,
+            )
+        except ImportError as exc:
+            raise AttributeError(
+                "st_fast.MultiVectorEncoderTrainer needs sentence-transformers >= 6.2 (MultiVectorEncoder), "
+                f"the installed one has no multi_vector_encoder.trainer: {exc}"
+            ) from exc
+
+        class MultiVectorEncoderTrainer(StFastTrainerMixin, StockMultiVectorEncoderTrainer):
+            """Drop-in for sentence-transformers' ``MultiVectorEncoderTrainer`` (ColBERT-style late interaction) that
+            swaps in st_fast's parts: the fused MaxSim losses (:class:`st_fast.losses.
+            MultiVectorMultipleNegativesRankingLoss`, :class:`st_fast.losses.
+            CachedMultiVectorMultipleNegativesRankingLoss`, also inside the stock multi-vector wrappers) and the
+            native duplicate-free sampler. Same constructor plus ``st_fast`` (as :class:`SentenceTransformerTrainer`).
+            """
+
+        MultiVectorEncoderTrainer.__module__ = __name__
+        MultiVectorEncoderTrainer.__qualname__ = name
+        globals()[name] = MultiVectorEncoderTrainer
+        return MultiVectorEncoderTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
