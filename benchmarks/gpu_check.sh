@@ -31,7 +31,7 @@
 # --smoke: the same steps on a CPU machine at the parts' --smoke sizes (Triton in the interpreter, anchors reported
 # as unavailable), the build skipped (the caller's environment has st_fast installed; GPU_CHECK_BUILD=1 builds
 # anyway), each step's limit tripled (it checks that the steps work, not their speed, on a shared CPU where the
-# imports alone take 15-20 s). CI runs it (tests/test_gpu_check.py) so that this script cannot rot.
+# imports alone take 15-20 s). CI runs it (tests/bench/test_gpu_check.py) so that this script cannot rot.
 #
 # Results in OUT_DIR (at most three files, so that all of them come back from the device tool):
 #   summary.md     machine, versions, date, the step table, every benchmark table, GPU test counts and failures

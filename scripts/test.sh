@@ -15,7 +15,7 @@
 # suite runs in workers, they run after it, in one process, so that the other worker does not eat their time.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ALONE_TESTS=(tests/test_gpu_check.py)
+ALONE_TESTS=(tests/bench/test_gpu_check.py)
 
 load_average() {
   if [ -r /proc/loadavg ]; then cut -d' ' -f1-3 /proc/loadavg; else uptime | sed 's/.*load averages*: *//'; fi

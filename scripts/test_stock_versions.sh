@@ -18,7 +18,7 @@ VERSION_SENSITIVE_TESTS=(
   tests/test_sampler.py
   tests/test_trainer.py
   tests/test_drop_in_contract.py
-  tests/test_self_check.py
+  tests/losses/test_self_check.py
   tests/test_stock_6_3.py
   tests/losses/test_gist_embed.py
   tests/losses/test_cached_gist_embed.py

@@ -1,7 +1,7 @@
 """The import graph of a package directory, read with ``ast`` from the sources (nothing is imported): every ``import``
 statement (module level or inside a function, where a cycle only hides until the call) and every
 ``importlib.import_module("literal")``. Used by tests/test_import_graph.py (st_fast/) and
-tests/test_benchmarks_imports.py (benchmarks/); not a test module."""
+tests/bench/test_benchmarks_imports.py (benchmarks/); not a test module."""
 
 from __future__ import annotations
 

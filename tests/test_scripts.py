@@ -8,6 +8,7 @@ is exercised in a few milliseconds, with no build.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -138,11 +139,13 @@ def test_the_import_check_accepts_this_checkout_only(tmp_path):
     pins = tmp_path / "constraints.txt"  # as pip reads them: a comment, names and versions compared normalized
     pins.write_text(f"# pins\nsentence_transformers == {sentence_transformers.__version__}  # the pin\ntorch>=2\n")
 
-    def run(checkout: Path, constraints: str = "") -> int:
-        command = [sys.executable, "-", str(checkout), "0", constraints]
+    def run(checkout: Path, constraints: str = "", test_extensions: str = "0") -> int:
+        command = [sys.executable, "-", str(checkout), "0", constraints, test_extensions]
         return subprocess.run(command, input=import_check(), text=True).returncode
 
-    assert run(Path(st_fast.__file__).resolve().parents[1], str(pins)) == 0
+    here = Path(st_fast.__file__).resolve().parents[1]
+    assert run(here, str(pins)) == 0
+    assert run(here, str(pins), "1") == (0 if importlib.util.find_spec("st_fast._C_test") else 1)
     assert run(tmp_path) == 1
 
 
@@ -231,7 +234,7 @@ esac
 """
 
 
-GPU_CHECK_TESTS = "tests/test_gpu_check.py"  # wall-time limits: run alone after the workers
+GPU_CHECK_TESTS = "tests/bench/test_gpu_check.py"  # wall-time limits: run alone after the workers
 
 
 @pytest.fixture(params=["st_fast", "a b/st-fast"])
@@ -270,7 +273,7 @@ def test_the_old_versions_run_the_listed_files_that_exist(script_checkout):
         "-m pip install --quiet --no-deps --target .venv/st-6.2.0 sentence-transformers==6.2.0",
         "-m pip install --quiet --no-deps --target .venv/st-6.0.1 sentence-transformers==6.0.1",
     ]
-    assert "tests/test_self_check.py does not exist: not run" in done.stdout  # listed already, not written yet
+    assert "tests/losses/test_self_check.py does not exist: not run" in done.stdout  # listed already, not written yet
 
     (script_checkout / ".venv" / "pip.log").unlink()
     done = run_script(script_checkout, "test_stock_versions.sh", ST_FAST_OLD_ST="6.0.1", ST_FAST_TEST_WORKERS="0")

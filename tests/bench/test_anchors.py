@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from benchmarks import anchors
 from benchmarks.common import SCALE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 

@@ -19,7 +19,7 @@ import pytest
 from benchmarks import summarize
 from benchmarks.common import CaseBudget
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 STEPS = (
     "machine",
