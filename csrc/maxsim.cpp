@@ -3,6 +3,7 @@
 // baseline and an AVX2 + FMA version), picked once at the first call by the CPU's features.
 //
 // Bound into st_fast._C by bind_maxsim (the argument objects of maxsim_calls.h; st_fast/_native_maxsim.py calls them).
+#include <algorithm>
 #include <vector>
 
 #include "st_fast/maxsim_args.h"
@@ -64,10 +65,18 @@ void maxsim_forward_cpu(const MaxSimForwardArgs& a) {
 
 void maxsim_backward_cpu(const MaxSimBackwardArgs& a) {
   const MaxSimShape& s = a.shape;
+  const int64_t query_blocks = (s.queries + maxsim::kQueryBlock - 1) / maxsim::kQueryBlock;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < s.queries; ++i) maxsim::backward_query(a, i);
+  for (int64_t b = 0; b < query_blocks; ++b) {
+    const int64_t i0 = b * maxsim::kQueryBlock;
+    maxsim::backward_queries(a, i0, std::min(s.queries, i0 + maxsim::kQueryBlock));
+  }
+  const int64_t document_blocks = (s.documents + maxsim::kDocumentBlock - 1) / maxsim::kDocumentBlock;
 #pragma omp parallel for schedule(static)
-  for (int64_t m = 0; m < s.documents; ++m) maxsim::backward_document(a, m);
+  for (int64_t b = 0; b < document_blocks; ++b) {
+    const int64_t m0 = b * maxsim::kDocumentBlock;
+    maxsim::backward_documents(a, m0, std::min(s.documents, m0 + maxsim::kDocumentBlock));
+  }
 }
 
 void bind_maxsim(pybind11::module_& m) {

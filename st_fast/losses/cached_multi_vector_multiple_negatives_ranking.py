@@ -11,10 +11,19 @@ from sentence_transformers.multi_vector_encoder.losses import (
 from torch import Tensor
 
 from st_fast.losses.cached_stage import finish_loss_stage, fused_loss_stage
-from st_fast.losses.multi_vector_multiple_negatives_ranking import FusedMaxSimMixin, token_columns
+from st_fast.losses.multi_vector_multiple_negatives_ranking import (
+    _SIMILARITY,
+    FusedMaxSimMixin,
+    _stock,
+    maxsim_length_normalize,
+    token_columns,
+)
 from st_fast.losses.plan import replaces
 from st_fast.losses.self_check import SLICE_ROWS, stock_function, stock_view
 from st_fast.losses.stock_contract import stock_helper
+from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
+from st_fast.ops.maxsim.functional import finish_scores
+from st_fast.ops.maxsim.spec import EMPTY_DOCUMENT_SCORE, token_mask
 
 
 @replaces(StockCachedMultiVectorMultipleNegativesRankingLoss)
@@ -50,8 +59,9 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         scorer = self.fused_scorer(checked=False)
         if scorer is None or self.computes_stock(*self.first_rows(reps, masks_chunks)):
             return super().calculate_loss(reps, masks_chunks, with_backward=with_backward)
-        if with_backward and not self.gather_across_devices:
-            return self.loss_stage_with_gradients(reps, masks_chunks, scorer)
+        device = reps[0][0].device
+        if with_backward and not self.gather_across_devices and not torch.is_autocast_enabled(device.type):
+            return self.loss_stage_with_gradients(reps, masks_chunks)
         queries, query_mask, stacked, stacked_mask, row_offset = self.joined_columns(reps, masks_chunks)
         return finish_loss_stage(
             self.loss_of(scorer, queries, query_mask, stacked, stacked_mask, row_offset), with_backward
@@ -118,20 +128,67 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         labels = (torch.arange(len(queries), device=scores.device) + row_offset) * stacked.shape[1]
         return torch.nn.functional.cross_entropy(scores * self.scale, labels)
 
-    def loss_stage_with_gradients(self, reps: list[list[Tensor]], masks_chunks: list[list[Tensor]], scorer) -> Tensor:
-        """The GradCache loss stage on one device: the columns joined once without autograd, one fused forward and
-        backward on those copies, then each cached mini-batch's gradient added to its ``.grad`` as the slice of its
-        rows and tokens (what autograd's cat / pad / stack backward would give, without its copies)."""
-        queries_buffer, query_mask = padded_rows(reps[:1], masks_chunks[:1])  # (B, 1, Lq, D): one column
-        stacked, stacked_mask = padded_rows(reps[1:], masks_chunks[1:])
-        queries, query_mask = queries_buffer.requires_grad_()[:, 0], query_mask[:, 0]
-        stacked.requires_grad_()
-        loss = self.loss_of(scorer, queries, query_mask, stacked, stacked_mask, 0)
-        loss.backward()  # the queries' and documents' gradients, and a learnable scale's
-        add_row_gradients(reps[0], queries_buffer.grad[:, 0])
-        for column, mini_batches in enumerate(reps[1:]):
-            add_row_gradients(mini_batches, stacked.grad[:, column])
+    def loss_stage_with_gradients(self, reps: list[list[Tensor]], masks_chunks: list[list[Tensor]]) -> Tensor:
+        """The GradCache loss stage on one device, the documents never joined: the queries are joined once (a
+        (B, Lq, D) copy); each cached document mini-batch (b, T, D) is scored against every query by one call of the
+        backend (its sums written into the (B, B·N) matrix at its columns j·N + n, its arg-max kept as int16 where
+        T < 32768); the cross-entropy back-propagates to the sums (and a learnable scale); each mini-batch's backward
+        call then writes its gradient as its ``.grad`` (no joined gradient) and adds its part of the queries'.
+
+        Same sums, scores and loss as the joined op (each (query, document) pair is computed alone); the queries'
+        gradient is summed per document mini-batch, then across them (float32 rounding of a different order)."""
+        queries_buffer, query_mask = padded_rows(reps[:1], masks_chunks[:1])
+        queries, query_mask = queries_buffer[:, 0], query_mask[:, 0]
+        length_normalize, _ = maxsim_length_normalize(self.similarity_fct, self.model)
+        batch_size, per_group = queries.shape[0], len(reps) - 1
+        largest = max((rep for column in reps[1:] for rep in column), key=lambda rep: rep.numel())
+        backend = resolve_maxsim_backend(
+            self.plan(queries.device, queries.dtype).runs(),  # what the report says runs, or its error
+            queries.device, queries.dtype, self.tile_elements(queries, largest.unsqueeze(1)),
+        )  # fmt: skip
+        pieces = []  # (mini-batch, first row, column, arg-max)
+        sums, has_token = None, torch.zeros(batch_size, per_group, dtype=torch.bool, device=queries.device)
+        for column, (mini_batches, masks) in enumerate(zip(reps[1:], masks_chunks[1:], strict=True)):
+            start = 0
+            for rep, mask in zip(mini_batches, masks, strict=True):
+                mask = token_mask(rep, mask, "documents_mask")
+                with torch.no_grad(), torch.autocast(queries.device.type, enabled=False):
+                    part, index = backend.forward(queries, query_mask, rep.detach(), mask, True)
+                if sums is None:
+                    sums = part.new_empty(batch_size, batch_size, per_group)
+                sums[:, start : start + len(rep), column] = part
+                has_token[start : start + len(rep), column] = mask.any(dim=-1)
+                pieces.append((rep, start, column, compact_index(index, rep.shape[1])))
+                start += len(rep)
+        sums = sums.view(batch_size, batch_size * per_group).requires_grad_()
+        scores = finish_scores(
+            sums, query_mask, has_token.view(-1, 1), length_normalize,
+            _stock(_SIMILARITY, "_EMPTY_DOCUMENT_SCORE") or EMPTY_DOCUMENT_SCORE,
+        )  # fmt: skip
+        labels = torch.arange(batch_size, device=queries.device) * per_group
+        loss = torch.nn.functional.cross_entropy(scores.float() * self.scale, labels)
+        loss.backward()  # the sums' gradient, and a learnable scale's
+        grad_sums = sums.grad.view(batch_size, batch_size, per_group)
+        grad_queries = None
+        for rep, start, column, index in pieces:
+            with torch.autocast(queries.device.type, enabled=False):
+                part_queries, part_documents = backend.backward(
+                    queries, query_mask, rep.detach(), index.to(torch.int32),
+                    grad_sums[:, start : start + len(rep), column].contiguous(),
+                )  # fmt: skip
+            grad_queries = part_queries if grad_queries is None else grad_queries.add_(part_queries)
+            part_documents = part_documents.to(rep.dtype)
+            if rep.grad is None:
+                rep.grad = part_documents
+            else:
+                rep.grad += part_documents
+        add_row_gradients(reps[0], grad_queries.to(queries.dtype))
         return loss.detach()
+
+
+def compact_index(index: Tensor, tokens: int) -> Tensor:
+    """The arg-max (token positions < ``tokens``) in int16 where it fits, else as it is (int32)."""
+    return index.to(torch.int16) if tokens <= torch.iinfo(torch.int16).max else index
 
 
 def padded_rows(columns: list[list[Tensor]], masks: list[list[Tensor]]) -> tuple[Tensor, Tensor]:

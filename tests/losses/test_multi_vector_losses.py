@@ -69,18 +69,26 @@ def _fresh_warnings(monkeypatch):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused op's calls from the drop-in losses (so a silent stock fallback cannot pass a parity test),
-    not those of the first-use self-check (tests/losses/test_multi_vector_self_check.py)."""
+    """Counts the fused op's calls from the drop-in losses (so a silent stock fallback cannot pass a parity test):
+    the scorer's, and the cached loss stage's with gradients (one backend for all its mini-batches); not those of
+    the first-use self-check (tests/losses/test_multi_vector_self_check.py)."""
+    from st_fast.losses import cached_multi_vector_multiple_negatives_ranking as cached_module
     from st_fast.losses import multi_vector_multiple_negatives_ranking as module
     from st_fast.losses import self_check
 
     calls, checking = [], []
     original, original_check = module.maxsim_scores, self_check.check
+    original_resolve = cached_module.resolve_maxsim_backend
 
     def counting(*args, **kwargs):
         if not checking:
             calls.append(kwargs.get("backend"))
         return original(*args, **kwargs)
+
+    def resolving(*args, **kwargs):
+        backend = original_resolve(*args, **kwargs)
+        calls.append(backend.name)
+        return backend
 
     def check(*args, **kwargs):
         checking.append(True)
@@ -90,6 +98,7 @@ def fused_calls(monkeypatch):
             checking.pop()
 
     monkeypatch.setattr(module, "maxsim_scores", counting)
+    monkeypatch.setattr(cached_module, "resolve_maxsim_backend", resolving)
     monkeypatch.setattr(self_check, "check", check)
     return calls
 

@@ -8,7 +8,8 @@
 //   p[s, t]        = bfloat16(p[s, t])                      for bfloat16 embeddings (to nearest even, as torch)
 //   p[s, t]        = fill                                   where document token t is masked (stock's masked_fill;
 //                                                           not computed after the document's last unmasked token)
-//   best[s], at[s] = running max over t, first index of a tie (strictly greater replaces), as torch.max
+//   best[s], at[s] = running max over t, first index of a tie (strictly greater replaces), as torch.max: kept per
+//                    register lane across the tiles, the lanes reduced once per (query, document)
 //   sums[i, m]     = Σ_{s unmasked} best[s]                 float32, in token order; index[i, s, m] = at[s]
 //
 // A NaN product never wins here (torch.max would return it); a query token's mask removes its term (stock multiplies
@@ -17,9 +18,10 @@
 // Backward, with w = dL/dsums[i, m] rounded to the embeddings' dtype (the gradient of stock's float32 cast) and
 // t* = index[i, s, m], for unmasked query tokens:
 //
-//   dQ[i, s]     = Σ_m w · d[m, t*]       OpenMP over queries: each thread owns its rows
-//   dD[m, t*]   += w · q[i, s]            OpenMP over documents: each thread owns its documents' rows and adds in the
-//                                          fixed (i, s) order: no atomics, the same bits every run
+//   dQ[i, s]     = Σ_m w · d[m, t*]       OpenMP over blocks of queries: each thread owns its rows and adds in the
+//                                          order m = 0, 1, ... (documents read kDocumentBlock at a time, from cache)
+//   dD[m, t*]   += w · q[i, s]            OpenMP over blocks of documents: each thread owns its documents' rows and
+//                                          adds in the fixed (i, s) order: no atomics, the same bits every run
 #pragma once
 
 #include <algorithm>
@@ -98,11 +100,7 @@ ST_FAST_MAXSIM_INLINE Float8 scored(const float* products, const int32_t* keep_l
   return inside ? p : broadcast(-std::numeric_limits<float>::infinity());
 }
 
-ST_FAST_MAXSIM_INLINE float lane_max(const Float8& v) {
-  float m = v[0];
-  for (int c = 1; c < 8; ++c) m = v[c] > m ? v[c] : m;
-  return m;
-}
+constexpr Int8 kLaneIota = {0, 1, 2, 3, 4, 5, 6, 7};
 
 // out[r][c] = Σ_k q[r·D + k] · dt[k·stride + c], r < ROWS, c < kCols: one register tile of 2·ROWS accumulators
 // (FMAs in the haswell clone: GCC contracts a·b + c).
@@ -186,29 +184,39 @@ ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64
       float total = 0.0f;
       for (int64_t r0 = 0; r0 < lq; r0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, lq - r0));
-        float best[kRows];
-        int32_t best_at[kRows];
+        // Running max per (row, lane) and its first token (strictly greater replaces: within a lane the tokens
+        // increase, so a lane keeps its first max); the lanes are reduced once per document below.
+        Float8 best_low[kRows], best_high[kRows];
+        Int8 at_low[kRows], at_high[kRows];
         for (int r = 0; r < kRows; ++r) {
-          best[r] = -std::numeric_limits<float>::infinity();
-          best_at[r] = 0;
+          best_low[r] = best_high[r] = broadcast(-std::numeric_limits<float>::infinity());
+          at_low[r] = at_high[r] = Int8{};
         }
         for (int64_t c0 = 0; c0 < width; c0 += kCols) {
           tile_products(rows, q + r0 * dim, dim, dt + c0 * dim, kCols, acc);
+          const Int8 lanes_low = kLaneIota + static_cast<int32_t>(c0);
+          const Int8 lanes_high = kLaneIota + static_cast<int32_t>(c0 + 8);
           for (int r = 0; r < rows; ++r) {
             const Float8 low = scored(acc[r], keep.data() + c0, inside.data() + c0, a.fill, bfloat16);
             const Float8 high = scored(acc[r] + 8, keep.data() + c0 + 8, inside.data() + c0 + 8, a.fill, bfloat16);
-            const float tile_best = lane_max(low > high ? low : high);  // (lane-wise: NaN-free inputs)
-            if (tile_best > best[r]) {  // strictly greater: an earlier tile keeps a tie; the first lane wins here
-              int c = 0;
-              while ((c < 8 ? low[c] : high[c - 8]) != tile_best) ++c;
-              best[r] = tile_best;
-              best_at[r] = static_cast<int32_t>(c0 + c);
-            }
+            const Int8 up_low = low > best_low[r], up_high = high > best_high[r];  // (a NaN product never wins)
+            best_low[r] = up_low ? low : best_low[r];
+            at_low[r] = up_low ? lanes_low : at_low[r];
+            best_high[r] = up_high ? high : best_high[r];
+            at_high[r] = up_high ? lanes_high : at_high[r];
           }
         }
         for (int r = 0; r < rows; ++r) {
-          if (query_valid[r0 + r]) total += best[r];
-          if (a.index != nullptr) a.index[(i * lq + r0 + r) * s.documents + m] = best_at[r];
+          // the max over the lanes, and the first token reaching it: the smallest of the lanes' first tokens
+          float best = best_low[r][0];
+          for (int c = 0; c < 8; ++c) best = std::max(best, std::max(best_low[r][c], best_high[r][c]));
+          int32_t best_at = std::numeric_limits<int32_t>::max();
+          for (int c = 0; c < 8; ++c) {
+            if (best_low[r][c] == best) best_at = std::min(best_at, static_cast<int32_t>(at_low[r][c]));
+            if (best_high[r][c] == best) best_at = std::min(best_at, static_cast<int32_t>(at_high[r][c]));
+          }
+          if (query_valid[r0 + r]) total += best;
+          if (a.index != nullptr) a.index[(i * lq + r0 + r) * s.documents + m] = best_at;
         }
       }
       a.sums[i * s.documents + m] = total;
@@ -220,38 +228,61 @@ inline float weight(const MaxSimBackwardArgs& a, int64_t i, int64_t m) {
   return in_dtype(a.grad_sums[i * a.shape.documents + m], a.shape.dtype);
 }
 
-// dQ rows of query i (see the file comment).
-inline void backward_query(const MaxSimBackwardArgs& a, int64_t i) {
+// out[k] += w · x[offset + k], k < dim, x of ``dtype`` (the dtype test hoisted out of the loop, so it vectorizes).
+inline void add_scaled(float* out, float w, const void* x, int64_t offset, int64_t dim, MaxSimDtype dtype) {
+  if (dtype == MaxSimDtype::kBFloat16) {
+    const uint16_t* in = static_cast<const uint16_t*>(x) + offset;
+    for (int64_t k = 0; k < dim; ++k) out[k] += w * bits_to_float(static_cast<uint32_t>(in[k]) << 16);
+    return;
+  }
+  const float* in = static_cast<const float*>(x) + offset;
+  for (int64_t k = 0; k < dim; ++k) out[k] += w * in[k];
+}
+
+constexpr int64_t kDocumentBlock = 4;  // documents whose rows stay in cache while a block of queries reads them
+
+// dQ rows of queries [i0, i1) (see the file comment), documents taken kDocumentBlock at a time (their rows stay in
+// cache for the block's queries); each row still adds its documents in order m = 0, 1, ...
+inline void backward_queries(const MaxSimBackwardArgs& a, int64_t i0, int64_t i1) {
   const MaxSimShape& s = a.shape;
   const int64_t lq = s.query_tokens, ld = s.document_tokens, dim = s.dim;
-  for (int64_t r = 0; r < lq; ++r) {
-    float* out = a.grad_queries + (i * lq + r) * dim;
-    std::fill(out, out + dim, 0.0f);
-    if (!a.query_mask[i * lq + r]) continue;
-    const int32_t* at = a.index + (i * lq + r) * s.documents;
-    for (int64_t m = 0; m < s.documents; ++m) {
-      const float w = weight(a, i, m);
-      if (w == 0.0f) continue;
-      const int64_t base = (m * ld + at[m]) * dim;
-      for (int64_t k = 0; k < dim; ++k) out[k] += w * element(a.documents, base + k, s.dtype);
+  std::fill(a.grad_queries + i0 * lq * dim, a.grad_queries + i1 * lq * dim, 0.0f);
+  for (int64_t m0 = 0; m0 < s.documents; m0 += kDocumentBlock) {
+    const int64_t m1 = std::min(s.documents, m0 + kDocumentBlock);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t r = 0; r < lq; ++r) {
+        if (!a.query_mask[i * lq + r]) continue;
+        float* out = a.grad_queries + (i * lq + r) * dim;
+        const int32_t* at = a.index + (i * lq + r) * s.documents;
+        for (int64_t m = m0; m < m1; ++m) {
+          const float w = weight(a, i, m);
+          if (w == 0.0f) continue;
+          add_scaled(out, w, a.documents, (m * ld + at[m]) * dim, dim, s.dtype);
+        }
+      }
     }
   }
 }
 
-// dD rows of document m (see the file comment).
-inline void backward_document(const MaxSimBackwardArgs& a, int64_t m) {
+// dD rows of documents [m0, m1) (see the file comment): each row adds its (i, s) terms in order; the arg-max of
+// the block's documents is read as one short run per (i, s).
+inline void backward_documents(const MaxSimBackwardArgs& a, int64_t m0, int64_t m1) {
   const MaxSimShape& s = a.shape;
   const int64_t lq = s.query_tokens, ld = s.document_tokens, dim = s.dim;
-  float* rows = a.grad_documents + m * ld * dim;
-  std::fill(rows, rows + ld * dim, 0.0f);
+  std::fill(a.grad_documents + m0 * ld * dim, a.grad_documents + m1 * ld * dim, 0.0f);
+  float w[kDocumentBlock];
   for (int64_t i = 0; i < s.queries; ++i) {
-    const float w = weight(a, i, m);
-    if (w == 0.0f) continue;
+    bool any = false;
+    for (int64_t m = m0; m < m1; ++m) any |= (w[m - m0] = weight(a, i, m)) != 0.0f;
+    if (!any) continue;
     for (int64_t r = 0; r < lq; ++r) {
       if (!a.query_mask[i * lq + r]) continue;
-      float* out = rows + static_cast<int64_t>(a.index[(i * lq + r) * s.documents + m]) * dim;
       const int64_t base = (i * lq + r) * dim;
-      for (int64_t k = 0; k < dim; ++k) out[k] += w * element(a.queries, base + k, s.dtype);
+      const int32_t* at = a.index + (i * lq + r) * s.documents;
+      for (int64_t m = m0; m < m1; ++m) {
+        if (w[m - m0] == 0.0f) continue;
+        add_scaled(a.grad_documents + (m * ld + at[m]) * dim, w[m - m0], a.queries, base, dim, s.dtype);
+      }
     }
   }
 }
