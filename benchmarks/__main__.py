@@ -25,6 +25,7 @@ PARTS = {
     "gist": "benchmarks.gist",
     "mask_duplicates_training": "benchmarks.mask_duplicates_training",
     "maxsim": "benchmarks.maxsim",
+    "maxsim_training": "benchmarks.maxsim_training",
 }
 # (part, flag set by the part's add_arguments) -> (module, function(args) -> list[dict]) run instead of the part's own
 MODES = {

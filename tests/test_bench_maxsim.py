@@ -38,3 +38,18 @@ def test_maxsim_part_smoke(tmp_path):
         if row["backend"] != "stock":
             assert row["loss_err"] < 1e-5 and row["grad_err"] < 1e-6, row
     assert (tmp_path / "maxsim.md").read_text().startswith("## ")
+
+
+def test_maxsim_training_part_smoke(tmp_path):
+    """The end-to-end part at --smoke sizes (the real all-MiniLM-L6-v2 as a MultiVectorEncoder,
+    one step of 4 rows, the cached loss): both trainers train, and st_fast's step losses equal stock's."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "benchmarks", "maxsim_training", "--smoke", "--mvtrain-losses", "cached",
+               "--mvtrain-steps", "1", "--out", str(tmp_path)]  # fmt: skip
+    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, f"stdout:\n{process.stdout[-4000:]}\nstderr:\n{process.stderr[-4000:]}"
+    rows = json.loads((tmp_path / "maxsim_training.json").read_text())["rows"]
+    assert [(row["loss"], row["trainer"]) for row in rows] == [("cached", "stock"), ("cached", "st_fast")]
+    for row in rows:
+        assert row["samples_per_s"] > 0 and row["peak_mb"] > 0 and len(row["losses"].split()) == 1
+    assert rows[1]["max_loss_abs_diff"] < 1e-4, rows
