@@ -1,6 +1,7 @@
-"""Drop-in CachedMultiVectorMultipleNegativesRankingLoss (GradCache, late interaction) whose loss stage is one fused
-MaxSim pass: one forward over every (query, document) tile and one sparse backward writing every cached token
-embedding's gradient. Imported lazily, as :mod:`st_fast.losses.multi_vector_multiple_negatives_ranking`."""
+"""Drop-in CachedMultiVectorMultipleNegativesRankingLoss (GradCache, late interaction) whose loss stage is computed by
+the MaxSim op's backends: each cached document mini-batch scored against every query where it lies (no joined copy
+of the documents), and one sparse backward per mini-batch writing its token embeddings' gradient. Imported lazily,
+as :mod:`st_fast.losses.multi_vector_multiple_negatives_ranking`."""
 
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
     """sentence-transformers' :class:`~sentence_transformers.multi_vector_encoder.losses.
     CachedMultiVectorMultipleNegativesRankingLoss` with its loss stage (``calculate_loss``) computed by st_fast's
     fused MaxSim op: where stock scores each ``score_mini_batch_size`` chunk of queries against every document
-    through a (chunk, B·N, q_tokens, d_tokens) tensor and back-propagates each chunk, st_fast computes the loss of
-    all queries in one call (tiles of at most ``score_mini_batch_size`` queries' worth of products) and one sparse
-    backward through the arg-max indices.
+    through a (chunk, B·N, q_tokens, d_tokens) tensor and back-propagates each chunk, st_fast scores every query
+    against each cached document mini-batch in place (tiles of at most ``score_mini_batch_size`` queries' worth of
+    products, the arg-max kept in int16), then one cross-entropy over all the scores and one sparse backward per
+    mini-batch through the arg-max indices, written as that mini-batch's ``.grad`` (see
+    :meth:`loss_stage_with_gradients`; the self-check and the calls without gradients use the joined op).
 
     Args:
         Same as the stock class, plus ``backend`` (see
