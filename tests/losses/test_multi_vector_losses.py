@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from conftest import make_tiny_multi_vector_model
 
 stock_losses = pytest.importorskip("sentence_transformers.multi_vector_encoder.losses")
 scoring = pytest.importorskip("sentence_transformers.multi_vector_encoder.scoring")
@@ -39,27 +40,8 @@ SIMILARITIES = {
 
 @pytest.fixture(scope="module")
 def model(minilm_path):
-    """all-MiniLM-L6-v2 as a MultiVectorEncoder (``MultiVectorEncoder(path)``: its modules, tokenizer and document
-    skiplist), with the BERT replaced by a tiny random one (hidden 32, 2 layers) and a 32 -> 16 projection, so that
-    a forward + backward takes milliseconds; punctuation is skiplisted on documents (holes in the masks)."""
-    import string
-
-    from sentence_transformers import MultiVectorEncoder
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    encoder = MultiVectorEncoder(minilm_path, device="cpu")
-    transformer, dense, mask = encoder[0], encoder[1], encoder[2]
-    config = BertConfig(
-        vocab_size=transformer.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    transformer.model = BertModel(config)
-    dense.linear = torch.nn.Linear(32, 16, bias=False)
-    dense.in_features, dense.out_features = 32, 16
-    mask.skiplist_words = list(string.punctuation)
-    mask.resolve_with_tokenizer(encoder.tokenizer)
-    return encoder
+    """A tiny random MultiVectorEncoder with MiniLM's tokenizer and skiplist (conftest.make_tiny_multi_vector_model)."""
+    return make_tiny_multi_vector_model(minilm_path)
 
 
 @pytest.fixture(autouse=True)

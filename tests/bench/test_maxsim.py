@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("sentence_transformers.multi_vector_encoder.losses")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_maxsim_part_smoke(tmp_path):
