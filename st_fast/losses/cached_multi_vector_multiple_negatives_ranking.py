@@ -22,7 +22,7 @@ from st_fast.losses.multi_vector_multiple_negatives_ranking import (
 from st_fast.losses.plan import replaces
 from st_fast.losses.self_check import SLICE_ROWS, stock_function, stock_view
 from st_fast.losses.stock_contract import stock_helper
-from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
+from st_fast.ops.backends import MAXSIM, resolve_backend
 from st_fast.ops.maxsim.functional import finish_scores
 from st_fast.ops.maxsim.spec import EMPTY_DOCUMENT_SCORE, token_mask
 
@@ -145,9 +145,9 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
         length_normalize, _ = maxsim_length_normalize(self.similarity_fct, self.model)
         batch_size, per_group = queries.shape[0], len(reps) - 1
         largest = max((rep for column in reps[1:] for rep in column), key=lambda rep: rep.numel())
-        backend = resolve_maxsim_backend(
+        backend = resolve_backend(
             self.plan(queries.device, queries.dtype).runs(),  # what the report says runs, or its error
-            queries.device, queries.dtype, self.tile_elements(queries, largest.unsqueeze(1)),
+            queries.device, queries.dtype, MAXSIM, tile_elements=self.tile_elements(queries, largest.unsqueeze(1)),
         )  # fmt: skip
         pieces = []  # (mini-batch, first row, column, arg-max)
         sums, has_token = None, torch.zeros(batch_size, per_group, dtype=torch.bool, device=queries.device)

@@ -23,9 +23,8 @@ from st_fast.losses import self_check
 from st_fast.losses.plan import LossFamily, StFastLoss, replaces, wraps_a_loss
 from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_view
 from st_fast.losses.stock_contract import BackendOption, warn_stock_fallback_once
-from st_fast.ops.backends import BACKENDS
+from st_fast.ops.backends import BACKENDS, MAXSIM
 from st_fast.ops.maxsim import maxsim_scores
-from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
 from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE, token_mask
 
 _COLBERT = "sentence_transformers.multi_vector_encoder.scoring.colbert"
@@ -79,14 +78,6 @@ def stock_operands(queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaxSimFamily(LossFamily):
-    """The MaxSim losses' family (st_fast.losses.plan): its op has its own dispatch point
-    (:func:`st_fast.ops.maxsim.dispatch.resolve_maxsim_backend`), which raises for a backend that cannot run."""
-
-    def choose_backend(self, asked: str, device: Any, dtype: Any, **inputs: Any) -> tuple[str, str | None]:
-        return resolve_maxsim_backend(asked, device, dtype).name, None
-
-
 class FusedMaxSimMixin(StFastLoss):
     """The MaxSim scoring of a stock multi-vector loss computed by the fused op. ``similarity_fct``, ``scale``,
     ``score_mini_batch_size``, ``gather_across_devices`` and the model's similarity are read at every call (users
@@ -100,7 +91,7 @@ class FusedMaxSimMixin(StFastLoss):
     vectors flattened to T·D values, with its token mask as the row's guide (1.0 / 0.0; the random batch's guides
     are Gaussian, a token counts where its guide is positive: random holes in both masks)."""
 
-    family = MaxSimFamily("MaxSim")
+    family = LossFamily("MaxSim", MAXSIM)
     backend = BackendOption(BACKENDS)
     self_check = SelfCheckOption()
     _replaced_method = "forward"

@@ -17,9 +17,10 @@ operands (:class:`Backend`). Every op has the same three:
   as stock does for float64). Native is the fastest backend on CUDA (benchmarks/fused_loss.py --gpu; see README,
   Performance).
 
-What differs between the ops is data (:class:`OpCapabilities`, :data:`MNRL`, :data:`GIST`), read by
-:func:`resolve_backend` and :func:`drop_in_backend`; each op's package holds the same modules
-(``spec``, ``chunked``, ``triton_backend``, ``functional``), which is where the resolver finds its backends.
+What differs between the ops is data (:class:`OpCapabilities`, :data:`MNRL`, :data:`GIST`, :data:`MAXSIM`), read by
+:func:`resolve_backend` and :func:`drop_in_backend`; the contrastive ops' packages hold the same modules (``spec``,
+``chunked``, ``triton_backend``, ``functional``), which is where the resolver finds their backends; an op with other
+backends (MaxSim) names its own rules (``OpCapabilities.resolver``), still reached through :func:`resolve_backend`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class OpCapabilities:
     triton_masks_duplicates: the Triton kernels take ``mask_duplicates``' text labels (see
         :mod:`st_fast.ops.layout`); without, ``auto`` picks another backend for a call with labels and ``triton``
         is an error.
+    resolver: ``"module:function"`` for an op whose backends are not the chunked driver + Triton pair above (MaxSim:
+        token embeddings, masks and arg-max indices): :func:`resolve_backend` checks the name and hands the choice
+        to ``function(name, device, dtype, **op_inputs)``, the op's own rules (None: the rules below).
     """
 
     package: str
@@ -83,6 +87,7 @@ class OpCapabilities:
     triton_mask_dtypes: tuple[torch.dtype, ...] | None = None
     triton_inexact: str | None = None
     triton_masks_duplicates: bool = False
+    resolver: str | None = None
 
 
 MNRL = OpCapabilities("st_fast.ops.mnrl", auto_picks_triton=True, raw_16bit_operands=True, triton_masks_duplicates=True)
@@ -92,6 +97,12 @@ GIST = OpCapabilities(
     raw_16bit_operands=False,
     triton_mask_dtypes=(torch.float32,),
     triton_inexact="the guided Triton kernels cannot decide masks at their thresholds exactly as stock",
+)
+MAXSIM = OpCapabilities(
+    "st_fast.ops.maxsim",
+    auto_picks_triton=False,  # the tile kernel has run under the interpreter only: auto takes native or torch
+    raw_16bit_operands=False,
+    resolver="st_fast.ops.maxsim.dispatch:resolve_maxsim_backend",
 )
 
 
@@ -124,9 +135,11 @@ def resolve_backend(
     *,
     mask_dtype: torch.dtype | None = None,
     mask_duplicates: bool = False,
-) -> Backend:
+    **op_inputs: Any,
+) -> Any:
     """The backend object of ``op`` for ``backend=name`` on ``device`` with embeddings of ``dtype`` (and, for an op
-    with guide masks, masks decided in ``mask_dtype``; ``mask_duplicates``: the call has text labels). ``auto``:
+    with guide masks, masks decided in ``mask_dtype``; ``mask_duplicates``: the call has text labels; ``op_inputs``:
+    the other inputs of an op with its own ``resolver``, e.g. MaxSim's ``tile_elements``). ``auto``:
     ``torch`` for float64, else ``native`` where its extension is built for ``device``, else ``triton`` on CUDA where
     Triton is importable (and ``op`` lets auto pick it, and takes the labels), else ``torch``.
 
@@ -139,6 +152,13 @@ def resolve_backend(
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if op.resolver is not None:
+        if mask_duplicates or mask_dtype is not None:
+            raise ValueError(f"{op.package} takes no guide masks or duplicate labels")
+        module, function = op.resolver.split(":")
+        return getattr(importlib.import_module(module), function)(name, device, dtype, **op_inputs)
+    if op_inputs:
+        raise TypeError(f"unexpected inputs for {op.package}: {sorted(op_inputs)}")
     if name == "auto":
         if dtype == torch.float64:
             name = "torch"

@@ -21,7 +21,7 @@ from st_fast.losses.cached_multi_vector_multiple_negatives_ranking import (  # n
 from st_fast.losses.multi_vector_multiple_negatives_ranking import (  # noqa: E402
     MultiVectorMultipleNegativesRankingLoss,
 )
-from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend  # noqa: E402
+from st_fast.ops.backends import MAXSIM, resolve_backend  # noqa: E402
 
 TEXTS = [
     ["what is a cat?", "who won the 1998 world cup", "red apples, green pears!", "how tall is it"],
@@ -29,7 +29,7 @@ TEXTS = [
     ["dogs bark at night", "Brazil lost the final", "vegetables", "the tower is tall and old"],
 ]
 # the backend backend="auto" runs here (native where its MaxSim kernels are built), as the losses' plan() says
-AUTO = resolve_maxsim_backend("auto", torch.device("cpu"), torch.float32).name
+AUTO = resolve_backend("auto", torch.device("cpu"), torch.float32, MAXSIM).name
 SIMILARITIES = {
     "model": None,
     "colbert_scores": scoring.colbert_scores,
@@ -60,7 +60,7 @@ def fused_calls(monkeypatch):
 
     calls, checking = [], []
     original, original_check = module.maxsim_scores, self_check.check
-    original_resolve = cached_module.resolve_maxsim_backend
+    original_resolve = cached_module.resolve_backend
 
     def counting(*args, **kwargs):
         if not checking:
@@ -80,7 +80,7 @@ def fused_calls(monkeypatch):
             checking.pop()
 
     monkeypatch.setattr(module, "maxsim_scores", counting)
-    monkeypatch.setattr(cached_module, "resolve_maxsim_backend", resolving)
+    monkeypatch.setattr(cached_module, "resolve_backend", resolving)
     monkeypatch.setattr(self_check, "check", check)
     return calls
 

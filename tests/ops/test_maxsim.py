@@ -261,3 +261,22 @@ def test_trailing_padding_of_any_length_equals_stock(tile_elements):
     ours, stocks = loss_and_grads(fused, queries, documents), loss_and_grads(stock, queries, documents)
     for what, a, s in zip(("loss", "d queries", "d documents"), ours, stocks, strict=True):
         assert_close(a, s, torch.float32, what)
+
+
+def test_the_one_dispatch_point_reaches_the_maxsim_rules():
+    """st_fast.ops.backends.resolve_backend is the dispatch point of every op: for MAXSIM it applies the op's own
+    rules (st_fast.ops.maxsim.dispatch), and refuses the contrastive ops' inputs it has no use for."""
+    from st_fast.ops.backends import MAXSIM, resolve_backend
+    from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
+
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        chosen = resolve_backend("auto", cpu, dtype, MAXSIM, tile_elements=7)
+        assert type(chosen) is type(resolve_maxsim_backend("auto", cpu, dtype, 7))
+    assert resolve_backend("torch", cpu, torch.float32, MAXSIM).name == "torch"
+    with pytest.raises(TypeError, match="float64"):
+        resolve_backend("native", cpu, torch.float64, MAXSIM)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", cpu, torch.float32, MAXSIM)
+    with pytest.raises(ValueError, match="duplicate labels"):
+        resolve_backend("auto", cpu, torch.float32, MAXSIM, mask_duplicates=True)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from st_fast.ops.backends import MAXSIM, resolve_backend
 from st_fast.ops.maxsim.autograd import MaxSimSums
-from st_fast.ops.maxsim.dispatch import resolve_maxsim_backend
 from st_fast.ops.maxsim.spec import (
     EMPTY_DOCUMENT_SCORE,
     check_embeddings,
@@ -69,7 +69,7 @@ def maxsim_scores(
     check_embeddings(queries, documents)
     query_mask = token_mask(queries, query_mask, "query_mask")
     flat_documents, flat_mask, _ = flatten_documents(documents, document_mask)
-    chosen = resolve_maxsim_backend(backend, queries.device, queries.dtype, tile_elements)
+    chosen = resolve_backend(backend, queries.device, queries.dtype, MAXSIM, tile_elements=tile_elements)
     sums = MaxSimSums.apply(queries, flat_documents, query_mask, flat_mask, chosen)
     return finish_scores(sums, query_mask, flat_mask, length_normalize, empty_score)
 
