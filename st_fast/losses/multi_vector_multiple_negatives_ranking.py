@@ -36,6 +36,23 @@ def _stock(module: str, name: str) -> Any:
     return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name, None)
 
 
+def _model_similarity(model: Any) -> Any:
+    """The function stock's ``similarity_fct=None`` scores with: ``model.similarity`` (all stock reads), resolved to
+    the function behind stock ``MultiVectorEncoder.similarity`` (its ``_similarity``, after the lazy initialization
+    that reading ``similarity_fn_name`` does) only where the model uses that very method; an instance override
+    (``model.similarity = fn``), a subclass's own method or another model class gives its own callable."""
+    encoder = _stock("sentence_transformers.multi_vector_encoder.model", "MultiVectorEncoder")
+    own_method = (
+        encoder is not None
+        and "similarity" not in vars(model)
+        and getattr(type(model), "similarity", None) is getattr(encoder, "similarity", None)
+    )
+    if not own_method:
+        return getattr(model, "similarity", None)
+    model.similarity_fn_name  # noqa: B018 (reading the name initializes the similarity, as model.similarity does)
+    return getattr(model, "_similarity", None)
+
+
 def maxsim_length_normalize(similarity_fct: Any, model: Any) -> tuple[bool | None, str]:
     """(length_normalize, description) of the MaxSim scoring ``similarity_fct`` computes, or (None, why) when it is
     not one the fused op computes. Fused: ``colbert_scores`` / ``mean_colbert_scores`` (also as a
@@ -49,8 +66,7 @@ def maxsim_length_normalize(similarity_fct: Any, model: Any) -> tuple[bool | Non
             return None, f"similarity_fct={function!r} binds arguments the fused MaxSim op does not take"
         keywords, function = dict(function.keywords), function.func
     if function is None:
-        model.similarity_fn_name  # noqa: B018 (reading the name initializes the similarity, as model.similarity does)
-        similarity = getattr(model, "_similarity", None)
+        similarity = _model_similarity(model)
         scorer = _stock(_COLBERT, "_MaxSimScorer")
         if similarity is _stock(_SIMILARITY, "maxsim"):
             return False, "model.similarity (maxsim)"
@@ -252,7 +268,19 @@ def token_columns(columns: list[Tensor], guides: list[Tensor]) -> tuple[list[Ten
     """The self-check's flat rows back as token embeddings (rows, T, D) and boolean masks (rows, T): T is the
     guide's width, a token counts where its guide is positive."""
     embeddings = [c.view(c.shape[0], g.shape[1], -1) for c, g in zip(columns, guides, strict=True)]
-    return embeddings, [g > 0 for g in guides]
+    return embeddings, [_token_mask(g) for g in guides]
+
+
+def _token_mask(guide: Tensor) -> Tensor:
+    """Tokens where the guide is positive; a row of the self-check's random batch (Gaussian guides) keeps at least
+    its largest-guide token, so that stock's side of the check never meets an empty document the data did not have
+    (stock warns once per process for one, and a real one later would go unreported). A real mask row (1.0 / 0.0)
+    is unchanged, an all-zero one (a real empty document) included."""
+    mask = guide > 0
+    emptied = ~mask.any(dim=-1) & (guide != 0).any(dim=-1)
+    if bool(emptied.any()):
+        mask[emptied, guide[emptied].argmax(dim=-1)] = True
+    return mask
 
 
 class EmbeddedColumns(torch.nn.Module):

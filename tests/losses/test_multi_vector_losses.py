@@ -440,3 +440,93 @@ def test_patched_multi_vector_trainer_trains_as_stock(model, cached, tmp_path):
     # AdamW divides by sqrt(v): where a gradient is float32 noise (~1e-10) its rounding moves the weight by up to lr;
     # a tenth of one step (lr = 1e-3) bounds what rounding may move, far below a wrong gradient's full steps
     torch.testing.assert_close(fused_weights, stock_weights, rtol=0, atol=1e-4)
+
+
+class SimilarityOnlyModel(torch.nn.Module):
+    """A multi-vector model with only what stock's ``similarity_fct=None`` reads: a forward that returns the given
+    token embeddings and mask, and ``similarity`` (no ``similarity_fn_name``, no ``_similarity``)."""
+
+    def __init__(self, similarity):
+        super().__init__()
+        self.similarity = similarity
+
+    def forward(self, features, task=None):
+        return features
+
+
+def token_features(widths, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for width in widths:
+        embeddings = torch.nn.functional.normalize(torch.randn(4, width, 8, generator=g), dim=-1)
+        mask = torch.rand(4, width, generator=g) > 0.25
+        mask[:, 0] = True
+        out.append({"token_embeddings": embeddings.requires_grad_(), "attention_mask": mask})
+    return out
+
+
+def loss_and_token_grads(loss, widths, seed):
+    columns = token_features(widths, seed)
+    value = loss(columns, None)
+    value.backward()
+    return value.detach(), {str(i): c["token_embeddings"].grad for i, c in enumerate(columns)}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "cached"])
+@pytest.mark.parametrize("function", ["maxsim", "mean_maxsim", "other"])
+def test_a_model_with_only_a_similarity_is_scored_as_stock_scores_it(cached, function, fused_calls, caplog):
+    """similarity_fct=None reads only ``model.similarity`` in stock: st_fast fuses it where it is maxsim / mean_maxsim
+    and computes any other function with stock (one warning), on any model object, not only a MultiVectorEncoder."""
+    from sentence_transformers.util import similarity as util_similarity
+
+    chosen = {
+        "maxsim": util_similarity.maxsim,
+        "mean_maxsim": util_similarity.mean_maxsim,
+        "other": lambda a, b, **kw: 3.0 * util_similarity.maxsim(a, b, **kw),
+    }[function]
+    model = SimilarityOnlyModel(chosen)
+    names = ("CachedMultiVectorMultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss")
+    name = names[0] if cached else names[1]
+    kwargs = dict(mini_batch_size=2, show_progress_bar=False) if cached else {}
+    fused_class = CachedMultiVectorMultipleNegativesRankingLoss if cached else MultiVectorMultipleNegativesRankingLoss
+    stock = getattr(stock_losses, name)(model, **kwargs)
+    fused = fused_class(model, **kwargs)
+    fused.self_check = False  # the fallback itself must be right, not caught by the self-check
+    with caplog.at_level(logging.WARNING):
+        ours = loss_and_token_grads(fused, (6, 10, 14), seed=3)
+    theirs = loss_and_token_grads(stock, (6, 10, 14), seed=3)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=2e-5, atol=1e-6)
+    for key in theirs[1]:
+        torch.testing.assert_close(ours[1][key], theirs[1][key], rtol=2e-5, atol=1e-6)
+    if function == "other":
+        assert fused_calls == [] and "no fused kernel" in caplog.text
+    else:
+        assert fused_calls and "no fused kernel" not in caplog.text
+
+
+def test_an_instance_similarity_override_is_what_stock_scores_with(model, fused_calls, caplog):
+    """``model.similarity = fn`` on a MultiVectorEncoder: stock scores with fn, so st_fast does (stock, one warning),
+    not with the class's maxsim behind it."""
+    import copy
+
+    from sentence_transformers.util.similarity import maxsim
+
+    encoder = copy.deepcopy(model)
+    encoder.similarity = lambda a, b, **kw: 3.0 * maxsim(a, b, **kw)
+    fused = MultiVectorMultipleNegativesRankingLoss(encoder)
+    fused.self_check = False
+    stock = stock_losses.MultiVectorMultipleNegativesRankingLoss(encoder)
+    with caplog.at_level(logging.WARNING):
+        ours = loss_and_parameter_grads(fused, encoder, TEXTS)
+    assert_same(ours, loss_and_parameter_grads(stock, encoder, TEXTS))
+    assert fused_calls == [] and "no fused kernel" in caplog.text
+
+
+def test_the_self_checks_random_masks_keep_a_token_per_row_and_real_masks_are_unchanged():
+    """The self-check's random batch (Gaussian guides) must not hand stock an empty document the data did not have
+    (stock warns once per process for it); a real 0/1 mask, an empty row included, is taken as it is."""
+    from st_fast.losses.multi_vector_multiple_negatives_ranking import token_columns
+
+    guides = torch.tensor([[-0.5, -0.2, -0.9], [0.3, -0.1, 0.2], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    _, (mask,) = token_columns([torch.zeros(4, 3 * 2)], [guides])
+    assert mask.tolist() == [[False, True, False], [True, False, True], [True, False, True], [False, False, False]]
