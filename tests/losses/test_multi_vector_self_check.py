@@ -125,12 +125,10 @@ def test_follows_changed_stock_scores_and_warns_once(model_similarity, similarit
 
 @pytest.fixture
 def model_similarity():
-    """(similarity, similarity_fn_name, _similarity) of a MultiVectorEncoder scoring with MaxSim (the default)."""
-
-    def similarity(queries, documents, **kwargs):
-        return stock_similarity.maxsim(queries, documents, **kwargs)
-
-    return similarity, "maxsim", stock_similarity.maxsim
+    """(similarity, similarity_fn_name, _similarity) of a model scoring with MaxSim (the default): stock's
+    ``similarity_fct=None`` calls ``model.similarity``, here maxsim itself (the model is no MultiVectorEncoder, so
+    st_fast reads ``similarity``, as stock does)."""
+    return stock_similarity.maxsim, "maxsim", stock_similarity.maxsim
 
 
 def cached_reps(embeddings, masks, mini_batch=3):
