@@ -125,6 +125,23 @@ def make_tiny_multi_vector_model(minilm_path: str, *, seed: int = 0):
     return encoder
 
 
+def multi_vector_training(stock_class_name: str, output_dir: str):
+    """(the stock multi-vector loss class named, its kwargs, an 8-pair query/positive dataset, the training arguments
+    of a 2-step run at batch 4) for the multi-vector trainer tests: the same batches for stock and st_fast."""
+    from datasets import Dataset
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
+    from sentence_transformers.multi_vector_encoder import losses as mv_losses
+
+    dataset = Dataset.from_dict({"query": [f"what is item {i}?" for i in range(8)],
+                                 "positive": [f"item {i} is a thing, number {i}." for i in range(8)]})  # fmt: skip
+    args = MultiVectorEncoderTrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, report_to=[], logging_steps=1,
+        use_cpu=True, seed=3, learning_rate=1e-3,
+    )  # fmt: skip
+    kwargs = dict(mini_batch_size=2) if stock_class_name.startswith("Cached") else {}
+    return getattr(mv_losses, stock_class_name), kwargs, dataset, args
+
+
 def make_splade_model(minilm_path: str):
     """A SparseEncoder (MiniLM's BERT with a randomly initialized MLM head + SPLADE max pooling) on CPU. Stock
     SpladePooling's eval path is an in-place ``log1p_``, not differentiable: train with it in train() mode."""

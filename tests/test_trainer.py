@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_multi_vector_model
+from conftest import make_tiny_model, make_tiny_multi_vector_model, multi_vector_training
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer
 from sentence_transformers import SentenceTransformerTrainer as StockTrainer
@@ -781,43 +781,43 @@ def test_patch_after_a_trainer_was_built_warns_there(tiny_model, tmp_path, caplo
     assert len(warned()) == (1 if before else 0)
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "cached"])
-def test_multi_vector_trainer_fuses_the_maxsim_loss_and_trains_as_stock(minilm_path, tmp_path, cached, caplog):
-    """st_fast.MultiVectorEncoderTrainer: the stock multi-vector loss becomes st_fast's fused MaxSim loss, the report
-    names it, and two steps give the stock trainer's step losses on the same batches (copies of one model)."""
+@pytest.mark.parametrize("how", ["trainer", "patch"])
+@pytest.mark.parametrize(
+    "loss_name", ["MultiVectorMultipleNegativesRankingLoss", "CachedMultiVectorMultipleNegativesRankingLoss"]
+)
+def test_multi_vector_training_fuses_the_maxsim_loss_and_trains_as_stock(minilm_path, tmp_path, how, loss_name, caplog):
+    """st_fast.MultiVectorEncoderTrainer, or st_fast.patch() with the stock MultiVectorEncoderTrainer: the stock
+    multi-vector loss becomes st_fast's fused MaxSim loss, the report names it, and two steps give the stock
+    trainer's step losses and weights on the same batches (copies of one model)."""
     import copy
 
-    from sentence_transformers.multi_vector_encoder import (
-        MultiVectorEncoderTrainer as StockMultiVectorTrainer,
-    )
-    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
-    from sentence_transformers.multi_vector_encoder import losses as mv_losses
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainer as StockMultiVectorTrainer
 
     model = make_tiny_multi_vector_model(minilm_path)
-    dataset = Dataset.from_dict({"query": [f"what is item {i}?" for i in range(8)],
-                                 "positive": [f"item {i} is a thing, number {i}." for i in range(8)]})  # fmt: skip
-    stock_class = (
-        mv_losses.CachedMultiVectorMultipleNegativesRankingLoss
-        if cached
-        else mv_losses.MultiVectorMultipleNegativesRankingLoss
-    )
-    kwargs = dict(mini_batch_size=2) if cached else {}
-    step_losses = {}
-    for trainer_class in (StockMultiVectorTrainer, st_fast.MultiVectorEncoderTrainer):
+    runs = []
+    for fused in (False, True):
         encoder = copy.deepcopy(model)
-        args = MultiVectorEncoderTrainingArguments(
-            output_dir=str(tmp_path / trainer_class.__module__), per_device_train_batch_size=4, max_steps=2,
-            report_to=[], logging_steps=1, use_cpu=True, seed=3, learning_rate=1e-3,
-        )  # fmt: skip
-        trainer = trainer_class(model=encoder, args=args, train_dataset=dataset, loss=stock_class(encoder, **kwargs))
-        with caplog.at_level(logging.INFO, logger="st_fast.trainer"):
-            trainer.train()
-        step_losses[trainer_class] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    fused = trainer.loss
-    assert type(fused) is getattr(fast_losses, stock_class.__name__)
-    assert isinstance(fused, stock_class)
-    assert stock_class.__name__ in trainer.st_fast_report["loss"]
-    assert "MaxSim" in caplog.text or stock_class.__name__ in caplog.text
-    stock_seen, fused_seen = step_losses.values()
+        stock_class, kwargs, dataset, args = multi_vector_training(loss_name, str(tmp_path / str(fused)))
+        trainer_class = st_fast.MultiVectorEncoderTrainer if fused and how == "trainer" else StockMultiVectorTrainer
+        if fused and how == "patch":
+            st_fast.patch()
+        try:
+            trainer = trainer_class(
+                model=encoder, args=args, train_dataset=dataset, loss=stock_class(encoder, **kwargs)
+            )
+            assert (type(trainer.loss) is getattr(fast_losses, loss_name)) is fused
+            with caplog.at_level(logging.INFO, logger="st_fast.trainer"):
+                trainer.train()
+            if fused:  # patch()'s st_fast_report property goes with unpatch()
+                assert isinstance(trainer.loss, stock_class) and loss_name in trainer.st_fast_report["loss"]
+                assert f"st_fast {loss_name}" in caplog.text
+        finally:
+            st_fast.unpatch()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs.append((losses, torch.cat([p.detach().flatten() for p in encoder.parameters()])))
+    (stock_seen, stock_weights), (fused_seen, fused_weights) = runs
     assert len(stock_seen) == 2
     torch.testing.assert_close(torch.tensor(fused_seen), torch.tensor(stock_seen), rtol=1e-4, atol=1e-5)
+    # AdamW divides by sqrt(v): where a gradient is float32 noise (~1e-10) its rounding moves the weight by up to lr;
+    # a tenth of one step (lr = 1e-3) bounds what rounding may move, far below a wrong gradient's full steps
+    torch.testing.assert_close(fused_weights, stock_weights, rtol=0, atol=1e-4)
