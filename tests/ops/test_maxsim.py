@@ -235,6 +235,8 @@ def test_default_masks_are_stocks_zero_rows():
         (lambda q, d, qm, dm: maxsim_scores(q.double(), d.double(), qm, dm, backend="triton"), TypeError, "float64"),
         (lambda q, d, qm, dm: fused_maxsim_loss(q, d[:2], qm, dm[:2]), ValueError, "outside"),
         (lambda q, d, qm, dm: fused_maxsim_loss(q, d[:, 0], qm, dm[:, 0]), ValueError, "stacked"),
+        (lambda q, d, qm, dm: maxsim_scores(q, d, qm.long() * 2, dm), ValueError, "0/1"),
+        (lambda q, d, qm, dm: maxsim_scores(q.double(), d.double(), qm, dm, backend="native"), TypeError, "float32/bf"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):
@@ -280,3 +282,32 @@ def test_the_one_dispatch_point_reaches_the_maxsim_rules():
         resolve_backend("cuda", cpu, torch.float32, MAXSIM)
     with pytest.raises(ValueError, match="duplicate labels"):
         resolve_backend("auto", cpu, torch.float32, MAXSIM, mask_duplicates=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_embedding_gives_stocks_non_finite_scores(backend, bad):
+    """A NaN (or an inf, whose product with 0 is NaN) in a real token reaches the scores as in stock's max: a
+    diverging run must not get a finite loss back from any backend (the native kernels leave such calls to torch)."""
+    queries, documents, query_mask, document_mask = make_batch(2, torch.float32, seed=21)
+    documents[0, 1, 0, 3] = bad
+    ours = maxsim_scores(queries, documents, query_mask, document_mask, backend=backend)
+    stock = colbert.colbert_scores(queries, documents, query_mask, document_mask)
+    assert torch.equal(ours.isnan(), stock.isnan()) and bool(stock.isnan().any())
+    finite = stock.isfinite()
+    torch.testing.assert_close(ours[finite], stock[finite])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", ["query_tokens", "document_tokens"])
+def test_an_empty_token_axis_gives_stocks_scores_and_zero_gradients(backend, axis):
+    g = torch.Generator().manual_seed(22)
+    lq, ld = (0, 7) if axis == "query_tokens" else (5, 0)
+    queries, documents = torch.randn(3, lq, 12, generator=g), torch.randn(3, 2, ld, 12, generator=g)
+    query_mask, document_mask = torch.ones(3, lq, dtype=torch.bool), torch.ones(3, 2, ld, dtype=torch.bool)
+    stock = colbert.colbert_scores(queries, documents, query_mask, document_mask)
+    queries.requires_grad_(), documents.requires_grad_()
+    ours = maxsim_scores(queries, documents, query_mask, document_mask, backend=backend)
+    torch.testing.assert_close(ours, stock)
+    ours.sum().backward()
+    assert not queries.grad.any() and not documents.grad.any()

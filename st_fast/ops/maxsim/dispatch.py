@@ -48,7 +48,8 @@ def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, 
     if name == "auto":
         name = "native" if _native_runs(device, dtype) else "torch"
     if name in ("triton", "native") and dtype == torch.float64:
-        raise TypeError(f"the {name} MaxSim backend takes float16/bfloat16/float32; use backend='torch' for float64")
+        takes = "float16/bfloat16/float32" if name == "triton" else "float32/bfloat16"
+        raise TypeError(f"the {name} MaxSim backend takes {takes}; use backend='torch' for float64")
     if name == "triton":
         reason = _triton_reason(device)
         if reason is not None:

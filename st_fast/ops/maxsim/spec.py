@@ -51,6 +51,11 @@ def token_mask(embeddings: torch.Tensor, mask: torch.Tensor | None, what: str) -
                 f"{what} must be a boolean (or integer 0/1) token mask, got {mask.dtype}: stock weights query "
                 "tokens by a float mask, which the MaxSim op does not take"
             )
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(
+                f"{what} must be a boolean or integer 0/1 token mask; it has other values (stock multiplies scores "
+                "by such a mask, which the MaxSim op does not take)"
+            )
         mask = mask.bool()
     return mask
 

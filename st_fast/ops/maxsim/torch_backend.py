@@ -146,6 +146,16 @@ def maxsim_backward(
     return grad_queries, grad_rows.view(num_documents, document_tokens, dim)
 
 
+def torch_computes(queries: torch.Tensor, documents: torch.Tensor) -> bool:
+    """Whether the call goes to the torch backend, which computes it as stock does: an empty token axis (Lq or Ld
+    0), or an embedding value that is not finite (stock's max propagates a NaN product and its index, and inf · 0
+    is NaN; the native and Triton kernels' comparisons would skip a NaN and return a finite score). One read of the
+    embeddings, next to the B·M·Lq·Ld·D products of the forward."""
+    if 0 in (queries.shape[1], documents.shape[1]):
+        return True
+    return not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(documents).all()))
+
+
 class TorchBackend:
     """The torch backend object (see :mod:`st_fast.ops.maxsim.dispatch`)."""
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS
-from st_fast.ops.maxsim.torch_backend import maxsim_backward
+from st_fast.ops.maxsim.torch_backend import TorchBackend, maxsim_backward, torch_computes
 
 _ROUND_TO = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -135,6 +135,8 @@ class TritonBackend:
         self.tile_elements = tile_elements
 
     def forward(self, queries, query_mask, documents, document_mask, need_indices):
+        if torch_computes(queries, documents):  # one host read of two booleans (see torch_computes)
+            return TorchBackend(self.tile_elements).forward(queries, query_mask, documents, document_mask, need_indices)
         return maxsim_forward(queries, query_mask, documents, document_mask, need_indices)
 
     def backward(self, queries, query_mask, documents, index, grad_sums):
