@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
+
+import pytest
 
 from st_fast import _native
 
@@ -22,3 +25,17 @@ def load_test_extension() -> ModuleType:
             "that for the `test` extras)."
         )
     return ext
+
+
+@contextlib.contextmanager
+def emulated_lanes(lanes: int):
+    """Within the block, st_fast._native's CPU row-kernel entry points run the emulated CUDA build with ``lanes``
+    threads per row (the validated wrappers unchanged), and the chunked driver takes the CUDA path: not the CPU
+    build's fixed-shift form of the symmetric passes (st_fast.ops.mnrl.chunked.fixed_shift, CPU only)."""
+    from st_fast.ops.mnrl import chunked as mnrl_chunked
+
+    emulated = getattr(load_test_extension(), f"emulated_lanes_{lanes}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_native, "require_cpu_ext", lambda: emulated)
+        patch.setattr(mnrl_chunked, "fixed_shift", lambda ops, problem, row_kernel: None)
+        yield

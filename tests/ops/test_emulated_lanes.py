@@ -25,27 +25,13 @@ import contextlib
 import pytest
 import row_kernel_cases as shared
 import torch
-from native_testing import load_test_extension
+from native_testing import emulated_lanes
 from row_kernel_cases import cases
 
-from st_fast import _native
 from st_fast.ops.backends import ChunkedBackend
-from st_fast.ops.mnrl import chunked as mnrl_chunked
 
 LANES = [32, 4, 64]  # every case
 BLOCK_LANES = 256  # the CUDA build's block per row: the cases marked below
-
-
-@contextlib.contextmanager
-def emulated_lanes(lanes: int):
-    """Within the block, st_fast._native's CPU row-kernel entry points run the emulated CUDA build with ``lanes``
-    threads per row (the validated wrappers unchanged), and the chunked driver takes the CUDA path: not the CPU
-    build's fixed-shift form of the symmetric passes (st_fast.ops.mnrl.chunked.fixed_shift, CPU only)."""
-    emulated = getattr(load_test_extension(), f"emulated_lanes_{lanes}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_native, "require_cpu_ext", lambda: emulated)
-        patch.setattr(mnrl_chunked, "fixed_shift", lambda ops, problem, row_kernel: None)
-        yield
 
 
 def test_the_emulation_runs_the_lane_algorithm():

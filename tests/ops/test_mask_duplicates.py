@@ -262,7 +262,7 @@ def test_raw_16bit_path_masks_duplicates(monkeypatch, backend, lanes, directions
     reference on the same bf16 values."""
     import contextlib
 
-    from test_emulated_lanes import emulated_lanes
+    from native_testing import emulated_lanes
 
     with emulated_lanes(lanes) if lanes is not None else contextlib.nullcontext():
         _check_raw_16bit(monkeypatch, backend, directions)
@@ -299,10 +299,10 @@ EMULATED_CASES = [
 @pytest.mark.parametrize("lanes", [32, 4, 64])
 @pytest.mark.parametrize("directions, partition, hardness, k", EMULATED_CASES)
 def test_cuda_lane_algorithm_masks_duplicates(lanes, directions, partition, hardness, k):
-    """The CUDA build's online loops (csrc/include/st_fast/contrastive_row.h with ``kContiguous == false``) run on
+    """The CUDA build's online loops (csrc/include/st_fast/row_kernel_lanes.h, the lane algorithm) run on
     the CPU with emulated lanes (tests/ops/test_emulated_lanes.py): the one-pass kernel and the symmetric passes
     (statistics, column statistics, coefficients), local and gathered rows."""
-    from test_emulated_lanes import emulated_lanes
+    from native_testing import emulated_lanes
 
     config = _config(directions, partition, hardness, "cos")
     with emulated_lanes(lanes):

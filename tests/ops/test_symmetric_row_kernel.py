@@ -101,7 +101,7 @@ NATIVE_CPU = pytest.mark.skipif(not native_available(torch.device("cpu")), reaso
                                                    (ALL_FOUR, "per_direction")])  # fmt: skip
 @pytest.mark.parametrize("offset, batch, width", [(0, 11, 11), (4, 7, 13)], ids=["local", "gathered"])
 def test_fixed_shift_passes_match_the_torch_reference(directions, partition, offset, batch, width):
-    """The fixed-shift form (contrastive_row.h: e = exp(logit - K) written over the scores, then the coefficients
+    """The fixed-shift form (row_kernel_fixed_shift.h: e = exp(logit - K) written over the scores, then the coefficients
     from e) against the PyTorch reference's two passes in float64: row LSEs, positives, the column LSEs continued
     over row chunks, and every coefficient (the aliased in-place store included)."""
     from st_fast.ops.row_kernel_native import native_row_exp_coefficients, native_row_exp_statistics
