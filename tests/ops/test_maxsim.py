@@ -178,6 +178,38 @@ def test_learnable_scale_gets_stocks_gradient():
     assert_close(ours[3], stocks[3], torch.float32, "d scale")
 
 
+SCALES = {
+    "zero": 0.0, "negative": -3.0, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
+    "int": 2, "bool": True, "tensor": torch.tensor(0.7), "one-element": torch.tensor([0.7]),
+    "float64-tensor": torch.tensor([[0.7]], dtype=torch.float64), "nan-tensor": torch.tensor(float("nan")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCALES)
+def test_any_real_scale_is_multiplied_as_the_stock_loss_multiplies_it(name):
+    """The stock loss classes multiply the scores by whatever ``scale`` holds (their constructors refuse a
+    non-positive one, a scale set later is used as it is): so does the op, NaN / infinite results included, with
+    stock's loss dtype (a one-element float64 tensor promotes it), gradients and scale gradient."""
+    scale = SCALES[name]
+    queries, documents, query_mask, document_mask = make_batch(2, torch.float32, seed=21)
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, scale=s, backend="torch")
+
+    def stock(q, d, s):
+        return cross_entropy(colbert.colbert_scores(q, d, query_mask, document_mask), s, 2)
+
+    learnable = isinstance(scale, torch.Tensor)  # (loss_and_grads gives a tensor scale its gradient)
+    ours = loss_and_grads(fused, queries, documents, scale)
+    stocks = loss_and_grads(stock, queries, documents, scale)
+    assert ours[0].dtype == stocks[0].dtype and len(ours) == len(stocks) == (4 if learnable else 3)
+    for what, a, s in zip(("loss", "d queries", "d documents", "d scale"), ours, stocks, strict=False):
+        assert torch.equal(a.isnan(), s.isnan()) and torch.equal(a.isinf(), s.isinf()), (what, a, s)
+        finite = a.isfinite()
+        if bool(finite.any()):
+            assert_close(a[finite], s[finite], torch.float32, what)
+
+
 def test_float64_reference_backend():
     queries, documents, query_mask, document_mask = make_batch(2, torch.float64, seed=8)
 
@@ -237,6 +269,25 @@ def test_default_masks_are_stocks_zero_rows():
         (lambda q, d, qm, dm: fused_maxsim_loss(q, d[:, 0], qm, dm[:, 0]), ValueError, "stacked"),
         (lambda q, d, qm, dm: maxsim_scores(q, d, qm.long() * 2, dm), ValueError, "0/1"),
         (lambda q, d, qm, dm: maxsim_scores(q.double(), d.double(), qm, dm, backend="native"), TypeError, "float32/bf"),
+        # a scale the loss classes' `scores * scale` would broadcast (another loss) or refuse less clearly
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=torch.ones(2)), ValueError, "one-element"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=torch.ones(2, 1)), ValueError, "one-element"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=None), TypeError, "real number"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale="20"), TypeError, "real number"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=[20.0]), TypeError, "real number"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=torch.tensor(1j)), TypeError, "real"),
+        (
+            lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=torch.tensor(2.0, device="meta")),
+            ValueError,
+            "scale is on meta",
+        ),
+        (
+            lambda q, d, qm, dm: fused_maxsim_loss(
+                q, d, qm, dm, scale=torch.tensor(2.0, device="meta", requires_grad=True)
+            ),
+            ValueError,
+            "scale is on meta",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):

@@ -13,6 +13,8 @@ the sentinel, the MeanMaxSim division, the scale and the cross-entropy act on th
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -106,11 +108,19 @@ def fused_maxsim_loss(
     (row_offset + i)·N; G = B without gathering), arguments as in :func:`maxsim_scores`; ``scale`` a number or a
     tensor (one that requires grad gets its gradient). Returns the 0-dim mean loss, float32 (float64 for float64).
 
+    ``scale`` multiplies the scores as the stock loss classes multiply them (``scores * scale``): any real number,
+    0, negative, NaN and infinite included (the stock constructors refuse a non-positive one, but a scale set
+    afterwards is multiplied as it is), or a one-element tensor on the embeddings' device (a 0-dim CPU tensor on
+    any device, as torch multiplies one). See :func:`check_scale`.
+
     Raises:
-        ValueError: 3-D documents (pass them stacked, (G, N, Ld, D)), local rows outside the document groups, and
-            everything :func:`maxsim_scores` raises.
+        TypeError: a ``scale`` that is neither a real number nor a tensor, and what :func:`maxsim_scores` raises.
+        ValueError: 3-D documents (pass them stacked, (G, N, Ld, D)), local rows outside the document groups, a
+            tensor ``scale`` of more than one element or on another device, and everything :func:`maxsim_scores`
+            raises.
     """
     check_embeddings(queries, documents)
+    check_scale(scale, queries.device)
     if documents.dim() != 4:
         raise ValueError("fused_maxsim_loss takes stacked documents (groups, documents per group, tokens, dim)")
     groups, per_group = documents.shape[:2]
@@ -124,3 +134,24 @@ def fused_maxsim_loss(
     )  # fmt: skip
     labels = (torch.arange(queries.shape[0], device=queries.device) + row_offset) * per_group
     return F.cross_entropy(scores * scale, labels)
+
+
+def check_scale(scale: object, device: torch.device) -> None:
+    """Raise where ``scale`` is a mistake that ``scores * scale`` would not catch, or would answer with other than the
+    loss classes' scalar-scaled cross-entropy: a tensor of more than one element (broadcast over the score matrix's
+    rows or columns: a different loss, or an error only for some batch shapes), a non-number (None, a string, a
+    list), or a tensor on another device than the embeddings (torch's device error, said clearly; a 0-dim CPU
+    tensor is multiplied on any device, as torch and the loss classes multiply it, and gets its gradient there)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(
+                f"scale must be a number or a one-element tensor, got a tensor of shape {tuple(scale.shape)}"
+            )
+        cpu_scalar = scale.dim() == 0 and scale.device.type == "cpu"
+        if scale.device != device and not cpu_scalar:
+            raise ValueError(f"scale is on {scale.device}, the embeddings on {device}: move it to {device}")
+        if scale.is_complex():
+            raise TypeError(f"scale must be real, got a {scale.dtype} tensor")
+        return
+    if not isinstance(scale, numbers.Real):  # (a bool is an int: True multiplies as 1, as in the loss classes)
+        raise TypeError(f"scale must be a real number or a one-element tensor, got {type(scale).__name__}")
