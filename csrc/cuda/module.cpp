@@ -7,6 +7,7 @@
 #include <string>
 
 #include "st_fast/boundary_codes.h"
+#include "st_fast/maxsim_bindings.h"
 #include "st_fast/row_kernel_bindings.h"
 
 extern "C" int st_fast_cuda_contrastive_rows(const st_fast::RowArgs* args, int lanes_per_row,
@@ -15,6 +16,8 @@ extern "C" int st_fast_cuda_contrastive_statistics(const st_fast::StatisticsArgs
                                                    uintptr_t stream_handle);
 extern "C" int st_fast_cuda_contrastive_coefficients(const st_fast::CoefficientsArgs* args, int lanes_per_row,
                                                      uintptr_t stream_handle);
+extern "C" int st_fast_cuda_maxsim_forward(const st_fast::MaxSimForwardArgs* args, uintptr_t stream_handle);
+extern "C" int st_fast_cuda_maxsim_backward(const st_fast::MaxSimBackwardArgs* args, uintptr_t stream_handle);
 extern "C" int st_fast_cuda_device_count();
 extern "C" const char* st_fast_cuda_error_string(int code);
 
@@ -45,6 +48,19 @@ void def_entry(py::module_& m, const char* name, int (*launch)(const Args*, int,
       },
       py::arg("call"), py::arg("stream"), py::arg("lanes_per_row") = 32);
 }
+
+// A MaxSim entry point (maxsim_calls.h's argument object and the stream), run by the .cu launcher `launch`
+// (csrc/cuda/maxsim.cu).
+template <class Call, class Args>
+void def_maxsim_entry(py::module_& m, const char* name, int (*launch)(const Args*, uintptr_t), const char* doc) {
+  m.def(
+      name,
+      [name, launch](const Call& call, uintptr_t stream) {
+        const Args args = st_fast::to_args(call);
+        check(launch(&args, stream), name);
+      },
+      doc, py::arg("call"), py::arg("stream"));
+}
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -57,4 +73,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   def_entry<st_fast::RowsCall>(m, "contrastive_rows", &st_fast_cuda_contrastive_rows);
   def_entry<st_fast::StatisticsCall>(m, "contrastive_statistics", &st_fast_cuda_contrastive_statistics);
   def_entry<st_fast::CoefficientsCall>(m, "contrastive_coefficients", &st_fast_cuda_contrastive_coefficients);
+  st_fast::bind_maxsim_calls(m);
+  def_maxsim_entry<st_fast::MaxSimForwardCall>(m, "maxsim_forward", &st_fast_cuda_maxsim_forward,
+                                               "MaxSim sums and first arg-max on the stream (device addresses)");
+  def_maxsim_entry<st_fast::MaxSimBackwardCall>(m, "maxsim_backward", &st_fast_cuda_maxsim_backward,
+                                                "MaxSim dQ and dD through the arg-max on the stream (device addresses)");
 }

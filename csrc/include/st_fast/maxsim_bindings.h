@@ -1,5 +1,5 @@
 // The Python classes of the MaxSim kernels' argument objects (maxsim_calls.h), bound once here for the extensions
-// that take them (st_fast._C; no CUDA MaxSim kernel yet). Module-local, as the row kernel's
+// that take them (st_fast._C, st_fast._C_cuda and the test-only st_fast._C_test). Module-local, as the row kernel's
 // (row_kernel_bindings.h). Python builds one with named fields (st_fast/_native_maxsim.py).
 #pragma once
 
