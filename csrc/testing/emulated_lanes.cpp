@@ -3,7 +3,8 @@
 // emulated by threads (csrc/include/st_fast/thread_lanes.h), in the submodules emulated_lanes_<N>
 // (tests/ops/test_emulated_lanes.py): `kLanes` threads per row (ThreadLanes: the online loops and butterfly
 // reductions of WarpLanes / BlockLanes), one column per worker of the column statistics (contrastive_column_statistics,
-// as the CUDA kernel's threads).
+// as the CUDA kernel's threads); and the CUDA MaxSim kernels' algorithm in the submodule emulated_maxsim
+// (csrc/testing/emulated_maxsim.cpp, tests/ops/test_maxsim_emulated.py).
 #include <pybind11/pybind11.h>
 
 #include "st_fast/boundary_codes.h"
@@ -12,6 +13,10 @@
 #include "st_fast/thread_lanes.h"
 
 namespace py = pybind11;
+
+namespace st_fast {
+void bind_emulated_maxsim(py::module_& m);  // csrc/testing/emulated_maxsim.cpp
+}
 
 namespace {
 template <int kLanes>
@@ -44,4 +49,6 @@ PYBIND11_MODULE(_C_test, m) {
   bind_emulation<4>(m, "emulated_lanes_4", "The CUDA build's lane algorithm, 4 threads per row");
   bind_emulation<64>(m, "emulated_lanes_64", "The CUDA block lane algorithm, 64 threads per row");
   bind_emulation<256>(m, "emulated_lanes_256", "The CUDA block lane algorithm, 256 threads per row");
+  // the CUDA MaxSim kernels' algorithm (maxsim_lanes.h), block by block
+  st_fast::bind_emulated_maxsim(m);
 }
