@@ -1,6 +1,6 @@
 // CPU build of the MaxSim kernels (csrc/include/st_fast/maxsim_cpu.h): OpenMP over query blocks (forward), over
-// queries and documents (backward). The forward's block function is compiled twice on x86-64 (GCC / Clang: the
-// baseline and an AVX2 + FMA version), picked once at the first call by the CPU's features.
+// queries and documents (backward). The block functions are compiled twice on x86-64 (GCC / Clang: the baseline and
+// an AVX2 + FMA version), picked once at the first call by the CPU's features.
 //
 // Bound into st_fast._C by bind_maxsim (the argument objects of maxsim_calls.h; st_fast/_native_maxsim.py calls them).
 #include <algorithm>
@@ -28,15 +28,36 @@ __attribute__((target("avx2,fma"))) void forward_block_avx2(const MaxSimForwardA
 }
 #endif
 
-using ForwardBlock = void (*)(const MaxSimForwardArgs&, int64_t, int64_t, float*, float*);
-
-ForwardBlock pick_forward_block() {
-#ifdef ST_FAST_MAXSIM_X86_CLONE
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return forward_block_avx2;
-#endif
-  return forward_block;
+void backward_query_block(const MaxSimBackwardArgs& a, int64_t i0, int64_t i1) {
+  maxsim::backward_queries(a, i0, i1);
 }
+void backward_document_block(const MaxSimBackwardArgs& a, int64_t m0, int64_t m1) {
+  maxsim::backward_documents(a, m0, m1);
+}
+
+#ifdef ST_FAST_MAXSIM_X86_CLONE
+__attribute__((target("avx2,fma"))) void backward_query_block_avx2(const MaxSimBackwardArgs& a, int64_t i0,
+                                                                    int64_t i1) {
+  maxsim::backward_queries(a, i0, i1);
+}
+__attribute__((target("avx2,fma"))) void backward_document_block_avx2(const MaxSimBackwardArgs& a, int64_t m0,
+                                                                       int64_t m1) {
+  maxsim::backward_documents(a, m0, m1);
+}
+#endif
+
+using ForwardBlock = void (*)(const MaxSimForwardArgs&, int64_t, int64_t, float*, float*);
+using BackwardBlock = void (*)(const MaxSimBackwardArgs&, int64_t, int64_t);
+
+#ifdef ST_FAST_MAXSIM_X86_CLONE
+bool has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#define ST_FAST_MAXSIM_PICK(name) (has_avx2_fma() ? name##_avx2 : name)
+#else
+#define ST_FAST_MAXSIM_PICK(name) (name)
+#endif
 
 }  // namespace
 
@@ -50,7 +71,7 @@ void maxsim_forward_cpu(const MaxSimForwardArgs& a) {
     return;
   }
   const int64_t blocks = (s.queries + maxsim::kQueryBlock - 1) / maxsim::kQueryBlock;
-  static const ForwardBlock block_function = pick_forward_block();
+  static const ForwardBlock block_function = ST_FAST_MAXSIM_PICK(forward_block);
 #pragma omp parallel
   {
     std::vector<float> queries(maxsim::kQueryBlock * s.query_tokens * s.dim);
@@ -65,17 +86,19 @@ void maxsim_forward_cpu(const MaxSimForwardArgs& a) {
 
 void maxsim_backward_cpu(const MaxSimBackwardArgs& a) {
   const MaxSimShape& s = a.shape;
+  static const BackwardBlock query_block = ST_FAST_MAXSIM_PICK(backward_query_block);
+  static const BackwardBlock document_block = ST_FAST_MAXSIM_PICK(backward_document_block);
   const int64_t query_blocks = (s.queries + maxsim::kQueryBlock - 1) / maxsim::kQueryBlock;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < query_blocks; ++b) {
     const int64_t i0 = b * maxsim::kQueryBlock;
-    maxsim::backward_queries(a, i0, std::min(s.queries, i0 + maxsim::kQueryBlock));
+    query_block(a, i0, std::min(s.queries, i0 + maxsim::kQueryBlock));
   }
   const int64_t document_blocks = (s.documents + maxsim::kDocumentBlock - 1) / maxsim::kDocumentBlock;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < document_blocks; ++b) {
     const int64_t m0 = b * maxsim::kDocumentBlock;
-    maxsim::backward_documents(a, m0, std::min(s.documents, m0 + maxsim::kDocumentBlock));
+    document_block(a, m0, std::min(s.documents, m0 + maxsim::kDocumentBlock));
   }
 }
 

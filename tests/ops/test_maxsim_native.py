@@ -71,3 +71,31 @@ def test_trailing_padding_equals_stock_colbert_scores():
     stock = colbert.colbert_scores(queries, documents.unsqueeze(1), query_mask, document_mask.unsqueeze(1))
     torch.testing.assert_close(sums, stock, rtol=1e-6, atol=1e-5)
     assert torch.equal(index, maxsim_forward(queries, query_mask, documents, document_mask, True)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_tokens_win_where_no_product_is_above_the_fill(dtype):
+    """The kernel scores only unmasked tokens; stock's masked_fill(finfo.min) still wins where every product is at or
+    below finfo.min (finite embeddings whose products overflow to -inf, or equal finfo.min: a tie goes to the first
+    position) and in an empty document (index 0). Sums and arg-max equal the torch backend's, which is stock's."""
+    big = torch.finfo(dtype).max
+    dim, tokens = 2, 7
+    queries = torch.zeros(2, 3, dim, dtype=dtype)
+    queries[0, :, 0] = -big  # query 0: its products with document 1 are exactly -max(dtype) = finfo.min
+    queries[1, :, 0] = 1e30  # query 1: its products with document 0 overflow to -inf
+    documents = torch.zeros(4, tokens, dim, dtype=dtype)
+    documents[0, :, 0] = -1e30
+    documents[1, :, 0] = 1.0
+    documents[2, :, 1] = torch.arange(tokens, dtype=dtype)  # an ordinary document
+    query_mask = torch.ones(2, 3, dtype=torch.bool)
+    document_mask = torch.ones(4, tokens, dtype=torch.bool)
+    document_mask[0, 4:] = False  # masked only after the last unmasked token
+    document_mask[1, [0, 5]] = False  # holes, the first at position 0
+    document_mask[3] = False  # empty
+    sums, index = native_forward(queries, query_mask, documents, document_mask)
+    expected_sums, expected_index = maxsim_forward(queries, query_mask, documents, document_mask, True)
+    assert torch.equal(index, expected_index)
+    assert index[1, :, 0].tolist() == [4, 4, 4]  # the fill of the first masked token beats -inf
+    assert index[0, :, 1].tolist() == [0, 0, 0]  # -max == fill everywhere: the first position
+    assert index[:, :, 3].eq(0).all()  # empty document
+    torch.testing.assert_close(sums, expected_sums, rtol=0, atol=0)

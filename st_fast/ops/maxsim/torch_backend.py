@@ -149,11 +149,13 @@ def maxsim_backward(
 def torch_computes(queries: torch.Tensor, documents: torch.Tensor) -> bool:
     """Whether the call goes to the torch backend, which computes it as stock does: an empty token axis (Lq or Ld
     0), or an embedding value that is not finite (stock's max propagates a NaN product and its index, and inf · 0
-    is NaN; the native and Triton kernels' comparisons would skip a NaN and return a finite score). One read of the
-    embeddings, next to the B·M·Lq·Ld·D products of the forward."""
+    is NaN; the native and Triton kernels' comparisons would skip a NaN and return a finite score). Tested on each
+    tensor's sum, which is not finite where any value is not (a NaN or an inf stays in a sum; +inf and -inf make
+    NaN): one reduction, without an elementwise mask. A sum that overflows on finite values sends the call to the
+    torch backend too, which computes every call as stock does."""
     if 0 in (queries.shape[1], documents.shape[1]):
         return True
-    return not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(documents).all()))
+    return not (bool(torch.isfinite(queries.sum())) and bool(torch.isfinite(documents.sum())))
 
 
 class TorchBackend:
