@@ -1,5 +1,6 @@
-"""The validated wrappers of the MaxSim kernels' native entry points (csrc/maxsim.cpp, csrc/include/st_fast/
-maxsim_cpu.h): the ``native`` backend of the MaxSim op on the CPU (OpenMP; no CUDA MaxSim kernel yet).
+"""The validated wrappers of the MaxSim kernels' native entry points: the ``native`` backend of the MaxSim op, on the
+CPU (st_fast._C: csrc/maxsim.cpp, csrc/include/st_fast/maxsim_cpu.h, OpenMP) and on CUDA (st_fast._C_cuda:
+csrc/cuda/maxsim.cu, csrc/include/st_fast/maxsim_lanes.h, on the current stream of the tensors' device).
 
 Each wrapper checks shape, dtype, device and contiguity of every tensor, then fills its entry point's argument object
 by field name (csrc/include/st_fast/maxsim_calls.h) through :func:`st_fast._native.build_call`. Embeddings are
@@ -16,22 +17,41 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # MaxSimDtype (csrc/include
 _ENTRY_POINTS = ("maxsim_forward", "maxsim_backward")
 
 
+def _extension(device: torch.device):
+    """The loaded extension whose MaxSim kernels run on ``device``'s type (st_fast._C on the CPU, st_fast._C_cuda on
+    CUDA), or None."""
+    return {"cpu": _native.cpu_ext, "cuda": _native.cuda_ext}.get(device.type)
+
+
 def native_maxsim_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the native MaxSim kernels run on ``device`` for embeddings of ``dtype`` (CPU, float32 / bfloat16)."""
-    ext = _native.cpu_ext
-    return (
-        device.type == "cpu"
-        and dtype in DTYPE_CODES
-        and ext is not None
-        and all(hasattr(ext, name) for name in _ENTRY_POINTS)
-    )
+    """Whether the native MaxSim kernels run on ``device`` for embeddings of ``dtype``: float32 / bfloat16 on the CPU
+    (st_fast._C) or on CUDA (st_fast._C_cuda built with the MaxSim kernels)."""
+    ext = _extension(torch.device(device))
+    return dtype in DTYPE_CODES and ext is not None and all(hasattr(ext, name) for name in _ENTRY_POINTS)
+
+
+def _run(entry: str, call_class: str, device: torch.device, fields: dict) -> None:
+    """Runs ``entry`` of the extension for ``device`` on its argument object built from ``fields`` (CUDA: on the
+    current stream of ``device``). Raw addresses: the caller has validated every tensor."""
+    if device.type == "cuda":
+        ext = _native.require_cuda_ext()
+        with torch.cuda.device(device):
+            getattr(ext, entry)(_native.build_call(ext, call_class, fields), torch.cuda.current_stream().cuda_stream)
+    else:
+        ext = _native.require_cpu_ext()
+        getattr(ext, entry)(_native.build_call(ext, call_class, fields))
 
 
 def _check(queries: torch.Tensor, documents: torch.Tensor, query_mask: torch.Tensor) -> None:
     if not native_maxsim_available(queries.device, queries.dtype):
-        raise RuntimeError(f"the native MaxSim kernels do not run on {queries.device} / {queries.dtype}")
+        raise RuntimeError(
+            f"the native MaxSim kernels take float32 / bfloat16 embeddings on the CPU (st_fast._C) or on CUDA "
+            f"(st_fast._C_cuda), not {queries.device} / {queries.dtype} (see st_fast.native_info())"
+        )
     if documents.dtype != queries.dtype or documents.device != queries.device:
         raise ValueError("native MaxSim: queries and documents must share dtype and device")
+    if query_mask.device != queries.device:
+        raise ValueError("native MaxSim: the masks must be on the embeddings' device")
     for tensor in (queries, documents, query_mask):
         if not tensor.is_contiguous():
             raise ValueError("native MaxSim: tensors must be contiguous")
@@ -56,12 +76,18 @@ def maxsim_forward(queries, query_mask, documents, document_mask, need_indices):
         document_mask.dtype != torch.bool
         or document_mask.shape != documents.shape[:2]
         or not document_mask.is_contiguous()
+        or document_mask.device != queries.device
     ):
-        raise ValueError("native MaxSim: document_mask must be contiguous bool (M, Ld)")
+        raise ValueError("native MaxSim: document_mask must be contiguous bool (M, Ld) on the embeddings' device")
     num_queries, query_tokens = queries.shape[:2]
-    sums = torch.zeros(num_queries, documents.shape[0], dtype=torch.float32)
-    index = torch.zeros(num_queries, query_tokens, documents.shape[0], dtype=torch.int32) if need_indices else None
-    if documents.shape[-1] == 0 or 0 in (num_queries, documents.shape[0]):
+    device = queries.device
+    empty = documents.shape[-1] == 0 or 0 in (num_queries, documents.shape[0])
+    new = torch.zeros if empty or device.type == "cpu" else torch.empty  # the CUDA kernels write every element
+    sums = new(num_queries, documents.shape[0], dtype=torch.float32, device=device)
+    index = None
+    if need_indices:
+        index = new(num_queries, query_tokens, documents.shape[0], dtype=torch.int32, device=device)
+    if empty:
         return sums, index
     fields = _shape_fields(queries, documents)
     fields.update(
@@ -69,8 +95,7 @@ def maxsim_forward(queries, query_mask, documents, document_mask, need_indices):
         document_mask_ptr=document_mask.data_ptr(), fill=float(torch.finfo(queries.dtype).min),
         sums_ptr=sums.data_ptr(), index_ptr=0 if index is None else index.data_ptr(),
     )  # fmt: skip
-    ext = _native.require_cpu_ext()
-    ext.maxsim_forward(_native.build_call(ext, "MaxSimForwardCall", fields))
+    _run("maxsim_forward", "MaxSimForwardCall", device, fields)
     return sums, index
 
 
@@ -80,10 +105,15 @@ def maxsim_backward(queries, query_mask, documents, index, grad_sums):
     expected = (queries.shape[0], queries.shape[1], documents.shape[0])
     if index.dtype != torch.int32 or tuple(index.shape) != expected or not index.is_contiguous():
         raise ValueError(f"native MaxSim: index must be contiguous int32 {expected}")
-    grad_sums = grad_sums.to(torch.float32).contiguous()
-    grad_queries = torch.zeros(queries.shape, dtype=torch.float32)
-    grad_documents = torch.zeros(documents.shape, dtype=torch.float32)
-    if 0 in (*queries.shape, *documents.shape):
+    if index.device != queries.device:
+        raise ValueError("native MaxSim: index must be on the embeddings' device")
+    device = queries.device
+    grad_sums = grad_sums.to(device=device, dtype=torch.float32).contiguous()
+    empty = 0 in (*queries.shape, *documents.shape)
+    new = torch.zeros if empty or device.type == "cpu" else torch.empty  # the CUDA kernels write every element
+    grad_queries = new(queries.shape, dtype=torch.float32, device=device)
+    grad_documents = new(documents.shape, dtype=torch.float32, device=device)
+    if empty:
         return grad_queries, grad_documents
     fields = _shape_fields(queries, documents)
     fields.update(
@@ -91,6 +121,5 @@ def maxsim_backward(queries, query_mask, documents, index, grad_sums):
         index_ptr=index.data_ptr(), grad_sums_ptr=grad_sums.data_ptr(), grad_queries_ptr=grad_queries.data_ptr(),
         grad_documents_ptr=grad_documents.data_ptr(),
     )  # fmt: skip
-    ext = _native.require_cpu_ext()
-    ext.maxsim_backward(_native.build_call(ext, "MaxSimBackwardCall", fields))
+    _run("maxsim_backward", "MaxSimBackwardCall", device, fields)
     return grad_queries, grad_documents

@@ -93,6 +93,7 @@ def test_the_row_kernel_rejects_codes_outside_the_enums(kinds, hardness):
 
 
 ROW_KERNEL_CALLS = ("RowsCall", "StatisticsCall", "CoefficientsCall", "ExpStatisticsCall", "ExpCoefficientsCall")
+MAXSIM_CALLS = ("MaxSimForwardCall", "MaxSimBackwardCall")  # maxsim_bindings.h
 
 
 def _fields(cls) -> set[str]:
@@ -104,7 +105,7 @@ def test_each_entry_point_takes_one_argument_object_bound_once_for_every_extensi
     CPU, CUDA and test extensions: the same classes with the same fields everywhere; a misspelt field is refused."""
     cpu = _native.require_cpu_ext()
     for ext in [*_built_extensions(), load_test_extension()]:
-        for name in ROW_KERNEL_CALLS:
+        for name in ROW_KERNEL_CALLS + MAXSIM_CALLS:
             assert _fields(getattr(ext, name)) == _fields(getattr(cpu, name)), (ext.__name__, name)
     assert {"scores", "kinds", "labels", "row_loss", "grad_scale_factor"} <= _fields(cpu.RowsCall)
     assert "row_loss" not in _fields(cpu.CoefficientsCall) and "shift" in _fields(cpu.ExpStatisticsCall)
@@ -147,7 +148,7 @@ def test_test_only_native_code_is_not_shipped():
     if _native.cuda_ext is not None:
         assert "row_logsumexp" not in dir(_native.cuda_ext)
         assert not [name for name in dir(_native.cuda_ext) if "emulated" in name]
-    assert {f"emulated_lanes_{n}" for n in (4, 32, 64, 256)} <= set(dir(load_test_extension()))
+    assert {f"emulated_lanes_{n}" for n in (4, 32, 64, 256)} | {"emulated_maxsim"} <= set(dir(load_test_extension()))
 
 
 def test_the_test_extension_is_built_only_when_asked():

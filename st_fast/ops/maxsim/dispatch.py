@@ -30,15 +30,18 @@ def _triton_reason(device: torch.device) -> str | None:
 
 def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, tile_elements: int | None = None):
     """The MaxSim backend object for ``backend=name`` on ``device`` with embeddings of ``dtype``. ``auto``: ``native``
-    where its kernels run (CPU, float32 / bfloat16, st_fast's extension built), else ``torch`` (also on CUDA: the
-    Triton kernel has run under the interpreter only, not yet measured nor checked on a GPU; there is no CUDA MaxSim
-    kernel yet). ``tile_elements`` bounds the products the torch backend holds at once.
+    where its kernels run (float32 / bfloat16; the CPU with st_fast's extension built, or CUDA with st_fast's CUDA
+    extension built with the MaxSim kernels), else ``torch`` (the Triton kernel has run under the interpreter only, not
+    yet measured nor checked on a GPU). The CUDA MaxSim kernels' speed is not measured yet; their results are checked
+    on the CPU through their emulation (tests/ops/test_maxsim_emulated.py), and the losses' first-use self-check still
+    compares each configuration against stock. ``tile_elements`` bounds the products the torch backend holds at once.
 
     Raises:
         ValueError: ``name`` is not one of :data:`BACKENDS`, or ``tile_elements`` < 1.
         TypeError: ``triton`` or ``native`` for float64 embeddings (use ``torch``).
         RuntimeError: ``triton`` where Triton cannot run (no triton, or CPU tensors without ``TRITON_INTERPRET=1``),
-            ``native`` where its kernels do not run (not the CPU, float16, or the extension not built).
+            ``native`` where its kernels do not run (float16, another device than the CPU / CUDA, or the extension for
+            the device not built).
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -60,8 +63,10 @@ def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, 
     if name == "native":
         if not _native_runs(device, dtype):
             raise RuntimeError(
-                f"the native MaxSim kernels run on CPU float32 / bfloat16 embeddings with st_fast's extension built, "
-                f"not on {device.type} / {dtype} (see st_fast.native_info()); use backend='torch' or 'auto'"
+                f"the native MaxSim kernels take float32 / bfloat16 embeddings on the CPU (st_fast's extension "
+                f"st_fast._C) or on CUDA (st_fast._C_cuda), not {device.type} / {dtype}"
+                + (" (that extension is not built here)" if dtype in (torch.float32, torch.bfloat16) else "")
+                + " (see st_fast.native_info()); use backend='torch' or 'auto'"
             )
         from st_fast.ops.maxsim.native_backend import NativeBackend
 

@@ -1,6 +1,8 @@
-"""The ``native`` backend of the MaxSim op: the C++ kernels (csrc/include/st_fast/maxsim_cpu.h) on the CPU, float32
-and bfloat16: the forward as register tiles with the max epilogue (no products tensor at all), the backward
-OpenMP-parallel over queries (dQ) and documents (dD) without atomics (the same bits every run)."""
+"""The ``native`` backend of the MaxSim op, float32 and bfloat16: the C++ kernels on the CPU
+(csrc/include/st_fast/maxsim_cpu.h: the forward as register tiles with the max epilogue, no products tensor at all;
+the backward OpenMP-parallel over queries (dQ) and documents (dD)) and the CUDA kernels on a GPU
+(csrc/include/st_fast/maxsim_lanes.h: the forward as one block per (document, queries) over shared-memory slices with
+the running max in registers; the backward one thread per gradient column). No atomics: the same bits every run."""
 
 from __future__ import annotations
 
