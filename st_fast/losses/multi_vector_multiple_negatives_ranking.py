@@ -7,8 +7,8 @@ raises ImportError: import it lazily.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -93,7 +93,17 @@ def stock_operands(queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor]:
     return queries, documents
 
 
-@dataclasses.dataclass(frozen=True)
+def finite_scale(scale: Any) -> bool:
+    """False for a NaN / infinite ``scale`` (a number, or a tensor on the CPU: a device tensor is not read, no host
+    sync per call; a learnable scale is checked at its first use, when it is finite)."""
+    if isinstance(scale, Tensor):
+        return scale.device.type != "cpu" or bool(torch.isfinite(scale.detach()).all())
+    try:
+        return math.isfinite(scale)
+    except TypeError:  # not a number: stock's `scores * scale` says what it is
+        return True
+
+
 class FusedMaxSimMixin(StFastLoss):
     """The MaxSim scoring of a stock multi-vector loss computed by the fused op. ``similarity_fct``, ``scale``,
     ``score_mini_batch_size``, ``gather_across_devices`` and the model's similarity are read at every call (users
@@ -182,6 +192,10 @@ class FusedMaxSimMixin(StFastLoss):
         mismatch: see :mod:`st_fast.losses.self_check`)."""
         if not self.self_check or any(e.shape[1] == 0 or e.shape[2] == 0 for e in embeddings):
             return False  # (rows without tokens prove nothing: checked on a later call)
+        if not finite_scale(self.scale):
+            # stock's loss is NaN whatever the scores (the check would call that a mismatch and blame st_fast), and
+            # the scale multiplies the fused scores as stock's own cross-entropy code does: nothing to compare
+            return False
         rows = self_check.SLICE_ROWS  # the rows the check compares (no copy of the whole batch)
         columns = [e[:rows].flatten(1) for e in embeddings]
         guides = [m[:rows].to(e.dtype) for e, m in zip(embeddings, masks, strict=True)]
