@@ -153,3 +153,28 @@ def test_runs_are_bit_equal_and_no_thread_reads_another_threads_writes_of_the_sa
     for what, a, b, c in zip(("sums", "index", "dQ", "dD"), first, again, backwards, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c), what
     assert bool(torch.isfinite(first[0][:, inputs[3].any(dim=-1)]).all())  # no NaN-filled shared slot was read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_tokens_win_where_no_product_is_above_the_fill(dtype):
+    """Stock's masked_fill(finfo.min) wins where every product is at or below finfo.min (products overflowing to
+    -inf: the first masked token, also after the last unmasked one, which the kernel does not score; products equal
+    to finfo.min: a tie, the first position) and in an empty document (index 0), as the torch backend."""
+    big = torch.finfo(dtype).max
+    queries = torch.zeros(2, 3, 2, dtype=dtype)
+    queries[0, :, 0] = -big  # with document 1: products exactly -max = finfo.min
+    queries[1, :, 0] = 1e30  # with document 0: products overflow to -inf
+    documents = torch.zeros(4, 7, 2, dtype=dtype)
+    documents[0, :, 0] = -1e30
+    documents[1, :, 0] = 1.0
+    documents[2, :, 1] = torch.arange(7, dtype=dtype)
+    query_mask = torch.ones(2, 3, dtype=torch.bool)
+    document_mask = torch.ones(4, 7, dtype=torch.bool)
+    document_mask[0, 4:] = False  # masked only after the last unmasked token
+    document_mask[1, [0, 5]] = False  # holes, the first at position 0
+    document_mask[3] = False  # empty
+    inputs = (queries, query_mask, documents, document_mask)
+    sums, index, *_ = run(inputs, torch.ones(2, 4), emulation())
+    expected_sums, expected_index = torch_backend.maxsim_forward(*inputs, True)
+    assert torch.equal(index, expected_index) and torch.equal(sums, expected_sums)
+    assert index[1, :, 0].tolist() == [4, 4, 4] and index[0, :, 1].tolist() == [0, 0, 0]

@@ -11,8 +11,9 @@
 // token chunk, each product is rounded to bfloat16 (bf16 embeddings), replaced by `fill` on a masked token, and
 // folded into the thread's running max per row (strictly greater replaces: its tokens increase, so it keeps its first
 // max; a NaN never wins). The kColGroups threads that share a row then reduce (max, first index) through shared memory
-// in thread order (max and smallest index: exact, so any order gives the same bits), and one thread adds the rows'
-// maxima over the unmasked query tokens in token order (float32), as maxsim_cpu.h.
+// in thread order (max and smallest index: exact, so any order gives the same bits), the fill of the masked tokens
+// after the last unmasked one is added (with_masked_tokens: it wins only where every product is at or below fill),
+// and one thread adds the rows' maxima over the unmasked query tokens in token order (float32), as maxsim_cpu.h.
 //
 // Backward (no shared memory, no atomics): dQ: one block per (query token row g, kBackwardThreads columns of D), each
 // thread owns one column k and adds w·d[m, t*, k] in the order m = 0, 1, ...; dD: one block per (document m,
@@ -120,11 +121,31 @@ ST_FAST_HD int64_t forward_blocks(const MaxSimShape& s) {
   return (s.queries + per - 1) / per * s.documents;
 }
 
-// The tokens of document m up to its last unmasked one (at least 1): maxsim_cpu.h's scored_width.
+// The tokens of document m up to its last unmasked one (at least 1): the products of the masked tokens after it
+// are not computed (with_masked_tokens adds their fill).
 ST_FAST_HD int64_t scored_width(const uint8_t* valid, int64_t tokens) {
   int64_t width = tokens;
   while (width > 1 && !valid[width - 1]) --width;
   return width;
+}
+
+ST_FAST_HD int64_t first_masked_token(const uint8_t* valid, int64_t tokens) {
+  int64_t t = 0;
+  while (t < tokens && valid[t]) ++t;
+  return t;
+}
+
+// Stock's max over all Ld tokens, masked ones included as ``fill``, from the max over the scored tokens (``best``)
+// and its first position ``at``: the fill of the first masked token wins only where no scored product is above
+// fill (products overflowing to -inf), and a tie goes to the first position (maxsim_cpu.h's with_masked_tokens).
+ST_FAST_HD void with_masked_tokens(float fill, int64_t first_masked, int64_t length, float& best, int32_t& at) {
+  if (first_masked >= length || best > fill) return;
+  if (fill > best) {
+    best = fill;
+    at = static_cast<int32_t>(first_masked);
+  } else if (static_cast<int32_t>(first_masked) < at) {
+    at = static_cast<int32_t>(first_masked);
+  }
 }
 
 // What the forward block's threads share (CUDA: __shared__; 12.8 KB).
@@ -135,7 +156,8 @@ struct MaxSimForwardShared {
   int32_t at[kTileRows][kColGroups];
   float row_max[kTileRows];
   float total[kMaxQueriesPerBlock];
-  int64_t width;
+  int64_t width;         // scored_width
+  int64_t first_masked;  // first_masked_token
 };
 
 // A forward thread's registers.
@@ -164,6 +186,7 @@ ST_FAST_HD void forward_block(const MaxSimForwardArgs& a, int64_t block, Block& 
   b.phase([&](int tid, MaxSimForwardThread&) {
     if (tid < kMaxQueriesPerBlock) sh.total[tid] = 0.0f;
     if (tid == 0) sh.width = scored_width(valid, ld);
+    if (tid == 1) sh.first_masked = first_masked_token(valid, ld);
   });
   const int64_t width = sh.width;
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
@@ -249,6 +272,7 @@ ST_FAST_HD void forward_block(const MaxSimForwardArgs& a, int64_t block, Block& 
       int32_t at = 0x7FFFFFFF;
       for (int c = 0; c < kColGroups; ++c)
         if (sh.best[tid][c] == best && sh.at[tid][c] < at) at = sh.at[tid][c];
+      with_masked_tokens(a.fill, sh.first_masked, ld, best, at);
       sh.row_max[tid] = best;
       if (a.index != nullptr) a.index[(g0 + r0 + tid) * s.documents + m] = at;
     });
