@@ -52,7 +52,10 @@ GPU_SHAPES = [(1, 1, 1, 1, 1), (5, 7, 9, 70, 17), (3, 4, 33, 5, 130), (64, 320, 
 @pytest.mark.skipif(not CUDA_KERNELS, reason="st_fast._C_cuda is not built with the MaxSim kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_cuda_kernels_give_the_torch_backends_bits_on_exact_inputs(shape, dtype):
+def test_cuda_kernels_give_the_torch_backends_bits_on_exact_inputs(shape, dtype, monkeypatch):
+    # exact float32 sums in the torch backend's bfloat16 GEMM too (no reduced-precision split-K reduction)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     inputs = gpu_batch(shape, dtype, seed=sum(shape), grid=True)
     grad_sums = (torch.randint(-3, 4, shape[:2], generator=torch.Generator().manual_seed(1)) / 2).to(CUDA)
     sums, index = _native_maxsim.maxsim_forward(*inputs, True)
