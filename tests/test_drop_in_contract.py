@@ -15,19 +15,23 @@ same seed, the models in eval() (so dropout cannot differ) except where the mode
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_splade_model, make_tiny_model
+from conftest import make_splade_model, make_tiny_model, make_tiny_multi_vector_model
 from datasets import Dataset
 from parity import relative_error
 from sentence_transformers import SentenceTransformerTrainer as StockTrainer
 from sentence_transformers import util
 from sentence_transformers.base.model_card import generate_model_card
+from sentence_transformers.multi_vector_encoder import losses as stock_mv_losses
+from sentence_transformers.multi_vector_encoder import scoring
 from sentence_transformers.sentence_transformer import losses as stock_losses
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 from sentence_transformers.sparse_encoder import losses as stock_sparse_losses
@@ -375,6 +379,42 @@ def test_renders_like_stock(how, name, model, guide, tmp_path):
     assert loss.get_config_dict() == reference.get_config_dict()
     assert getattr(loss, "citation", None) == getattr(reference, "citation", None)  # CachedGIST has none
     assert repr(loss) == repr(reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Module identity, state_dict, deepcopy and pickle: as stock's nn.Module
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _module_model(loss) -> nn.Module:
+    return loss.model if "model" in loss._modules else loss.loss.model  # (6.2's cached losses: an inner stock MNRL)
+
+
+def _assert_module_semantics_like_stock(loss, reference, other, other_reference) -> None:
+    """Two losses are two modules (equality and hash by identity, as nn.Module: a container's modules(),
+    parameters() and to() see both), the same state_dict keys as stock, and a deepcopy / pickle round trip gives
+    the st_fast class computing stock's loss and gradients (on its own copy of the model)."""
+    assert (loss == other, loss == loss) == (reference == other_reference, True)
+    assert len({loss, other}) == len({reference, other_reference}) == 2
+    assert len(list(nn.ModuleList([loss, other]).modules())) == len(
+        list(nn.ModuleList([reference, other_reference]).modules())
+    )
+    assert loss.state_dict().keys() == reference.state_dict().keys()
+    expected = _run(_module_model(reference), reference)
+    for label, copied in (("deepcopy", copy.deepcopy(loss)), ("pickle", pickle.loads(pickle.dumps(loss)))):
+        assert type(copied) is type(loss), label
+        model = _module_model(copied)
+        assert model is not _module_model(loss), label
+        _assert_same(_run(model, copied), expected, what=label)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_module_identity_state_dict_and_copies_are_stocks(name, model, guide):
+    case = CASES[name]
+    _assert_module_semantics_like_stock(
+        fast_loss(case, model, guide), stock_loss(case, model, guide),
+        fast_loss(case, model, guide), stock_loss(case, model, guide),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -891,3 +931,426 @@ def test_the_deprecated_aliases_warn_as_stock_does(name, model, guide):
     with pytest.warns(DeprecationWarning, match="is deprecated and will be removed") as fast_warnings:
         case.fast(model, **case.kwargs)
     assert [str(w.message) for w in fast_warnings] == [str(w.message) for w in stock_warnings]
+
+
+# =====================================================================================================================
+# The multi-vector (late interaction) losses on a tiny MultiVectorEncoder: every check above, or why it cannot apply
+# =====================================================================================================================
+
+
+@dataclass(frozen=True)
+class MultiVectorCase:
+    stock: type
+    fast: type
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments after model
+    cached: bool = False
+
+
+# scale 2: MaxSim scores are sums over the query tokens (not cosines), stock's default is 1. similarity_fct is left at
+# stock's default: what the installed version scores with (6.2: colbert_scores, 6.3: the model's similarity).
+MV_CASES = {
+    "MultiVectorMNRL": MultiVectorCase(
+        stock_mv_losses.MultiVectorMultipleNegativesRankingLoss,
+        fast_losses.MultiVectorMultipleNegativesRankingLoss,
+        {"scale": 2.0, "score_mini_batch_size": 3},
+    ),
+    "CachedMultiVectorMNRL": MultiVectorCase(
+        stock_mv_losses.CachedMultiVectorMultipleNegativesRankingLoss,
+        fast_losses.CachedMultiVectorMultipleNegativesRankingLoss,
+        {"scale": 2.0, "mini_batch_size": 3},
+        cached=True,
+    ),
+}
+MV_STOCK_LOSS_MODULES = (  # where the stock classes look up all_gather_padded / get_rank
+    "sentence_transformers.multi_vector_encoder.losses.multiple_negatives_ranking",
+    "sentence_transformers.multi_vector_encoder.losses.cached_multiple_negatives_ranking",
+)
+MV_WRAPPERS = tuple(
+    wrapper
+    for wrapper in (
+        getattr(stock_mv_losses, name, None) for name in ("MultiVectorMatryoshkaLoss", "MultiVectorTokenPoolingLoss")
+    )  # fmt: skip
+    if wrapper is not None
+)
+
+# Each contract check of the dense classes above -> its multi-vector counterpart below, or why none can apply.
+# test_every_contract_check_has_a_multi_vector_row fails on a dense check missing here (no silent gap).
+NOT_APPLICABLE = "n/a: "
+MV_CHECKS = {
+    "test_built_the_ways_users_build_it_gives_stock_loss_and_gradients": "test_mv_built_the_ways_users_build_it",
+    "test_new_built_instance_gives_stock_loss_and_gradients": "test_mv_new_built_instance",
+    "test_train_mode_without_dropout_gives_stock_loss_and_gradients": "test_mv_train_mode_without_dropout",
+    "test_renders_like_stock": "test_mv_renders_like_stock",
+    "test_modes_of_model_and_guide_are_left_as_they_were": "test_mv_modes_of_the_model_are_left_as_they_were",
+    "test_gist_guide_in_eval_stays_in_eval_with_the_st_fast_trainer": NOT_APPLICABLE
+    + "no guide model (the modes of the one model: test_mv_modes_of_the_model_are_left_as_they_were)",
+    "test_attribute_changes_after_construction_are_honoured": "test_mv_attribute_changes_after_construction",
+    "test_learnable_scale_or_temperature_gets_stocks_gradient": "test_mv_learnable_scale_gets_stocks_gradient",
+    "test_learnable_temperature_with_masked_entries_gets_the_exact_gradient": NOT_APPLICABLE
+    + "no temperature and no masked logits (no guide margins): the scale's gradient is stock's own autograd's",
+    "test_tensor_hardness_strength_gets_stocks_gradient": NOT_APPLICABLE
+    + "stock's multi-vector losses have no hardness_mode / hardness_strength",
+    "test_16bit_guide_gives_stock_loss_and_gradients": NOT_APPLICABLE + "no guide model",
+    "test_gather_helpers_are_looked_up_where_stock_looks_them_up": "test_mv_gather_helpers_looked_up_as_stock",
+    "test_loss_dtype_under_bf16_autocast_is_stocks": "test_mv_loss_dtype_under_bf16_autocast_is_stocks",
+    "test_model_card_renders_like_stock": "test_mv_model_card_renders_like_stock",
+    "test_replaced_module_gives_stock_answer_with_one_warning": "test_mv_replaced_scoring_gives_stock_answer",
+    "test_a_nonpositive_scale_or_temperature_set_later_computes_stock": "test_mv_any_scale_set_later_is_stocks",
+    "test_layouts_only_stock_computes_give_stocks_answer": NOT_APPLICABLE
+    + "no compute_loss_from_embeddings: a batch reaches the loss as features through the model, every column with "
+    "the batch's rows (stock stacks them), so more document rows than queries come only from gathering "
+    "(test_mv_gather_helpers_looked_up_as_stock); empty documents and token axes: tests/ops/test_maxsim.py",
+    "test_sparse_mnrl_in_splade_loss_gives_stock_loss_and_gradients": NOT_APPLICABLE + "SparseEncoder losses only",
+    "test_importing_st_fast_warns_nothing_deprecated": "test_importing_st_fast_warns_nothing_deprecated"
+    " (st_fast.losses imports the multi-vector modules: test_every_contract_check_has_a_multi_vector_row checks it)",
+    "test_the_deprecated_aliases_warn_as_stock_does": NOT_APPLICABLE + "stock has no deprecated multi-vector alias",
+    "test_module_identity_state_dict_and_copies_are_stocks": "test_mv_module_identity_state_dict_and_copies_are_stocks",
+}
+
+
+def test_every_contract_check_has_a_multi_vector_row():
+    dense = {name for name in globals() if name.startswith("test_") and not name.startswith("test_mv_")}
+    dense -= {"test_every_contract_check_has_a_multi_vector_row"}
+    rows = set(MV_CHECKS)
+    assert dense == rows, f"no multi-vector row: {sorted(dense - rows)}, stale rows: {sorted(rows - dense)}"
+    for dense_name, row in MV_CHECKS.items():
+        if not row.startswith(NOT_APPLICABLE):
+            assert row.split()[0] in globals(), f"{dense_name}: {row.split()[0]} does not exist"
+    import st_fast.losses
+
+    assert {"MultiVectorMultipleNegativesRankingLoss", "CachedMultiVectorMultipleNegativesRankingLoss"} <= set(
+        st_fast.losses.__all__
+    )
+
+
+@pytest.fixture(scope="module")
+def pristine_mv(minilm_path):
+    """A tiny random MultiVectorEncoder (conftest.make_tiny_multi_vector_model; its dropout probabilities are 0)."""
+    return make_tiny_multi_vector_model(minilm_path)
+
+
+@pytest.fixture
+def mv_model(pristine_mv):
+    return _copy(pristine_mv).eval()
+
+
+def mv_stock_loss(case: MultiVectorCase, model, **overrides):
+    return case.stock(model, **{**case.kwargs, **overrides})
+
+
+def mv_fast_loss(case: MultiVectorCase, model, **overrides):
+    return case.fast(model, **{**case.kwargs, **overrides})
+
+
+def _mv_innermost(loss):
+    while isinstance(loss, MV_WRAPPERS):
+        loss = loss.loss
+    return loss
+
+
+def _assert_mv_is_st_fast(loss) -> None:
+    inner = _mv_innermost(loss)
+    assert type(inner).__module__.startswith("st_fast."), f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def _mv_dataset() -> Dataset:
+    return Dataset.from_dict({"query": TEXTS[0], "positive": TEXTS[1]})
+
+
+def _mv_training_args(tmp_path, name: str = "run"):
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
+
+    return MultiVectorEncoderTrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=4, report_to="none",
+        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=7,
+    )  # fmt: skip
+
+
+def _mv_trainer_loss(how: str, model, loss, tmp_path):
+    """``trainer.loss`` of st_fast.MultiVectorEncoderTrainer, or of the stock one under st_fast.patch()."""
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainer as StockMultiVectorTrainer
+
+    kwargs = dict(model=model, args=_mv_training_args(tmp_path, how), train_dataset=_mv_dataset(), loss=loss)
+    if how == "st_fast-trainer":
+        return st_fast.MultiVectorEncoderTrainer(**kwargs).loss
+    assert how == "patch"
+    st_fast.patch()
+    try:
+        return StockMultiVectorTrainer(**kwargs).loss
+    finally:
+        st_fast.unpatch()
+
+
+def _mv_wrapped(how: str, model, inner):
+    """``inner`` inside the stock multi-vector wrapper ``how`` names (sentence-transformers >= 6.3 has them)."""
+    if how == "matryoshka":
+        return stock_mv_losses.MultiVectorMatryoshkaLoss(model, inner, [16, 8])
+    from sentence_transformers.multi_vector_encoder.modules.token_pooling import HierarchicalTokenPooling
+
+    # a pooler without trainable parameters (cached losses need one), and None: the unpooled variant too
+    poolings = [HierarchicalTokenPooling(pool_factor=2), None]
+    return stock_mv_losses.MultiVectorTokenPoolingLoss(model, inner, token_poolings=poolings, weights=[1.0, 0.5])
+
+
+MV_WRAPPER_CLASS_NAMES = {"matryoshka": "MultiVectorMatryoshkaLoss", "token-pooling": "MultiVectorTokenPoolingLoss"}
+
+
+def _mv_built(how: str, case: MultiVectorCase, model, tmp_path) -> tuple[nn.Module, nn.Module]:
+    """(the st_fast loss built ``how``, the stock loss it must behave like)."""
+    if how == "constructor":
+        return mv_fast_loss(case, model), mv_stock_loss(case, model)
+    if how == "fuse":
+        return fuse(mv_stock_loss(case, model)), mv_stock_loss(case, model)
+    if how in MV_WRAPPER_CLASS_NAMES:
+        if not hasattr(stock_mv_losses, MV_WRAPPER_CLASS_NAMES[how]):
+            pytest.skip(f"the installed sentence-transformers has no {MV_WRAPPER_CLASS_NAMES[how]} (added in 6.3)")
+        return _mv_wrapped(how, model, mv_fast_loss(case, model)), _mv_wrapped(how, model, mv_stock_loss(case, model))
+    return _mv_trainer_loss(how, model, mv_stock_loss(case, model), tmp_path), mv_stock_loss(case, model)
+
+
+# the dense HOWS, with the multi-vector wrappers for the sentence-transformer ones
+MV_HOWS = ("constructor", "fuse", "matryoshka", "token-pooling", "st_fast-trainer", "patch")
+MV_HOWS_NOT_APPLICABLE = {
+    "adaptive-layer": "AdaptiveLayerLoss wraps SentenceTransformer losses (it truncates the encoder's layers and "
+    "reads pooled embeddings); stock has no multi-vector form of it",
+}
+assert set(HOWS) <= set(MV_HOWS) | set(MV_HOWS_NOT_APPLICABLE)
+MV_BUILT = [(how, name) for how in MV_HOWS for name in MV_CASES]
+
+
+@pytest.mark.parametrize(("how", "name"), MV_BUILT, ids=[f"{how}-{name}" for how, name in MV_BUILT])
+def test_mv_built_the_ways_users_build_it(how, name, mv_model, tmp_path):
+    loss, reference = _mv_built(how, MV_CASES[name], mv_model, tmp_path)
+    _assert_mv_is_st_fast(loss)
+    _assert_same(_run(mv_model, loss), _run(mv_model, reference))
+
+
+def _stock_init_attributes(case: MultiVectorCase, model) -> dict[str, Any]:
+    """The attributes the installed stock ``__init__`` sets (its submodules, the model, included; nn.Module's own state
+    aside), read from a stock object."""
+    stock = mv_stock_loss(case, model)
+    plain = {key: value for key, value in vars(stock).items() if not key.startswith("_") and key != "training"}
+    return {**plain, **stock._modules}
+
+
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_new_built_instance(name, mv_model):
+    """``__new__`` + ``nn.Module.__init__`` + the stock attributes set by hand: no st_fast constructor ran, so no
+    st_fast-only attribute (``backend``, ``self_check``) is set; still stock's loss and gradients."""
+    case = MV_CASES[name]
+    loss = case.fast.__new__(case.fast)
+    nn.Module.__init__(loss)
+    for key, value in _stock_init_attributes(case, mv_model).items():
+        setattr(loss, key, value)
+    assert "backend" not in vars(loss)
+    _assert_same(_run(mv_model, loss), _run(mv_model, mv_stock_loss(case, mv_model)))
+
+
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_train_mode_without_dropout(name, mv_model):
+    case = MV_CASES[name]
+    for module in mv_model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    mv_model.train()
+    _assert_same(_run(mv_model, mv_fast_loss(case, mv_model)), _run(mv_model, mv_stock_loss(case, mv_model)))
+    assert mv_model.training and all(module.training for module in mv_model.modules())
+
+
+@pytest.mark.parametrize("how", ["constructor", "fuse"])
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_renders_like_stock(how, name, mv_model, tmp_path):
+    loss, reference = _mv_built(how, MV_CASES[name], mv_model, tmp_path)
+    _assert_mv_is_st_fast(loss)
+    assert type(loss).__name__ == type(reference).__name__
+    assert loss.get_config_dict() == reference.get_config_dict()
+    assert loss.citation == reference.citation
+    assert repr(loss) == repr(reference)
+
+
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_module_identity_state_dict_and_copies_are_stocks(name, mv_model):
+    """(st_fast 0.x's FusedMaxSimMixin was a frozen dataclass: every instance of a class equal to every other, one
+    hash, its repr "ClassName()", and a container's modules() / parameters() skipped all but one of them)"""
+    case = MV_CASES[name]
+    _assert_module_semantics_like_stock(
+        mv_fast_loss(case, mv_model), mv_stock_loss(case, mv_model),
+        mv_fast_loss(case, mv_model), mv_stock_loss(case, mv_model),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["fuse", "st_fast-trainer", "patch"])
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_modes_of_the_model_are_left_as_they_were(how, name, mv_model, tmp_path):
+    mv_model.train()
+    _hf_model(mv_model).encoder.layer[0].eval()
+    before = _modes(model=mv_model)
+    stock = mv_stock_loss(MV_CASES[name], mv_model)
+    loss = fuse(stock) if how == "fuse" else _mv_trainer_loss(how, mv_model, stock, tmp_path)
+    _assert_mv_is_st_fast(loss)
+    assert not _changed(before, _modes(model=mv_model))
+    _run(mv_model, loss)
+    changed = _changed(before, _modes(model=mv_model))
+    assert not changed, changed
+
+
+def _mv_target(target: str, case: MultiVectorCase, model) -> tuple[nn.Module, nn.Module]:
+    if target == "st_fast-object":
+        loss = mv_fast_loss(case, model)
+        return loss, loss
+    stock = mv_stock_loss(case, model)
+    fused = fuse(stock)
+    return fused, fused if target == "fused-object" else stock
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_attribute_changes_after_construction(target, name, mv_model):
+    case = MV_CASES[name]
+    loss, changed = _mv_target(target, case, mv_model)
+    _assert_mv_is_st_fast(loss)
+    reference = mv_stock_loss(case, mv_model)
+    previous = _run(mv_model, reference).loss
+    changes = [("scale", 7.0), ("similarity_fct", scoring.mean_colbert_scores), ("score_mini_batch_size", 2)]
+    for attribute, value in changes:
+        for target_object in (changed, reference):
+            setattr(target_object, attribute, value)
+        expected = _run(mv_model, reference)
+        if attribute != "score_mini_batch_size":  # (a memory bound: the same loss)
+            assert relative_error(expected.loss, previous) > 1e-3, f"{attribute}={value!r} must change stock's loss"
+        previous = expected.loss
+        _assert_same(_run(mv_model, loss), expected, what=f"after setting {attribute}={value!r}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_learnable_scale_gets_stocks_gradient(target, name, mv_model):
+    """(the cached loss: the gradient reaches the parameter in the loss stage, through the returned loss's backward
+    hook, as in stock)"""
+    case = MV_CASES[name]
+    loss, changed = _mv_target(target, case, mv_model)
+    parameter, reference_parameter = nn.Parameter(torch.tensor(2.0)), nn.Parameter(torch.tensor(2.0))
+    changed.scale = parameter
+    reference = mv_stock_loss(case, mv_model)
+    reference.scale = reference_parameter
+    _assert_same(_run(mv_model, loss, extra=(parameter,)), _run(mv_model, reference, extra=(reference_parameter,)))
+
+
+class FakePaddedGatherRankOne:
+    """all_gather_padded of rank 1 of 2: [rank 0's documents, this rank's], rank 0's a fixed function of the local
+    ones (two tokens wider, as the padding to the cross-rank width makes them; close enough to weigh in the
+    softmax), without gradient; its mask drops every third token of rank 0's."""
+
+    def all_gather_padded(self, tensor: torch.Tensor, mask: torch.Tensor, with_grad: bool = False):
+        local = tensor.detach()
+        other = torch.nn.functional.pad(local.roll(1, dims=0) + 0.3 * local.roll(1, dims=-1), (0, 0, 0, 2))
+        other_mask = torch.nn.functional.pad(mask.roll(1, dims=0), (0, 2))
+        other_mask[:, ::3] = False
+        other_mask[:, 0] = True
+        tensor = torch.nn.functional.pad(tensor, (0, 0, 0, 2))
+        return torch.cat([other, tensor]), torch.cat([other_mask, torch.nn.functional.pad(mask, (0, 2))])
+
+    @staticmethod
+    def get_rank() -> int:
+        return 1
+
+
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_gather_helpers_looked_up_as_stock(name, mv_model, monkeypatch):
+    case = MV_CASES[name]
+    fake = FakePaddedGatherRankOne()
+    for module in MV_STOCK_LOSS_MODULES:
+        monkeypatch.setattr(f"{module}.all_gather_padded", fake.all_gather_padded)
+        monkeypatch.setattr(f"{module}.get_rank", fake.get_rank)
+    expected = _run(mv_model, mv_stock_loss(case, mv_model, gather_across_devices=True))
+    alone = _run(mv_model, mv_stock_loss(case, mv_model))
+    assert relative_error(alone.loss, expected.loss) > 1e-3  # the fakes change stock's answer
+    _assert_same(_run(mv_model, mv_fast_loss(case, mv_model, gather_across_devices=True)), expected)
+
+
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_loss_dtype_under_bf16_autocast_is_stocks(name, mv_model):
+    """Same dtype as stock; value and gradients within 2e-2 plus twice stock's own distance from its float32 answer
+    (stock's einsum computes the products in bfloat16 under autocast, so does st_fast)."""
+    case = MV_CASES[name]
+    expected = _run_autocast(mv_model, mv_stock_loss(case, mv_model))
+    actual = _run_autocast(mv_model, mv_fast_loss(case, mv_model))
+    assert actual.loss.dtype == expected.loss.dtype
+    stock_float32 = _run(mv_model, mv_stock_loss(case, mv_model))
+    allowed = 2e-2 + 2 * relative_error(expected.loss, stock_float32.loss)
+    assert relative_error(actual.loss, expected.loss) <= allowed
+    assert actual.grads.keys() == expected.grads.keys()
+    allowed = 2e-2 + 2 * relative_error(_flat(expected.grads), _flat(stock_float32.grads))
+    assert relative_error(_flat(actual.grads), _flat(expected.grads)) <= allowed
+
+
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_model_card_renders_like_stock(name, pristine_mv, tmp_path):
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainer as StockMultiVectorTrainer
+
+    case = MV_CASES[name]
+    cards = {}
+    for label, trainer_class in (("stock", StockMultiVectorTrainer), ("st_fast", st_fast.MultiVectorEncoderTrainer)):
+        model = _copy(pristine_mv)
+        trainer = trainer_class(
+            model=model, args=_mv_training_args(tmp_path, "card"), train_dataset=_mv_dataset(),
+            loss=mv_stock_loss(case, model),
+        )  # fmt: skip
+        trainer.train()
+        cards[label] = generate_model_card(model)
+    _assert_mv_is_st_fast(trainer.loss)
+    loss_lines = {
+        label: [line for line in card.splitlines() if line.startswith("* Loss:")] for label, card in cards.items()
+    }
+    assert loss_lines["stock"] and loss_lines["st_fast"] == loss_lines["stock"]
+    assert _comparable(cards["st_fast"]) == _comparable(cards["stock"])
+
+
+def _cubed_colbert_scores(queries, documents, queries_mask=None, documents_mask=None, divisor=100.0):
+    return scoring.colbert_scores(queries, documents, queries_mask, documents_mask) ** 3 / divisor
+
+
+MV_REPLACEMENTS = {  # a scoring the fused op does not compute: stock's, with one warning
+    "xtr": lambda: scoring.XTRScores(top_k=4),
+    "custom-function": lambda: _cubed_colbert_scores,
+    # a partial binding what the fused op does not take (here: a function of its own)
+    "partial": lambda: functools.partial(_cubed_colbert_scores, divisor=30.0),
+}
+
+
+@pytest.mark.parametrize("replacement", MV_REPLACEMENTS)
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_replaced_scoring_gives_stock_answer(name, replacement, mv_model, caplog):
+    case = MV_CASES[name]
+    reference = mv_stock_loss(case, mv_model)
+    unchanged = _run(mv_model, reference).loss
+    reference.similarity_fct = MV_REPLACEMENTS[replacement]()
+    expected = _run(mv_model, reference)
+    assert relative_error(expected.loss, unchanged) > 1e-3  # the replacement changes stock's answer
+    loss = mv_fast_loss(case, mv_model)
+    loss.similarity_fct = MV_REPLACEMENTS[replacement]()
+    with caplog.at_level(logging.WARNING):
+        actual = _run(mv_model, loss)
+        _run(mv_model, loss)
+    _assert_same(actual, expected, rtol=1e-6)
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("st_fast") and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "stock" in warned[0], warned
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
+@pytest.mark.parametrize("name", MV_CASES)
+def test_mv_any_scale_set_later_is_stocks(name, value, mv_model, caplog):
+    """Unlike the dense fused ops (which leave a non-positive scale to stock, with a warning), the multi-vector losses
+    multiply the fused scores by ``scale`` as stock multiplies its own: any value set after construction (stock's
+    constructor refuses a non-positive one) gives stock's answer, fused, without a warning."""
+    case = MV_CASES[name]
+    loss, reference = mv_fast_loss(case, mv_model), mv_stock_loss(case, mv_model)
+    for target in (loss, reference):
+        target.scale = value
+    expected = _run(mv_model, reference)
+    with caplog.at_level(logging.WARNING):
+        actual = _run(mv_model, loss)
+    _assert_same_or_same_nonfinite(actual, expected)
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("st_fast") and r.levelno == logging.WARNING]
+    assert not warned, warned
+    assert loss.fallback_reason() is None and loss.plan(torch.device("cpu"), torch.float32).fused
