@@ -461,3 +461,133 @@ def test_trainer_samplers_with_a_formatted_label_column_like_stock(tiny_model, t
             assert isinstance(sampler, NoDuplicatesBatchSampler) is (batch_sampler == "no_duplicates")
         batches[run] = [list(batch) for batch in sampler]
     assert batches["stock"] and batches["st_fast"] == batches["stock"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The multi-vector losses: gradient caching, 6.3's nested wrappers and the model's similarity read at call time
+# (the rest of their 6.3 behaviour, similarity_fct=None and one MultiVectorMatryoshkaLoss, is in
+# tests/losses/test_multi_vector_losses.py; the wrappers built the ways users build them in test_drop_in_contract.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+MV_TEXTS = [
+    ["what is a cat?", "who won the 1998 world cup", "red apples, green pears!", "how tall is it", "why"],
+    ["a cat is a small furry animal", "France won the 1998 world cup", "fruit: apples and pears", "two metres", "so"],
+]
+
+
+@pytest.fixture
+def mv_model(minilm_path):
+    from conftest import make_tiny_multi_vector_model
+
+    return make_tiny_multi_vector_model(minilm_path).eval()
+
+
+def _mv_stock():
+    return pytest.importorskip("sentence_transformers.multi_vector_encoder.losses")
+
+
+def _mv_wrapper(name: str):
+    wrapper = getattr(_mv_stock(), name, None)
+    if wrapper is None:
+        pytest.skip(f"the installed sentence-transformers has no {name} (added in 6.3)")
+    return wrapper
+
+
+def _pooled(model, inner):
+    """MultiVectorTokenPoolingLoss around ``inner`` (a parameter-free pooler, as cached losses need, and no pooling)."""
+    from sentence_transformers.multi_vector_encoder.modules.token_pooling import HierarchicalTokenPooling
+
+    wrapper = _mv_wrapper("MultiVectorTokenPoolingLoss")
+    return wrapper(model, inner, token_poolings=[HierarchicalTokenPooling(pool_factor=2), None], weights=[1.0, 0.5])
+
+
+MV_GRADIENT_CACHE_CASES = {
+    "mv-mnrl": lambda m: _mv_stock().MultiVectorMultipleNegativesRankingLoss(m),
+    "cached-mv-mnrl": lambda m: _mv_stock().CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=2),
+    "matryoshka-cached-mv-mnrl": lambda m: _mv_wrapper("MultiVectorMatryoshkaLoss")(
+        m, _mv_stock().CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=2), [16, 8]
+    ),
+    "token-pooling-cached-mv-mnrl": lambda m: _pooled(
+        m, _mv_stock().CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=2)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MV_GRADIENT_CACHE_CASES)
+def test_fused_multi_vector_losses_report_gradient_caching_like_stock(mv_model, name):
+    stock = MV_GRADIENT_CACHE_CASES[name](mv_model)
+    fused = fuse(stock)
+    assert fused is not stock
+    assert gradcache.uses_gradient_cache(fused) is gradcache.uses_gradient_cache(stock)
+    resolve = getattr(gradcache, "resolve_gradient_cache_loss", None)
+    if resolve is not None and gradcache.uses_gradient_cache(stock):
+        # a multi-vector wrapper built around the fused loss decorates the fused loss stage (not a stock object)
+        assert type(resolve(fused)).__module__.startswith("st_fast.losses")
+        assert type(resolve(stock)).__module__.startswith("sentence_transformers")
+
+
+@pytest.fixture
+def fused_maxsim_stages(monkeypatch) -> list[str]:
+    """The backends of the fused cached MaxSim loss stages (one per call with gradients)."""
+    from st_fast.losses import cached_multi_vector_multiple_negatives_ranking as cached_module
+
+    calls, original = [], cached_module.resolve_backend
+
+    def resolving(*args, **kwargs):
+        backend = original(*args, **kwargs)
+        calls.append(backend.name)
+        return backend
+
+    monkeypatch.setattr(cached_module, "resolve_backend", resolving)
+    return calls
+
+
+def _mv_step(model, loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, flat model gradients) of one forward + backward on MV_TEXTS."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    value = loss([dict(model.preprocess(texts)) for texts in MV_TEXTS], None)
+    value.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return value.detach(), grads
+
+
+def test_nested_multi_vector_wrappers_decorate_the_fused_cached_loss_stage(mv_model, fused_maxsim_stages):
+    """MultiVectorTokenPoolingLoss(MultiVectorMatryoshkaLoss(CachedMultiVectorMNRL)) through ``fuse()`` (6.3: both
+    wrappers decorate the cached loss's ``calculate_loss``, one decoration around the other): the fused loss stage
+    computes every (pooling, dimension) variant under both decorations, with stock's loss and gradients, and the
+    stock object still computes with its own method."""
+    stock_losses_mv = _mv_stock()
+    cached = stock_losses_mv.CachedMultiVectorMultipleNegativesRankingLoss(mv_model, mini_batch_size=2)
+    stock = _pooled(mv_model, _mv_wrapper("MultiVectorMatryoshkaLoss")(mv_model, cached, [16, 8]))
+    fused = fuse(stock)
+    assert type(fused.loss.loss) is fast_losses.CachedMultiVectorMultipleNegativesRankingLoss
+    loss, grads = _mv_step(mv_model, fused)
+    assert len(fused_maxsim_stages) == 4  # 2 poolings x 2 dimensions, each a fused loss stage
+    reference_loss, reference_grads = _mv_step(mv_model, stock)
+    assert (
+        len(fused_maxsim_stages) == 4 and type(cached) is stock_losses_mv.CachedMultiVectorMultipleNegativesRankingLoss
+    )
+    assert relative_error(loss, reference_loss) < 1e-5 and relative_error(grads, reference_grads) < 1e-5
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["mv-mnrl", "cached-mv-mnrl"])
+def test_the_models_similarity_changed_after_construction_is_read_as_stock_reads_it(mv_model, cached):
+    """The loss built with stock's default scoring, then ``model.similarity_fn_name = "meanmaxsim"``: 6.3 scores with
+    the model's similarity at call time (the loss changes), 6.2 kept ``colbert_scores`` (it does not). The fused
+    loss follows whichever the installed stock does, fused both times."""
+    stock_losses_mv = _mv_stock()
+    name = "CachedMultiVectorMultipleNegativesRankingLoss" if cached else "MultiVectorMultipleNegativesRankingLoss"
+    kwargs = dict(mini_batch_size=2) if cached else {}
+    stock = getattr(stock_losses_mv, name)(mv_model, scale=3.0, **kwargs)
+    fused = getattr(fast_losses, name)(mv_model, scale=3.0, **kwargs)
+    results = []
+    for similarity in ("maxsim", "meanmaxsim"):
+        mv_model.similarity_fn_name = similarity
+        expected, actual = _mv_step(mv_model, stock), _mv_step(mv_model, fused)
+        assert fused.plan(torch.device("cpu"), torch.float32).fused
+        assert relative_error(actual[0], expected[0]) < 1e-5 and relative_error(actual[1], expected[1]) < 1e-5
+        results.append(expected[0])
+    stock_reads_the_model = stock.similarity_fct is None  # 6.3's default; 6.2 set colbert_scores
+    assert (relative_error(results[1], results[0]) > 1e-3) is stock_reads_the_model
