@@ -37,10 +37,10 @@
 
 #if defined(__CUDACC__)
 #define ST_FAST_UNROLL _Pragma("unroll")
-#define ST_FAST_UNROLL_4 _Pragma("unroll 4")
+#define ST_FAST_UNROLL_8 _Pragma("unroll 8")
 #else
 #define ST_FAST_UNROLL
-#define ST_FAST_UNROLL_4
+#define ST_FAST_UNROLL_8
 #endif
 
 namespace st_fast {
@@ -51,7 +51,7 @@ constexpr int kTileRows = 32;    // query-token rows per tile
 constexpr int kTileCols = 32;    // document tokens per chunk
 constexpr int kTileK = 32;       // embedding dims per staged slice
 constexpr int kThreadRows = 4;   // register tile of a thread: rows ...
-constexpr int kThreadCols = 2;   // ... x document tokens (thread column group c: tokens c, c + kColGroups)
+constexpr int kThreadCols = 2;   // ... x document tokens (thread column group c: tokens kThreadCols·c + 0, 1, ...)
 constexpr int kRowGroups = kTileRows / kThreadRows;  // 8
 constexpr int kColGroups = kTileCols / kThreadCols;  // 16: the threads sharing a row
 constexpr int kMaxQueriesPerBlock = kTileRows;
@@ -148,10 +148,34 @@ ST_FAST_HD void with_masked_tokens(float fill, int64_t first_masked, int64_t len
   }
 }
 
-// What the forward block's threads share (CUDA: __shared__; 12.8 KB).
+constexpr int kPitchPad = 4;
+
+// A thread's kThreadRows (kThreadCols) consecutive floats of a staged slice row: one vector load on the GPU.
+ST_FAST_HD void load_rows(const float* p, float (&out)[kThreadRows]) {
+#if defined(__CUDA_ARCH__)
+  static_assert(kThreadRows == 4, "one float4");
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+#else
+  for (int r = 0; r < kThreadRows; ++r) out[r] = p[r];
+#endif
+}
+ST_FAST_HD void load_cols(const float* p, float (&out)[kThreadCols]) {
+#if defined(__CUDA_ARCH__)
+  static_assert(kThreadCols == 2, "one float2");
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  out[0] = v.x, out[1] = v.y;
+#else
+  for (int c = 0; c < kThreadCols; ++c) out[c] = p[c];
+#endif
+}
+
+// What the forward block's threads share (CUDA: __shared__; 13 KB).
 struct MaxSimForwardShared {
-  float q[kTileRows][kTileK + 1];  // +1: a thread column group's reads fall in distinct banks
-  float d[kTileCols][kTileK + 1];
+  // transposed slices, [k][row] / [k][token]: a thread's rows (tokens) are one 16-byte (8-byte) load; the row pitch
+  // (+4) keeps that alignment and spreads the staging stores over 8 banks
+  alignas(16) float q[kTileK][kTileRows + kPitchPad];
+  alignas(16) float d[kTileK][kTileCols + kPitchPad];
   float best[kTileRows][kColGroups];
   int32_t at[kTileRows][kColGroups];
   float row_max[kTileRows];
@@ -214,20 +238,18 @@ ST_FAST_HD void forward_block(const MaxSimForwardArgs& a, int64_t block, Block& 
           for (int u = 0; u < kTileRows * kTileK / kForwardThreads; ++u) {
             const int row = tid / kTileK + u * (kForwardThreads / kTileK);
             const int64_t g = r0 + row, t = c0 + row;
-            sh.q[row][kk] = (g < rows && k < dim) ? load_float(q_in, (g0 + g) * dim + k) : 0.0f;
-            sh.d[row][kk] = (t < width && k < dim) ? load_float(d_in, (m * ld + t) * dim + k) : 0.0f;
+            sh.q[kk][row] = (g < rows && k < dim) ? load_float(q_in, (g0 + g) * dim + k) : 0.0f;
+            sh.d[kk][row] = (t < width && k < dim) ? load_float(d_in, (m * ld + t) * dim + k) : 0.0f;
           }
         });
         // the register tile's products, k in order
         b.phase([&](int tid, MaxSimForwardThread& t) {
           const int rg = tid / kColGroups, cg = tid % kColGroups;
-          ST_FAST_UNROLL_4
+          ST_FAST_UNROLL_8
           for (int kk = 0; kk < kTileK; ++kk) {
             float qv[kThreadRows], dv[kThreadCols];
-            ST_FAST_UNROLL
-            for (int r = 0; r < kThreadRows; ++r) qv[r] = sh.q[rg * kThreadRows + r][kk];
-            ST_FAST_UNROLL
-            for (int c = 0; c < kThreadCols; ++c) dv[c] = sh.d[cg + c * kColGroups][kk];
+            load_rows(&sh.q[kk][rg * kThreadRows], qv);
+            load_cols(&sh.d[kk][cg * kThreadCols], dv);
             ST_FAST_UNROLL
             for (int r = 0; r < kThreadRows; ++r) {
               ST_FAST_UNROLL
@@ -242,7 +264,7 @@ ST_FAST_HD void forward_block(const MaxSimForwardArgs& a, int64_t block, Block& 
         const int cg = tid % kColGroups;
         ST_FAST_UNROLL
         for (int c = 0; c < kThreadCols; ++c) {
-          const int64_t token = c0 + cg + c * kColGroups;
+          const int64_t token = c0 + cg * kThreadCols + c;
           if (token >= width) continue;
           const bool keep = valid[token] != 0;
           ST_FAST_UNROLL
