@@ -30,11 +30,12 @@ def _triton_reason(device: torch.device) -> str | None:
 
 def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, tile_elements: int | None = None):
     """The MaxSim backend object for ``backend=name`` on ``device`` with embeddings of ``dtype``. ``auto``: ``native``
-    where its kernels run (float32 / bfloat16; the CPU with st_fast's extension built, or CUDA with st_fast's CUDA
-    extension built with the MaxSim kernels), else ``torch`` (the Triton kernel has run under the interpreter only, not
-    yet measured nor checked on a GPU). The CUDA MaxSim kernels' speed is not measured yet; their results are checked
-    on the CPU through their emulation (tests/ops/test_maxsim_emulated.py), and the losses' first-use self-check still
-    compares each configuration against stock. ``tile_elements`` bounds the products the torch backend holds at once.
+    on the CPU where its kernels run (float32 / bfloat16, st_fast's extension built), else ``torch``, which is also what
+    ``auto`` takes on CUDA: the CUDA MaxSim kernels (``native`` on CUDA, float32 / bfloat16, st_fast's CUDA extension
+    built) and the Triton kernel are checked on the CPU (the CUDA algorithm through its emulation,
+    tests/ops/test_maxsim_emulated.py; Triton under its interpreter) but not yet timed on a GPU, so they are taken
+    only when named, until ``bash benchmarks/gpu_check.sh`` has measured them against the torch backend's cuBLAS
+    products. ``tile_elements`` bounds the products the torch backend holds at once.
 
     Raises:
         ValueError: ``name`` is not one of :data:`BACKENDS`, or ``tile_elements`` < 1.
@@ -49,7 +50,7 @@ def resolve_maxsim_backend(name: str, device: torch.device, dtype: torch.dtype, 
     if tile_elements < 1:
         raise ValueError(f"tile_elements must be at least 1, got {tile_elements}")
     if name == "auto":
-        name = "native" if _native_runs(device, dtype) else "torch"
+        name = "native" if device.type == "cpu" and _native_runs(device, dtype) else "torch"
     if name in ("triton", "native") and dtype == torch.float64:
         takes = "float16/bfloat16/float32" if name == "triton" else "float32/bfloat16"
         raise TypeError(f"the {name} MaxSim backend takes {takes}; use backend='torch' for float64")
