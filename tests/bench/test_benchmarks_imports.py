@@ -8,9 +8,9 @@ from import_graph import ROOT, find_cycle, import_graph
 PACKAGE = "benchmarks"
 FOLDER = ROOT / PACKAGE
 # modules a part may import besides the toolkit: the CLI's registry (imports the parts), the GPU-check summary, and
-# the anchor adapters of the fused_loss part
+# the anchor adapters of the fused_loss and maxsim parts
 NOT_PARTS = {"benchmarks", "benchmarks.__main__", "benchmarks.common", "benchmarks.summarize",
-             "benchmarks.gpu_profile", "benchmarks.anchors"}  # fmt: skip
+             "benchmarks.gpu_profile", "benchmarks.anchors", "benchmarks.maxsim_anchors"}  # fmt: skip
 
 
 def test_benchmarks_have_no_import_cycle():
