@@ -17,11 +17,12 @@ products GEMM alone ((B·Lq, D) x (D, B·k·Ld) in fp32, timed on a slice and sc
 and ``x_gemm`` = time / gemm_ms; ``loss_err`` / ``grad_err``: largest absolute differences from stock. ``native``
 is timed where its MaxSim kernels run (CPU, float32 / bfloat16).
 
-A third stage, ``scores`` (first, on by default), is the forward that every public MaxSim kernel has: the (B, B·k)
-score matrix without gradients, of stock's ``colbert_scores``, st_fast's ``st_fast.ops.maxsim.maxsim_scores`` per
-backend and each public kernel of :mod:`benchmarks.maxsim_anchors` (fast-maxsim on CPU; flash-maxsim and
-late-interaction-kernels on CUDA, and in Triton's interpreter with ``--smoke`` only), on the same inputs; ``score_err``
-is the largest absolute difference from stock's scores. ``--maxsim-anchors`` picks the public kernels (default: all;
+A third stage, ``scores`` (first; on by default with ``--smoke`` and ``--gpu``, asked for with ``--maxsim-stages`` on
+CPU), is the forward that every public MaxSim kernel has: the (B, B·k) score matrix without gradients, of stock's
+``colbert_scores``, st_fast's ``st_fast.ops.maxsim.maxsim_scores`` per backend and each public kernel of
+:mod:`benchmarks.maxsim_anchors` (fast-maxsim on CPU; flash-maxsim and late-interaction-kernels on CUDA, and in
+Triton's interpreter with ``--smoke`` only), on the same inputs; ``score_err`` is the largest absolute difference from
+stock's scores. ``--maxsim-anchors`` picks the public kernels (default: all;
 one that cannot run on the device or dtype is a row with the reason in ``note``). The public kernels that have a
 backward are also timed in the ``loss`` stage (their scores into the same cross-entropy). Anchor rows: ``impl``
 ``anchor``, ``note`` the package version and its products' precision, ``math`` how the benchmark's masks reach it
@@ -73,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     group.add_argument("--maxsim-query-tokens", type=int, default=None, help="Lq (default 32; smoke 6)")
     group.add_argument("--maxsim-document-tokens", type=int, default=None, help="Ld (default 180; smoke 20)")
-    group.add_argument("--maxsim-stages", nargs="+", choices=STAGES, default=list(STAGES), help="what to time")
+    group.add_argument("--maxsim-stages", nargs="+", choices=STAGES, default=None,
+                       help="what to time (default: all with --smoke / --gpu; loss cached on CPU, where the scores "
+                            "stage would add about 45%%)")  # fmt: skip
     group.add_argument("--maxsim-mini-batch-size", type=int, default=None,
                        help="cached stage: mini_batch_size = score_mini_batch_size (default 32; smoke 4)")  # fmt: skip
     group.add_argument("--maxsim-anchors", nargs="+", choices=public.ANCHOR_NAMES, default=None,
@@ -194,6 +197,14 @@ def cached_calls(args, batch, per_group, backends):
     return calls, lambda: [torch.cat([chunk.grad for chunk in column]) for column in reps], leaves
 
 
+def stages_of(args: argparse.Namespace) -> list[str]:
+    """``--maxsim-stages``, else all of them with ``--smoke`` / ``--gpu`` and ``loss``, ``cached`` on CPU (stock's
+    forward and fast-maxsim at B = 256 would add about 70 s to the default run's 150-170 s)."""
+    if args.maxsim_stages:
+        return list(args.maxsim_stages)
+    return list(STAGES) if args.smoke or args.gpu else ["loss", "cached"]
+
+
 def anchor_reason(args: argparse.Namespace, anchor: public.MaxSimAnchor, device: torch.device, dtype: torch.dtype,
                   stage: str) -> str | None:  # fmt: skip
     """Why ``anchor`` is not timed in ``stage`` here, or None: its own reason, no backward (``loss``), or Triton's
@@ -312,7 +323,7 @@ def case_rows(args: argparse.Namespace, case: tuple[int, int, int, torch.dtype],
     query_tokens, document_tokens = token_sizes(args)
     gemm = gemm_seconds(batch_size, per_group, query_tokens, document_tokens, dim, device)
     rows: list[dict[str, Any]] = []
-    for stage in args.maxsim_stages:
+    for stage in stages_of(args):
         free_memory(device)
         batch = make_batch(batch_size, per_group, query_tokens, document_tokens, dim, dtype, device)
         if stage == "scores":

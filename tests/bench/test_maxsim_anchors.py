@@ -97,3 +97,15 @@ def test_rss_peak_sees_memory_outside_torch():
 
     peak, how = public.rss_peak_mb(lambda: np.ones(8 * 2**20).sum())  # 64 MiB
     assert how == "rss (VmHWM growth)" and 48 < peak < 200, peak
+
+
+def test_default_stages():
+    """The scores stage is on by default with --smoke and --gpu; on CPU it is asked for (it adds about 45%)."""
+    from benchmarks.maxsim import STAGES, stages_of
+
+    def args(**options):
+        return argparse.Namespace(**{"maxsim_stages": None, "smoke": False, "gpu": False, **options})
+
+    assert stages_of(args()) == ["loss", "cached"]
+    assert stages_of(args(smoke=True)) == stages_of(args(gpu=True)) == list(STAGES) == ["scores", "loss", "cached"]
+    assert stages_of(args(maxsim_stages=["scores"])) == ["scores"]
