@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "st_fast/maxsim_args.h"
+#include "st_fast/maxsim_formulas.h"
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in always-inline helpers: no call, no ABI
@@ -50,26 +51,13 @@ constexpr int kRows = 4;         // query tokens per register tile: 8 accumulato
 constexpr int kCols = 16;        // document tokens per register tile
 constexpr int64_t kQueryBlock = 16;  // queries scored against one packed document
 
-ST_FAST_MAXSIM_INLINE float bits_to_float(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
+using maxsim_formulas::bfloat16_to_float;
+using maxsim_formulas::round_to_bfloat16;
+using maxsim_formulas::with_masked_tokens;
 
 ST_FAST_MAXSIM_INLINE float element(const void* base, int64_t offset, MaxSimDtype dtype) {
-  if (dtype == MaxSimDtype::kBFloat16) {
-    return bits_to_float(static_cast<uint32_t>(static_cast<const uint16_t*>(base)[offset]) << 16);
-  }
+  if (dtype == MaxSimDtype::kBFloat16) return bfloat16_to_float(static_cast<const uint16_t*>(base)[offset]);
   return static_cast<const float*>(base)[offset];
-}
-
-// float32 -> bfloat16 -> float32, to nearest even (torch's rounding; NaN stays NaN).
-ST_FAST_MAXSIM_INLINE float round_to_bfloat16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return value;
-  bits = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
-  return bits_to_float(bits);
 }
 
 ST_FAST_MAXSIM_INLINE float in_dtype(float value, MaxSimDtype dtype) {
@@ -182,20 +170,6 @@ ST_FAST_MAXSIM_INLINE int64_t unmasked_tokens(const uint8_t* valid, int64_t leng
   return count;
 }
 
-// Stock's max over all Ld tokens, masked ones included as ``fill``, from the max over the unmasked ones (``best``,
-// -inf if none) and its position ``at``: a masked token wins only where no unmasked product is above fill (an empty
-// document, or products at or below finfo.min), and a tie goes to the first position.
-ST_FAST_MAXSIM_INLINE void with_masked_tokens(float fill, int64_t first_masked, int64_t length, float& best,
-                                              int32_t& at) {
-  if (first_masked >= length || best > fill) return;
-  if (fill > best) {
-    best = fill;
-    at = static_cast<int32_t>(first_masked);
-  } else {
-    at = std::min(at, static_cast<int32_t>(first_masked));
-  }
-}
-
 // Queries [q0, q1) of the forward against every document (see the file comment). Only a document's unmasked tokens
 // are scored (packed in order, so the first arg-max among them is stock's; with_masked_tokens adds the masked
 // ones' fill). ``queries``: (q1-q0)·Lq·D floats, ``dt``: D·padded_tokens(Ld) floats of scratch.
@@ -271,7 +245,7 @@ ST_FAST_MAXSIM_INLINE float weight(const MaxSimBackwardArgs& a, int64_t i, int64
 ST_FAST_MAXSIM_INLINE void add_scaled(float* out, float w, const void* x, int64_t offset, int64_t dim, MaxSimDtype dtype) {
   if (dtype == MaxSimDtype::kBFloat16) {
     const uint16_t* in = static_cast<const uint16_t*>(x) + offset;
-    for (int64_t k = 0; k < dim; ++k) out[k] += w * bits_to_float(static_cast<uint32_t>(in[k]) << 16);
+    for (int64_t k = 0; k < dim; ++k) out[k] += w * bfloat16_to_float(in[k]);
     return;
   }
   const float* in = static_cast<const float*>(x) + offset;

@@ -12,8 +12,8 @@
 // folded into the thread's running max per row (strictly greater replaces: its tokens increase, so it keeps its first
 // max; a NaN never wins). The kColGroups threads that share a row then reduce (max, first index) through shared memory
 // in thread order (max and smallest index: exact, so any order gives the same bits), the fill of the masked tokens
-// after the last unmasked one is added (with_masked_tokens: it wins only where every product is at or below fill),
-// and one thread adds the rows' maxima over the unmasked query tokens in token order (float32), as maxsim_cpu.h.
+// after the last unmasked one is added (maxsim_formulas.h's with_masked_tokens: it wins only where every product is at
+// or below fill), and one thread adds the rows' maxima over the unmasked query tokens in token order (float32), as maxsim_cpu.h.
 //
 // Backward (no shared memory, no atomics): dQ: one block per (query token row g, kBackwardThreads columns of D), each
 // thread owns one column k and adds w·d[m, t*, k] in the order m = 0, 1, ...; dD: one block per (document m,
@@ -33,6 +33,7 @@
 #include <cstring>
 
 #include "st_fast/maxsim_args.h"
+#include "st_fast/maxsim_formulas.h"
 #include "st_fast/portability.h"
 
 #if defined(__CUDACC__)
@@ -59,49 +60,17 @@ constexpr int kBackwardThreads = 64;
 static_assert(kRowGroups * kColGroups == kForwardThreads, "one register tile per thread covers the tile");
 static_assert(kForwardThreads % kTileK == 0 && (kTileRows * kTileK) % kForwardThreads == 0, "staging: whole rows");
 
+using maxsim_formulas::float_from_bits;
+using maxsim_formulas::round_to_bfloat16;
+using maxsim_formulas::with_masked_tokens;
+
 // float32 from the embeddings' element type: float, or bfloat16 as its 16 raw bits.
 ST_FAST_HD float load_float(const float* base, int64_t offset) { return base[offset]; }
 ST_FAST_HD float load_float(const uint16_t* base, int64_t offset) {
-  const uint32_t bits = static_cast<uint32_t>(base[offset]) << 16;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-#endif
+  return maxsim_formulas::bfloat16_to_float(base[offset]);
 }
 
-// float32 -> bfloat16 -> float32, to nearest even (torch's rounding; NaN stays NaN): maxsim_cpu.h's
-// round_to_bfloat16, in the portable form.
-ST_FAST_HD float round_to_bfloat16(float value) {
-#if defined(__CUDA_ARCH__)
-  uint32_t bits = __float_as_uint(value);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-#endif
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return value;
-  bits = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-#endif
-}
-
-ST_FAST_HD float negative_infinity() {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(0xFF800000u);
-#else
-  const uint32_t bits = 0xFF800000u;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-#endif
-}
+ST_FAST_HD float negative_infinity() { return float_from_bits(0xFF800000u); }
 
 // A value in the embeddings' dtype (In = uint16_t: bfloat16), as float32.
 template <class In>
@@ -133,19 +102,6 @@ ST_FAST_HD int64_t first_masked_token(const uint8_t* valid, int64_t tokens) {
   int64_t t = 0;
   while (t < tokens && valid[t]) ++t;
   return t;
-}
-
-// Stock's max over all Ld tokens, masked ones included as ``fill``, from the max over the scored tokens (``best``)
-// and its first position ``at``: the fill of the first masked token wins only where no scored product is above
-// fill (products overflowing to -inf), and a tie goes to the first position (maxsim_cpu.h's with_masked_tokens).
-ST_FAST_HD void with_masked_tokens(float fill, int64_t first_masked, int64_t length, float& best, int32_t& at) {
-  if (first_masked >= length || best > fill) return;
-  if (fill > best) {
-    best = fill;
-    at = static_cast<int32_t>(first_masked);
-  } else if (static_cast<int32_t>(first_masked) < at) {
-    at = static_cast<int32_t>(first_masked);
-  }
 }
 
 constexpr int kPitchPad = 4;
