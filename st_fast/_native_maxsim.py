@@ -82,7 +82,7 @@ def maxsim_forward(queries, query_mask, documents, document_mask, need_indices):
     num_queries, query_tokens = queries.shape[:2]
     device = queries.device
     empty = documents.shape[-1] == 0 or 0 in (num_queries, documents.shape[0])
-    new = torch.zeros if empty or device.type == "cpu" else torch.empty  # the CUDA kernels write every element
+    new = torch.zeros if empty else torch.empty  # the kernels (CPU and CUDA) write every element
     sums = new(num_queries, documents.shape[0], dtype=torch.float32, device=device)
     index = None
     if need_indices:
@@ -110,7 +110,7 @@ def maxsim_backward(queries, query_mask, documents, index, grad_sums):
     device = queries.device
     grad_sums = grad_sums.to(device=device, dtype=torch.float32).contiguous()
     empty = 0 in (*queries.shape, *documents.shape)
-    new = torch.zeros if empty or device.type == "cpu" else torch.empty  # the CUDA kernels write every element
+    new = torch.zeros if empty else torch.empty  # the kernels (CPU and CUDA) write every element
     grad_queries = new(queries.shape, dtype=torch.float32, device=device)
     grad_documents = new(documents.shape, dtype=torch.float32, device=device)
     if empty:
