@@ -237,8 +237,9 @@ class MultiVectorMultipleNegativesRankingLoss(FusedMaxSimMixin, StockMultiVector
 
     Args:
         Same as the stock class (model, scale, similarity_fct, mini_batch_size, score_mini_batch_size,
-        gather_across_devices), plus ``backend``: ``"auto"`` (native C++ kernels on the CPU for float32 / bfloat16
-        when built, else torch), ``"native"``, ``"torch"`` or ``"triton"``.
+        gather_across_devices), plus ``backend``: ``"auto"`` (the native C++ kernels on the CPU for float32 / bfloat16
+        when built, else torch; torch on CUDA until the CUDA kernels are timed on a GPU), ``"native"`` (the CPU
+        kernels, or on CUDA st_fast._C_cuda's), ``"torch"`` or ``"triton"``.
 
     Everything but the scoring is the stock ``forward`` (the embedding pass, the padded gather across devices with
     its label offsets, the query chunks of ``score_mini_batch_size``, the cross-entropy and a learnable ``scale``),
