@@ -12,14 +12,16 @@
 #   wheels        45 s  pip install .whl/*.whl into a private --target folder (only when .whl/ holds wheels)
 #   build        150 s  ST_FAST_CUDA=1 ST_FAST_CUDA_ARCHS=<this GPU's> pip install -e . (both extensions)
 #   native_info   20 s  both extensions import
-#   fused        *100 s python -m benchmarks fused_loss --gpu --anchors: stock, st_fast backends, public anchors,
+#   fused         *90 s python -m benchmarks fused_loss --gpu --anchors: stock, st_fast backends, public anchors,
 #                       float64 reference (B 1024..65536, D 384/768/1024, fp32/bf16)
 #   gpu_tests    110 s  pytest -m gpu (CUDA parity tests)
-#   training     *100 s python -m benchmarks training --gpu: stock vs st_fast trainer end to end
+#   training      *80 s python -m benchmarks training --gpu: stock vs st_fast trainer end to end
 #   cached        *30 s python -m benchmarks cached_loss --gpu
 #   gist          *20 s python -m benchmarks gist --gpu
-#   maxsim        *40 s python -m benchmarks maxsim --gpu: the MaxSim loss and cached stage (multi-vector; needs a
-#                       sentence-transformers >= 6.2 with MultiVectorEncoder: carry its wheel, scripts/gpu_wheels.sh)
+#   maxsim        *90 s python -m benchmarks maxsim --gpu: the MaxSim scores, loss and cached stages (multi-vector:
+#                       stock, st_fast's torch / native (CUDA) / triton backends and the public MaxSim kernels
+#                       flash-maxsim and late-interaction-kernels, which autotune on first use; their wheels come
+#                       from scripts/gpu_wheels.sh)
 #   sampler       *15 s python -m benchmarks sampler (CPU work, 100k rows)
 # The limits are maxima: every step also ends by the total deadline (--budget SECONDS, default 500, so the script
 # ends inside 9 minutes), and one with under 15 s left is skipped. Typical times are far below the maxima (the build
@@ -148,13 +150,13 @@ fi
 step native_info 20 "'$PY' -c 'import json, st_fast; info = st_fast.native_info(); print(json.dumps(info, indent=1, \
 default=str)); assert info[\"cpu_extension\"], \"no CPU extension\"; assert $SMOKE or info[\"cuda_extension\"], \"no CUDA extension\"'"
 
-bench fused 100 fused_loss --anchors
+bench fused 90 fused_loss --anchors
 step gpu_tests 110 "'$PY' -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors -rfEs \
     --junitxml='$WORK/junit_gpu.xml'"
-bench training 100 training
+bench training 80 training
 bench cached 30 cached_loss
 bench gist 20 gist
-bench maxsim 40 maxsim
+bench maxsim 90 maxsim
 if ((SMOKE)); then
     bench sampler 15 sampler
 elif "$PY" -c 'import datasets' >/dev/null 2>&1; then
