@@ -190,7 +190,8 @@ class CachedMultiVectorMultipleNegativesRankingLoss(
 
 
 def compact_index(index: Tensor, tokens: int) -> Tensor:
-    """The arg-max (token positions < ``tokens``) in int16 where it fits, else as it is (int32)."""
+    """The arg-max (token positions t < ``tokens``, or -1 - t for a masked token's fill) in int16 where it fits, else
+    as it is (int32)."""
     return index.to(torch.int16) if tokens <= torch.iinfo(torch.int16).max else index
 
 

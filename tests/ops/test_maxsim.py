@@ -362,3 +362,42 @@ def test_an_empty_token_axis_gives_stocks_scores_and_zero_gradients(backend, axi
     torch.testing.assert_close(ours, stock)
     ours.sum().backward()
     assert not queries.grad.any() and not documents.grad.any()
+
+
+OVERFLOW = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 300.0}  # |q · d| past the dtype's max
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_masked_tokens_fill_that_wins_the_max_scores_and_gets_no_gradient_as_stock(backend, dtype):
+    """Query 0's products with its positive overflow to -inf, so stock's masked_fill(finfo.min) of the first padding
+    token wins the max: the score is that fill (not -inf), and the fill is a constant, so neither the padding token
+    nor the query gets a gradient from it (padding with values that a wrong gradient would show)."""
+    if backend == "native" and dtype == torch.float16:
+        pytest.skip("no float16 native kernel")
+    big = OVERFLOW[dtype]
+    queries = torch.tensor([[[big, 0.0]], [[0.0, 1.0]]])  # (B 2, Lq 1, D 2)
+    documents = torch.tensor([
+        [[[-big, 0.0], [0.0, 7.0], [0.0, 7.0]]],  # positive of query 0: one real token, then padding
+        [[[0.0, 0.5], [0.0, 2.0], [0.0, 7.0]]],  # positive of query 1
+    ])  # fmt: skip
+    query_mask = torch.ones(2, 1, dtype=torch.bool)
+    document_mask = torch.tensor([[[True, False, False]], [[True, True, False]]])
+    queries, documents = queries.to(dtype), documents.to(dtype)
+
+    def fused(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, backend=backend)
+
+    def stock(q, d, s):
+        return cross_entropy(colbert.colbert_scores(q, d, query_mask, document_mask), 1.0, 1)
+
+    scores = maxsim_scores(queries, documents, query_mask, document_mask, backend=backend)
+    expected_scores = colbert.colbert_scores(queries, documents, query_mask, document_mask)
+    assert float(expected_scores[0, 0]) == torch.finfo(dtype).min  # the fill won, as this test means
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=0)
+    ours, stocks = loss_and_grads(fused, queries, documents), loss_and_grads(stock, queries, documents)
+    assert bool(stocks[0].isfinite()) and bool(stocks[2][0, 0, 1:].eq(0).all())
+    for what, a, s in zip(("loss", "d queries", "d documents"), ours, stocks, strict=True):
+        assert_close(a, s, torch.float32 if dtype == torch.float32 else dtype, what)
+    assert bool(ours[2][0, 0, 1:].eq(0).all())  # no gradient into the padding

@@ -112,7 +112,8 @@ def test_float32_inputs_match_the_float64_reference(shape):
     products = torch.einsum("isk,mtk->ismt", queries.double(), documents.double())
     products = products.masked_fill(~document_mask.view(1, 1, *document_mask.shape), torch.finfo(torch.float32).min)
     best = products.max(dim=-1).values
-    chosen = products.gather(-1, index.long().unsqueeze(-1)).squeeze(-1)
+    position = torch.where(index < 0, -1 - index, index).long()  # -1 - t: masked token t's fill won
+    chosen = products.gather(-1, position.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(chosen, best, rtol=0, atol=1e-4 * max(1.0, shape[4] ** 0.5))  # a near-tie may differ
     live = document_mask.any(dim=-1)
     expected = (chosen * query_mask.double().unsqueeze(-1)).sum(dim=1)
@@ -159,7 +160,8 @@ def test_runs_are_bit_equal_and_no_thread_reads_another_threads_writes_of_the_sa
 def test_masked_tokens_win_where_no_product_is_above_the_fill(dtype):
     """Stock's masked_fill(finfo.min) wins where every product is at or below finfo.min (products overflowing to
     -inf: the first masked token, also after the last unmasked one, which the kernel does not score; products equal
-    to finfo.min: a tie, the first position) and in an empty document (index 0), as the torch backend."""
+    to finfo.min: a tie, the first position) and in an empty document, as the torch backend: such a winner t is
+    written as -1 - t, and gets no gradient."""
     big = torch.finfo(dtype).max
     queries = torch.zeros(2, 3, 2, dtype=dtype)
     queries[0, :, 0] = -big  # with document 1: products exactly -max = finfo.min
@@ -174,7 +176,10 @@ def test_masked_tokens_win_where_no_product_is_above_the_fill(dtype):
     document_mask[1, [0, 5]] = False  # holes, the first at position 0
     document_mask[3] = False  # empty
     inputs = (queries, query_mask, documents, document_mask)
-    sums, index, *_ = run(inputs, torch.ones(2, 4), emulation())
+    sums, index, d_queries, d_documents = run(inputs, torch.ones(2, 4), emulation())
     expected_sums, expected_index = torch_backend.maxsim_forward(*inputs, True)
     assert torch.equal(index, expected_index) and torch.equal(sums, expected_sums)
-    assert index[1, :, 0].tolist() == [4, 4, 4] and index[0, :, 1].tolist() == [0, 0, 0]
+    assert index[1, :, 0].tolist() == [-5, -5, -5] and index[0, :, 1].tolist() == [-1, -1, -1]
+    expected = torch_backend.maxsim_backward(queries, query_mask, documents, expected_index, torch.ones(2, 4))
+    assert torch.equal(d_queries, expected[0]) and torch.equal(d_documents, expected[1])
+    assert bool(d_documents[0, 4:].eq(0).all()) and bool(d_documents[1, [0, 5]].eq(0).all())

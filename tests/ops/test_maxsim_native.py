@@ -77,7 +77,8 @@ def test_trailing_padding_equals_stock_colbert_scores():
 def test_masked_tokens_win_where_no_product_is_above_the_fill(dtype):
     """The kernel scores only unmasked tokens; stock's masked_fill(finfo.min) still wins where every product is at or
     below finfo.min (finite embeddings whose products overflow to -inf, or equal finfo.min: a tie goes to the first
-    position) and in an empty document (index 0). Sums and arg-max equal the torch backend's, which is stock's."""
+    position) and in an empty document. Such a winner is written as -1 - t (no gradient). Sums and arg-max equal
+    the torch backend's, which is stock's (tests/ops/test_maxsim.py checks it against stock's gradients)."""
     big = torch.finfo(dtype).max
     dim, tokens = 2, 7
     queries = torch.zeros(2, 3, dim, dtype=dtype)
@@ -95,7 +96,28 @@ def test_masked_tokens_win_where_no_product_is_above_the_fill(dtype):
     sums, index = native_forward(queries, query_mask, documents, document_mask)
     expected_sums, expected_index = maxsim_forward(queries, query_mask, documents, document_mask, True)
     assert torch.equal(index, expected_index)
-    assert index[1, :, 0].tolist() == [4, 4, 4]  # the fill of the first masked token beats -inf
-    assert index[0, :, 1].tolist() == [0, 0, 0]  # -max == fill everywhere: the first position
-    assert index[:, :, 3].eq(0).all()  # empty document
+    assert index[1, :, 0].tolist() == [-5, -5, -5]  # the fill of the first masked token (4) beats -inf
+    assert index[0, :, 1].tolist() == [-1, -1, -1]  # -max == fill everywhere: the first position, masked
+    assert index[:, :, 3].eq(-1).all()  # empty document
+    assert index[:, :, 2].ge(0).all()
     torch.testing.assert_close(sums, expected_sums, rtol=0, atol=0)
+    grad_sums = torch.ones(sums.shape)
+    grads = native_backward(queries, query_mask, documents, index, grad_sums)
+    expected = maxsim_backward(queries, query_mask, documents, expected_index, grad_sums)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert grads[1][0, 4:].eq(0).all() and grads[1][1, [0, 5]].eq(0).all()  # no gradient into a masked token
+
+
+def test_a_masked_query_token_with_an_infinite_max_makes_the_sum_nan_as_stock():
+    """Stock multiplies each query token's max by its mask: a masked token whose max is -inf (products overflowing,
+    no masked document token to fill) adds -inf · 0 = NaN, and the kernel adds the same (a finite max adds 0)."""
+    colbert = pytest.importorskip("sentence_transformers.multi_vector_encoder.scoring.colbert")
+    queries = torch.tensor([[[1.0, 0.0], [1e30, 0.0]], [[1.0, 0.0], [0.5, 0.0]]])  # (2, 2, 2)
+    documents = torch.tensor([[[-1e30, 0.0], [-2e30, 0.0]]])  # (1, 2, 2): every product with 1e30 overflows
+    query_mask = torch.tensor([[True, False], [True, False]])
+    document_mask = torch.ones(1, 2, dtype=torch.bool)
+    sums, _ = native_forward(queries, query_mask, documents, document_mask)
+    stock = colbert.colbert_scores(queries, documents.unsqueeze(1), query_mask, document_mask.unsqueeze(1))
+    assert bool(stock[0, 0].isnan()) and not bool(stock[1, 0].isnan())
+    torch.testing.assert_close(sums, stock, equal_nan=True, rtol=0, atol=0)

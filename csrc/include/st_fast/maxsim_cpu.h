@@ -11,14 +11,16 @@
 //   best[s], at[s] = running max over the unmasked t, first index of a tie (strictly greater replaces), as
 //                    torch.max: kept per register lane across the tiles, the lanes reduced once per (query, document)
 //   best[s], at[s] = max with fill at the first masked token (stock's masked_fill: it wins only in an empty
-//                    document or where no product is above finfo(dtype).min; a tie goes to the first position)
-//   sums[i, m]     = Σ_{s unmasked} best[s]                 float32, in token order; index[i, s, m] = at[s]
+//                    document or where no product is above finfo(dtype).min; a tie goes to the first position;
+//                    a masked winner t is written as at[s] = -1 - t, maxsim_formulas.h)
+//   sums[i, m]     = Σ_s query_term(best[s])               float32, in token order (a masked query token adds
+//                                                           stock's best · 0); index[i, s, m] = at[s]
 //
-// A NaN product never wins here (torch.max would return it); a query token's mask removes its term (stock multiplies
-// by the mask, which differs only for an infinite max). No products tensor exists beyond one register tile.
+// A NaN product never wins here (torch.max would return it: the callers send non-finite embeddings to the torch
+// backend). No products tensor exists beyond one register tile.
 //
 // Backward, with w = dL/dsums[i, m] rounded to the embeddings' dtype (the gradient of stock's float32 cast) and
-// t* = index[i, s, m], for unmasked query tokens:
+// t* = index[i, s, m], for unmasked query tokens and t* >= 0 (a masked token's fill has no gradient):
 //
 //   dQ[i, s]     = Σ_m w · d[m, t*]       OpenMP over blocks of queries: each thread owns its rows and adds in the
 //                                          order m = 0, 1, ... (documents read kDocumentBlock at a time, from cache)
@@ -53,6 +55,7 @@ constexpr int64_t kQueryBlock = 16;  // queries scored against one packed docume
 
 using maxsim_formulas::bfloat16_to_float;
 using maxsim_formulas::round_to_bfloat16;
+using maxsim_formulas::query_term;
 using maxsim_formulas::with_masked_tokens;
 
 ST_FAST_MAXSIM_INLINE float element(const void* base, int64_t offset, MaxSimDtype dtype) {
@@ -228,7 +231,7 @@ ST_FAST_MAXSIM_INLINE void forward_query_block(const MaxSimForwardArgs& a, int64
           }
           int32_t at = count > 0 ? tokens[best_at] : 0;
           with_masked_tokens(a.fill, first_masked, ld, best, at);
-          if (query_valid[r0 + r]) total += best;
+          total += query_term(best, query_valid[r0 + r] != 0);
           if (a.index != nullptr) a.index[(i * lq + r0 + r) * s.documents + m] = at;
         }
       }
@@ -269,7 +272,7 @@ ST_FAST_MAXSIM_INLINE void backward_queries(const MaxSimBackwardArgs& a, int64_t
         const int32_t* at = a.index + (i * lq + r) * s.documents;
         for (int64_t m = m0; m < m1; ++m) {
           const float w = weight(a, i, m);
-          if (w == 0.0f) continue;
+          if (w == 0.0f || at[m] < 0) continue;  // a masked token's fill won: no gradient
           add_scaled(out, w, a.documents, (m * ld + at[m]) * dim, dim, s.dtype);
         }
       }
@@ -293,7 +296,7 @@ ST_FAST_MAXSIM_INLINE void backward_documents(const MaxSimBackwardArgs& a, int64
       const int64_t base = (i * lq + r) * dim;
       const int32_t* at = a.index + (i * lq + r) * s.documents;
       for (int64_t m = m0; m < m1; ++m) {
-        if (w[m - m0] == 0.0f) continue;
+        if (w[m - m0] == 0.0f || at[m] < 0) continue;
         add_scaled(a.grad_documents + (m * ld + at[m]) * dim, w[m - m0], a.queries, base, dim, s.dtype);
       }
     }

@@ -29,18 +29,22 @@ ST_FAST_HD_VEC float bfloat16_to_float(uint16_t bits) { return float_from_bits(s
 ST_FAST_HD float round_to_bfloat16(float value) { return bfloat16_to_float(float_to_bf16_bits(value)); }
 
 // Stock's max over all Ld tokens of a document, masked ones included as ``fill`` (finfo(dtype).min: stock's
-// masked_fill), from the max over the tokens the kernel scored (``best``, -inf if none) and its first position
-// ``at``: the fill of the first masked token (``first_masked``, ``length`` if none) wins only where no scored product
-// is above fill (an empty document, or products at or below finfo.min), and a tie goes to the first position.
+// masked_fill), from the max over the unmasked tokens (``best``, -inf if none) and its first position ``at``: the
+// fill of the first masked token (``first_masked``, ``length`` if none) wins where no unmasked product is above fill
+// (an empty document, or products at or below finfo.min) and ties go to the first position. A masked token that wins
+// is written as at = -1 - first_masked: its product is stock's constant fill, so the backward gives it no gradient
+// (the backwards skip a negative arg-max).
 ST_FAST_HD void with_masked_tokens(float fill, int64_t first_masked, int64_t length, float& best, int32_t& at) {
   if (first_masked >= length || best > fill) return;
-  if (fill > best) {
+  if (fill > best || first_masked < at) {
     best = fill;
-    at = static_cast<int32_t>(first_masked);
-  } else if (static_cast<int32_t>(first_masked) < at) {
-    at = static_cast<int32_t>(first_masked);
+    at = static_cast<int32_t>(-1 - first_masked);
   }
 }
+
+// A query token's term of the sum: its max, or for a masked query token stock's max · 0 (0, or NaN for an infinite
+// max).
+ST_FAST_HD float query_term(float best, bool valid) { return valid ? best : best * 0.0f; }
 
 }  // namespace maxsim_formulas
 }  // namespace st_fast

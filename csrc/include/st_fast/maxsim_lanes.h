@@ -8,18 +8,18 @@
 // kTileRows at a time; for each row tile the document's tokens up to its last unmasked one (scored_width) are taken
 // kTileCols at a time, and D kTileK at a time: both operands staged in shared memory as float32 (zero past the ends),
 // each thread accumulating a kThreadRows x kThreadCols register tile of products with fmaf in k order. After a
-// token chunk, each product is rounded to bfloat16 (bf16 embeddings), replaced by `fill` on a masked token, and
+// token chunk, each product is rounded to bfloat16 (bf16 embeddings), replaced by -inf on a masked token, and
 // folded into the thread's running max per row (strictly greater replaces: its tokens increase, so it keeps its first
 // max; a NaN never wins). The kColGroups threads that share a row then reduce (max, first index) through shared memory
-// in thread order (max and smallest index: exact, so any order gives the same bits), the fill of the masked tokens
-// after the last unmasked one is added (maxsim_formulas.h's with_masked_tokens: it wins only where every product is at
-// or below fill), and one thread adds the rows' maxima over the unmasked query tokens in token order (float32), as maxsim_cpu.h.
+// in thread order (max and smallest index: exact, so any order gives the same bits), the masked tokens' fill is added
+// (maxsim_formulas.h's with_masked_tokens: it wins only where no unmasked product is above it, and is written as a
+// negative arg-max), and one thread adds the rows' query_term in token order (float32), as maxsim_cpu.h.
 //
 // Backward (no shared memory, no atomics): dQ: one block per (query token row g, kBackwardThreads columns of D), each
 // thread owns one column k and adds w·d[m, t*, k] in the order m = 0, 1, ...; dD: one block per (document m,
 // kBackwardThreads columns), each thread owns one column k of the document's Ld token rows and adds w·q[i, s, k] in
-// the fixed (i, s) order. w = grad_sums rounded to the embeddings' dtype (maxsim_cpu.h's `weight`); a zero w or a
-// masked query token adds nothing. Each term is one fmaf.
+// the fixed (i, s) order. w = grad_sums rounded to the embeddings' dtype (maxsim_cpu.h's `weight`); a zero w, a
+// masked query token or a negative arg-max (a masked token's fill) adds nothing. Each term is one fmaf.
 //
 // A block is run by an executor (`Block`): `block.phase(f)` runs f(thread, state) on every thread of the block, then
 // waits at a barrier (CUDA: the calling thread with its registers, then __syncthreads(); the emulation: every thread
@@ -62,6 +62,7 @@ static_assert(kForwardThreads % kTileK == 0 && (kTileRows * kTileK) % kForwardTh
 
 using maxsim_formulas::float_from_bits;
 using maxsim_formulas::round_to_bfloat16;
+using maxsim_formulas::query_term;
 using maxsim_formulas::with_masked_tokens;
 
 // float32 from the embeddings' element type: float, or bfloat16 as its 16 raw bits.
@@ -225,7 +226,7 @@ ST_FAST_HD void forward_block(const MaxSimForwardArgs& a, int64_t block, Block& 
           const bool keep = valid[token] != 0;
           ST_FAST_UNROLL
           for (int r = 0; r < kThreadRows; ++r) {
-            const float p = keep ? in_dtype<In>(t.acc[r][c]) : a.fill;
+            const float p = keep ? in_dtype<In>(t.acc[r][c]) : negative_infinity();  // fill: with_masked_tokens
             if (p > t.best[r]) {  // strictly greater: the first max stays; a NaN never wins
               t.best[r] = p;
               t.at[r] = static_cast<int32_t>(token);
@@ -259,7 +260,7 @@ ST_FAST_HD void forward_block(const MaxSimForwardArgs& a, int64_t block, Block& 
       if (tid != 0) return;
       const int64_t end = rows - r0 < kTileRows ? rows - r0 : kTileRows;
       for (int64_t row = 0; row < end; ++row) {
-        if (a.query_mask[g0 + r0 + row]) sh.total[(r0 + row) / s.query_tokens] += sh.row_max[row];
+        sh.total[(r0 + row) / s.query_tokens] += query_term(sh.row_max[row], a.query_mask[g0 + r0 + row] != 0);
       }
     });
   }
@@ -294,7 +295,7 @@ ST_FAST_HD void query_gradient_thread(const MaxSimBackwardArgs& a, int64_t block
     const int32_t* at = a.index + g * s.documents;
     for (int64_t m = 0; m < s.documents; ++m) {
       const float w = weight<In>(a, i, m);
-      if (w == 0.0f) continue;
+      if (w == 0.0f || at[m] < 0) continue;  // a masked token's fill won: no gradient
       out = fmaf(w, load_float(d_in, (m * s.document_tokens + at[m]) * s.dim + k), out);
     }
   }
@@ -317,8 +318,9 @@ ST_FAST_HD void document_gradient_thread(const MaxSimBackwardArgs& a, int64_t bl
     if (w == 0.0f) continue;
     for (int64_t r = 0; r < s.query_tokens; ++r) {
       const int64_t g = i * s.query_tokens + r;
-      if (!a.query_mask[g]) continue;
-      float* row = out + static_cast<int64_t>(a.index[g * s.documents + m]) * s.dim;
+      const int32_t at = a.index[g * s.documents + m];
+      if (!a.query_mask[g] || at < 0) continue;
+      float* row = out + static_cast<int64_t>(at) * s.dim;
       *row = fmaf(w, load_float(q_in, g * s.dim + k), *row);
     }
   }

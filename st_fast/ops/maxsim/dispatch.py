@@ -1,7 +1,8 @@
 """The one dispatch point of the MaxSim op: ``backend=`` name, device and dtype -> a backend object.
 
 Every backend object has ``forward(queries (B, Lq, D), query_mask (B, Lq) bool, documents (M, Ld, D), document_mask
-(M, Ld) bool, need_indices) -> (sums (B, M), index (B, Lq, M) int32 or None)`` and ``backward(queries, query_mask,
+(M, Ld) bool, need_indices) -> (sums (B, M), index (B, Lq, M) int32 or None)`` (index: the first arg-max document
+token, or -1 - t where masked token t's fill won the max, which has no gradient) and ``backward(queries, query_mask,
 documents, index, grad_sums) -> (d queries, d documents)`` in float32 (float64 for float64 embeddings); see
 :mod:`st_fast.ops.maxsim.torch_backend`. The names are the other ops' (:data:`st_fast.ops.backends.BACKENDS`).
 """

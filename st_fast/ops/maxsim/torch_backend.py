@@ -4,12 +4,16 @@ never holds more than ``tile_elements`` products, and the sparse backward that e
 Forward, per tile of ``qc`` queries x ``dc`` documents (:func:`tile_counts`)::
 
     products = Q_tile (qc·Lq, D) @ D_tile (dc·Ld, D)ᵀ        one GEMM in the embeddings' dtype, as stock's einsum
-    products[..., masked t] = finfo(dtype).min                 only for tiles with masked document tokens
+    products[..., masked t] = -inf                             only for tiles with masked document tokens
     best, index = products.view(qc, Lq, dc, Ld).max(-1)        first index of a tie (torch.max)
+    best, index = with_masked_tokens(best, index, ...)         stock's masked_fill(finfo(dtype).min): the first
+                                                               masked token t wins where no unmasked product is
+                                                               above the fill (ties: the first position), written
+                                                               as index -1 - t (a constant: no gradient)
     sums[q, d] = Σ_s mask_q · float32(best)
 
 Backward (:func:`maxsim_backward`), with w[i, s, m] = dL/dsums[i, m] · mask_q[i, s] rounded to the embeddings' dtype
-(stock's gradient passes the ``.float()`` cast back into that dtype) and t* = index[i, s, m]::
+(stock's gradient passes the ``.float()`` cast back into that dtype; 0 where index < 0) and t* = index[i, s, m]::
 
     dQ[i, s]     = Σ_m w[i, s, m] · d[m, t*]      a gather and a batched dot, float32 accumulation
     dD[m, t*]   += w[i, s, m] · q[i, s]           a deterministic row scatter-add (index_add_ in a fixed order)
@@ -43,13 +47,31 @@ def _row_target(query_tokens: int) -> int:
 def length_order(document_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Documents longest first (stable) and, per position in that order, the token width up to the last unmasked
     token of the document there (at least 1). Tiles of similar widths skip the products of trailing masked tokens,
-    which stock computes only to fill them with finfo(dtype).min: the max and its first index are unchanged (a
-    masked token wins only where every product is -inf or the document is empty, which keeps its token 0). One
+    which stock computes only to fill them with finfo(dtype).min (:func:`with_masked_tokens` adds that fill). One
     host read of the widths per call."""
     positions = torch.arange(1, document_mask.shape[1] + 1, device=document_mask.device)
     lengths = torch.where(document_mask, positions, 0).amax(dim=1).clamp(min=1)
     lengths, order = torch.sort(lengths, descending=True, stable=True)
     return order, lengths.tolist()
+
+
+def first_masked_tokens(document_mask: torch.Tensor) -> torch.Tensor:
+    """(M,) int64: each document's first masked token position, Ld where none is masked."""
+    document_tokens = document_mask.shape[1]
+    positions = torch.arange(document_tokens, device=document_mask.device)
+    return torch.where(document_mask, document_tokens, positions).amin(dim=1)
+
+
+def with_masked_tokens(best: torch.Tensor, at: torch.Tensor, first_masked: torch.Tensor, document_tokens: int,
+                       fill: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Stock's max over all of a document's tokens, masked ones included as ``fill`` (its masked_fill), from the max
+    ``best`` (..., dc) over the unmasked tokens (-inf if none) and its first position ``at``; ``first_masked`` (dc,)
+    from :func:`first_masked_tokens`. The first masked token wins where no unmasked product is above the fill, or
+    ties it from an earlier position; it is written as ``-1 - t`` (the backward skips it: the fill is a constant).
+    The formula of csrc/include/st_fast/maxsim_formulas.h."""
+    has_masked = first_masked < document_tokens
+    wins = has_masked & ((best < fill) | ((best == fill) & (first_masked < at)))
+    return torch.where(wins, torch.full_like(best, fill), best), torch.where(wins, -1 - first_masked, at)
 
 
 def maxsim_forward(
@@ -79,6 +101,7 @@ def maxsim_forward(
     query_weight = query_mask.to(accumulate).unsqueeze(-1)  # (B, Lq, 1): stock multiplies by the mask
     fill = torch.finfo(queries.dtype).min
     order, widths = length_order(document_mask)
+    first_masked = first_masked_tokens(document_mask)
     for d0 in range(0, num_documents, document_tile):
         d1 = min(num_documents, d0 + document_tile)
         chosen, width = order[d0:d1], widths[d0]  # the tile's documents, longest first: its token width
@@ -90,8 +113,9 @@ def maxsim_forward(
             products = query_rows[q0 * query_tokens : q1 * query_tokens] @ document_block
             products = products.view(q1 - q0, query_tokens, d1 - d0, width)
             if has_holes:
-                products.masked_fill_(holes.view(1, 1, d1 - d0, width), fill)
+                products.masked_fill_(holes.view(1, 1, d1 - d0, width), float("-inf"))
             best, where = products.max(dim=-1)  # (qc, Lq, dc)
+            best, where = with_masked_tokens(best, where, first_masked[chosen], document_tokens, fill)
             sums[q0:q1, chosen] = (best.to(accumulate) * query_weight[q0:q1]).sum(dim=1)
             if index is not None:
                 index[q0:q1, :, chosen] = where.to(torch.int32)
@@ -136,10 +160,12 @@ def maxsim_backward(
         query_block = queries[q0:q1].to(accumulate).unsqueeze(2)  # (qc, Lq, 1, D)
         for d0 in range(0, num_documents, document_tile):
             d1 = min(num_documents, d0 + document_tile)
+            at = index[q0:q1, :, d0:d1].long()
             weights = grad_sums[q0:q1, None, d0:d1] * query_weight[q0:q1]  # (qc, Lq, dc)
+            weights = torch.where(at >= 0, weights, 0.0)  # a masked token's fill won: no gradient
             if queries.dtype != accumulate:
                 weights = weights.to(queries.dtype).to(accumulate)
-            rows = (index[q0:q1, :, d0:d1].long() + first_rows[d0:d1]).reshape(-1)
+            rows = (at.clamp(min=0) + first_rows[d0:d1]).reshape(-1)
             picked = document_rows.index_select(0, rows).to(accumulate).view(-1, d1 - d0, dim)
             grad_queries[q0:q1] += torch.bmm(weights.reshape(-1, 1, d1 - d0), picked).view(q1 - q0, query_tokens, dim)
             scatter_add_rows(grad_rows, rows, (weights.unsqueeze(-1) * query_block).reshape(-1, dim))

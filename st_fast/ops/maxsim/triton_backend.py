@@ -8,7 +8,7 @@ Program (i, m) computes query i against document m (:func:`_maxsim_forward_kerne
         p[s, t]   = finfo(dtype).min where token t is masked;  -inf past the document's last token
         running max m_s and its first arg-max a_s (strictly greater replaces: an earlier tile keeps a tie)
     sums[i, m]      = Σ_s mask_q[i, s] · m_s                  fp32
-    index[i, s, m]  = a_s
+    index[i, s, m]  = a_s, or -1 - a_s where a_s is a masked token (its fill won: no gradient)
 
 The (Lq, Ld) products never leave the program. The backward is :func:`st_fast.ops.maxsim.torch_backend.
 maxsim_backward` (a gather and a deterministic scatter-add through ``index``). CUDA tensors, or CPU tensors under
@@ -82,9 +82,12 @@ def _maxsim_forward_kernel(
         best = tl.where(better, tile_best, best)
         best_at = tl.where(better, tile_at, best_at)
     query_valid = tl.load(qmask_ptr + i.to(tl.int64) * LQ + offs_s, mask=s_in, other=0) != 0
-    total = tl.sum(tl.where(query_valid, best, 0.0), axis=0)
+    total = tl.sum(tl.where(query_valid, best, best * 0.0), axis=0)  # a masked query token: stock's max · 0
     tl.store(sums_ptr + i.to(tl.int64) * M + m, total)
     if NEED_INDEX:
+        # a masked token's fill that won is written as -1 - t (no gradient: the backward skips it)
+        won_by_fill = tl.load(dmask_ptr + m.to(tl.int64) * LD + best_at, mask=s_in, other=1) == 0
+        best_at = tl.where(won_by_fill, -1 - best_at, best_at)
         tl.store(index_ptr + (i.to(tl.int64) * LQ + offs_s) * M + m, best_at, mask=s_in)
 
 
