@@ -25,7 +25,7 @@ from st_fast.losses.self_check import SelfCheckOption, stock_function, stock_vie
 from st_fast.losses.stock_contract import BackendOption, warn_stock_fallback_once
 from st_fast.ops.backends import BACKENDS, MAXSIM
 from st_fast.ops.maxsim import maxsim_scores
-from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE, token_mask
+from st_fast.ops.maxsim.spec import DEFAULT_TILE_ELEMENTS, EMPTY_DOCUMENT_SCORE, autocast_operands, token_mask
 
 _COLBERT = "sentence_transformers.multi_vector_encoder.scoring.colbert"
 _SIMILARITY = "sentence_transformers.util.similarity"
@@ -81,16 +81,6 @@ def maxsim_length_normalize(similarity_fct: Any, model: Any) -> tuple[bool | Non
         return bool(keywords.get("length_normalize", True)), "mean_colbert_scores"
     name = getattr(function, "__name__", type(function).__name__)
     return None, f"similarity_fct={name} has no fused kernel (only colbert_scores and mean_colbert_scores do)"
-
-
-def stock_operands(queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor]:
-    """The embeddings in the dtype stock's einsum computes them in now: the autocast dtype when autocast is on for
-    their device (einsum autocasts float16 / bfloat16 / float32 operands), else their own."""
-    device_type = queries.device.type
-    if torch.is_autocast_enabled(device_type) and queries.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device_type)
-        return queries.to(dtype), documents.to(dtype)
-    return queries, documents
 
 
 def finite_scale(scale: Any) -> bool:
@@ -152,7 +142,7 @@ class FusedMaxSimMixin(StFastLoss):
                 queries_embeddings, documents_embeddings, queries_mask, documents_mask
             ):
                 return stock_scoring(queries_embeddings, documents_embeddings, queries_mask, documents_mask, **kwargs)
-            queries, documents = stock_operands(queries_embeddings, documents_embeddings)
+            queries, documents = autocast_operands(queries_embeddings, documents_embeddings)
             backend = self.plan(queries.device, queries.dtype).runs()  # what the report says runs, or its error
             scores = maxsim_scores(
                 queries, documents, queries_mask, documents_mask,

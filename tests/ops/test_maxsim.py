@@ -401,3 +401,28 @@ def test_a_masked_tokens_fill_that_wins_the_max_scores_and_gets_no_gradient_as_s
     for what, a, s in zip(("loss", "d queries", "d documents"), ours, stocks, strict=True):
         assert_close(a, s, torch.float32 if dtype == torch.float32 else dtype, what)
     assert bool(ours[2][0, 0, 1:].eq(0).all())  # no gradient into the padding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_op_under_autocast_computes_in_the_autocast_dtype_as_stock(backend):
+    """float32 embeddings under autocast(cpu, bfloat16): stock's einsum computes the products in bfloat16, and so
+    does the op (its scores, loss and float32 gradients equal stock's, not the float32 computation's)."""
+    queries, documents, query_mask, document_mask = make_batch(2, torch.float32, seed=31)
+
+    def fused(q, d, s):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fused_maxsim_loss(q, d, query_mask, document_mask, backend=backend)
+
+    def stock(q, d, s):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cross_entropy(colbert.colbert_scores(q, d, query_mask, document_mask), 1.0, 2)
+
+    def plain(q, d, s):
+        return fused_maxsim_loss(q, d, query_mask, document_mask, backend=backend)
+
+    ours, stocks = loss_and_grads(fused, queries, documents), loss_and_grads(stock, queries, documents)
+    assert float((stocks[0] - loss_and_grads(plain, queries, documents)[0]).abs()) > 1e-4  # autocast matters here
+    assert_close(ours[0], stocks[0], torch.float32, "loss")  # the same bfloat16 products: float32 rounding only
+    for what, a, s in zip(("d queries", "d documents"), ours[1:], stocks[1:], strict=True):
+        assert a.dtype == s.dtype, what
+        assert_close(a, s, torch.bfloat16, what)

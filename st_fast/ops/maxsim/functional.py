@@ -22,6 +22,7 @@ from st_fast.ops.backends import MAXSIM, resolve_backend
 from st_fast.ops.maxsim.autograd import MaxSimSums
 from st_fast.ops.maxsim.spec import (
     EMPTY_DOCUMENT_SCORE,
+    autocast_operands,
     check_embeddings,
     flatten_documents,
     query_token_counts,
@@ -55,6 +56,9 @@ def maxsim_scores(
         tile_elements: products a chunked backend holds at once (default
             :data:`st_fast.ops.maxsim.spec.DEFAULT_TILE_ELEMENTS`).
 
+    Under ``torch.autocast`` on the embeddings' device the products are computed in the autocast dtype, as stock's
+    einsum computes them (:func:`st_fast.ops.maxsim.spec.autocast_operands`).
+
     Returns:
         (B, M) scores, float32 (float64 for float64 embeddings).
 
@@ -69,6 +73,7 @@ def maxsim_scores(
         RuntimeError: a backend that cannot run on the embeddings' device.
     """
     check_embeddings(queries, documents)
+    queries, documents = autocast_operands(queries, documents)
     query_mask = token_mask(queries, query_mask, "query_mask")
     flat_documents, flat_mask, _ = flatten_documents(documents, document_mask)
     chosen = resolve_backend(backend, queries.device, queries.dtype, MAXSIM, tile_elements=tile_elements)

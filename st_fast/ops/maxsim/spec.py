@@ -82,6 +82,17 @@ def check_embeddings(queries: torch.Tensor, documents: torch.Tensor) -> None:
         raise ValueError(f"document embeddings have dim {documents.shape[-1]}, the queries have {queries.shape[-1]}")
 
 
+def autocast_operands(queries: torch.Tensor, documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings in the dtype stock's einsum computes their products in now: the autocast dtype when autocast is
+    on for their device (einsum autocasts float16 / bfloat16 / float32 operands; float64 stays), else their own. The
+    cast is differentiable: the gradients reach the embeddings in their own dtype, as stock's."""
+    device_type = queries.device.type
+    if torch.is_autocast_enabled(device_type) and queries.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        return queries.to(dtype), documents.to(dtype)
+    return queries, documents
+
+
 def flatten_documents(documents: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stacked documents (G, N, Ld, D) and their mask as the query-major flat layout (G·N, Ld, D) / (G·N, Ld)
     (document n of group j at j·N + n, a view when contiguous), with N; 3-D documents are one per group (N = 1)."""
