@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,7 @@ SCALES = {
     "zero": 0.0, "negative": -3.0, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
     "int": 2, "bool": True, "tensor": torch.tensor(0.7), "one-element": torch.tensor([0.7]),
     "float64-tensor": torch.tensor([[0.7]], dtype=torch.float64), "nan-tensor": torch.tensor(float("nan")),
+    "numpy-scalar": np.float32(0.5),
 }  # fmt: skip
 
 
@@ -276,6 +278,9 @@ def test_default_masks_are_stocks_zero_rows():
         (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale="20"), TypeError, "real number"),
         (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=[20.0]), TypeError, "real number"),
         (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=torch.tensor(1j)), TypeError, "real"),
+        # a numpy array: stock's `scores * scale` goes through numpy, which fails on scores that require grad
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=np.array(2.0)), TypeError, "float\\(scale\\)"),
+        (lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, row_offset=0.5), TypeError, "row_offset must be an int"),
         (
             lambda q, d, qm, dm: fused_maxsim_loss(q, d, qm, dm, scale=torch.tensor(2.0, device="meta")),
             ValueError,

@@ -70,7 +70,8 @@ def maxsim_scores(
             float64.
         ValueError: shapes or devices that do not fit (:func:`st_fast.ops.maxsim.spec.check_embeddings`), masks of
             other shapes or devices, an unknown backend.
-        RuntimeError: a backend that cannot run on the embeddings' device.
+        RuntimeError: a backend that cannot run on the embeddings' device or dtype (``native``: float16; ``triton``
+            without Triton, or on CPU tensors without ``TRITON_INTERPRET=1``).
     """
     check_embeddings(queries, documents)
     queries, documents = autocast_operands(queries, documents)
@@ -119,7 +120,8 @@ def fused_maxsim_loss(
     any device, as torch multiplies one). See :func:`check_scale`.
 
     Raises:
-        TypeError: a ``scale`` that is neither a real number nor a tensor, and what :func:`maxsim_scores` raises.
+        TypeError: a ``scale`` that is neither a real number nor a tensor (a numpy array: pass ``float(scale)``), a
+            ``row_offset`` that is not an int, and what :func:`maxsim_scores` raises.
         ValueError: 3-D documents (pass them stacked, (G, N, Ld, D)), local rows outside the document groups, a
             tensor ``scale`` of more than one element or on another device, and everything :func:`maxsim_scores`
             raises.
@@ -129,6 +131,8 @@ def fused_maxsim_loss(
     if documents.dim() != 4:
         raise ValueError("fused_maxsim_loss takes stacked documents (groups, documents per group, tokens, dim)")
     groups, per_group = documents.shape[:2]
+    if not isinstance(row_offset, numbers.Integral) or isinstance(row_offset, bool):
+        raise TypeError(f"row_offset must be an int (the first local query's document group), got {row_offset!r}")
     if not (0 <= row_offset and row_offset + queries.shape[0] <= groups):
         raise ValueError(
             f"query rows [{row_offset}, {row_offset + queries.shape[0]}) are outside the {groups} document groups"
@@ -158,5 +162,10 @@ def check_scale(scale: object, device: torch.device) -> None:
         if scale.is_complex():
             raise TypeError(f"scale must be real, got a {scale.dtype} tensor")
         return
-    if not isinstance(scale, numbers.Real):  # (a bool is an int: True multiplies as 1, as in the loss classes)
-        raise TypeError(f"scale must be a real number or a one-element tensor, got {type(scale).__name__}")
+    if isinstance(scale, numbers.Real):  # (a bool is an int: True multiplies as 1, as in the loss classes)
+        return
+    if hasattr(scale, "__array__") and hasattr(scale, "dtype"):
+        # a numpy array: the loss classes' `scores * scale` goes through numpy, which fails on scores that require
+        # grad (training) and computes float64 scores otherwise
+        raise TypeError("scale must be a real number or a one-element tensor, got a numpy array: pass float(scale)")
+    raise TypeError(f"scale must be a real number or a one-element tensor, got {type(scale).__name__}")
