@@ -86,6 +86,10 @@ def _loss_part(trainer: Any, loss: torch.nn.Module, config: StFastConfig) -> Par
             masking = ", mask_duplicates off (an st_fast loss object you built keeps its own mask_duplicates)"
         elif config.mask_duplicates:
             masking = ", mask_duplicates not available for this loss"
+        if config.backend != "auto" and getattr(module, "backend", config.backend) != config.backend:
+            masking += (
+                f" (option backend={config.backend!r} not applied: an st_fast loss object you built keeps its own)"
+            )
         checked = f", {last_result(module)}"
         plan = training_plan(trainer, module)
         phrases.append(f"st_fast {type(module).__name__}, {stage}{_backend_phrase(plan)}{masking}{checked}")

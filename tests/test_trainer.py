@@ -467,6 +467,24 @@ def test_report_names_the_backend_each_loss_computes_with(minilm_path, tiny_mode
     ) and report["loss[g]"].endswith("; cpu, float32)" + NOT_RUN)
 
 
+def test_report_says_the_backend_option_leaves_an_st_fast_loss_you_built_as_it_is(tiny_model, tmp_path):
+    """st_fast={"backend": ...} sets the backend of the losses the trainer fuses; an st_fast loss object the user
+    built keeps its own backend, and the report says that the option was not applied to it."""
+    from st_fast.losses import MultipleNegativesRankingLoss
+
+    own = MultipleNegativesRankingLoss(tiny_model)  # backend="auto"
+    trainer = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "own"), train_dataset=_pairs(16), loss=own, st_fast={"backend": "torch"}
+    )  # fmt: skip
+    assert trainer.loss is own and own.backend == "auto"
+    assert "option backend='torch' not applied" in trainer.st_fast_report["loss"]
+    fused = FastTrainer(
+        model=tiny_model, args=_args(tmp_path, "fused"), train_dataset=_pairs(16),
+        loss=stock_losses.MultipleNegativesRankingLoss(tiny_model), st_fast={"backend": "torch"},
+    )  # fmt: skip
+    assert "not applied" not in fused.st_fast_report["loss"] and "backend torch (asked" in fused.st_fast_report["loss"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Multi-dataset training, eval data, model_init, gradient accumulation, resume
 # ---------------------------------------------------------------------------------------------------------------------
