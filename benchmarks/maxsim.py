@@ -53,6 +53,7 @@ from benchmarks.common import (
     peak_mb,
     result_columns,
     row_threads,
+    rss_peak_mb,
     run_cases,
     timed_runs,
 )
@@ -247,7 +248,7 @@ def measure_scores(fn, device: torch.device, repeats: int, budget_s: float, torc
             if torch_memory or device.type == "cuda":
                 peak, memory_by = peak_mb(lambda: holder.append(fn()), device)
             else:
-                peak, memory_by = public.rss_peak_mb(lambda: holder.append(fn()))
+                peak, memory_by = rss_peak_mb(lambda: holder.append(fn()))
             seconds, runs = timed_runs(fn, repeats, device, budget_s)
         result = {"peak": peak, "memory_by": memory_by, "scores": holder[0].float(), "seconds": seconds, "runs": runs}
     except Exception as exc:

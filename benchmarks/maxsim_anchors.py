@@ -34,12 +34,11 @@ Targeted versions (their sources were read for the exact APIs):
 The two Triton kernels need CUDA; under ``TRITON_INTERPRET=1`` their forwards also run on CPU, which the tests use at
 tiny shapes and the part allows only with ``--smoke`` (interpreted times mean nothing); their backwards autotune with
 Triton's GPU benchmarker, which the interpreter lacks (:meth:`MaxSimAnchor.gradients_unavailable`). Peak memory: a
-kernel whose buffers are not torch tensors (fast-maxsim) is measured by :func:`rss_peak_mb`.
+kernel whose buffers are not torch tensors (fast-maxsim) is measured by :func:`benchmarks.common.rss_peak_mb`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.metadata
 import os
@@ -219,35 +218,3 @@ ANCHOR_NAMES = tuple(anchor.name for anchor in ANCHORS)
 def select(names: list[str] | None) -> list[MaxSimAnchor]:
     """The anchors named in ``names`` (all of them when None or empty), in :data:`ANCHORS` order."""
     return [anchor for anchor in ANCHORS if not names or anchor.name in names]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# memory of a kernel whose buffers are not torch tensors
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def rss_peak_mb(fn: Callable[[], object]) -> tuple[float, str]:
-    """(peak growth of the process's resident memory during ``fn()`` in MiB, how it was measured): Linux's peak RSS
-    (VmHWM) reset through /proc/self/clear_refs before the call, minus the RSS before it. It sees what torch's
-    profiler does not (a Rust kernel's own buffers); glibc's free pages are returned first (``malloc_trim``) so that
-    reusing them counts, but an allocator that keeps its own free lists can still make it under-report. Without
-    /proc: NaN."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        before = _status_kb("VmRSS")
-    except OSError:
-        fn()
-        return float("nan"), "rss (not readable)"
-    fn()
-    return (_status_kb("VmHWM") - before) / 1024.0, "rss (VmHWM growth)"

@@ -18,8 +18,6 @@ is timed only up to ``--sampler-stock-default-max-rows`` rows; larger sizes comp
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import logging
 import os
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import peak_memory_mb, progress, repeats_of, timed
+from benchmarks.common import progress, repeats_of, rss_peak_mb, timed
 
 TITLE = "NoDuplicatesBatchSampler: stock vs st_fast (synthetic triplets)"
 
@@ -97,21 +95,10 @@ def _measure(impl: str, dataset, batch_size: int, repeats: int) -> dict[str, Any
     return {"first": float(np.median(firsts)), "later": float(np.median(laters)), "batches": batches}
 
 
-def _rss_mib() -> tuple[float, float] | None:
-    """(peak RSS, current RSS) of this process in MiB from /proc, or None where unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))
-        return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _peak_memory(impl: str, dataset, batch_size: int) -> float | None:
-    """Peak RSS growth (MiB) while constructing a sampler and consuming one epoch (batches are dropped as they come).
-
-    Resets the kernel's peak-RSS mark first (``/proc/self/clear_refs``), so every measurement starts from the current
-    RSS; falls back to the growth of ``ru_maxrss`` (only meaningful for the biggest consumer) elsewhere."""
+def _peak_memory(impl: str, dataset, batch_size: int) -> float:
+    """Peak RSS growth (MiB) while constructing a sampler and consuming one epoch (batches are dropped as they come):
+    :func:`benchmarks.common.rss_peak_mb` (the kernel's peak-RSS mark reset first, so every measurement starts from
+    the current RSS; the growth of ``ru_maxrss`` where /proc is not there)."""
 
     def one_epoch() -> None:
         sampler = _make_sampler(impl, dataset, batch_size)
@@ -119,22 +106,7 @@ def _peak_memory(impl: str, dataset, batch_size: int) -> float | None:
             pass
         del sampler
 
-    gc.collect()
-    try:  # hand freed heap pages back first, or reusing them would hide the growth
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_mib()
-    except OSError:
-        before = None
-    if before is None:
-        return peak_memory_mb(one_epoch)
-    one_epoch()
-    after = _rss_mib()
-    return None if after is None else max(0.0, after[0] - before[1])
+    return rss_peak_mb(one_epoch)[0]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

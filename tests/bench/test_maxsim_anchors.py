@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import maxsim_anchors as public
+from benchmarks.common import rss_peak_mb
 
 pytest.importorskip("sentence_transformers.multi_vector_encoder.scoring")
 
@@ -95,7 +96,7 @@ def test_packing_keeps_the_order_and_routes_gradients():
 def test_rss_peak_sees_memory_outside_torch():
     import numpy as np
 
-    peak, how = public.rss_peak_mb(lambda: np.ones(8 * 2**20).sum())  # 64 MiB
+    peak, how = rss_peak_mb(lambda: np.ones(8 * 2**20).sum())  # 64 MiB
     assert how == "rss (VmHWM growth)" and 48 < peak < 200, peak
 
 
