@@ -252,12 +252,18 @@ def test_fused_losses_report_gradient_caching_like_stock(tiny_model, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecated symmetric alias
         stock = GRADIENT_CACHE_CASES[name](tiny_model)
+    assert_gradient_caching_reported_like_stock(stock)
+
+
+def assert_gradient_caching_reported_like_stock(stock) -> None:
+    """fuse(stock) says whether it caches gradients as the stock object does; where the installed stock resolves the
+    cached loss inside a wrapper, a wrapper built around the fused loss decorates the fused loss stage (not a stock
+    object)."""
     fused = fuse(stock)
     assert fused is not stock
     assert gradcache.uses_gradient_cache(fused) is gradcache.uses_gradient_cache(stock)
     resolve = getattr(gradcache, "resolve_gradient_cache_loss", None)
     if resolve is not None and gradcache.uses_gradient_cache(stock):
-        # a MatryoshkaLoss built around the fused loss decorates the fused loss stage (not a stock object)
         assert type(resolve(fused)).__module__.startswith("st_fast.losses")
         assert type(resolve(stock)).__module__.startswith("sentence_transformers")
 
@@ -515,15 +521,7 @@ MV_GRADIENT_CACHE_CASES = {
 
 @pytest.mark.parametrize("name", MV_GRADIENT_CACHE_CASES)
 def test_fused_multi_vector_losses_report_gradient_caching_like_stock(mv_model, name):
-    stock = MV_GRADIENT_CACHE_CASES[name](mv_model)
-    fused = fuse(stock)
-    assert fused is not stock
-    assert gradcache.uses_gradient_cache(fused) is gradcache.uses_gradient_cache(stock)
-    resolve = getattr(gradcache, "resolve_gradient_cache_loss", None)
-    if resolve is not None and gradcache.uses_gradient_cache(stock):
-        # a multi-vector wrapper built around the fused loss decorates the fused loss stage (not a stock object)
-        assert type(resolve(fused)).__module__.startswith("st_fast.losses")
-        assert type(resolve(stock)).__module__.startswith("sentence_transformers")
+    assert_gradient_caching_reported_like_stock(MV_GRADIENT_CACHE_CASES[name](mv_model))
 
 
 @pytest.fixture
