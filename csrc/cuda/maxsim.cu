@@ -73,13 +73,13 @@ int launch_backward(const MaxSimBackwardArgs& a, cudaStream_t stream) {
 extern "C" int st_fast_cuda_maxsim_forward(const st_fast::MaxSimForwardArgs* args, uintptr_t stream_handle) {
   using namespace st_fast::maxsim_lanes;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (args->shape.dtype == st_fast::MaxSimDtype::kBFloat16) return launch_forward<uint16_t>(*args, stream);
-  return launch_forward<float>(*args, stream);
+  return with_element_type(args->shape.dtype,
+                           [&](auto in) { return launch_forward<decltype(in)>(*args, stream); });
 }
 
 extern "C" int st_fast_cuda_maxsim_backward(const st_fast::MaxSimBackwardArgs* args, uintptr_t stream_handle) {
   using namespace st_fast::maxsim_lanes;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  if (args->shape.dtype == st_fast::MaxSimDtype::kBFloat16) return launch_backward<uint16_t>(*args, stream);
-  return launch_backward<float>(*args, stream);
+  return with_element_type(args->shape.dtype,
+                           [&](auto in) { return launch_backward<decltype(in)>(*args, stream); });
 }

@@ -67,19 +67,13 @@ void emulate_backward(const MaxSimBackwardArgs& a, bool reversed) {
 void maxsim_forward(const MaxSimForwardCall& call, bool reversed) {
   const MaxSimForwardArgs a = to_args(call);
   py::gil_scoped_release release;
-  if (a.shape.dtype == MaxSimDtype::kBFloat16)
-    emulate_forward<uint16_t>(a, reversed);
-  else
-    emulate_forward<float>(a, reversed);
+  with_element_type(a.shape.dtype, [&](auto in) { emulate_forward<decltype(in)>(a, reversed); });
 }
 
 void maxsim_backward(const MaxSimBackwardCall& call, bool reversed) {
   const MaxSimBackwardArgs a = to_args(call);
   py::gil_scoped_release release;
-  if (a.shape.dtype == MaxSimDtype::kBFloat16)
-    emulate_backward<uint16_t>(a, reversed);
-  else
-    emulate_backward<float>(a, reversed);
+  with_element_type(a.shape.dtype, [&](auto in) { emulate_backward<decltype(in)>(a, reversed); });
 }
 }  // namespace
 

@@ -86,6 +86,14 @@ ST_FAST_HD int64_t queries_per_block(int64_t query_tokens) {
   return n < 1 ? 1 : n;
 }
 
+// f(In{}) with In the embeddings' element type of ``dtype``: float, or uint16_t (bfloat16's raw bits). Host code:
+// the CUDA launchers and the CPU emulation pick their instantiation with it.
+template <class F>
+inline auto with_element_type(MaxSimDtype dtype, F&& f) {
+  if (dtype == MaxSimDtype::kBFloat16) return f(uint16_t{});
+  return f(float{});
+}
+
 ST_FAST_HD int64_t forward_blocks(const MaxSimShape& s) {
   const int64_t per = queries_per_block(s.query_tokens);
   return (s.queries + per - 1) / per * s.documents;
