@@ -242,6 +242,13 @@ def matmul_tflops(m: int, n: int, d: int, dtype: torch.dtype, device: torch.devi
     return 2.0 * m * n * d / seconds / 1e12
 
 
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one line of a result row or note: ``error: Type: message``, whitespace collapsed, at most ``limit``
+    characters."""
+    text = " ".join(str(exc).split())
+    return f"error: {type(exc).__name__}: {text}"[:limit]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # peak memory
 # ---------------------------------------------------------------------------------------------------------------

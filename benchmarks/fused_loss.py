@@ -69,6 +69,7 @@ from benchmarks.common import (
     budget_of,
     cpu_threads,
     dtype_name,
+    error_line,
     forward_backward,
     free_memory,
     make_embeddings,
@@ -239,11 +240,6 @@ def _anchor_forward_backward(anchor: public.Anchor, embeddings: list[torch.Tenso
     return loss.detach()
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return f"error: {type(exc).__name__}: {text}"[:limit]
-
-
 def measure_or_error(fn: Callable[[], torch.Tensor], embeddings: list[torch.Tensor], device: torch.device,
                      repeats: int, budget_s: float) -> dict[str, Any]:  # fmt: skip
     """:func:`measure` of one implementation, with any exception (not only OOM) as ``{"error": message}``, so that
@@ -251,8 +247,8 @@ def measure_or_error(fn: Callable[[], torch.Tensor], embeddings: list[torch.Tens
     try:
         result = measure(fn, lambda: [x.grad for x in embeddings], device, repeats, budget_s)
     except Exception as exc:
-        print(f"[bench] {one_line(exc)}", flush=True)
-        result = {"error": one_line(exc)}
+        print(f"[bench] {error_line(exc)}", flush=True)
+        result = {"error": error_line(exc)}
         free_memory(device)
     for x in embeddings:
         x.grad = None
@@ -342,8 +338,8 @@ def _run_anchors(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             rows += anchor_case(args, case, device, implementations, repeats)
         except Exception as exc:  # the case's set-up (reference, losses) failed: its rows say why, the next case runs
-            print(f"[bench] case {columns}: {one_line(exc)}", flush=True)
-            rows += case_note_rows(implementations, columns, one_line(exc))
+            print(f"[bench] case {columns}: {error_line(exc)}", flush=True)
+            rows += case_note_rows(implementations, columns, error_line(exc))
         free_memory(device)
         budget.done(case_cost(case))
     return rows

@@ -44,6 +44,7 @@ from benchmarks.common import (
     DTYPES,
     add_loss_options,
     dtype_name,
+    error_line,
     free_memory,
     is_oom,
     measure,
@@ -252,13 +253,9 @@ def measure_scores(fn, device: torch.device, repeats: int, budget_s: float, torc
             seconds, runs = timed_runs(fn, repeats, device, budget_s)
         result = {"peak": peak, "memory_by": memory_by, "scores": holder[0].float(), "seconds": seconds, "runs": runs}
     except Exception as exc:
-        result = {"oom": True} if is_oom(exc) else {"error": error_text(exc)}
+        result = {"oom": True} if is_oom(exc) else {"error": error_line(exc)}
     free_memory(device)
     return result
-
-
-def error_text(exc: BaseException) -> str:
-    return f"error: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
 
 
 def scores_results(args, batch, backends, anchors, device, repeats) -> list[tuple[str, str, Any, dict[str, Any]]]:
@@ -305,7 +302,7 @@ def loss_results(args, batch, per_group, backends, anchors, device, repeats):
         try:
             result = measure(anchor_loss, grads, device, repeats, args.maxsim_time_budget)
         except Exception as exc:
-            result = {"error": error_text(exc)}
+            result = {"error": error_line(exc)}
         for leaf in leaves:
             leaf.grad = None
         out.append((anchor.name, "anchor", anchor, result))
